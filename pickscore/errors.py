@@ -1,0 +1,44 @@
+"""The closed set of domain errors.
+
+Every layer raises these; each transport (CLI exit codes, gRPC status codes)
+maps them exactly once. Messages name the item and the reason, e.g.
+``image 3 (cat.png): not a decodable image (cannot identify image file)``.
+"""
+
+from __future__ import annotations
+
+
+class PickScoreError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidInput(PickScoreError):
+    """The caller sent something unusable: a bad image, an empty request, a bad tensor."""
+
+
+class Overloaded(PickScoreError):
+    """The queue is full; retry later."""
+
+
+class DeadlineExceeded(PickScoreError):
+    """The deadline passed before the work was computed."""
+
+
+class Unavailable(PickScoreError):
+    """Not ready yet, or draining."""
+
+
+class NotFound(PickScoreError):
+    """Unknown model name or model reference."""
+
+
+class Unauthenticated(PickScoreError):
+    """Missing or wrong credentials."""
+
+
+class Internal(PickScoreError):
+    """A backend failure."""
+
+
+class ModelLoadError(PickScoreError):
+    """A model reference could not be resolved or its files could not be loaded."""

@@ -1,0 +1,1 @@
+"""Architecture, checkpoint formats, preprocessing, tokenizer and scoring math."""

@@ -1,0 +1,202 @@
+"""Image decoding and preprocessing, reproducing ``CLIPProcessor`` (PIL backend).
+
+decode (bounded, first frame) -> RGB (transparency composited onto white)
+-> resize shortest side (PIL, bicubic) -> centre crop (floor offsets, zero fill)
+-> rescale (x/255) -> normalise ((x - mean) / std) -> float32 (3, H, W).
+
+Every step follows ``transformers``' ``CLIPImageProcessorPil`` for the checkpoint's
+``preprocessor_config.json`` so that scores equal the reference. One deliberate
+difference: 16-bit grayscale images are scaled to 8 bits (x/257) where the
+reference clips them to white.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pickscore.errors import InvalidInput
+
+ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, Image.Image]
+
+# Formats we decode; anything else (EPS, PDF, ...) is refused before a decoder runs.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+DEFAULT_MAX_PIXELS = 8192 * 8192
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """What ``preprocessor_config.json`` says; defaults are PickScore_v1's (CLIP-H)."""
+
+    do_resize: bool = True
+    shortest_edge: int | None = 224  # resize the short side to this, keeping aspect ratio
+    resize_to: tuple[int, int] | None = None  # (height, width): exact resize instead
+    resample: int = Image.Resampling.BICUBIC
+    do_center_crop: bool = True
+    crop_size: tuple[int, int] = (224, 224)  # (height, width)
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    do_convert_rgb: bool = True
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(height, width) of the pixel tensor this config produces for any input."""
+        if self.do_center_crop:
+            return self.crop_size
+        if self.resize_to is not None:
+            return self.resize_to
+        raise ValueError("output size depends on the input: enable do_center_crop or set an exact size")
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> "PreprocessConfig":
+        """Parse a Hugging Face ``preprocessor_config.json`` dict (legacy int sizes included)."""
+        size = cfg.get("size", {"shortest_edge": 224})
+        shortest_edge, resize_to = None, None
+        if isinstance(size, int):
+            shortest_edge = size
+        elif "shortest_edge" in size:
+            shortest_edge = int(size["shortest_edge"])
+        elif "height" in size and "width" in size:
+            resize_to = (int(size["height"]), int(size["width"]))
+        else:
+            raise ValueError(f"unsupported 'size' in preprocessor config: {size!r}")
+        crop = cfg.get("crop_size", {"height": 224, "width": 224})
+        crop_size = (int(crop), int(crop)) if isinstance(crop, int) else (int(crop["height"]), int(crop["width"]))
+        resample = int(cfg.get("resample", Image.Resampling.BICUBIC))
+        if resample not in {int(r) for r in Image.Resampling}:
+            raise ValueError(f"unsupported 'resample' in preprocessor config: {resample}")
+        return cls(
+            do_resize=bool(cfg.get("do_resize", True)),
+            shortest_edge=shortest_edge,
+            resize_to=resize_to,
+            resample=resample,
+            do_center_crop=bool(cfg.get("do_center_crop", True)),
+            crop_size=crop_size,
+            do_rescale=bool(cfg.get("do_rescale", True)),
+            rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
+            do_normalize=bool(cfg.get("do_normalize", True)),
+            image_mean=tuple(float(v) for v in cfg.get("image_mean", CLIP_MEAN)),
+            image_std=tuple(float(v) for v in cfg.get("image_std", CLIP_STD)),
+            do_convert_rgb=bool(cfg.get("do_convert_rgb", True)),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The ``preprocessor_config.json`` dict that ``CLIPImageProcessor`` reads."""
+        if self.resize_to is None:
+            size: dict[str, int] = {"shortest_edge": self.shortest_edge}
+        else:
+            size = {"height": self.resize_to[0], "width": self.resize_to[1]}
+        return {
+            "image_processor_type": "CLIPImageProcessor",
+            "do_resize": self.do_resize,
+            "size": size,
+            "resample": int(self.resample),
+            "do_center_crop": self.do_center_crop,
+            "crop_size": {"height": self.crop_size[0], "width": self.crop_size[1]},
+            "do_rescale": self.do_rescale,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": self.do_normalize,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "do_convert_rgb": self.do_convert_rgb,
+        }
+
+
+def read_image_bytes(item: ImageInput) -> bytes | Image.Image:
+    """Bytes of a path or buffer (PIL images pass through). Raises InvalidInput."""
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item)
+    try:
+        return Path(item).read_bytes()
+    except OSError as e:
+        raise InvalidInput(f"cannot read file ({e.strerror or e})") from e
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode the first frame of an encoded image, refusing over-limit sizes before decoding."""
+    if not data:
+        raise InvalidInput("empty file")
+    try:
+        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        width, height = img.size
+        if width * height > max_pixels:
+            raise InvalidInput(
+                f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
+                "(a decompression bomb or an oversized image)"
+            )
+        img.load()  # first frame only for GIF/WebP/TIFF stacks
+    except InvalidInput:
+        raise
+    except Image.DecompressionBombError as e:
+        raise InvalidInput(f"image is over the pixel limit ({e})") from e
+    except UnidentifiedImageError as e:
+        raise InvalidInput(f"not a decodable image (cannot identify image file; supported: {', '.join(ALLOWED_FORMATS)})") from e
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as e:
+        raise InvalidInput(f"not a decodable image ({e})") from e
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB with transparency composited onto white, as ``transformers``' ``convert_to_rgb``."""
+    if img.mode in _SIXTEEN_BIT_MODES:
+        # PIL clips 16-bit values to 255 when converting; scale them to 8 bits instead.
+        wide = np.asarray(img, dtype=np.float64).clip(0, 65535)
+        img = Image.fromarray(np.round(wide / 257).astype(np.uint8), mode="L")
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _resize_size(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, int]:
+    """Target (width, height), as ``get_resize_output_image_size(default_to_square=False)``."""
+    if cfg.resize_to is not None:
+        return cfg.resize_to[1], cfg.resize_to[0]
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = cfg.shortest_edge, int(cfg.shortest_edge * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """One decoded image -> float32 pixel values (3, H, W)."""
+    if cfg.do_convert_rgb:
+        img = to_rgb(img)
+    elif img.mode != "RGB":
+        raise InvalidInput(f"image mode {img.mode} is not RGB and the model's preprocessing does not convert")
+    if cfg.do_resize:
+        img = img.resize(_resize_size(*img.size, cfg), resample=cfg.resample)
+    if cfg.do_center_crop:
+        crop_h, crop_w = cfg.crop_size
+        top, left = (img.height - crop_h) // 2, (img.width - crop_w) // 2
+        img = img.crop((left, top, left + crop_w, top + crop_h))  # out-of-bounds area fills with 0
+    x = np.asarray(img)  # (H, W, 3) uint8
+    if cfg.do_rescale:
+        x = (x.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+    else:
+        x = x.astype(np.float32)
+    if cfg.do_normalize:
+        x = (x - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def load_pixels(item: ImageInput, cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A path, encoded bytes or PIL image -> float32 (3, H, W). Raises InvalidInput with the reason."""
+    data = read_image_bytes(item)
+    img = data if isinstance(data, Image.Image) else decode_image(data, max_pixels)
+    return preprocess(img, cfg)
