@@ -70,6 +70,7 @@ class Scorer:
         self.loaded = loaded
         self.device = torch.device(device)
         self.dtype = dtype
+        self._logit_scale = float(loaded.model.logit_scale.detach().float())  # fp32, before any cast
         self.model = loaded.model.to(self.device, dtype).eval()
         self.tokenizer = loaded.tokenizer()
         self.preprocess_config = loaded.preprocess
@@ -86,7 +87,7 @@ class Scorer:
     @property
     def logit_scale(self) -> float:
         """The learned temperature (scores are multiplied by its exp)."""
-        return float(self.model.logit_scale.detach().float().cpu())
+        return self._logit_scale
 
     @torch.inference_mode()
     def encode_text(self, prompts: Sequence[str]) -> np.ndarray:
