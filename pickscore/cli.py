@@ -3,6 +3,9 @@
     pickscore score --model REF --prompt TEXT [--json] IMAGE_OR_DIR...
     pickscore rank  --model REF --prompt TEXT [--top-k K] [--json] IMAGE_OR_DIR...
     pickscore convert --model REF --out DIR
+    pickscore data synthetic --out DIR --pairs N [--seed S] [--image-size PX]
+    pickscore train --data DIR --out DIR [--model REF] [--preset NAME] [overrides]
+    pickscore eval --model REF --data DIR [--baseline REF] [--json]
 
 Exit status: 0 on success, 1 when the model or an input was bad (the message names it), 2 on usage errors.
 """
@@ -13,13 +16,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from pickscore import __version__
-from pickscore.errors import PickScoreError
+from pickscore.errors import InvalidInput, PickScoreError
 from pickscore.model.preprocess import DEFAULT_MAX_PIXELS
+from pickscore.training.commands import add_eval_parser, add_train_parser
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
@@ -73,14 +77,47 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(convert)
     convert.add_argument("--out", required=True, type=Path, help="output directory (replaced atomically)")
     convert.set_defaults(func=_cmd_convert)
+
+    data = sub.add_parser("data", help="make training data",
+                          description="Make training data in the Pick-a-Pic parquet layout.")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    synthetic = data_sub.add_parser(
+        "synthetic", help="write a synthetic Pick-a-Pic dataset of drawn shapes",
+        description="Write DIR/<split>/part-00000.parquet for train, validation, test, validation_unique and "
+                    "test_unique: prompts describe drawn scenes, and the image matching more of its prompt is "
+                    "preferred (about 10% of pairs are ties). The same seed writes identical files.")
+    synthetic.add_argument("--out", required=True, type=Path, metavar="DIR", help="dataset directory to write")
+    synthetic.add_argument("--pairs", required=True, type=_int_at_least(1), metavar="N",
+                           help="pairs in train + validation + test (80/10/10 by prompt); the *_unique splits "
+                                "repeat one pair per prompt of validation and test")
+    synthetic.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    synthetic.add_argument("--image-size", type=_int_at_least(8), default=64, metavar="PX",
+                           help="side of the square PNG images, in pixels (default 64, at least 8)")
+    synthetic.add_argument("--row-group-size", type=_int_at_least(1), default=256, metavar="ROWS",
+                           help="rows per parquet row group (default 256)")
+    synthetic.set_defaults(func=_cmd_data_synthetic)
+    add_train_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than ``minimum``, refused as a usage error otherwise."""
+    def integer(text: str) -> int:  # argparse names the type by __name__: "invalid integer value"
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return integer
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
-    except PickScoreError as e:
+    except (PickScoreError, OSError, ValueError) as e:  # bad model, input, data or settings: say which, exit 1
         print(f"pickscore: error: {e}", file=sys.stderr)
         return 1
 
@@ -97,7 +134,6 @@ def _expand(paths: Sequence[str]) -> list[Path]:
 
 
 def _score_files(args: argparse.Namespace) -> tuple[list[Path], np.ndarray, dict[int, PickScoreError]]:
-    from pickscore.errors import InvalidInput
     from pickscore.scorer import Scorer
 
     files = _expand(args.images)
@@ -137,6 +173,15 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     out = save(resolve(args.model), args.out)
     print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_data_synthetic(args: argparse.Namespace) -> int:
+    from pickscore.training.synthetic import write_synthetic
+
+    written = write_synthetic(args.out, pairs=args.pairs, seed=args.seed, image_size=args.image_size,
+                              row_group_size=args.row_group_size, progress=True)
+    print(f"wrote {len(written)} splits to {args.out}", file=sys.stderr)
     return 0
 
 

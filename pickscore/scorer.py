@@ -54,7 +54,10 @@ class Ranking:
 
 
 class Scorer:
-    """A loaded PickScore-style model on one device."""
+    """A loaded PickScore-style model on one device.
+
+    Takes ownership of ``loaded.model``: it is moved to ``device`` and cast to ``dtype`` in place.
+    """
 
     def __init__(
         self,
@@ -76,7 +79,7 @@ class Scorer:
         self.preprocess_config = loaded.preprocess
         self.batch_size = batch_size
         self.max_pixels = max_pixels
-        self._pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1, thread_name_prefix="decode")
+        self.pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1, thread_name_prefix="decode")
 
     @classmethod
     def from_pretrained(cls, ref: str | os.PathLike, device: str = "auto", dtype: str = "auto", **kwargs) -> "Scorer":
@@ -138,7 +141,7 @@ class Scorer:
         with tqdm(total=len(images), unit="img", disable=not progress or None, file=sys.stderr) as bar:
             for start in range(0, len(images), chunk):
                 items = images[start : start + chunk]
-                loaded = list(self._pool.map(self._load_or_error, range(start, start + len(items)), items))
+                loaded = list(self.pool.map(self._load_or_error, range(start, start + len(items)), items))
                 for offset, result in enumerate(loaded):
                     if isinstance(result, InvalidInput):
                         if not skip_invalid:
@@ -160,7 +163,7 @@ class Scorer:
         return rank_scores(self.score_all(prompt, images)[0], top_k)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False)
+        self.pool.shutdown(wait=False)
 
 
 def rank_scores(scores: np.ndarray, top_k: int | None = None) -> Ranking:

@@ -13,12 +13,13 @@ never an arbitrary unpickle.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from open_clip.model import CLIP
@@ -83,22 +84,38 @@ def load_directory(path: Path, source: str | None = None) -> LoadedModel:
 
 def save(loaded: LoadedModel, out: str | os.PathLike) -> Path:
     """Write a model in this project's layout (open_clip layout + preprocessor_config.json), atomically."""
-    out = Path(out)
+    with atomic_directory(Path(out)) as tmp:
+        write_model(loaded.model, loaded.model_cfg, loaded.preprocess, tmp)
+    return Path(out)
+
+
+def write_model(model: torch.nn.Module, model_cfg: dict[str, Any], preprocess: PreprocessConfig, directory: Path) -> None:
+    """The three files of this project's model layout, into an existing directory (weights as fp32 safetensors)."""
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / OPEN_CLIP_WEIGHTS[0]))
+    config = {"model_cfg": model_cfg, "preprocess_cfg": _open_clip_preprocess_cfg(preprocess)}
+    (directory / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (directory / "preprocessor_config.json").write_text(json.dumps(preprocess.to_hf(), indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """Yield a scratch directory that replaces ``out`` only once the block finished without error.
+
+    A reader (or a resumed run) sees the old directory or the new one, never a half-written one.
+    """
     tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in loaded.model.state_dict().items()}
-    save_file(state, str(tmp / OPEN_CLIP_WEIGHTS[0]))
-    config = {"model_cfg": loaded.model_cfg, "preprocess_cfg": _open_clip_preprocess_cfg(loaded.preprocess)}
-    (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (tmp / "preprocessor_config.json").write_text(json.dumps(loaded.preprocess.to_hf(), indent=2) + "\n")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
     if out.exists():
         old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
-    return out
 
 
 def _load_huggingface(path: Path, source: str) -> LoadedModel:

@@ -1,0 +1,1 @@
+"""Training: Pick-a-Pic data (real and synthetic), loss, metrics."""

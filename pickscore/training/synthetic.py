@@ -1,0 +1,246 @@
+"""Synthetic Pick-a-Pic: procedurally drawn scenes whose preferred image is known.
+
+    write_synthetic("data/synthetic", pairs=2000, seed=0)  # DIR/<split>/part-00000.parquet, five splits
+
+A prompt describes a scene ("two red circles on the left, blue background"). Each image of a pair
+draws that scene with some of its five attributes changed; the image that keeps more of them is
+preferred (1.0 against 0.0, on a random side), and about 10% of pairs are ties (both keep equally
+many, 0.5/0.5). A model can learn the preference from pixels, and tests know the right answer.
+Same seed, byte-identical files.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import random
+import sys
+import uuid
+from collections import Counter
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from pickscore.training.data import SCHEMA, SPLITS
+
+PALETTE = {
+    "red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 70, 220), "yellow": (245, 210, 30),
+    "purple": (130, 40, 170), "orange": (250, 130, 20), "white": (255, 255, 255), "black": (0, 0, 0),
+    "gray": (128, 128, 128), "pink": (250, 175, 200),
+}
+COUNTS = {1: "one", 2: "two", 3: "three"}
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
+BACKGROUNDS = ("white", "black", "gray", "pink", "blue", "green")
+POSITIONS = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
+             "center": "in the center"}
+# Where the shapes go, as (x0, y0, x1, y1) fractions of the image; no region reaches the (0, 0) corner,
+# so that pixel always shows the background.
+REGIONS = {"left": (0.0, 0.15, 0.45, 0.85), "right": (0.55, 0.15, 1.0, 0.85), "top": (0.15, 0.0, 0.85, 0.45),
+           "bottom": (0.15, 0.55, 0.85, 1.0), "center": (0.25, 0.25, 0.75, 0.75)}
+
+
+def _polygon(points: int, inner: float = 1.0) -> tuple[tuple[float, float], ...]:
+    """Vertices in the unit square, alternating outer and ``inner`` radius (1.0: a regular polygon)."""
+    n = points * (1 if inner == 1.0 else 2)
+    radius = [0.5, 0.5 * inner]
+    return tuple((0.5 + radius[k % 2] * math.cos(2 * math.pi * k / n - math.pi / 2),
+                  0.5 + radius[k % 2] * math.sin(2 * math.pi * k / n - math.pi / 2)) for k in range(n))
+
+
+# Each shape is a polygon in the unit square, scaled into its box when drawn.
+SHAPES = {
+    "circle": _polygon(32),
+    "square": ((0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0)),
+    "triangle": ((0.5, 0.0), (1.0, 1.0), (0.0, 1.0)),
+    "star": _polygon(5, inner=0.4),
+}
+ATTRIBUTES = ("count", "colour", "shape", "position", "background")
+CHOICES = {"count": tuple(COUNTS), "colour": COLOURS, "shape": tuple(SHAPES), "position": tuple(POSITIONS),
+           "background": BACKGROUNDS}
+MODELS = ("synthetic-a", "synthetic-b", "synthetic-c")
+TIE_FRACTION = 0.1
+HELD_OUT_FRACTION = 0.1  # of pairs, for each of validation and test
+PAIRS_PER_PROMPT = (1, 2, 3, 4)
+START = datetime(2023, 4, 1)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What a prompt asks for, or what an image shows. The shape colour never equals the background."""
+
+    count: int
+    colour: str
+    shape: str
+    position: str
+    background: str
+
+    @property
+    def caption(self) -> str:
+        noun = self.shape if self.count == 1 else f"{self.shape}s"
+        return f"{COUNTS[self.count]} {self.colour} {noun} {POSITIONS[self.position]}, {self.background} background"
+
+    def matches(self, other: Scene) -> int:
+        """How many of the five attributes agree (0-5)."""
+        return sum(getattr(self, a) == getattr(other, a) for a in ATTRIBUTES)
+
+
+@dataclass(frozen=True)
+class SyntheticPair:
+    """One planned row: the prompt's scene, what each image draws, the labels, and a seed for the rest."""
+
+    prompt: Scene
+    scene_0: Scene
+    scene_1: Scene
+    label_0: float
+    label_1: float
+    seed: int  # drives drawing jitter and the metadata columns, so one row renders the same on its own
+
+
+def plan_pairs(pairs: int, seed: int) -> dict[str, list[SyntheticPair]]:
+    """Split name -> its rows, in file order. Prompts never cross splits; ``*_unique`` keep one row per prompt."""
+    if pairs < 1:
+        raise ValueError(f"pairs must be at least 1, got {pairs}")
+    rng = random.Random(seed)
+    by_caption: dict[str, list[SyntheticPair]] = {}
+    planned = 0
+    while planned < pairs:
+        prompt = _random_scene(rng)
+        group = [_plan_pair(prompt, rng) for _ in range(min(rng.choice(PAIRS_PER_PROMPT), pairs - planned))]
+        by_caption.setdefault(prompt.caption, []).extend(group)  # a caption drawn twice stays one prompt
+        planned += len(group)
+    held_out = round(pairs * HELD_OUT_FRACTION)
+    groups = iter(by_caption.values())
+    splits = {"validation": _take(groups, held_out), "test": _take(groups, held_out)}
+    splits["train"] = [row for group in groups for row in group]
+    for rows in splits.values():
+        rng.shuffle(rows)  # so a reader that streams without shuffling still sees mixed prompts
+    for name in ("validation", "test"):
+        splits[f"{name}_unique"] = _first_per_prompt(splits[name])
+    return {name: splits[name] for name in SPLITS}
+
+
+def render(scene: Scene, size: int, rng: random.Random) -> Image.Image:
+    """Draw ``scene`` as a ``size`` x ``size`` RGB image; ``rng`` jitters shape sizes and positions."""
+    img = Image.new("RGB", (size, size), PALETTE[scene.background])
+    draw = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = (v * size for v in REGIONS[scene.position])
+    along_x = x1 - x0 >= y1 - y0  # line the shapes up along the region's long side
+    cell_w, cell_h = ((x1 - x0) / scene.count, y1 - y0) if along_x else (x1 - x0, (y1 - y0) / scene.count)
+    for i in range(scene.count):
+        side = min(cell_w, cell_h) * rng.uniform(0.6, 0.9)
+        left = x0 + (i * cell_w if along_x else 0) + rng.uniform(0, cell_w - side)
+        top = y0 + (0 if along_x else i * cell_h) + rng.uniform(0, cell_h - side)
+        draw.polygon([(left + u * side, top + v * side) for u, v in SHAPES[scene.shape]], fill=PALETTE[scene.colour])
+    return img
+
+
+def write_synthetic(out_dir: str | os.PathLike, pairs: int, seed: int, image_size: int = 64,
+                    row_group_size: int = 256, progress: bool = False) -> dict[str, Path]:
+    """Write ``out_dir/<split>/part-00000.parquet`` for the five splits, in the Pick-a-Pic schema.
+
+    ``pairs`` rows go to train/validation/test (80/10/10 by prompt); the ``*_unique`` splits add one
+    row per prompt of validation/test. Images are PNG. Returns split name -> file written.
+    """
+    if image_size < 8:
+        raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")
+    plan = plan_pairs(pairs, seed)
+    written = {}
+    with tqdm(total=sum(map(len, plan.values())), unit="pair", disable=not progress or None, file=sys.stderr) as bar:
+        for split, rows in plan.items():
+            written[split] = _write_split(Path(out_dir) / split / "part-00000.parquet", rows, image_size, row_group_size, bar)
+    return written
+
+
+def _random_scene(rng: random.Random) -> Scene:
+    colour = rng.choice(COLOURS)
+    return Scene(count=rng.choice(tuple(COUNTS)), colour=colour, shape=rng.choice(tuple(SHAPES)),
+                 position=rng.choice(tuple(POSITIONS)), background=rng.choice([b for b in BACKGROUNDS if b != colour]))
+
+
+def _vary(prompt: Scene, changes: int, rng: random.Random) -> Scene:
+    """``prompt`` with exactly ``changes`` attributes set to other values, keeping colour and background apart."""
+    scene = prompt
+    for attribute in rng.sample(ATTRIBUTES, changes):
+        clash = {"colour": scene.background, "background": scene.colour}.get(attribute)
+        options = [v for v in CHOICES[attribute] if v != getattr(prompt, attribute) and v != clash]
+        scene = replace(scene, **{attribute: rng.choice(options)})
+    return scene
+
+
+def _plan_pair(prompt: Scene, rng: random.Random) -> SyntheticPair:
+    if rng.random() < TIE_FRACTION:
+        changes = rng.choice((0, 1, 2))
+        scene_0, scene_1 = _vary(prompt, changes, rng), _vary(prompt, changes, rng)
+        return SyntheticPair(prompt, scene_0, scene_1, 0.5, 0.5, rng.getrandbits(64))
+    better = rng.choice((0, 1))
+    preferred, other = _vary(prompt, better, rng), _vary(prompt, rng.randint(better + 1, 3), rng)
+    if rng.random() < 0.5:
+        return SyntheticPair(prompt, preferred, other, 1.0, 0.0, rng.getrandbits(64))
+    return SyntheticPair(prompt, other, preferred, 0.0, 1.0, rng.getrandbits(64))
+
+
+def _take(groups: Iterator[list[SyntheticPair]], rows: int) -> list[SyntheticPair]:
+    """Whole prompt groups from ``groups`` until at least ``rows`` rows are taken."""
+    taken: list[SyntheticPair] = []
+    while len(taken) < rows and (group := next(groups, None)) is not None:
+        taken.extend(group)
+    return taken
+
+
+def _first_per_prompt(rows: list[SyntheticPair]) -> list[SyntheticPair]:
+    first: dict[str, SyntheticPair] = {}
+    for row in rows:
+        first.setdefault(row.prompt.caption, row)
+    return list(first.values())
+
+
+def _write_split(path: Path, rows: list[SyntheticPair], image_size: int, row_group_size: int, bar: tqdm) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    per_prompt = Counter(row.prompt.caption for row in rows)
+    with pq.ParquetWriter(path, SCHEMA) as writer:
+        if not rows:
+            writer.write_table(SCHEMA.empty_table())  # a split too small to fill still gets a readable file
+        for start in range(0, len(rows), row_group_size):
+            chunk = [_columns(row, image_size, per_prompt) for row in rows[start:start + row_group_size]]
+            writer.write_table(pa.Table.from_pylist(chunk, schema=SCHEMA), row_group_size=row_group_size)
+            bar.update(len(chunk))
+    return path
+
+
+def _columns(row: SyntheticPair, image_size: int, per_prompt: Counter[str]) -> dict[str, Any]:
+    """One parquet row; everything random comes from the row's own seed."""
+    rng = random.Random(row.seed)
+    uid_0, uid_1 = (str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(2))
+    best = {(1.0, 0.0): uid_0, (0.0, 1.0): uid_1}.get((row.label_0, row.label_1))  # null for a tie
+    return {
+        "caption": row.prompt.caption,
+        "jpg_0": _png(render(row.scene_0, image_size, rng)),
+        "jpg_1": _png(render(row.scene_1, image_size, rng)),
+        "label_0": row.label_0,
+        "label_1": row.label_1,
+        "has_label": True,
+        "are_different": True,
+        "num_example_per_prompt": per_prompt[row.prompt.caption],
+        "model_0": rng.choice(MODELS),
+        "model_1": rng.choice(MODELS),
+        "best_image_uid": best,
+        "image_0_uid": uid_0,
+        "image_1_uid": uid_1,
+        "user_id": rng.randrange(1, 10_000),
+        "ranking_id": rng.getrandbits(48),
+        "created_at": START + timedelta(seconds=rng.randrange(90 * 24 * 3600)),
+    }
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    # Flat colours compress well at any level; level 1 encodes ~2x faster than the default 6.
+    img.save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
