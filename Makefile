@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast clean
+.PHONY: install test test-fast clean demo-model
 
 install: $(STAMP)
 
@@ -22,3 +22,13 @@ test-fast: install  ## everything but the full-size model tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# Rebuild the bundled demo model from scratch: synthetic data (seed 7), the `demo` preset, the best checkpoint.
+DEMO_RUN ?= runs/demo
+demo-model: install
+	$(BIN)/pickscore data synthetic --out $(DEMO_RUN)/data --pairs 20000 --seed 7 --image-size 64
+	$(BIN)/pickscore train --preset demo --data $(DEMO_RUN)/data --out $(DEMO_RUN)/train
+	rm -rf pickscore/demo && mkdir -p pickscore/demo
+	cp $(DEMO_RUN)/train/best/*.json $(DEMO_RUN)/train/best/*.safetensors pickscore/demo/
+	$(BIN)/pickscore data synthetic --out $(DEMO_RUN)/heldout --pairs 3000 --seed 20261122 --image-size 64
+	$(BIN)/pickscore eval --model demo --data $(DEMO_RUN)/heldout --plot $(DEMO_RUN)/threshold.png

@@ -4,6 +4,7 @@ A reference is one of:
   * a directory in Hugging Face ``transformers`` CLIP format (config.json + weights), e.g. PickScore_v1;
   * a directory in open_clip format (open_clip_config.json + weights), which is also what
     this project writes (plus preprocessor_config.json);
+  * ``demo``: the small model that ships inside the package, trained by this project on synthetic data;
   * a Hugging Face hub id such as ``yuvalkirstain/PickScore_v1``, taken from the local cache
     (downloaded only when the hub is reachable and offline mode is off).
 
@@ -32,6 +33,8 @@ from pickscore.model.tokenizer import Tokenizer, vocabulary
 
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# The small model that ships with the package (`make demo-model` rebuilds it; see README).
+DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 _INTERPOLATION = {"bicubic": 3, "bilinear": 2, "nearest": 0}
 
 
@@ -55,6 +58,10 @@ class LoadedModel:
 
 def resolve(ref: str | os.PathLike) -> LoadedModel:
     """Load the model a reference names. Raises ModelLoadError saying what was wrong and how to fix it."""
+    if str(ref) == "demo":
+        if not (DEMO_DIR / "open_clip_config.json").is_file():
+            raise ModelLoadError("model demo: not bundled in this installation; build it with `make demo-model`")
+        return load_directory(DEMO_DIR, source="demo")
     path = Path(ref).expanduser()
     if path.is_dir():
         return load_directory(path, source=str(ref))
