@@ -105,6 +105,13 @@ def write_model(model: torch.nn.Module, model_cfg: dict[str, Any], preprocess: P
     (directory / "preprocessor_config.json").write_text(json.dumps(preprocess.to_hf(), indent=2) + "\n")
 
 
+def recover_directory(out: Path) -> None:
+    """Undo a crash between ``atomic_directory``'s two renames: bring ``out.old`` back when ``out`` is missing."""
+    old = out.with_name(out.name + ".old")
+    if not out.exists() and old.is_dir():
+        old.rename(out)
+
+
 @contextlib.contextmanager
 def atomic_directory(out: Path) -> Iterator[Path]:
     """Yield a scratch directory that replaces ``out`` only once the block finished without error.

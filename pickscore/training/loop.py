@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pickscore.errors import InvalidInput
 from pickscore.model import architecture
-from pickscore.model.checkpoint import LoadedModel, atomic_directory, resolve, write_model
+from pickscore.model.checkpoint import LoadedModel, atomic_directory, recover_directory, resolve, write_model
 from pickscore.model.preprocess import PreprocessConfig
 from pickscore.training import metrics
 from pickscore.training.config import TrainConfig
@@ -82,6 +82,7 @@ class Trainer:
         self.skipped = SkipCounter("train")
 
         resume = self.out / "last"
+        recover_directory(resume)
         self.state: dict[str, Any] = {"step": 0, "positions": [0] * self.world, "best_accuracy": -1.0}
         if (resume / "trainer_state.json").is_file():
             loaded = resolve(resume)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,14 @@ def test_two_processes_match_one_with_the_same_global_batch(dataset, tmp_path):
     state = json.loads((tmp_path / "two" / "last" / "trainer_state.json").read_text())
     assert len(state["positions"]) == 2
     _assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5, skip_key_bias=True)
+
+
+def test_resume_survives_a_crash_between_checkpoint_renames(dataset, tmp_path):
+    cfg = load_config("tiny", {"max_steps": 4, "save_every": 2, "eval_every": 4})
+    train(cfg, None, dataset, tmp_path / "run")
+    (tmp_path / "run" / "last").rename(tmp_path / "run" / "last.old")  # as if killed between the two renames
+    state = train(replace(cfg, max_steps=6), None, dataset, tmp_path / "run")
+    assert state["step"] == 6 and [r["step"] for r in _log(tmp_path / "run")] == list(range(1, 7))
 
 
 def test_corrupt_rows_are_skipped_and_counted(dataset, tmp_path):
