@@ -11,9 +11,12 @@ split of hundreds of gigabytes streams in the memory of one batch.
 
 from __future__ import annotations
 
+import functools
 import glob
+import itertools
 import logging
 import os
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Union
@@ -141,20 +144,32 @@ class SkipCounter:
         log.warning("%s pair %d%s skipped: %s", self.split, index, where, reason)
 
 
-def iter_decoded(pairs: Iterable[PreferencePair], preprocess_cfg: PreprocessConfig, skipped: SkipCounter,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[tuple[PreferencePair, np.ndarray, np.ndarray]]:
-    """(pair, pixels_0, pixels_1) for each decodable pair; undecodable ones are counted in ``skipped``.
+def decode_pair_or_error(pair: PreferencePair, preprocess_cfg: PreprocessConfig,
+                         max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray] | InvalidInput:
+    """``decode_pair``, returning the InvalidInput instead of raising it (for ``Executor.map``)."""
+    try:
+        return decode_pair(pair, preprocess_cfg, max_pixels)
+    except InvalidInput as e:
+        return e
 
-    One bad image in millions of scraped rows must not stop a training run, so InvalidInput is
-    logged and skipped here; any other error still propagates.
+
+def iter_decoded(pairs: Iterable[PreferencePair], preprocess_cfg: PreprocessConfig, skipped: SkipCounter,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, pool: Executor | None = None,
+                 chunk: int = 64) -> Iterator[tuple[PreferencePair, np.ndarray, np.ndarray]]:
+    """(pair, pixels_0, pixels_1) for each decodable pair, in order; undecodable ones are counted in ``skipped``.
+
+    With ``pool``, ``chunk`` pairs at a time are decoded on it. One bad image in millions of scraped
+    rows must not stop a run, so InvalidInput is logged and skipped here; any other error propagates.
     """
-    for index, pair in enumerate(pairs):
-        try:
-            pixels_0, pixels_1 = decode_pair(pair, preprocess_cfg, max_pixels)
-        except InvalidInput as e:
-            skipped.skip(index, pair, e)
-            continue
-        yield pair, pixels_0, pixels_1
+    decode = functools.partial(decode_pair_or_error, preprocess_cfg=preprocess_cfg, max_pixels=max_pixels)
+    pairs, index = iter(pairs), 0
+    while block := list(itertools.islice(pairs, chunk)):
+        for pair, result in zip(block, pool.map(decode, block) if pool else map(decode, block)):
+            if isinstance(result, InvalidInput):
+                skipped.skip(index, pair, result)
+            else:
+                yield pair, *result
+            index += 1
 
 
 def _split_patterns(root: Path, split: str) -> list[str]:

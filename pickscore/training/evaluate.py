@@ -11,11 +11,10 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from pickscore.errors import InvalidInput
 from pickscore.model.preprocess import PreprocessConfig
 from pickscore.model.tokenizer import Tokenizer
 from pickscore.training import metrics
-from pickscore.training.data import PreferencePair, SkipCounter, decode_pair, iter_pairs
+from pickscore.training.data import PreferencePair, SkipCounter, iter_decoded, iter_pairs
 
 
 @torch.no_grad()
@@ -23,28 +22,18 @@ def score_pairs(model: torch.nn.Module, tokenizer: Tokenizer, preprocess: Prepro
                 device: torch.device, pool: Executor, skipped: SkipCounter, batch: int = 64) -> tuple[np.ndarray, ...]:
     """Scores of both images of each decodable pair -> (s0, s1, label_0, label_1), each (N,)."""
     out: list[list[float]] = [[], [], [], []]
-    pairs = iter(pairs)
-    seen = 0
-    while chunk := list(itertools.islice(pairs, batch)):
-        good = []
-        for pair, result in zip(chunk, pool.map(lambda p: try_decode(p, preprocess), chunk)):
-            if isinstance(result, InvalidInput):
-                skipped.skip(seen, pair, result)
-            else:
-                good.append((pair, result))
-            seen += 1
-        if not good:
-            continue
+    decoded = iter_decoded(pairs, preprocess, skipped, pool=pool, chunk=batch)
+    while good := list(itertools.islice(decoded, batch)):
         n = len(good)
-        tokens = torch.from_numpy(tokenizer([p.caption for p, _ in good])).to(device)  # (n, 77)
-        images = torch.from_numpy(np.stack([x[0] for _, x in good] + [x[1] for _, x in good])).to(device)  # (2n, 3, H, W)
+        tokens = torch.from_numpy(tokenizer([p.caption for p, _, _ in good])).to(device)  # (n, 77)
+        images = torch.from_numpy(np.stack([x for _, x, _ in good] + [x for _, _, x in good])).to(device)  # (2n, 3, H, W)
         text = model.encode_text(tokens, normalize=True).float()  # (n, D)
         img = model.encode_image(images, normalize=True).float()  # (2n, D)
         scale = model.logit_scale.exp().float()
         out[0] += (scale * (text * img[:n]).sum(-1)).cpu().tolist()
         out[1] += (scale * (text * img[n:]).sum(-1)).cpu().tolist()
-        out[2] += [p.label_0 for p, _ in good]
-        out[3] += [p.label_1 for p, _ in good]
+        out[2] += [p.label_0 for p, _, _ in good]
+        out[3] += [p.label_1 for p, _, _ in good]
     return tuple(np.asarray(x, dtype=np.float64) for x in out)
 
 
@@ -87,10 +76,3 @@ def plot_threshold_curves(results: dict[str, dict[str, Any]], png: Path) -> None
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
-
-
-def try_decode(pair: PreferencePair, preprocess: PreprocessConfig) -> tuple[np.ndarray, np.ndarray] | InvalidInput:
-    try:
-        return decode_pair(pair, preprocess)
-    except InvalidInput as e:
-        return e

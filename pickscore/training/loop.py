@@ -32,8 +32,8 @@ from pickscore.model.checkpoint import LoadedModel, atomic_directory, recover_di
 from pickscore.model.preprocess import PreprocessConfig
 from pickscore.training import metrics
 from pickscore.training.config import TrainConfig
-from pickscore.training.data import PreferencePair, SkipCounter, iter_pairs
-from pickscore.training.evaluate import try_decode, score_pairs
+from pickscore.training.data import PreferencePair, SkipCounter, decode_pair_or_error, iter_pairs
+from pickscore.training.evaluate import score_pairs
 from pickscore.training.loss import pickscore_loss
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -144,7 +144,7 @@ class Trainer:
             chosen, pixels, last = [], [], 0
             while len(chosen) < self.cfg.micro_batch:
                 window = [next(pairs) for _ in range(self.cfg.micro_batch - len(chosen))]
-                for (position, pair), result in zip(window, self.pool.map(lambda item: try_decode(item[1], pp), window)):
+                for (position, pair), result in zip(window, self.pool.map(lambda item: decode_pair_or_error(item[1], pp), window)):
                     last = position + 1
                     if isinstance(result, InvalidInput):
                         self.skipped.skip(position, pair, result)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +145,9 @@ def test_undecodable_rows_are_skipped_counted_and_logged(tmp_path, caplog):
         "supported: JPEG, PNG, WEBP, GIF, BMP, TIFF)",
         "train pair 4 (part-00000.parquet row 4) skipped: jpg_1: empty file",
     ]
+    # Decoding on a thread pool, in small chunks, keeps the order, the pixels and the count.
+    pooled_skips = SkipCounter("train")
+    with ThreadPoolExecutor(2) as pool:
+        pooled = list(iter_decoded(iter_pairs(tmp_path, "train"), SMALL, pooled_skips, pool=pool, chunk=4))
+    assert [p.caption for p, _, _ in pooled] == [p.caption for p, _, _ in decoded] and pooled_skips.count == 2
+    assert all((a == c).all() and (b == d).all() for (_, a, b), (_, c, d) in zip(pooled, decoded))
