@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast clean demo-model
+.PHONY: install serve test test-fast clean demo-model proto
 
 install: $(STAMP)
 
@@ -14,11 +14,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+serve: install  ## start the server on the bundled demo model (gRPC :8001, metrics :9090); settings via PICKSCORE_*
+	$(BIN)/pickscore serve $(SERVE_FLAGS)
+
 test: install  ## run the whole suite, slow full-size tests included
 	$(BIN)/python -m pytest -q
 
 test-fast: install  ## everything but the full-size model tests
 	$(BIN)/python -m pytest -q -m "not slow"
+
+proto: install  ## regenerate pickscore/v1 from proto/ (a test fails when they drift)
+	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. proto/pickscore/v1/scoring.proto
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
@@ -26,7 +32,7 @@ clean:
 # Rebuild the bundled demo model from scratch: synthetic data (seed 7), the `demo` preset, the best checkpoint.
 DEMO_RUN ?= runs/demo
 demo-model: install
-	$(BIN)/pickscore data synthetic --out $(DEMO_RUN)/data --pairs 20000 --seed 7 --image-size 64
+	$(BIN)/pickscore data synthetic --out $(DEMO_RUN)/data --pairs 60000 --seed 7 --image-size 64
 	$(BIN)/pickscore train --preset demo --data $(DEMO_RUN)/data --out $(DEMO_RUN)/train
 	rm -rf pickscore/demo && mkdir -p pickscore/demo
 	cp $(DEMO_RUN)/train/best/*.json $(DEMO_RUN)/train/best/*.safetensors pickscore/demo/

@@ -6,6 +6,8 @@
     pickscore data synthetic --out DIR --pairs N [--seed S] [--image-size PX]
     pickscore train --data DIR --out DIR [--model REF] [--preset NAME] [overrides]
     pickscore eval --model REF --data DIR [--baseline REF] [--json]
+    pickscore serve [--model REF] [--port 8001] [--metrics-port 9090] [settings]
+    pickscore score|rank --server HOST:PORT ...        score on a running server
 
 Exit status: 0 on success, 1 when the model or an input was bad (the message names it), 2 on usage errors.
 """
@@ -28,27 +30,34 @@ from pickscore.training.commands import add_eval_parser, add_train_parser
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
-def _model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="REF",
-                   help="model reference: a Hugging Face CLIP directory (e.g. a downloaded PickScore_v1), "
+def _model_flags(p: argparse.ArgumentParser, server: bool = False) -> None:
+    where = p.add_mutually_exclusive_group(required=True) if server else p
+    where.add_argument("--model", required=not server, metavar="REF",
+                   help="model reference: demo (the small model bundled with the package), a Hugging Face CLIP directory (e.g. a downloaded PickScore_v1), "
                         "an open_clip directory, a checkpoint written by this project, or a hub id "
                         "such as yuvalkirstain/PickScore_v1 (taken from the local Hugging Face cache)")
+    if server:
+        where.add_argument("--server", metavar="HOST:PORT",
+                           help="score on a running `pickscore serve` instead of loading a model here")
     p.add_argument("--device", default="auto", help="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="compute precision; auto is bf16 on CUDA and fp32 on CPU")
 
 
 def _scoring_flags(p: argparse.ArgumentParser) -> None:
-    _model_flags(p)
+    _model_flags(p, server=True)
     p.add_argument("--prompt", required=True, help="the text prompt the images were generated for")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
                    help=f"image files, or directories searched recursively for {' '.join(IMAGE_EXTENSIONS)}")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--skip-invalid", action="store_true",
                    help="report undecodable or oversized images per item and score the rest, instead of failing")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16; local model only)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"refuse images with more pixels than this, a guard against decompression bombs (default {DEFAULT_MAX_PIXELS})")
+                   help=f"refuse images with more pixels than this, a guard against decompression bombs "
+                        f"(default {DEFAULT_MAX_PIXELS}; local model only: a server applies its own limit)")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="deadline of each server request (default 600; with --server only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.set_defaults(func=_cmd_data_synthetic)
     add_train_parser(sub)
     add_eval_parser(sub)
+
+    from pickscore.server.settings import Settings
+
+    serve = sub.add_parser(
+        "serve", help="run the gRPC scoring server",
+        description="Serve pickscore.v1.ScoringService, gRPC health and reflection on --port, and Prometheus "
+                    "metrics on --metrics-port. Every flag can also be set by the PICKSCORE_* environment variable named in its help; flags win. SIGTERM drains: "
+                    "NOT_SERVING, new requests refused with UNAVAILABLE, admitted ones finished, exit 0.")
+    Settings.add_arguments(serve)
+    serve.set_defaults(func=_cmd_serve)
     return parser
 
 
@@ -139,12 +158,34 @@ def _score_files(args: argparse.Namespace) -> tuple[list[Path], np.ndarray, dict
     files = _expand(args.images)
     if not files:
         raise InvalidInput(f"no image files found in {' '.join(args.images)}")
-    scorer = Scorer.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                    batch_size=args.batch_size, max_pixels=args.max_pixels)
-    scores, errors = scorer.score_all(args.prompt, files, skip_invalid=args.skip_invalid, progress=True)
+    if args.server:
+        scores, errors = _score_on_server(args, files)
+    else:
+        scorer = Scorer.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                        batch_size=args.batch_size, max_pixels=args.max_pixels)
+        scores, errors = scorer.score_all(args.prompt, files, skip_invalid=args.skip_invalid, progress=True)
     if len(errors) == len(files):
         raise InvalidInput(f"none of the {len(files)} images could be scored; first: {errors[0]}")
     return files, scores, errors
+
+
+def _score_on_server(args: argparse.Namespace, files: list[Path]) -> tuple[np.ndarray, dict[int, PickScoreError]]:
+    from pickscore.client import Client
+
+    with Client(args.server, timeout=args.timeout) as client:
+        args.model = client.model_info().source  # the JSON names the model, as a local run does
+        if args.skip_invalid:
+            scores, errors = client.score_many(args.prompt, files, skip_invalid=True)
+        else:
+            scores, errors = np.asarray(client.score(args.prompt, files), np.float32), {}
+    return scores, errors
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pickscore.server.app import serve
+    from pickscore.server.settings import Settings
+
+    return serve(Settings.from_namespace(args))
 
 
 def _cmd_score(args: argparse.Namespace) -> int:

@@ -17,27 +17,15 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from pickscore.errors import InvalidInput
 from pickscore.model import scoring
-from pickscore.model.checkpoint import LoadedModel, resolve
 from pickscore.model.preprocess import DEFAULT_MAX_PIXELS, ImageInput, load_pixels
+from pickscore.server.backends import Backend, load_backend
+from pickscore.server.backends.torch_backend import resolve_device
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """'auto' picks CUDA when present; dtype 'auto' is bf16 on CUDA and fp32 on CPU."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    if dtype == "auto":
-        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
-    return dev, DTYPES[dtype]
-
+__all__ = ["Ranking", "Scorer", "describe", "rank_scores", "resolve_device"]
 
 def describe(index: int, item: ImageInput) -> str:
     """How errors name an item: ``image 3`` or ``image 3 (photos/cat.png)``."""
@@ -54,62 +42,48 @@ class Ranking:
 
 
 class Scorer:
-    """A loaded PickScore-style model on one device.
-
-    Takes ownership of ``loaded.model``: it is moved to ``device`` and cast to ``dtype`` in place.
-    """
+    """A loaded PickScore-style model behind a backend (torch or onnxruntime)."""
 
     def __init__(
         self,
-        loaded: LoadedModel,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        backend: Backend,
         batch_size: int = 16,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         workers: int | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.loaded = loaded
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self._logit_scale = float(loaded.model.logit_scale.detach().float())  # fp32, before any cast
-        self.model = loaded.model.to(self.device, dtype).eval()
-        self.tokenizer = loaded.tokenizer()
-        self.preprocess_config = loaded.preprocess
+        self.backend = backend
+        self.tokenizer = backend.tokenizer
+        self.preprocess_config = backend.preprocess
         self.batch_size = batch_size
         self.max_pixels = max_pixels
         self.pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1, thread_name_prefix="decode")
 
     @classmethod
-    def from_pretrained(cls, ref: str | os.PathLike, device: str = "auto", dtype: str = "auto", **kwargs) -> "Scorer":
+    def from_pretrained(cls, ref: str | os.PathLike, device: str = "auto", dtype: str = "auto",
+                        backend: str = "auto", **kwargs) -> "Scorer":
         """Resolve a model reference (see ``pickscore.model.checkpoint.resolve``) and load it."""
-        dev, dt = resolve_device(device, dtype)
-        return cls(resolve(ref), device=dev, dtype=dt, **kwargs)
+        return cls(load_backend(str(ref), backend, device, dtype), **kwargs)
 
     @property
     def logit_scale(self) -> float:
         """The learned temperature (scores are multiplied by its exp)."""
-        return self._logit_scale
-
-    @torch.inference_mode()
-    def encode_text(self, prompts: Sequence[str]) -> np.ndarray:
-        """Prompts -> L2-normalised float32 embeddings (N, D)."""
-        tokens = torch.from_numpy(self.tokenizer(list(prompts))).to(self.device)  # (N, 77)
-        return F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu().numpy()
-
-    @torch.inference_mode()
-    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """Preprocessed pixels (N, 3, H, W) -> L2-normalised float32 embeddings (N, D), in batches."""
-        out = []
-        for start in range(0, len(pixels), self.batch_size):
-            batch = torch.from_numpy(pixels[start : start + self.batch_size]).to(self.device, self.dtype)
-            out.append(F.normalize(self.model.encode_image(batch).float(), dim=-1).cpu())  # sync point
-        return torch.cat(out).numpy() if out else np.zeros((0, self.embed_dim), np.float32)
+        return self.backend.logit_scale
 
     @property
     def embed_dim(self) -> int:
-        return int(self.loaded.model_cfg["embed_dim"])
+        return self.backend.embed_dim
+
+    def encode_text(self, prompts: Sequence[str]) -> np.ndarray:
+        """Prompts -> L2-normalised float32 embeddings (N, D)."""
+        return self.backend.encode_text(self.tokenizer(list(prompts)))
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Preprocessed pixels (N, 3, H, W) -> L2-normalised float32 embeddings (N, D), in batches."""
+        out = [self.backend.encode_image(pixels[start : start + self.batch_size])
+               for start in range(0, len(pixels), self.batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 
     def load_image(self, index: int, item: ImageInput) -> np.ndarray:
         """One image -> pixels (3, H, W); InvalidInput names the item."""

@@ -9,6 +9,7 @@ import torch
 from pickscore.model import hf_convert
 from pickscore.model.checkpoint import resolve
 from pickscore.scorer import Scorer
+from pickscore.server.backends.torch_backend import TorchBackend
 from tests.conftest import save_hf_clip, varied_images
 
 # PickScore_v1's config.json (laion/CLIP-ViT-H-14-laion2B-s32B-b79K architecture).
@@ -37,7 +38,7 @@ def test_clip_h_converts_without_missing_or_unexpected_keys(tmp_path):
     assert loaded.model_cfg == hf_convert.model_config(hf.config.to_dict())
     assert loaded.model_cfg["vision_cfg"]["width"] == 1280 and loaded.model_cfg["text_cfg"]["layers"] == 24
 
-    scorer = Scorer(loaded, device="cpu", dtype=torch.float32)
+    scorer = Scorer(TorchBackend(loaded, device="cpu", dtype=torch.float32))
     _, data, _ = varied_images()[0]
     pixels = scorer.load_image(0, data)[None]  # (1, 3, 224, 224)
     prompt = "a photo of an astronaut riding a horse"

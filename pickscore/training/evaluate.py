@@ -38,12 +38,13 @@ def score_pairs(model: torch.nn.Module, tokenizer: Tokenizer, preprocess: Prepro
 
 
 def split_probabilities(scorer, data: str | os.PathLike, split: str, limit: int = 0) -> tuple[np.ndarray, ...]:
-    """(p0, label_0, label_1, skipped count) of a split's labeled pairs, scored by a ``Scorer``."""
+    """(p0, label_0, label_1, skipped count) of a split's labeled pairs, scored by a torch-backed ``Scorer``."""
     pairs = iter_pairs(data, split=split, labeled_only=True)
     if limit:
         pairs = itertools.islice(pairs, limit)
     skipped = SkipCounter(split)
-    s0, s1, l0, l1 = score_pairs(scorer.model, scorer.tokenizer, scorer.preprocess_config, pairs, scorer.device,
+    backend = scorer.backend  # a TorchBackend: evaluation runs the torch model
+    s0, s1, l0, l1 = score_pairs(backend.model, scorer.tokenizer, scorer.preprocess_config, pairs, backend.device,
                                  scorer.pool, skipped)
     return metrics.preference_probabilities(s0, s1), l0, l1, skipped.count
 

@@ -14,6 +14,7 @@ from pickscore.errors import ModelLoadError
 from pickscore.model import hf_convert
 from pickscore.model.checkpoint import resolve, save
 from pickscore.scorer import Scorer
+from pickscore.server.backends.torch_backend import TorchBackend
 from tests.conftest import TINY_HF_CONFIG, make_hf_clip, save_hf_clip, varied_images
 
 IMAGES = [data for _, data, _ in varied_images()[:6]]
@@ -51,7 +52,7 @@ def test_quick_gelu_checkpoint_matches_transformers(tmp_path):
     save_hf_clip(hf, tmp_path)
     loaded = resolve(tmp_path)
     assert loaded.model_cfg["quick_gelu"] is True
-    scorer = Scorer(loaded)
+    scorer = Scorer(TorchBackend(loaded))
     tokens = scorer.tokenizer([PROMPT])
     with torch.no_grad():
         ref = hf.get_text_features(input_ids=torch.from_numpy(tokens))

@@ -1,0 +1,244 @@
+"""Clients for a PickScore server (pickscore.v1.ScoringService), sync and asyncio.
+
+    with Client("localhost:8001") as client:
+        client.score("a cat in a hat", ["a.png", b"...jpeg bytes..."])        # [21.3, 19.8]
+        client.rank("a cat in a hat", images, top_k=1).order                  # [0]
+        scores, errors = client.score_many("a cat", million_paths, skip_invalid=True)   # streamed
+
+    async with AsyncClient("localhost:8001") as client:
+        await client.score("a cat", images)
+
+Images are paths (read here) or encoded bytes. Large calls are split into requests of at most the
+server's ``max_images_per_request``. Server errors come back as this package's domain errors
+(InvalidInput, Overloaded, DeadlineExceeded, Unavailable, ...) with the server's message.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import grpc
+import numpy as np
+
+from pickscore.errors import InvalidInput, PickScoreError
+from pickscore.scorer import Ranking, rank_scores
+from pickscore.server.errors import STATUS
+from pickscore.v1 import scoring_pb2 as pb
+from pickscore.v1 import scoring_pb2_grpc
+
+ImageRef = bytes | str | os.PathLike
+DEFAULT_MESSAGE_BYTES = 64 << 20
+_ERRORS = {code: cls for cls, code in STATUS.items()}
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def domain_error(e: grpc.RpcError) -> PickScoreError:
+    """A gRPC failure as the domain error the server mapped it from."""
+    return _ERRORS.get(e.code(), PickScoreError)(f"server: {e.code().name}: {e.details()}")
+
+
+def _options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+
+
+def _image(ref: ImageRef, id: str | None) -> pb.Image:
+    if isinstance(ref, (bytes, bytearray, memoryview)):
+        return pb.Image(data=bytes(ref), id=id or "")
+    return pb.Image(data=Path(ref).read_bytes(), id=str(ref) if id is None else id)
+
+
+def _images(refs: Sequence[ImageRef], ids: Sequence[str] | None) -> list[pb.Image]:
+    if ids is not None and len(ids) != len(refs):
+        raise InvalidInput(f"{len(ids)} ids for {len(refs)} images")
+    return [_image(ref, None if ids is None else ids[i]) for i, ref in enumerate(refs)]
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def _stream_requests(prompt: str, refs: Iterable[ImageRef], per_request: int) -> Iterator[pb.ScoreStreamRequest]:
+    """Tag = index of the request's first image; images read lazily, so memory stays bounded.
+
+    Ids are the paths, or the image's position in the whole job for bytes, so errors name the item.
+    """
+    batch: list[pb.Image] = []
+    start = 0
+    for i, ref in enumerate(refs):
+        batch.append(_image(ref, f"#{i}" if isinstance(ref, (bytes, bytearray, memoryview)) else None))
+        if len(batch) == per_request:
+            yield pb.ScoreStreamRequest(tag=str(start), request=pb.ScoreRequest(prompt=prompt, images=batch))
+            batch, start = [], i + 1
+    if batch:
+        yield pb.ScoreStreamRequest(tag=str(start), request=pb.ScoreRequest(prompt=prompt, images=batch))
+
+
+def _collect(scores: np.ndarray, errors: dict[int, PickScoreError], response: pb.ScoreStreamResponse,
+             skip_invalid: bool) -> None:
+    start = int(response.tag)
+    if response.HasField("error"):
+        error = _ERRORS.get(_CODES.get(response.error.code), PickScoreError)(f"server: {response.error.message}")
+        if not skip_invalid:
+            raise error
+        errors[start] = error
+        return
+    for r in response.response.results:
+        scores[start + r.index] = r.score
+
+
+class Client:
+    """A blocking client. ``timeout`` (seconds) is the deadline of each call unless a call gives its own."""
+
+    def __init__(self, address: str, timeout: float | None = 60.0, max_message_bytes: int = DEFAULT_MESSAGE_BYTES,
+                 metadata: Sequence[tuple[str, str]] = ()):
+        self.channel = grpc.insecure_channel(address, options=_options(max_message_bytes))
+        self.stub = scoring_pb2_grpc.ScoringServiceStub(self.channel)
+        self.timeout = timeout
+        self.metadata = tuple(metadata)
+        self._info: pb.GetModelInfoResponse | None = None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, method, request, timeout: float | None):
+        try:
+            return method(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise domain_error(e) from None
+
+    def model_info(self) -> pb.GetModelInfoResponse:
+        if self._info is None:
+            self._info = self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest(), None)
+        return self._info
+
+    def score(self, prompt: str, images: Sequence[ImageRef], ids: Sequence[str] | None = None,
+              timeout: float | None = None) -> list[float]:
+        """PickScore of each image for the prompt, in input order."""
+        messages = _images(images, ids)
+        out: list[float] = []
+        for part in _chunks(len(messages), self.model_info().max_images_per_request):
+            response = self._call(self.stub.Score, pb.ScoreRequest(prompt=prompt, images=messages[part]), timeout)
+            out.extend(r.score for r in response.results)
+        return out
+
+    def score_pairs(self, prompts: Sequence[str], images: Sequence[ImageRef], timeout: float | None = None) -> list[float]:
+        """prompts[i] against images[i]."""
+        if len(prompts) != len(images):
+            raise InvalidInput(f"{len(prompts)} prompts for {len(images)} images")
+        messages = _images(images, None)
+        out: list[float] = []
+        for part in _chunks(len(messages), self.model_info().max_images_per_request):
+            request = pb.ScoreRequest(prompts=prompts[part], images=messages[part])
+            out.extend(r.score for r in self._call(self.stub.Score, request, timeout).results)
+        return out
+
+    def rank(self, prompt: str, images: Sequence[ImageRef], top_k: int | None = None,
+             timeout: float | None = None) -> Ranking:
+        """Best first (``top_k`` long if given), scores and softmax probabilities over all candidates."""
+        response = self._call(self.stub.Rank, pb.RankRequest(prompt=prompt, images=_images(images, None)), timeout)
+        scores = np.zeros(len(images), np.float32)
+        for r in response.ranking:
+            scores[r.index] = r.score
+        return rank_scores(scores, top_k)
+
+    def score_many(self, prompt: str, images: Iterable[ImageRef], per_request: int = 0, skip_invalid: bool = False,
+                   timeout: float | None = None) -> tuple[np.ndarray, dict[int, PickScoreError]]:
+        """Many images over one ScoreStream -> (scores (N,), errors by first index of the failed request).
+
+        ``per_request`` images per request (default 1 with ``skip_invalid``, so a bad image costs only itself;
+        else the server's maximum). Without ``skip_invalid`` the first failed request raises.
+        """
+        refs = list(images)
+        per_request = per_request or (1 if skip_invalid else self.model_info().max_images_per_request)
+        scores = np.full(len(refs), np.nan, np.float32)
+        errors: dict[int, PickScoreError] = {}
+        try:
+            for response in self.stub.ScoreStream(_stream_requests(prompt, refs, per_request), timeout=timeout,
+                                                  metadata=self.metadata):
+                _collect(scores, errors, response, skip_invalid)
+        except grpc.RpcError as e:
+            raise domain_error(e) from None
+        return scores, errors
+
+
+class AsyncClient:
+    """The asyncio twin of ``Client`` (same methods, awaited)."""
+
+    def __init__(self, address: str, timeout: float | None = 60.0, max_message_bytes: int = DEFAULT_MESSAGE_BYTES,
+                 metadata: Sequence[tuple[str, str]] = ()):
+        self.channel = grpc.aio.insecure_channel(address, options=_options(max_message_bytes))
+        self.stub = scoring_pb2_grpc.ScoringServiceStub(self.channel)
+        self.timeout = timeout
+        self.metadata = tuple(metadata)
+        self._info: pb.GetModelInfoResponse | None = None
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def _call(self, method, request, timeout: float | None):
+        try:
+            return await method(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise domain_error(e) from None
+
+    async def model_info(self) -> pb.GetModelInfoResponse:
+        if self._info is None:
+            self._info = await self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest(), None)
+        return self._info
+
+    async def score(self, prompt: str, images: Sequence[ImageRef], ids: Sequence[str] | None = None,
+                    timeout: float | None = None) -> list[float]:
+        messages = _images(images, ids)
+        out: list[float] = []
+        for part in _chunks(len(messages), (await self.model_info()).max_images_per_request):
+            response = await self._call(self.stub.Score, pb.ScoreRequest(prompt=prompt, images=messages[part]), timeout)
+            out.extend(r.score for r in response.results)
+        return out
+
+    async def score_pairs(self, prompts: Sequence[str], images: Sequence[ImageRef],
+                          timeout: float | None = None) -> list[float]:
+        if len(prompts) != len(images):
+            raise InvalidInput(f"{len(prompts)} prompts for {len(images)} images")
+        messages = _images(images, None)
+        out: list[float] = []
+        for part in _chunks(len(messages), (await self.model_info()).max_images_per_request):
+            request = pb.ScoreRequest(prompts=prompts[part], images=messages[part])
+            out.extend(r.score for r in (await self._call(self.stub.Score, request, timeout)).results)
+        return out
+
+    async def rank(self, prompt: str, images: Sequence[ImageRef], top_k: int | None = None,
+                   timeout: float | None = None) -> Ranking:
+        response = await self._call(self.stub.Rank, pb.RankRequest(prompt=prompt, images=_images(images, None)), timeout)
+        scores = np.zeros(len(images), np.float32)
+        for r in response.ranking:
+            scores[r.index] = r.score
+        return rank_scores(scores, top_k)
+
+    async def score_many(self, prompt: str, images: Iterable[ImageRef], per_request: int = 0, skip_invalid: bool = False,
+                         timeout: float | None = None) -> tuple[np.ndarray, dict[int, PickScoreError]]:
+        refs = list(images)
+        per_request = per_request or (1 if skip_invalid else (await self.model_info()).max_images_per_request)
+        scores = np.full(len(refs), np.nan, np.float32)
+        errors: dict[int, PickScoreError] = {}
+        try:
+            async for response in self.stub.ScoreStream(_stream_requests(prompt, refs, per_request), timeout=timeout,
+                                                        metadata=self.metadata):
+                _collect(scores, errors, response, skip_invalid)
+        except grpc.RpcError as e:
+            raise domain_error(e) from None
+        return scores, errors

@@ -1,0 +1,1 @@
+"""The gRPC scoring server: settings, batcher, backends, caches, metrics, services and app wiring."""

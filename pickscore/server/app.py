@@ -1,0 +1,176 @@
+"""Wiring: backend + engine + services + health + reflection + metrics, and the process lifecycle.
+
+    pickscore serve --model demo --port 8001 --metrics-port 9090
+
+Start-up: bind, report NOT_SERVING, load and warm up, then SERVING. On SIGTERM (or SIGINT): NOT_SERVING,
+new requests get UNAVAILABLE, admitted ones finish (at most ``grace_period_s``), then exit 0.
+``ServerThread`` runs the same server on a background thread, for tests, benchmarks and notebooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pickscore import __version__
+from pickscore.server.backends import Backend, load_backend
+from pickscore.server.engine import Engine
+from pickscore.server.errors import ServerState
+from pickscore.server.metrics import Metrics
+from pickscore.server.scoring_v1 import SERVICE_NAME, ScoringService
+from pickscore.server.settings import Settings
+from pickscore.v1 import scoring_pb2_grpc
+
+log = logging.getLogger("pickscore.server")
+
+
+class Server:
+    """One gRPC server on one backend. ``backend`` may be passed in (tests inject faults that way)."""
+
+    def __init__(self, settings: Settings, backend: Backend | None = None):
+        settings.validate()
+        self.settings = settings
+        self.metrics = Metrics()
+        self.state = ServerState(self.metrics)
+        self.backend = backend
+        self.engine: Engine | None = None
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        s = self.settings
+        options = [("grpc.max_receive_message_length", s.max_message_bytes),
+                   ("grpc.max_send_message_length", s.max_message_bytes)]
+        self._grpc = grpc.aio.server(options=options)
+        self.port = self._grpc.add_insecure_port(f"{s.host}:{s.port}")
+        if not self.port:
+            raise OSError(f"cannot bind {s.host}:{s.port}")
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if s.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve_http(s.host, s.metrics_port)
+        if self.backend is None:
+            loop = asyncio.get_running_loop()
+            self.backend = await loop.run_in_executor(None, load_backend, s.model, s.backend, s.device, s.dtype)
+        self.engine = Engine(self.backend, s, self.metrics)
+        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(self.engine, self.state), self._grpc)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        await self._grpc.start()  # health answers NOT_SERVING while the model warms up
+        await self.engine.start()
+        self.metrics.model_info.labels(self.backend.source, self.backend.name, self.backend.description, __version__).set(1)
+        self.state.ready = True
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"port": self.port, "metrics_port": self.metrics_port, "model": self.backend.source,
+                                   "backend": self.backend.name, "device": self.backend.description})
+
+    async def drain(self) -> None:
+        """NOT_SERVING, refuse new requests, wait for admitted ones (at most the grace period), stop."""
+        if self.state.draining:
+            return await self._stopped.wait()
+        self.state.draining = True
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        grace = self.settings.grace_period_s
+        log.info("draining", extra={"inflight": self.state.inflight, "grace_period_s": grace})
+        give_up = time.monotonic() + grace
+        while self.state.inflight and time.monotonic() < give_up:
+            await asyncio.sleep(0.01)
+        if self.state.inflight:
+            log.warning("grace period over; cancelling what is left", extra={"inflight": self.state.inflight})
+        await self._grpc.stop(grace=max(0.0, give_up - time.monotonic()))
+        if self.engine:
+            await self.engine.stop()
+        log.info("stopped")
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+    async def _set_health(self, status) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+
+def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT, then drain; the process's exit status."""
+    configure_logging(settings)
+
+    async def main() -> None:
+        server = Server(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.drain()))
+        await server.start()
+        await server.wait()
+
+    asyncio.run(main())
+    return 0
+
+
+class ServerThread:
+    """A Server on its own event loop in a daemon thread: ``with ServerThread(settings) as s: s.port``."""
+
+    def __init__(self, settings: Settings, backend: Backend | None = None):
+        self.server = Server(settings, backend)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="pickscore-server", daemon=True)
+
+    def __enter__(self) -> "ServerThread":
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def call(self, coro, timeout: float | None = None):
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.call(self.server.drain())
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message, and the request's fields (request_id, rpc, code, ...)."""
+
+    STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower(),
+                 "logger": record.name, "message": record.getMessage()}
+        entry.update({k: v for k, v in record.__dict__.items() if k not in self.STANDARD})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if settings.log_format == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger("pickscore")
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())

@@ -1,0 +1,47 @@
+"""Inference backends behind one small interface; the engine never knows which one it runs.
+
+    backend = load_backend("demo", kind="torch", device="auto", dtype="auto")
+    backend.encode_image(pixels)   # (B, 3, H, W) float32 -> (B, D) float32, L2-normalised
+    backend.encode_text(tokens)    # (B, 77) int64 -> (B, D) float32, L2-normalised
+
+Each backend also carries what the model needs around it: ``preprocess`` (a PreprocessConfig),
+``tokenizer``, ``logit_scale`` (fp32), ``embed_dim``, ``source`` and a human ``description``.
+Backends are called from one thread per tower (the batcher's executor), never concurrently per tower.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from pickscore.model.preprocess import PreprocessConfig
+from pickscore.model.tokenizer import Tokenizer
+
+KINDS = ("auto", "torch", "onnxruntime")
+
+
+class Backend(Protocol):
+    name: str  # "torch" or "onnxruntime"
+    source: str  # where the model came from
+    description: str  # device and precision, e.g. "cpu fp32"
+    preprocess: PreprocessConfig
+    tokenizer: Tokenizer
+    logit_scale: float
+    embed_dim: int
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray: ...
+
+    def encode_text(self, tokens: np.ndarray) -> np.ndarray: ...
+
+
+def load_backend(ref: str, kind: str = "auto", device: str = "auto", dtype: str = "auto") -> Backend:
+    """Resolve a model reference and load it on ``kind`` ("auto": onnxruntime for an ONNX export, else torch)."""
+    if kind not in KINDS:
+        raise ValueError(f"backend must be one of {', '.join(KINDS)}; got {kind!r}")
+    from pickscore.server.backends.torch_backend import TorchBackend
+
+    if kind == "onnxruntime":
+        raise ValueError("the onnxruntime backend serves an ONNX export (pickscore export onnx); "
+                         f"{ref!r} is not one")
+    return TorchBackend.from_ref(ref, device=device, dtype=dtype)

@@ -1,0 +1,176 @@
+"""The engine: validation, decoding, caches and the two batchers behind every transport.
+
+    engine = Engine(backend, settings, metrics)
+    await engine.start()                                    # warm-up included when settings.warmup
+    scores = await engine.score(["a cat"], [ImageItem(jpeg_bytes, "a")], deadline=None)   # (N,) float32
+    ranking = await engine.rank("a cat", items, top_k=3, deadline=None)
+
+Transports (scoring.v1, KServe v2) translate their messages into these calls and map the domain errors
+(pickscore.errors) to status codes; they never touch the batchers or the backend themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Awaitable, Sequence
+
+import numpy as np
+
+from pickscore.errors import InvalidInput
+from pickscore.model import scoring
+from pickscore.model.preprocess import load_pixels
+from pickscore.scorer import Ranking, rank_scores
+from pickscore.server.backends import Backend
+from pickscore.server.batcher import Batcher
+from pickscore.server.caches import EmbeddingCache
+from pickscore.server.metrics import Metrics
+from pickscore.server.settings import Settings
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One encoded image of a request and the caller's optional id for it."""
+
+    data: bytes
+    id: str = ""
+
+    def describe(self, index: int) -> str:
+        return f"image {index} (id {self.id!r})" if self.id else f"image {index}"
+
+
+class Engine:
+    def __init__(self, backend: Backend, settings: Settings, metrics: Metrics):
+        self.backend = backend
+        self.settings = settings
+        self.metrics = metrics
+        delay = settings.max_queue_delay_ms / 1000
+        self.image_batcher = Batcher("image", backend.encode_image, settings.max_batch_size, delay,
+                                     settings.max_queue_size, metrics)
+        self.text_batcher = Batcher("text", backend.encode_text, settings.text_max_batch_size, delay,
+                                    settings.max_queue_size, metrics)
+        self.text_cache = EmbeddingCache("text", settings.text_cache_bytes, metrics)
+        self.image_cache = EmbeddingCache("image", settings.image_cache_bytes, metrics)
+        self.pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="decode")
+
+    async def start(self) -> None:
+        await self.image_batcher.start()
+        await self.text_batcher.start()
+        if self.settings.warmup:
+            await self.warmup()
+
+    async def warmup(self) -> None:
+        """One batch through each tower (first calls allocate and pick kernels), bypassing the caches."""
+        size = self.backend.preprocess.output_size
+        pixels = np.zeros((3, *size), np.float32)
+        tokens = self.backend.tokenizer(["warm-up"])[0]
+        with self.image_batcher.admit(1), self.text_batcher.admit(1):
+            await asyncio.gather(self.image_batcher.submit(pixels), self.text_batcher.submit(tokens))
+
+    async def stop(self) -> None:
+        await self.image_batcher.stop()
+        await self.text_batcher.stop()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def score(self, prompts: Sequence[str], images: Sequence[ImageItem], deadline: float | None) -> np.ndarray:
+        """One prompt for all images, or one prompt per image -> scores (N,) float32 in image order."""
+        self.validate(prompts, images)
+        unique = list(dict.fromkeys(prompts))
+        with self.image_batcher.admit(len(images)):
+            texts, pixels_embeds = await _all(
+                self._embed_prompts(unique, deadline),
+                _all(*(self._embed_image(i, item, deadline) for i, item in enumerate(images))),
+            )
+        by_prompt = dict(zip(unique, texts))
+        text_embeds = np.stack([by_prompt[p] for p in prompts])  # (1 or N, D)
+        image_embeds = np.stack(pixels_embeds)  # (N, D)
+        if len(prompts) == 1:
+            out = scoring.scores(text_embeds[0], image_embeds, self.backend.logit_scale)
+        else:
+            out = scoring.paired_scores(text_embeds, image_embeds, self.backend.logit_scale)
+        self.metrics.images_scored.inc(len(images))
+        return out
+
+    async def rank(self, prompt: str, images: Sequence[ImageItem], top_k: int | None, deadline: float | None) -> Ranking:
+        """Best first, with softmax probabilities over all candidates."""
+        if top_k is not None and top_k < 1:
+            raise InvalidInput(f"top_k must be at least 1, got {top_k}")
+        return rank_scores(await self.score([prompt], images, deadline), top_k)
+
+    async def embed_pixels(self, pixels: np.ndarray, deadline: float | None) -> np.ndarray:
+        """Preprocessed pixels (N, 3, H, W) -> image embeddings (N, D), through the image batcher."""
+        with self.image_batcher.admit(len(pixels)):
+            return np.stack(await _all(*(self.image_batcher.submit(p, deadline) for p in pixels)))
+
+    async def embed_tokens(self, tokens: np.ndarray, deadline: float | None) -> np.ndarray:
+        """Token ids (N, 77) -> text embeddings (N, D), through the text batcher."""
+        with self.text_batcher.admit(len(tokens)):
+            return np.stack(await _all(*(self.text_batcher.submit(t, deadline) for t in tokens)))
+
+    def validate(self, prompts: Sequence[str], images: Sequence[ImageItem]) -> None:
+        s = self.settings
+        if not images:
+            raise InvalidInput("no images given")
+        if len(images) > s.max_images_per_request:
+            raise InvalidInput(f"{len(images)} images in one request; at most {s.max_images_per_request} "
+                               "(split the job, e.g. with the client's score_many)")
+        if len(prompts) not in (1, len(images)):
+            raise InvalidInput(f"{len(prompts)} prompts for {len(images)} images; give one prompt for all images "
+                               "or one per image")
+        for i, prompt in enumerate(prompts):
+            if not prompt.strip():
+                raise InvalidInput("prompt is empty" if len(prompts) == 1 else f"prompt {i} is empty")
+        for i, item in enumerate(images):
+            if not item.data:
+                raise InvalidInput(f"{item.describe(i)}: empty image data")
+            if len(item.data) > s.max_image_bytes:
+                raise InvalidInput(f"{item.describe(i)}: {len(item.data)} bytes; at most {s.max_image_bytes} "
+                                   "(--max-image-bytes)")
+
+    async def _embed_prompts(self, prompts: list[str], deadline: float | None) -> list[np.ndarray]:
+        async def one(prompt: str) -> np.ndarray:
+            async def compute() -> np.ndarray:
+                tokens = await self._in_pool("tokenize", self.backend.tokenizer, [prompt])
+                with self.text_batcher.admit(1):
+                    return await self.text_batcher.submit(tokens[0], deadline)
+
+            return await self.text_cache.get_or_compute(prompt, compute)
+
+        return await _all(*(one(p) for p in prompts))
+
+    async def _embed_image(self, index: int, item: ImageItem, deadline: float | None) -> np.ndarray:
+        async def compute() -> np.ndarray:
+            pixels = await self._in_pool("decode", self._decode, index, item)
+            return await self.image_batcher.submit(pixels, deadline)
+
+        if not self.image_cache.capacity:
+            return await compute()
+        return await self.image_cache.get_or_compute(hashlib.sha256(item.data).hexdigest(), compute)
+
+    def _decode(self, index: int, item: ImageItem) -> np.ndarray:
+        try:
+            return load_pixels(item.data, self.backend.preprocess, self.settings.max_pixels)  # (3, H, W)
+        except InvalidInput as e:
+            raise InvalidInput(f"{item.describe(index)}: {e}") from e
+
+    async def _in_pool(self, stage: str, fn, *args):
+        start = time.perf_counter()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        finally:
+            self.metrics.preprocess.labels(stage).observe(time.perf_counter() - start)
+
+
+async def _all(*aws: Awaitable) -> list:
+    """Like gather, but the first failure cancels the rest (so a bad image stops its request's other work)."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    for task in tasks:  # later failures are superseded by the first; retrieve them so asyncio does not log them
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()

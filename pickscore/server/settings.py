@@ -1,0 +1,137 @@
+"""Every server knob in one frozen, typed object: a flag ``--max-batch-size`` and a variable ``PICKSCORE_MAX_BATCH_SIZE``.
+
+    settings = Settings.from_args(argv)   # flags beat environment variables beat defaults
+    settings.validate()                   # ValueError saying how to fix it
+
+The help text of each flag is the field's doc below; ``pickscore serve --help`` prints them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping
+
+from pickscore.model.preprocess import DEFAULT_MAX_PIXELS
+
+ENV_PREFIX = "PICKSCORE_"
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = _f("demo", "model reference: demo (bundled), a Hugging Face CLIP or open_clip directory, a checkpoint "
+                            "or ONNX export written by this project, or a hub id in the local Hugging Face cache")
+    backend: str = _f("auto", "inference backend; auto is onnxruntime for an ONNX export, torch otherwise",
+                      ("auto", "torch", "onnxruntime"))
+    device: str = _f("auto", "torch device: auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    dtype: str = _f("auto", "compute precision of the torch backend; auto is bf16 on CUDA, fp32 on CPU",
+                    ("auto", "fp32", "fp16", "bf16"))
+    host: str = _f("0.0.0.0", "address the gRPC server binds (127.0.0.1 for loopback only)")
+    port: int = _f(8001, "gRPC port (scoring.v1, KServe v2, health, reflection); 0 picks a free port")
+    metrics_port: int = _f(9090, "Prometheus /metrics port on the same host; -1 disables, 0 picks a free port")
+    max_batch_size: int = _f(32, "most images per forward pass of the image tower")
+    text_max_batch_size: int = _f(64, "most prompts per forward pass of the text tower")
+    max_queue_delay_ms: float = _f(5.0, "longest a queued item waits for its batch to fill, in milliseconds")
+    max_queue_size: int = _f(1024, "images (and prompts) admitted but not yet computed, per tower; beyond it "
+                                   "requests get RESOURCE_EXHAUSTED at once")
+    max_images_per_request: int = _f(256, "most images one request may carry")
+    max_image_bytes: int = _f(32 << 20, "largest encoded image accepted, in bytes")
+    max_pixels: int = _f(DEFAULT_MAX_PIXELS, "largest image accepted, in pixels (width x height), checked before "
+                                             "decoding: a guard against decompression bombs")
+    max_message_bytes: int = _f(64 << 20, "largest gRPC message received or sent, in bytes")
+    decode_workers: int = _f(0, "threads decoding and preprocessing images; 0 means one per CPU core")
+    text_cache_bytes: int = _f(64 << 20, "text-embedding cache size in bytes (per prompt; 0 disables)")
+    image_cache_bytes: int = _f(0, "image-embedding cache size in bytes (per image content hash; 0 disables)")
+    stream_window: int = _f(8, "requests of one ScoreStream computed at the same time")
+    grace_period_s: float = _f(30.0, "on SIGTERM, how long admitted requests may take to finish before exit")
+    warmup: bool = _f(True, "run one batch through each tower before reporting SERVING")
+    log_level: str = _f("info", "log level", ("debug", "info", "warning", "error"))
+    log_format: str = _f("json", "log lines as JSON objects or plain text", ("json", "text"))
+
+    def validate(self) -> None:
+        """Raise ValueError with what to change."""
+        positive = ("max_batch_size", "text_max_batch_size", "max_queue_size", "max_images_per_request",
+                    "max_image_bytes", "max_pixels", "max_message_bytes", "stream_window")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)} "
+                                 f"(--{_flag(name)} or {env_name(name)})")
+        for name in ("decode_workers", "text_cache_bytes", "image_cache_bytes", "max_queue_delay_ms", "grace_period_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)} (--{_flag(name)} or {env_name(name)})")
+        if self.max_queue_size < max(self.max_batch_size, self.max_images_per_request):
+            raise ValueError(f"max_queue_size ({self.max_queue_size}) must hold at least one full batch and one full "
+                             f"request (max_batch_size {self.max_batch_size}, max_images_per_request "
+                             f"{self.max_images_per_request}); raise --max-queue-size")
+        for f in fields(self):
+            choices = f.metadata["choices"]
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
+
+    @property
+    def workers(self) -> int:
+        return self.decode_workers or os.cpu_count() or 1
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Defaults, then ``PICKSCORE_*`` variables, then ``overrides``."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            if env_name(f.name) in environ:
+                values[f.name] = _parse(f.name, _type(f), environ[env_name(f.name)])
+        return replace(cls(**values), **overrides)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per field; the default shown is the built-in one, which the environment may change."""
+        for f in fields(cls):
+            kind = _type(f)
+            help = f"{f.metadata['help']} [env {env_name(f.name)}; default {_show(f.default)}]"
+            if kind is bool:
+                parser.add_argument(f"--{_flag(f.name)}", dest=f.name, action=argparse.BooleanOptionalAction,
+                                    default=None, help=help)
+            else:
+                parser.add_argument(f"--{_flag(f.name)}", dest=f.name, type=kind, default=None, metavar=None if f.metadata["choices"] else f.name.upper(),
+                                    choices=f.metadata["choices"], help=help)
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Flags given on the command line over the environment over defaults; validated."""
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+        settings = cls.from_env(environ, **given)
+        settings.validate()
+        return settings
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _type(f) -> type:
+    return {"str": str, "int": int, "float": float, "bool": bool}[f.type if isinstance(f.type, str) else f.type.__name__]
+
+
+def _show(value: Any) -> str:
+    return "on" if value is True else "off" if value is False else str(value)
+
+
+def _parse(name: str, kind: type, text: str) -> Any:
+    try:
+        if kind is bool:
+            if text.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(text)
+            return text.strip().lower() in ("1", "true", "yes", "on")
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{env_name(name)}={text!r} is not a valid {kind.__name__}") from None
+
