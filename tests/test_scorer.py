@@ -64,7 +64,7 @@ def test_bad_image_is_named_and_skip_invalid_scores_the_rest(scorer, bad_images)
 def test_reduced_precision_path_runs_and_stays_close(tiny_hf_dir, scorer):
     # bf16 is what CUDA uses by default; on CPU it exercises the same casting code.
     bf16 = Scorer.from_pretrained(tiny_hf_dir, device="cpu", dtype="bf16")
-    assert bf16.model.visual.conv1.weight.dtype == torch.bfloat16
+    assert bf16.backend.model.visual.conv1.weight.dtype == torch.bfloat16
     low, full = np.array(bf16.score(PROMPT, IMAGES)), np.array(scorer.score(PROMPT, IMAGES))
     assert bf16.logit_scale == scorer.logit_scale  # the temperature stays fp32
     assert np.corrcoef(low, full)[0, 1] > 0.98 and np.abs(low - full).max() < 0.25

@@ -40,7 +40,7 @@ class Server:
         settings.validate()
         self.settings = settings
         self.metrics = Metrics()
-        self.state = ServerState(self.metrics)
+        self.state = ServerState(self.metrics, settings.auth_token)
         self.backend = backend
         self.engine: Engine | None = None
         self.health = health.aio.HealthServicer()
@@ -91,7 +91,7 @@ class Server:
         await self._grpc.stop(grace=max(0.0, give_up - time.monotonic()))
         if self.engine:
             await self.engine.stop()
-        log.info("stopped")
+        log.info("stopped", extra={"inflight": self.state.inflight})  # 0 unless the grace period ran out
         self._stopped.set()
 
     async def wait(self) -> None:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 import uuid
@@ -45,8 +46,9 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
 class ServerState:
     """Whether new work is accepted, and how much is in flight (drain waits for it to reach 0)."""
 
-    def __init__(self, metrics: Metrics):
+    def __init__(self, metrics: Metrics, auth_token: str = ""):
         self.metrics = metrics
+        self.auth_token = auth_token
         self.ready = False
         self.draining = False
         self.inflight = 0
@@ -57,6 +59,15 @@ class ServerState:
         if not self.ready:
             raise Unavailable("server is warming up; retry shortly")
 
+    def check_credentials(self, context: grpc.aio.ServicerContext) -> None:
+        if not self.auth_token:
+            return
+        given = _metadata(context, "authorization")
+        if given is None:
+            raise Unauthenticated("missing credentials: send the metadata `authorization: Bearer TOKEN`")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.auth_token}".encode()):
+            raise Unauthenticated("wrong credentials in the `authorization` metadata")
+
     def enter(self) -> None:
         self.inflight += 1
         self.metrics.inflight.set(self.inflight)
@@ -66,12 +77,16 @@ class ServerState:
         self.metrics.inflight.set(self.inflight)
 
 
+def _metadata(context: grpc.aio.ServicerContext, name: str) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == name and value:
+            return str(value)
+    return None
+
+
 def request_id(context: grpc.aio.ServicerContext) -> str:
     """The caller's ``x-request-id`` metadata, or a fresh id."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and value:
-            return str(value)[:128]
-    return uuid.uuid4().hex[:16]
+    return (_metadata(context, "x-request-id") or uuid.uuid4().hex[:16])[:128]
 
 
 @asynccontextmanager
@@ -83,6 +98,7 @@ async def boundary(state: ServerState, rpc: str, context: grpc.aio.ServicerConte
     code = grpc.StatusCode.OK
     state.enter()
     try:
+        state.check_credentials(context)
         if admit:
             state.check_accepting()
         yield rid

@@ -48,6 +48,8 @@ class Settings:
     text_cache_bytes: int = _f(64 << 20, "text-embedding cache size in bytes (per prompt; 0 disables)")
     image_cache_bytes: int = _f(0, "image-embedding cache size in bytes (per image content hash; 0 disables)")
     stream_window: int = _f(8, "requests of one ScoreStream computed at the same time")
+    auth_token: str = _f("", "when set, requests must carry the metadata `authorization: Bearer TOKEN` (else "
+                             "UNAUTHENTICATED); health and reflection stay open. Prefer the variable to the flag")
     grace_period_s: float = _f(30.0, "on SIGTERM, how long admitted requests may take to finish before exit")
     warmup: bool = _f(True, "run one batch through each tower before reporting SERVING")
     log_level: str = _f("info", "log level", ("debug", "info", "warning", "error"))
