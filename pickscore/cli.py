@@ -112,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser(
         "serve", help="run the gRPC scoring server",
-        description="Serve pickscore.v1.ScoringService, gRPC health and reflection on --port, and Prometheus "
-                    "metrics on --metrics-port. Every flag can also be set by the PICKSCORE_* environment variable named in its help; flags win. SIGTERM drains: "
+        description="Serve pickscore.v1.ScoringService, the KServe v2 (Triton) inference protocol, gRPC health "
+                    "and reflection on --port, and Prometheus metrics on --metrics-port. Every flag can also be set "
+                    "by the PICKSCORE_* environment variable named in its help; flags win. SIGTERM drains: "
                     "NOT_SERVING, new requests refused with UNAVAILABLE, admitted ones finished, exit 0.")
     Settings.add_arguments(serve)
     serve.set_defaults(func=_cmd_serve)

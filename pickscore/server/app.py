@@ -1,4 +1,4 @@
-"""Wiring: backend + engine + services + health + reflection + metrics, and the process lifecycle.
+"""Wiring: backend + engine + services (scoring.v1, KServe v2) + health + reflection + metrics, and the process lifecycle.
 
     pickscore serve --model demo --port 8001 --metrics-port 9090
 
@@ -20,11 +20,14 @@ import time
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from tritonclient.grpc import service_pb2_grpc
 
 from pickscore import __version__
 from pickscore.server.backends import Backend, load_backend
 from pickscore.server.engine import Engine
 from pickscore.server.errors import ServerState
+from pickscore.server.kserve_v2 import SERVICE_NAME as KSERVE_SERVICE_NAME
+from pickscore.server.kserve_v2 import KServeV2Service
 from pickscore.server.metrics import Metrics
 from pickscore.server.scoring_v1 import SERVICE_NAME, ScoringService
 from pickscore.server.settings import Settings
@@ -66,7 +69,10 @@ class Server:
             self.backend = await loop.run_in_executor(None, load_backend, s.model, s.backend, s.device, s.dtype)
         self.engine = Engine(self.backend, s, self.metrics)
         scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(self.engine, self.state), self._grpc)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        self.kserve = KServeV2Service(self.engine, self.state)
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.kserve, self._grpc)
+        reflection.enable_server_reflection((SERVICE_NAME, KSERVE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            self._grpc)
         await self._grpc.start()  # health answers NOT_SERVING while the model warms up
         await self.engine.start()
         self.metrics.model_info.labels(self.backend.source, self.backend.name, self.backend.description, __version__).set(1)

@@ -10,7 +10,8 @@ or until ``max_delay_s`` has passed since the oldest one, and hands the batch ov
 the runner, which calls the backend on the tower's own thread. While the runner computes, the collector
 already holds the next batch: exactly one batch is prefetched. Items whose caller is gone or whose
 deadline has passed are dropped before they cost compute, at collection and again just before the run.
-A backend exception fails that batch's items (Internal) and nothing else.
+A backend exception fails that batch's items (Internal) and nothing else. Items are taken by priority
+(KServe's ``priority`` parameter), then in arrival order.
 """
 
 from __future__ import annotations
@@ -30,12 +31,16 @@ from pickscore.server.metrics import Metrics
 log = logging.getLogger("pickscore.server")
 
 
-@dataclass
+DEFAULT_PRIORITY = 1 << 31  # priority 0 ("default", as Triton) queues behind every explicit level 1, 2, ...
+
+
+@dataclass(order=True)
 class _Item:
-    x: np.ndarray
-    deadline: float | None  # loop time
-    enqueued: float  # loop time
-    future: asyncio.Future = field(repr=False)
+    rank: tuple[int, int]  # (priority level, arrival number): lower goes first
+    x: np.ndarray = field(compare=False)
+    deadline: float | None = field(compare=False)  # loop time
+    enqueued: float = field(compare=False)  # loop time
+    future: asyncio.Future = field(compare=False, repr=False)
 
 
 class Batcher:
@@ -48,7 +53,8 @@ class Batcher:
         self.capacity = capacity
         self.metrics = metrics
         self.admitted = 0  # items reserved by requests and not yet computed (the queue-depth gauge)
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()  # bounded by admission, not by maxsize
+        self._queue: asyncio.PriorityQueue[_Item] = asyncio.PriorityQueue()  # bounded by admission, not by maxsize
+        self._arrivals = 0
         self._arrived = asyncio.Event()
         self._ready: asyncio.Queue[list[_Item]] = asyncio.Queue(maxsize=1)  # the one prefetched batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{tower}-tower")
@@ -79,10 +85,11 @@ class Batcher:
         finally:
             self._set_admitted(self.admitted - n)
 
-    async def submit(self, x: np.ndarray, deadline: float | None = None) -> np.ndarray:
-        """One item (already admitted) -> its row of the backend's output."""
+    async def submit(self, x: np.ndarray, deadline: float | None = None, priority: int = 0) -> np.ndarray:
+        """One item (already admitted) -> its row of the backend's output. Priority 1 is the highest; 0 is default."""
         loop = asyncio.get_running_loop()
-        item = _Item(x, deadline, loop.time(), loop.create_future())
+        self._arrivals += 1
+        item = _Item((priority or DEFAULT_PRIORITY, self._arrivals), x, deadline, loop.time(), loop.create_future())
         self._queue.put_nowait(item)
         self._arrived.set()
         return await item.future  # cancelling this (client gone) marks the item dropped

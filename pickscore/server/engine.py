@@ -75,14 +75,15 @@ class Engine:
         await self.text_batcher.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    async def score(self, prompts: Sequence[str], images: Sequence[ImageItem], deadline: float | None) -> np.ndarray:
+    async def score(self, prompts: Sequence[str], images: Sequence[ImageItem], deadline: float | None,
+                    priority: int = 0) -> np.ndarray:
         """One prompt for all images, or one prompt per image -> scores (N,) float32 in image order."""
         self.validate(prompts, images)
         unique = list(dict.fromkeys(prompts))
         with self.image_batcher.admit(len(images)):
             texts, pixels_embeds = await _all(
-                self._embed_prompts(unique, deadline),
-                _all(*(self._embed_image(i, item, deadline) for i, item in enumerate(images))),
+                self._embed_prompts(unique, deadline, priority),
+                _all(*(self._embed_image(i, item, deadline, priority) for i, item in enumerate(images))),
             )
         by_prompt = dict(zip(unique, texts))
         text_embeds = np.stack([by_prompt[p] for p in prompts])  # (1 or N, D)
@@ -100,15 +101,15 @@ class Engine:
             raise InvalidInput(f"top_k must be at least 1, got {top_k}")
         return rank_scores(await self.score([prompt], images, deadline), top_k)
 
-    async def embed_pixels(self, pixels: np.ndarray, deadline: float | None) -> np.ndarray:
+    async def embed_pixels(self, pixels: np.ndarray, deadline: float | None, priority: int = 0) -> np.ndarray:
         """Preprocessed pixels (N, 3, H, W) -> image embeddings (N, D), through the image batcher."""
         with self.image_batcher.admit(len(pixels)):
-            return np.stack(await _all(*(self.image_batcher.submit(p, deadline) for p in pixels)))
+            return np.stack(await _all(*(self.image_batcher.submit(p, deadline, priority) for p in pixels)))
 
-    async def embed_tokens(self, tokens: np.ndarray, deadline: float | None) -> np.ndarray:
+    async def embed_tokens(self, tokens: np.ndarray, deadline: float | None, priority: int = 0) -> np.ndarray:
         """Token ids (N, 77) -> text embeddings (N, D), through the text batcher."""
         with self.text_batcher.admit(len(tokens)):
-            return np.stack(await _all(*(self.text_batcher.submit(t, deadline) for t in tokens)))
+            return np.stack(await _all(*(self.text_batcher.submit(t, deadline, priority) for t in tokens)))
 
     def validate(self, prompts: Sequence[str], images: Sequence[ImageItem]) -> None:
         s = self.settings
@@ -130,21 +131,21 @@ class Engine:
                 raise InvalidInput(f"{item.describe(i)}: {len(item.data)} bytes; at most {s.max_image_bytes} "
                                    "(--max-image-bytes)")
 
-    async def _embed_prompts(self, prompts: list[str], deadline: float | None) -> list[np.ndarray]:
+    async def _embed_prompts(self, prompts: list[str], deadline: float | None, priority: int) -> list[np.ndarray]:
         async def one(prompt: str) -> np.ndarray:
             async def compute() -> np.ndarray:
                 tokens = await self._in_pool("tokenize", self.backend.tokenizer, [prompt])
                 with self.text_batcher.admit(1):
-                    return await self.text_batcher.submit(tokens[0], deadline)
+                    return await self.text_batcher.submit(tokens[0], deadline, priority)
 
             return await self.text_cache.get_or_compute(prompt, compute)
 
         return await _all(*(one(p) for p in prompts))
 
-    async def _embed_image(self, index: int, item: ImageItem, deadline: float | None) -> np.ndarray:
+    async def _embed_image(self, index: int, item: ImageItem, deadline: float | None, priority: int) -> np.ndarray:
         async def compute() -> np.ndarray:
             pixels = await self._in_pool("decode", self._decode, index, item)
-            return await self.image_batcher.submit(pixels, deadline)
+            return await self.image_batcher.submit(pixels, deadline, priority)
 
         if not self.image_cache.capacity:
             return await compute()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -15,6 +15,41 @@ from pickscore.v1 import scoring_pb2 as pb
 from pickscore.v1 import scoring_pb2_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ScoringService"].full_name
+
+
+async def windowed(requests: AsyncIterator, handle: Callable[[Any], Awaitable[Any]], window: int) -> AsyncIterator:
+    """Handle up to ``window`` stream messages at once; yield each answer as soon as it is ready."""
+    out: asyncio.Queue = asyncio.Queue()
+    slots = asyncio.Semaphore(window)
+    done = object()
+
+    async def one(message) -> None:
+        try:
+            await out.put(await handle(message))
+        finally:
+            slots.release()
+
+    async def read() -> None:
+        tasks: set[asyncio.Task] = set()
+        try:
+            async for message in requests:
+                await slots.acquire()
+                task = asyncio.create_task(one(message))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await out.put(done)
+
+    reader = asyncio.create_task(read())
+    try:
+        while (answer := await out.get()) is not done:
+            yield answer
+        await reader  # re-raise what ended the reading, if anything did
+    finally:
+        reader.cancel()
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -42,41 +77,16 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
             ])
 
     async def ScoreStream(self, requests: AsyncIterator[pb.ScoreStreamRequest], context) -> AsyncIterator[pb.ScoreStreamResponse]:
-        async with boundary(self.state, "ScoreStream", context):
-            out: asyncio.Queue[pb.ScoreStreamResponse | None] = asyncio.Queue()
-            window = asyncio.Semaphore(self.engine.settings.stream_window)
-
-            async def one(message: pb.ScoreStreamRequest) -> None:
-                try:
-                    response = pb.ScoreStreamResponse(tag=message.tag, response=await self._score(message.request, deadline_of(context)))
-                except PickScoreError as e:  # in-band: this request failed, the stream goes on
-                    code, text = status_of(e)
-                    response = pb.ScoreStreamResponse(tag=message.tag, error=pb.Error(code=code.value[0], message=text))
-                finally:
-                    window.release()
-                await out.put(response)
-
-            async def read() -> None:
-                tasks = set()
-                try:
-                    async for message in requests:
-                        await window.acquire()
-                        task = asyncio.create_task(one(message))
-                        tasks.add(task)
-                        task.add_done_callback(tasks.discard)
-                    await asyncio.gather(*tasks)
-                finally:
-                    for task in tasks:
-                        task.cancel()
-                    await out.put(None)
-
-            reader = asyncio.create_task(read())
+        async def one(message: pb.ScoreStreamRequest) -> pb.ScoreStreamResponse:
             try:
-                while (response := await out.get()) is not None:
-                    yield response
-                await reader  # re-raise what ended the reading, if anything did
-            finally:
-                reader.cancel()
+                return pb.ScoreStreamResponse(tag=message.tag, response=await self._score(message.request, deadline_of(context)))
+            except PickScoreError as e:  # in-band: this request failed, the stream goes on
+                code, text = status_of(e)
+                return pb.ScoreStreamResponse(tag=message.tag, error=pb.Error(code=code.value[0], message=text))
+
+        async with boundary(self.state, "ScoreStream", context):
+            async for response in windowed(requests, one, self.engine.settings.stream_window):
+                yield response
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.GetModelInfoResponse:
         async with boundary(self.state, "GetModelInfo", context, admit=False):

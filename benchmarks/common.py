@@ -1,0 +1,95 @@
+"""Shared benchmark helpers: model shapes with random weights, JPEG workloads, latency statistics, reports."""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pickscore.model.preprocess import PreprocessConfig
+from pickscore.model.tokenizer import save_hf_files
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+# transformers CLIPConfig fields of the shapes we benchmark (random weights; speed does not depend on them).
+SHAPES = {
+    "vit-b-32": dict(projection_dim=512,
+                     text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
+                     vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                        num_attention_heads=12, patch_size=32, image_size=224)),
+    "vit-h-14": dict(projection_dim=1024,
+                     text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                      num_attention_heads=16, hidden_act="gelu"),
+                     vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                        num_attention_heads=16, patch_size=14, image_size=224, hidden_act="gelu")),
+}
+
+
+def write_model(shape: str, directory: Path, seed: int = 0) -> Path:
+    """A Hugging Face CLIP directory of ``shape`` with random weights, in the PickScore_v1 layout."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    cfg = SHAPES[shape]
+    model = CLIPModel(CLIPConfig(text_config=cfg["text_config"], vision_config=cfg["vision_config"],
+                                 projection_dim=cfg["projection_dim"])).eval()
+    model.save_pretrained(directory)
+    save_hf_files(directory)
+    (directory / "preprocessor_config.json").write_text(json.dumps(PreprocessConfig().to_hf()))
+    return directory
+
+
+def jpegs(n: int, side: int = 512, seed: int = 0) -> list[bytes]:
+    """``n`` distinct side x side JPEGs with photo-like smooth content (quality 90)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        small = (rng.random((side // 16, side // 16, 3)) * 255).astype(np.uint8)
+        img = Image.fromarray(small).resize((side, side), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def latency_stats(latencies_s: list[float], images: int, wall_s: float) -> dict[str, float]:
+    lat = np.asarray(latencies_s) * 1000
+    return {"images_per_s": images / wall_s, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "requests": len(lat)}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    import os
+
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def append_results(title: str, markdown: str, meta: dict[str, Any]) -> None:
+    """Append a dated section to benchmarks/RESULTS.md."""
+    header = f"\n## {title} — {time.strftime('%Y-%m-%d')}, {git_revision()}\n\nMachine: {meta['machine']}. " \
+             f"Command: `{meta['command']}`\n\n"
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n\nEach section is appended by a script in benchmarks/; newest last.\n")
+    with RESULTS.open("a") as f:
+        f.write(header + markdown + "\n")

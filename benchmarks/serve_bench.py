@@ -1,0 +1,288 @@
+"""Best-of-8 serving benchmark: the paper's transformers pattern vs our engine vs our gRPC server.
+
+    python benchmarks/serve_bench.py                      # ViT-B-32 shape, CPU, 512 px JPEGs
+    python benchmarks/serve_bench.py --shape vit-h-14 --device cuda --dtype bf16
+
+One run measures, on the same JPEG bytes and prompts (every request has its own prompt, so no cache helps):
+  (a) transformers CLIPModel + CLIPProcessor, one image per call (the PickScore model card's example)
+  (b) the same with all 8 images in one call
+  (c) our engine in-process (batcher + worker pool, no gRPC), closed loop at each concurrency
+  (d) `pickscore serve` in its own process through gRPC, closed loop at each concurrency, then open loop
+      (Poisson arrivals) at 70% of (d)'s saturation throughput
+and writes JSON, a markdown table, a latency-against-throughput plot, and a section of benchmarks/RESULTS.md.
+Medians of latency over requests; images/s over the whole measured window; warm-up excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_results, jpegs, latency_stats, machine, write_model  # noqa: E402
+
+PER_REQUEST = 8
+
+
+def prompts(n: int) -> list[str]:
+    return [f"prompt {i}: a watercolor painting of a fox in a snowy forest, detailed" for i in range(n)]
+
+
+def bench_transformers(model_dir: Path, images: list[bytes], requests: int, one_per_call: bool, device: str) -> dict:
+    """(a)/(b): the model card's pattern, timed per best-of-8 request."""
+    from PIL import Image
+    from transformers import CLIPModel, CLIPProcessor
+
+    processor = CLIPProcessor.from_pretrained(model_dir)
+    model = CLIPModel.from_pretrained(model_dir).eval().to(device)
+
+    def features(out):
+        return getattr(out, "pooler_output", out)
+
+    def calc_probs(prompt: str, blobs: list[bytes]) -> torch.Tensor:
+        pil = [Image.open(io.BytesIO(b)) for b in blobs]
+        image_inputs = processor(images=pil, return_tensors="pt").to(device)
+        text_inputs = processor(text=prompt, padding=True, truncation=True, max_length=77, return_tensors="pt").to(device)
+        with torch.no_grad():
+            img = features(model.get_image_features(**image_inputs))
+            img = img / img.norm(dim=-1, keepdim=True)
+            txt = features(model.get_text_features(**text_inputs))
+            txt = txt / txt.norm(dim=-1, keepdim=True)
+            return (model.logit_scale.exp() * txt @ img.T)[0].cpu()  # sync point
+
+    def request(i: int, prompt: str) -> None:
+        blobs = [images[(i * PER_REQUEST + k) % len(images)] for k in range(PER_REQUEST)]
+        if one_per_call:
+            for b in blobs:
+                calc_probs(prompt, [b])
+        else:
+            calc_probs(prompt, blobs)
+
+    for i, p in enumerate(prompts(2)):  # warm-up
+        request(i, "warm-up " + p)
+    latencies = []
+    start = time.perf_counter()
+    for i, p in enumerate(prompts(requests)):
+        t = time.perf_counter()
+        request(i, p)
+        latencies.append(time.perf_counter() - t)
+    return latency_stats(latencies, requests * PER_REQUEST, time.perf_counter() - start)
+
+
+async def closed_loop(call, images: list[bytes], concurrency: int, requests: int) -> dict:
+    """``concurrency`` callers, each sending its next request as soon as the last one answered."""
+    todo = iter(range(requests))
+    latencies: list[float] = []
+    names = prompts(requests)
+
+    async def caller():
+        for i in todo:
+            blobs = [images[(i * PER_REQUEST + k) % len(images)] for k in range(PER_REQUEST)]
+            t = time.perf_counter()
+            await call(names[i], blobs)
+            latencies.append(time.perf_counter() - t)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return latency_stats(latencies, requests * PER_REQUEST, time.perf_counter() - start)
+
+
+async def open_loop(call, images: list[bytes], rate: float, requests: int, seed: int = 0) -> dict:
+    """Poisson arrivals at ``rate`` requests/s, whatever the server's answers."""
+    rng = random.Random(seed)
+    names = prompts(requests)
+    latencies: list[float] = []
+
+    async def one(i: int) -> None:
+        blobs = [images[(i * PER_REQUEST + k) % len(images)] for k in range(PER_REQUEST)]
+        t = time.perf_counter()
+        await call(names[i], blobs)
+        latencies.append(time.perf_counter() - t)
+
+    tasks = []
+    start = time.perf_counter()
+    at = start
+    for i in range(requests):
+        at += rng.expovariate(rate)
+        await asyncio.sleep(max(0.0, at - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    return latency_stats(latencies, requests * PER_REQUEST, time.perf_counter() - start)
+
+
+def requests_for(concurrency: int, base: int) -> int:
+    return max(base, 2 * concurrency)
+
+
+async def bench_engine(model_dir: Path, images, levels, base, args) -> dict[int, dict]:
+    """(c): the Engine in-process, no gRPC."""
+    from pickscore.server.backends import load_backend
+    from pickscore.server.engine import Engine, ImageItem
+    from pickscore.server.metrics import Metrics
+    from pickscore.server.settings import Settings
+
+    settings = Settings(model=str(model_dir), device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
+                        max_queue_delay_ms=args.max_queue_delay_ms)
+    engine = Engine(load_backend(str(model_dir), "auto", args.device, args.dtype), settings, Metrics())
+    await engine.start()
+
+    async def call(prompt, blobs):
+        await engine.score([prompt], [ImageItem(b) for b in blobs], None)
+
+    await closed_loop(call, images, 2, 4)  # warm-up
+    out = {c: await closed_loop(call, images, c, requests_for(c, base)) for c in levels}
+    await engine.stop()
+    return out
+
+
+async def bench_server(address: str, images, levels, base) -> tuple[dict[int, dict], dict]:
+    """(d): closed loop at each concurrency, then open loop at 70% of the best closed-loop throughput."""
+    from pickscore.client import AsyncClient
+
+    async with AsyncClient(address, timeout=600) as client:
+        async def call(prompt, blobs):
+            await client.score(prompt, blobs)
+
+        await closed_loop(call, images, 2, 4)  # warm-up
+        closed = {c: await closed_loop(call, images, c, requests_for(c, base)) for c in levels}
+        saturation = max(r["images_per_s"] for r in closed.values()) / PER_REQUEST  # requests/s
+        unloaded = closed[min(levels)]["p50_ms"]
+        at70 = await open_loop(call, images, 0.7 * saturation, requests_for(max(levels), base))
+        at70.update(rate_requests_per_s=0.7 * saturation, unloaded_p50_ms=unloaded,
+                    p99_over_unloaded_p50=at70["p99_ms"] / unloaded)
+        return closed, at70
+
+
+def start_server(model_dir: Path, args) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "pickscore.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
+           "--port", "0", "--metrics-port", "-1", "--device", args.device, "--dtype", args.dtype,
+           "--max-batch-size", str(args.max_batch_size), "--max-queue-delay-ms", str(args.max_queue_delay_ms),
+           "--log-format", "json"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.startswith("{") and json.loads(line).get("message") == "serving":
+            import threading
+
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
+            return proc, f"127.0.0.1:{json.loads(line)['port']}"
+    raise RuntimeError(f"server exited with {proc.wait()}")
+
+
+def plot(results: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label, marker in (("engine", "(c) engine in-process", "s"), ("server", "(d) gRPC server", "o")):
+        pts = sorted(results[key].items())
+        ax.plot([r["images_per_s"] for _, r in pts], [r["p50_ms"] for _, r in pts], marker=marker, label=f"{label} p50")
+        ax.plot([r["images_per_s"] for _, r in pts], [r["p99_ms"] for _, r in pts], marker=marker, linestyle="--",
+                label=f"{label} p99")
+        for c, r in pts:
+            ax.annotate(f"c={c}", (r["images_per_s"], r["p50_ms"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    for key, label in (("transformers_one_per_call", "(a) transformers, 1 image/call"),
+                       ("transformers_batched", "(b) transformers, 8 images/call")):
+        r = results[key]
+        ax.scatter([r["images_per_s"]], [r["p50_ms"]], marker="x", s=60, label=f"{label} p50")
+    r = results["server_at_70pct"]
+    ax.scatter([r["images_per_s"]], [r["p99_ms"]], marker="*", s=120, label="(d) p99, open loop at 70% saturation")
+    ax.set_xlabel("throughput (images/s)")
+    ax.set_ylabel("request latency, best-of-8 (ms)")
+    ax.set_yscale("log")
+    ax.set_title(f"{results['shape']} on {results['device']}: latency against throughput")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def markdown(results: dict) -> str:
+    rows = [("(a) transformers, one image per call", results["transformers_one_per_call"]),
+            ("(b) transformers, 8 images per call", results["transformers_batched"])]
+    rows += [(f"(c) engine in-process, concurrency {c}", r) for c, r in sorted(results["engine"].items())]
+    rows += [(f"(d) gRPC server, concurrency {c}", r) for c, r in sorted(results["server"].items())]
+    r70 = results["server_at_70pct"]
+    rows.append((f"(d) gRPC server, open loop at 70% saturation ({r70['rate_requests_per_s']:.2f} req/s)", r70))
+    base = results["transformers_one_per_call"]["images_per_s"]
+    lines = ["| setup | images/s | × (a) | p50 ms | p99 ms |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {r['images_per_s']:.1f} | {r['images_per_s'] / base:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |"
+              for name, r in rows]
+    t = results["targets"]
+    lines += ["", f"- (d) best / (a): **{t['d_over_a']:.2f}×** (target ≥ 2×) — {'met' if t['d_over_a'] >= 2 else 'NOT met'}",
+              f"- (d) best / (c) best: **{t['d_over_c']:.2f}×** (target ≥ 0.9×) — {'met' if t['d_over_c'] >= 0.9 else 'NOT met'}",
+              f"- p99 at 70% saturation / unloaded p50: **{t['p99_70_over_p50']:.2f}×** (target ≤ 3×) — "
+              f"{'met' if t['p99_70_over_p50'] <= 3 else 'NOT met'}"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="vit-b-32", choices=["vit-b-32", "vit-h-14"], help="model shape, random weights")
+    p.add_argument("--model", default=None, help="benchmark this model directory instead of a random-weight shape")
+    p.add_argument("--device", default="cpu", help="torch device for every setup (default cpu)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="precision of (c) and (d)")
+    p.add_argument("--image-side", type=int, default=512, help="JPEG side in pixels (default 512)")
+    p.add_argument("--concurrency", default="1,8,32", help="closed-loop concurrency levels (default 1,8,32)")
+    p.add_argument("--requests", type=int, default=8, help="best-of-8 requests per measured point, at least 2x concurrency")
+    p.add_argument("--baseline-requests", type=int, default=4, help="requests for (a) and (b) (default 4)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="server/engine max_batch_size (default 32)")
+    p.add_argument("--max-queue-delay-ms", type=float, default=5.0, help="server/engine max_queue_delay_ms (default 5)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="directory for JSON, markdown and PNG")
+    p.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    args = p.parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    images = jpegs(32, args.image_side)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(args.model) if args.model else write_model(args.shape, Path(tmp) / args.shape)
+        results: dict = {"shape": args.model or args.shape, "device": args.device, "dtype": args.dtype,
+                         "image_side": args.image_side, "machine": machine()}
+        print("(a) transformers, one image per call", file=sys.stderr)
+        results["transformers_one_per_call"] = bench_transformers(model_dir, images, args.baseline_requests, True, args.device)
+        print("(b) transformers, 8 images per call", file=sys.stderr)
+        results["transformers_batched"] = bench_transformers(model_dir, images, args.baseline_requests, False, args.device)
+        print("(c) engine in-process", file=sys.stderr)
+        results["engine"] = asyncio.run(bench_engine(model_dir, images, levels, args.requests, args))
+        print("(d) gRPC server", file=sys.stderr)
+        proc, address = start_server(model_dir, args)
+        try:
+            results["server"], results["server_at_70pct"] = asyncio.run(bench_server(address, images, levels, args.requests))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+    best_d = max(r["images_per_s"] for r in results["server"].values())
+    best_c = max(r["images_per_s"] for r in results["engine"].values())
+    results["targets"] = {"d_over_a": best_d / results["transformers_one_per_call"]["images_per_s"],
+                          "d_over_c": best_d / best_c,
+                          "p99_70_over_p50": results["server_at_70pct"]["p99_over_unloaded_p50"]}
+    stem = args.out / f"serve-{results['shape'].replace('/', '_')}-{args.device.replace(':', '')}-{args.dtype}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    table = markdown(results)
+    stem.with_suffix(".md").write_text(table + "\n")
+    plot(results, stem.with_suffix(".png"))
+    print(table)
+    if not args.no_append:
+        append_results(f"Serving, best-of-8, {results['shape']} {args.device} {args.dtype}, {args.image_side} px JPEG",
+                       table + f"\n\n![latency against throughput](results/{stem.name}.png)",
+                       {"machine": results["machine"], "command": "python " + " ".join(["benchmarks/serve_bench.py", *(argv or sys.argv[1:])])})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

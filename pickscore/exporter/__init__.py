@@ -1,0 +1,1 @@
+"""Exporters: ONNX graphs and a Triton model repository, each verified against the checkpoint."""

@@ -1,0 +1,61 @@
+"""The Triton model configurations of the three models, shared by the Triton export and the KServe v2 service.
+
+    configs = model_configs(embed_dim=1024, image_size=(224, 224), context_length=77,
+                            max_batch_size=32, max_images_per_request=256, max_queue_delay_us=5000)
+    configs["pickscore"]        # ensemble: PROMPT (BYTES), IMAGE (BYTES) -> SCORE (FP32)
+    configs["pickscore_image"]  # ONNX: pixel_values [B, 3, H, W] -> image_embeds [B, D]
+    configs["pickscore_text"]   # ONNX: input_ids [B, 77] -> text_embeds [B, D]
+
+Shapes leave out the batch axis, as Triton's ``dims`` do when ``max_batch_size`` > 0.
+"""
+
+from __future__ import annotations
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+ENSEMBLE = "pickscore"
+IMAGE = "pickscore_image"
+TEXT = "pickscore_text"
+PREPROCESS = "pickscore_preprocess"  # Python backend: this package's decoding, preprocessing and tokenizer
+SCORE = "pickscore_score"  # Python backend: exp(logit_scale) * <text, image>
+
+
+def _tensor(cls, name: str, dtype: int, dims: list[int]):
+    return cls(name=name, data_type=dtype, dims=dims)
+
+
+def model_configs(embed_dim: int, image_size: tuple[int, int], context_length: int, max_batch_size: int,
+                  max_images_per_request: int, max_queue_delay_us: int) -> dict[str, mc.ModelConfig]:
+    h, w = image_size
+    batching = mc.ModelDynamicBatching(max_queue_delay_microseconds=max_queue_delay_us)
+    image = mc.ModelConfig(
+        name=IMAGE, platform="onnxruntime_onnx", max_batch_size=max_batch_size, dynamic_batching=batching,
+        input=[_tensor(mc.ModelInput, "pixel_values", mc.TYPE_FP32, [3, h, w])],
+        output=[_tensor(mc.ModelOutput, "image_embeds", mc.TYPE_FP32, [embed_dim])],
+        instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)])
+    text = mc.ModelConfig(
+        name=TEXT, platform="onnxruntime_onnx", max_batch_size=max_batch_size, dynamic_batching=batching,
+        input=[_tensor(mc.ModelInput, "input_ids", mc.TYPE_INT64, [context_length])],
+        output=[_tensor(mc.ModelOutput, "text_embeds", mc.TYPE_FP32, [embed_dim])],
+        instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)])
+    Step = mc.ModelEnsembling.Step
+    ensemble = mc.ModelConfig(
+        name=ENSEMBLE, platform="ensemble", max_batch_size=max_images_per_request,
+        input=[_tensor(mc.ModelInput, "PROMPT", mc.TYPE_STRING, [1]), _tensor(mc.ModelInput, "IMAGE", mc.TYPE_STRING, [1])],
+        output=[_tensor(mc.ModelOutput, "SCORE", mc.TYPE_FP32, [1])],
+        ensemble_scheduling=mc.ModelEnsembling(step=[
+            Step(model_name=PREPROCESS, model_version=-1, input_map={"PROMPT": "PROMPT", "IMAGE": "IMAGE"},
+                 output_map={"input_ids": "_input_ids", "pixel_values": "_pixel_values"}),
+            Step(model_name=TEXT, model_version=-1, input_map={"input_ids": "_input_ids"},
+                 output_map={"text_embeds": "_text_embeds"}),
+            Step(model_name=IMAGE, model_version=-1, input_map={"pixel_values": "_pixel_values"},
+                 output_map={"image_embeds": "_image_embeds"}),
+            Step(model_name=SCORE, model_version=-1,
+                 input_map={"text_embeds": "_text_embeds", "image_embeds": "_image_embeds"},
+                 output_map={"SCORE": "SCORE"}),
+        ]))
+    return {ENSEMBLE: ensemble, IMAGE: image, TEXT: text}
+
+
+# KServe v2 datatype names of Triton's TYPE_* values.
+DATATYPES = {mc.TYPE_FP32: "FP32", mc.TYPE_FP16: "FP16", mc.TYPE_INT64: "INT64", mc.TYPE_STRING: "BYTES"}

@@ -1,0 +1,268 @@
+"""Triton's protocol: KServe v2 ``inference.GRPCInferenceService`` over the same engine as scoring.v1.
+
+Models (the names and tensors of the Triton repository that ``pickscore export triton`` writes):
+  pickscore        PROMPT (BYTES, 1 prompt broadcast over N images, or N prompts) + IMAGE (BYTES, N encoded
+                   images) -> SCORE (FP32, [N, 1])
+  pickscore_image  pixel_values (FP32 or FP16, [B, 3, H, W]) -> image_embeds (FP32, [B, D])
+  pickscore_text   input_ids (INT64, [B, 77]) -> text_embeds (FP32, [B, D])
+Inputs come as ``raw_input_contents`` or typed contents; BYTES elements carry a 4-byte little-endian length
+prefix in raw form. Parameters ``priority`` (1 highest, 0 default) and ``timeout`` (microseconds) are honoured.
+Every request goes through the same batchers, caches, metrics and error mapping as scoring.v1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from pickscore import __version__
+from pickscore.errors import InvalidInput, NotFound, PickScoreError
+from pickscore.exporter.triton_config import DATATYPES, ENSEMBLE, IMAGE, TEXT, model_configs
+from pickscore.server.engine import Engine, ImageItem
+from pickscore.server.errors import ServerState, boundary, status_of
+from pickscore.server.scoring_v1 import deadline_of, windowed
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+VERSION = "1"
+NUMPY = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64}
+TYPED = {"FP32": "fp32_contents", "INT64": "int64_contents", "BYTES": "bytes_contents"}  # FP16 comes raw only
+
+
+@dataclass
+class _Stats:
+    """Per-model counters behind ModelStatistics."""
+
+    inference_count: int = 0  # items (images, prompts) inferred
+    execution_count: int = 0  # requests
+    success: list[int] = field(default_factory=lambda: [0, 0])  # count, ns
+    fail: list[int] = field(default_factory=lambda: [0, 0])
+    last_inference_ms: int = 0
+
+
+class KServeV2Service(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, engine: Engine, state: ServerState):
+        self.engine = engine
+        self.state = state
+        s, b = engine.settings, engine.backend
+        self.configs = model_configs(b.embed_dim, b.preprocess.output_size, b.tokenizer.context_length,
+                                     s.max_batch_size, s.max_images_per_request, int(s.max_queue_delay_ms * 1000))
+        self.stats = {name: _Stats() for name in self.configs}
+
+    # Health and metadata ------------------------------------------------------------------------------------
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.state.ready and not self.state.draining)
+
+    async def ModelReady(self, request, context):
+        async with boundary(self.state, "ModelReady", context, admit=False):
+            self._config(request.name, request.version)
+            return pb.ModelReadyResponse(ready=self.state.ready and not self.state.draining)
+
+    async def ServerMetadata(self, request, context):
+        async with boundary(self.state, "ServerMetadata", context, admit=False):
+            return pb.ServerMetadataResponse(name="pickscore", version=__version__, extensions=["model_configuration", "statistics"])
+
+    async def ModelMetadata(self, request, context):
+        async with boundary(self.state, "ModelMetadata", context, admit=False):
+            cfg = self._config(request.name, request.version)
+
+            def meta(t):
+                return pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=DATATYPES[t.data_type], shape=[-1, *t.dims])
+
+            return pb.ModelMetadataResponse(name=cfg.name, versions=[VERSION], platform=cfg.platform,
+                                            inputs=[meta(t) for t in cfg.input], outputs=[meta(t) for t in cfg.output])
+
+    async def ModelConfig(self, request, context):
+        async with boundary(self.state, "ModelConfig", context, admit=False):
+            return pb.ModelConfigResponse(config=self._config(request.name, request.version))
+
+    async def ModelStatistics(self, request, context):
+        async with boundary(self.state, "ModelStatistics", context, admit=False):
+            names = [self._config(request.name, request.version).name] if request.name else list(self.configs)
+            out = []
+            for name in names:
+                st = self.stats[name]
+                out.append(pb.ModelStatistics(
+                    name=name, version=VERSION, last_inference=st.last_inference_ms, inference_count=st.inference_count,
+                    execution_count=st.execution_count,
+                    inference_stats=pb.InferStatistics(success=pb.StatisticDuration(count=st.success[0], ns=st.success[1]),
+                                                       fail=pb.StatisticDuration(count=st.fail[0], ns=st.fail[1]))))
+            return pb.ModelStatisticsResponse(model_stats=out)
+
+    # Inference ----------------------------------------------------------------------------------------------
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        async with boundary(self.state, "ModelInfer", context):
+            return await self._infer(request, deadline_of(context))
+
+    async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest], context) -> AsyncIterator:
+        async def one(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            try:
+                return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline_of(context)))
+            except PickScoreError as e:  # in-band, as Triton does: the stream goes on
+                code, message = status_of(e)
+                return pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}",
+                                                   infer_response=pb.ModelInferResponse(id=request.id, model_name=request.model_name))
+
+        async with boundary(self.state, "ModelStreamInfer", context):
+            async for response in windowed(requests, one, self.engine.settings.stream_window):
+                yield response
+
+    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+        cfg = self._config(request.model_name, request.model_version)
+        stats = self.stats[cfg.name]
+        start = time.perf_counter_ns()
+        try:
+            inputs = read_inputs(request, cfg)
+            priority, deadline = _parameters(request, deadline)
+            outputs, items = await self._run(cfg.name, inputs, deadline, priority)
+        except Exception:
+            stats.fail[0] += 1
+            stats.fail[1] += time.perf_counter_ns() - start
+            raise
+        stats.success[0] += 1
+        stats.success[1] += time.perf_counter_ns() - start
+        stats.execution_count += 1
+        stats.inference_count += items
+        stats.last_inference_ms = int(time.time() * 1000)
+        wanted = [o.name for o in request.outputs] or list(outputs)
+        for name in wanted:
+            if name not in outputs:
+                raise InvalidInput(f"output {name!r}: model {cfg.name!r} has outputs {', '.join(outputs)}")
+        response = pb.ModelInferResponse(model_name=cfg.name, model_version=VERSION, id=request.id)
+        for name in wanted:
+            array = outputs[name]
+            response.outputs.add(name=name, datatype="FP32", shape=array.shape)
+            response.raw_output_contents.append(array.astype("<f4").tobytes())
+        return response
+
+    async def _run(self, model: str, inputs: dict[str, np.ndarray], deadline, priority) -> tuple[dict[str, np.ndarray], int]:
+        engine = self.engine
+        if model == ENSEMBLE:
+            prompts, images = list(inputs["PROMPT"].reshape(-1)), list(inputs["IMAGE"].reshape(-1))
+            try:
+                texts = [p.decode("utf-8") for p in prompts]
+            except UnicodeDecodeError as e:
+                raise InvalidInput(f"input 'PROMPT': element is not UTF-8 text ({e})") from None
+            scores = await engine.score(texts, [ImageItem(bytes(b)) for b in images], deadline, priority)
+            return {"SCORE": scores.reshape(-1, 1)}, len(images)
+        if model == IMAGE:
+            pixels = inputs["pixel_values"].astype(np.float32, copy=False)
+            return {"image_embeds": await engine.embed_pixels(pixels, deadline, priority)}, len(pixels)
+        tokens = inputs["input_ids"]
+        vocab = len(engine.backend.tokenizer.encoder)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+            raise InvalidInput(f"input 'input_ids': token ids must lie in [0, {vocab}); got {tokens.min()}..{tokens.max()}")
+        return {"text_embeds": await engine.embed_tokens(tokens, deadline, priority)}, len(tokens)
+
+    def _config(self, name: str, version: str) -> mc.ModelConfig:
+        if name not in self.configs:
+            raise NotFound(f"unknown model {name!r}; this server has {', '.join(self.configs)}")
+        if version not in ("", VERSION):
+            raise NotFound(f"model {name!r} has no version {version!r}; it has version {VERSION}")
+        return self.configs[name]
+
+
+def read_inputs(request: pb.ModelInferRequest, cfg: mc.ModelConfig) -> dict[str, np.ndarray]:
+    """The request's tensors by name, checked against the model's declared inputs (name, datatype, shape)."""
+    declared = {t.name: t for t in cfg.input}
+    names = [t.name for t in request.inputs]
+    for name in names:
+        if name not in declared:
+            raise InvalidInput(f"input {name!r}: model {cfg.name!r} has no such input (it takes {', '.join(declared)})")
+        if names.count(name) > 1:
+            raise InvalidInput(f"input {name!r}: given more than once")
+    for name in declared:
+        if name not in names:
+            raise InvalidInput(f"input {name!r}: missing (model {cfg.name!r} takes {', '.join(declared)})")
+    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
+        raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} inputs")
+    out = {}
+    for i, tensor in enumerate(request.inputs):
+        spec = declared[tensor.name]
+        allowed = [DATATYPES[spec.data_type]] + (["FP16"] if spec.data_type == mc.TYPE_FP32 and cfg.name == IMAGE else [])
+        if tensor.datatype not in allowed:
+            raise InvalidInput(f"input {tensor.name!r}: datatype {tensor.datatype or '(none)'}; expected {' or '.join(allowed)}")
+        shape = tuple(tensor.shape)
+        _check_shape(tensor.name, shape, tuple(spec.dims), cfg.name == ENSEMBLE)
+        raw = request.raw_input_contents[i] if request.raw_input_contents else None
+        out[tensor.name] = _decode(tensor, shape, raw)
+    return out
+
+
+def _check_shape(name: str, shape: tuple[int, ...], dims: tuple[int, ...], flat_ok: bool) -> None:
+    expected = f"[-1, {', '.join(map(str, dims))}]"
+    if flat_ok and len(shape) == 1:  # [N] is accepted for [N, 1]
+        shape = (*shape, 1)
+    if len(shape) != len(dims) + 1 or tuple(shape[1:]) != dims or shape[0] < 1:
+        raise InvalidInput(f"input {name!r}: shape {list(shape)}; expected {expected} (batch first, at least 1)")
+
+
+def _decode(tensor, shape: tuple[int, ...], raw: bytes | None) -> np.ndarray:
+    count = int(np.prod(shape))
+    if tensor.datatype == "BYTES":
+        elements = _split_bytes(tensor.name, raw) if raw is not None else list(tensor.contents.bytes_contents)
+        if len(elements) != count:
+            raise InvalidInput(f"input {tensor.name!r}: {len(elements)} elements for shape {list(shape)} ({count} expected)")
+        array = np.empty(count, dtype=object)
+        array[:] = elements
+        return array.reshape(shape)
+    dtype = np.dtype(NUMPY[tensor.datatype]).newbyteorder("<")
+    if raw is not None:
+        if len(raw) != count * dtype.itemsize:
+            raise InvalidInput(f"input {tensor.name!r}: {len(raw)} bytes of raw data for shape {list(shape)} "
+                               f"({count * dtype.itemsize} expected)")
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    if tensor.datatype not in TYPED:
+        raise InvalidInput(f"input {tensor.name!r}: {tensor.datatype} must come in raw_input_contents")
+    values = getattr(tensor.contents, TYPED[tensor.datatype])
+    if len(values) != count:
+        raise InvalidInput(f"input {tensor.name!r}: {len(values)} values for shape {list(shape)} ({count} expected)")
+    return np.asarray(values, dtype=dtype).reshape(shape)
+
+
+def _split_bytes(name: str, raw: bytes) -> list[bytes]:
+    """Elements of a raw BYTES tensor: each a 4-byte little-endian length, then that many bytes."""
+    out, at = [], 0
+    view = memoryview(raw)
+    while at < len(raw):
+        if at + 4 > len(raw):
+            raise InvalidInput(f"input {name!r}: BYTES element {len(out)} has a cut length prefix ({len(raw) - at} of 4 bytes)")
+        (length,) = struct.unpack_from("<I", raw, at)
+        at += 4
+        if at + length > len(raw):
+            raise InvalidInput(f"input {name!r}: BYTES element {len(out)} declares {length} bytes but "
+                               f"{len(raw) - at} remain")
+        out.append(bytes(view[at : at + length]))
+        at += length
+    return out
+
+
+def _parameters(request: pb.ModelInferRequest, deadline: float | None) -> tuple[int, float | None]:
+    """(priority, deadline) from the request's ``priority`` and ``timeout`` (microseconds) parameters."""
+    def integer(key: str) -> int:
+        p = request.parameters[key]
+        kind = p.WhichOneof("parameter_choice")
+        if kind not in ("int64_param", "uint64_param"):
+            raise InvalidInput(f"parameter {key!r}: must be an integer, got {kind}")
+        value = getattr(p, kind)
+        if value < 0:
+            raise InvalidInput(f"parameter {key!r}: must not be negative, got {value}")
+        return value
+
+    priority = integer("priority") if "priority" in request.parameters else 0
+    if "timeout" in request.parameters and (timeout_us := integer("timeout")):
+        own = asyncio.get_running_loop().time() + timeout_us / 1e6
+        deadline = own if deadline is None else min(deadline, own)
+    return priority, deadline
