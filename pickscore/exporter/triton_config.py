@@ -57,5 +57,24 @@ def model_configs(embed_dim: int, image_size: tuple[int, int], context_length: i
     return {ENSEMBLE: ensemble, IMAGE: image, TEXT: text}
 
 
+def python_step_configs(embed_dim: int, image_size: tuple[int, int], context_length: int, max_batch_size: int,
+                        logit_scale: float) -> dict[str, mc.ModelConfig]:
+    """The ensemble's two Python-backend steps (Triton repository only; our server runs them in the engine)."""
+    h, w = image_size
+    cpu = [mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)]
+    preprocess = mc.ModelConfig(
+        name=PREPROCESS, backend="python", max_batch_size=max_batch_size, instance_group=cpu,
+        input=[_tensor(mc.ModelInput, "PROMPT", mc.TYPE_STRING, [1]), _tensor(mc.ModelInput, "IMAGE", mc.TYPE_STRING, [1])],
+        output=[_tensor(mc.ModelOutput, "input_ids", mc.TYPE_INT64, [context_length]),
+                _tensor(mc.ModelOutput, "pixel_values", mc.TYPE_FP32, [3, h, w])])
+    score = mc.ModelConfig(
+        name=SCORE, backend="python", max_batch_size=max_batch_size, instance_group=cpu,
+        input=[_tensor(mc.ModelInput, "text_embeds", mc.TYPE_FP32, [embed_dim]),
+               _tensor(mc.ModelInput, "image_embeds", mc.TYPE_FP32, [embed_dim])],
+        output=[_tensor(mc.ModelOutput, "SCORE", mc.TYPE_FP32, [1])],
+        parameters={"logit_scale": mc.ModelParameter(string_value=repr(logit_scale))})
+    return {PREPROCESS: preprocess, SCORE: score}
+
+
 # KServe v2 datatype names of Triton's TYPE_* values.
 DATATYPES = {mc.TYPE_FP32: "FP32", mc.TYPE_FP16: "FP16", mc.TYPE_INT64: "INT64", mc.TYPE_STRING: "BYTES"}

@@ -66,7 +66,8 @@ class Server:
             self.metrics_port = self.metrics.serve_http(s.host, s.metrics_port)
         if self.backend is None:
             loop = asyncio.get_running_loop()
-            self.backend = await loop.run_in_executor(None, load_backend, s.model, s.backend, s.device, s.dtype)
+            self.backend = await loop.run_in_executor(None, load_backend, s.model, s.backend, s.device, s.dtype,
+                                                      s.max_batch_size)
         self.engine = Engine(self.backend, s, self.metrics)
         scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(self.engine, self.state), self._grpc)
         self.kserve = KServeV2Service(self.engine, self.state)

@@ -35,13 +35,22 @@ class Backend(Protocol):
     def encode_text(self, tokens: np.ndarray) -> np.ndarray: ...
 
 
-def load_backend(ref: str, kind: str = "auto", device: str = "auto", dtype: str = "auto") -> Backend:
+def load_backend(ref: str, kind: str = "auto", device: str = "auto", dtype: str = "auto",
+                 max_batch_size: int = 32) -> Backend:
     """Resolve a model reference and load it on ``kind`` ("auto": onnxruntime for an ONNX export, else torch)."""
     if kind not in KINDS:
         raise ValueError(f"backend must be one of {', '.join(KINDS)}; got {kind!r}")
+    from pickscore.exporter.onnx import is_export
+
+    if is_export(ref):
+        if kind == "torch":
+            raise ValueError(f"{ref} is an ONNX export; serve it with --backend onnxruntime (or auto)")
+        from pickscore.server.backends.onnx_backend import OnnxBackend
+
+        return OnnxBackend(ref, max_batch_size=max_batch_size)
+    if kind == "onnxruntime":
+        raise ValueError(f"the onnxruntime backend serves an ONNX export (pickscore export onnx --model {ref} --out DIR); "
+                         f"{ref!r} is not one")
     from pickscore.server.backends.torch_backend import TorchBackend
 
-    if kind == "onnxruntime":
-        raise ValueError("the onnxruntime backend serves an ONNX export (pickscore export onnx); "
-                         f"{ref!r} is not one")
     return TorchBackend.from_ref(ref, device=device, dtype=dtype)

@@ -1,0 +1,192 @@
+"""Checkpoint -> ONNX: the two towers as separate graphs with a symbolic batch axis, verified by ONNX Runtime.
+
+    pickscore export onnx --model REF --out DIR [--precision fp32|fp16|int8]
+
+DIR holds ``image.onnx`` (pixel_values [B, 3, H, W] float32 -> image_embeds [B, D], L2-normalised),
+``text.onnx`` (input_ids [B, 77] int64 -> text_embeds [B, D], L2-normalised), ``pickscore_onnx.json``
+(logit_scale, precision, what it was verified to), ``preprocessor_config.json`` and the tokenizer files,
+so DIR is itself a model reference (``--model DIR``) for the CLI, the scorer and the server.
+
+Graphs come from the torch.export-based exporter (``torch.onnx.export(dynamo=True)``); the batch axis is
+checked to be symbolic in the written files. fp16 converts the fp32 graphs to half precision behind float32
+inputs and outputs; int8 is ONNX Runtime's dynamic quantisation of the fp32 graphs (weights int8).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pickscore.errors import ModelLoadError
+from pickscore.model.checkpoint import LoadedModel, atomic_directory, resolve
+from pickscore.model.tokenizer import save_hf_files
+
+MANIFEST = "pickscore_onnx.json"
+PRECISIONS = ("fp32", "fp16", "int8")
+TOLERANCE = 1e-4  # largest |embedding difference| accepted for fp32 against torch
+
+
+class _Tower(torch.nn.Module):
+    """One tower of ``model`` as a graph: float32 (or int64) in, float32 L2-normalised embeddings out."""
+
+    def __init__(self, model: torch.nn.Module, tower: str):
+        super().__init__()
+        self.model = model
+        self.tower = tower
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        encode = self.model.encode_image if self.tower == "image" else self.model.encode_text
+        return F.normalize(encode(x), dim=-1)
+
+
+def export_onnx(ref: str, out: str | os.PathLike, precision: str = "fp32", verify: bool = True,
+                min_agreement: float = 0.99, tolerance: float = TOLERANCE, opset: int = 18) -> dict[str, Any]:
+    """Export, verify (unless ``verify`` is False) and write DIR atomically -> the manifest written.
+
+    fp32 must match torch within ``tolerance``; fp16 and int8 must agree with fp32 on the order of at least
+    ``min_agreement`` of the image pairs of best-of-8 sets, else ValueError and nothing is written.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    loaded = resolve(ref)
+    model = loaded.model.float().eval()
+    with atomic_directory(Path(out)) as tmp:
+        fp32_dir = tmp / "fp32" if precision != "fp32" else tmp
+        fp32_dir.mkdir(exist_ok=True)
+        _export(model, loaded, fp32_dir, opset)
+        if precision != "fp32":
+            _lower_precision(fp32_dir, tmp, precision)
+        manifest = {"format": "pickscore-onnx", "version": 1, "precision": precision, "source": loaded.source,
+                    "logit_scale": float(model.logit_scale.detach()), "embed_dim": int(loaded.model_cfg["embed_dim"]),
+                    "context_length": loaded.context_length, "model_cfg": loaded.model_cfg}
+        (tmp / "preprocessor_config.json").write_text(json.dumps(loaded.preprocess.to_hf(), indent=2) + "\n")
+        save_hf_files(tmp)
+        if verify:
+            manifest["verification"] = verify_export(tmp, loaded, precision, tolerance, min_agreement)
+        if precision != "fp32":
+            shutil.rmtree(fp32_dir)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _export(model, loaded: LoadedModel, out: Path, opset: int) -> None:
+    h, w = loaded.preprocess.output_size
+    towers = {
+        "image": (_Tower(model, "image").eval(), torch.zeros(2, 3, h, w), "pixel_values", "image_embeds"),
+        "text": (_Tower(model, "text").eval(), torch.zeros(2, loaded.context_length, dtype=torch.long), "input_ids", "text_embeds"),
+    }
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    for name, (tower, example, input_name, output_name) in towers.items():
+        torch.onnx.export(tower, (example,), str(out / f"{name}.onnx"), dynamo=True, opset_version=opset,
+                          input_names=[input_name], output_names=[output_name],
+                          dynamic_shapes=({0: batch},), external_data=False, verbose=False)
+        check_symbolic_batch(out / f"{name}.onnx")
+
+
+def check_symbolic_batch(path: Path) -> None:
+    """Raise ValueError unless the first axis of every graph input and output is symbolic."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    for value in [*graph.input, *graph.output]:
+        first = value.type.tensor_type.shape.dim[0]
+        if not first.dim_param:
+            raise ValueError(f"{path.name}: the batch axis of {value.name!r} was fixed to {first.dim_value} by the exporter")
+
+
+def _lower_precision(fp32_dir: Path, out: Path, precision: str) -> None:
+    """fp16: weights and compute in half precision behind float32 inputs/outputs; int8: dynamic quantisation."""
+    import onnx
+
+    for name in ("image", "text"):
+        src, dst = fp32_dir / f"{name}.onnx", out / f"{name}.onnx"
+        if precision == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        else:
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(dst))
+
+
+def verify_export(directory: Path, loaded: LoadedModel, precision: str, tolerance: float,
+                  min_agreement: float) -> dict[str, Any]:
+    """ONNX Runtime against torch at batch sizes 1 and 7; rank agreement with fp32 on best-of-8 sets."""
+    from pickscore.server.backends.onnx_backend import OnnxBackend
+    from pickscore.server.backends.torch_backend import TorchBackend
+
+    ours = OnnxBackend(directory, manifest={"precision": precision, "logit_scale": float(loaded.model.logit_scale.detach()),
+                                            "embed_dim": int(loaded.model_cfg["embed_dim"]),
+                                            "context_length": loaded.context_length, "source": loaded.source})
+    reference = TorchBackend(loaded, device="cpu", dtype=torch.float32)
+    pixels, tokens = verification_inputs(loaded.preprocess, loaded.tokenizer(), 8 * 8)
+    result: dict[str, Any] = {}
+    worst = 0.0
+    for batch in (1, 7):
+        worst = max(worst, float(np.abs(ours.encode_image(pixels[:batch]) - reference.encode_image(pixels[:batch])).max()),
+                    float(np.abs(ours.encode_text(tokens[:batch]) - reference.encode_text(tokens[:batch])).max()))
+    result["max_abs_diff"] = worst
+    if precision == "fp32":
+        if worst > tolerance:
+            raise ValueError(f"ONNX Runtime differs from torch by {worst:.2e} > {tolerance:.0e}; not written")
+        return result
+    agreement = rank_agreement(ours, reference, pixels, tokens)
+    result["rank_agreement"] = agreement
+    if agreement < min_agreement:
+        raise ValueError(f"{precision} export agrees with fp32 on {agreement:.3f} of best-of-8 pairs, below "
+                         f"--min-agreement {min_agreement}; not written")
+    return result
+
+
+def rank_agreement(candidate, reference, pixels: np.ndarray, tokens: np.ndarray, per_set: int = 8) -> float:
+    """Fraction of image pairs, within best-of-8 sets (one prompt each), that both backends order alike."""
+    agree = total = 0
+    for s in range(len(pixels) // per_set):
+        images = pixels[s * per_set : (s + 1) * per_set]
+        a = candidate.encode_image(images) @ candidate.encode_text(tokens[s : s + 1])[0]
+        b = reference.encode_image(images) @ reference.encode_text(tokens[s : s + 1])[0]
+        for i, j in combinations(range(per_set), 2):
+            agree += (a[i] > a[j]) == (b[i] > b[j])
+            total += 1
+    return float(agree / total)
+
+
+def verification_inputs(preprocess, tokenizer, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Drawn scenes (varied colours, shapes, positions) and their captions, preprocessed like real requests."""
+    import io
+
+    from pickscore.model.preprocess import load_pixels
+    from pickscore.training.synthetic import _random_scene, render
+
+    rng = random.Random(seed)
+    scenes = [_random_scene(rng) for _ in range(n)]
+    pixels = []
+    for scene in scenes:
+        buf = io.BytesIO()
+        render(scene, 256, rng).save(buf, "PNG")
+        pixels.append(load_pixels(buf.getvalue(), preprocess))
+    return np.stack(pixels), tokenizer([s.caption for s in scenes])
+
+
+def load_manifest(directory: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model {directory}: unreadable {MANIFEST}: {e}") from e
+    if manifest.get("format") != "pickscore-onnx":
+        raise ModelLoadError(f"model {directory}: {MANIFEST} is not a pickscore ONNX export manifest")
+    return manifest
+
+
+def is_export(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()

@@ -1,0 +1,65 @@
+"""A Triton model repository from a model reference (or an existing ONNX export).
+
+    pickscore export triton --model REF --out REPO [--precision fp32] [--tensorrt]
+
+REPO/pickscore (ensemble) -> pickscore_preprocess (Python) -> pickscore_text, pickscore_image (ONNX)
+-> pickscore_score (Python). The model names and tensors are those our server exposes over KServe v2.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import resources
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from pickscore.exporter.onnx import export_onnx, is_export, load_manifest
+from pickscore.exporter.triton_config import IMAGE, PREPROCESS, SCORE, TEXT, model_configs, python_step_configs
+from pickscore.model.checkpoint import atomic_directory
+
+
+def export_triton(ref: str, out: str | Path, precision: str = "fp32", max_batch_size: int = 32,
+                  max_images_per_request: int = 256, max_queue_delay_us: int = 5000, tensorrt: bool = False,
+                  instances: int = 1) -> Path:
+    out = Path(out)
+    with atomic_directory(out) as repo:
+        onnx_dir = Path(ref) if is_export(ref) else repo / "_onnx"
+        if not is_export(ref):
+            export_onnx(ref, onnx_dir, precision=precision)
+        manifest = load_manifest(onnx_dir)
+        pp = json.loads((onnx_dir / "preprocessor_config.json").read_text())
+        from pickscore.model.preprocess import PreprocessConfig
+
+        size = PreprocessConfig.from_hf(pp).output_size
+        configs = model_configs(manifest["embed_dim"], size, manifest["context_length"], max_batch_size,
+                                max_images_per_request, max_queue_delay_us)
+        configs.update(python_step_configs(manifest["embed_dim"], size, manifest["context_length"],
+                                           max_images_per_request, manifest["logit_scale"]))
+        for name, config in configs.items():
+            if name in (IMAGE, TEXT):
+                config.instance_group[0].count = instances
+                if tensorrt:
+                    accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+                    accelerator.parameters.update({"precision_mode": "FP16", "trt_engine_cache_enable": "true",
+                                                   "trt_engine_cache_path": f"/tmp/pickscore_trt/{name}"})
+            version = repo / name / "1"
+            version.mkdir(parents=True)
+            (repo / name / "config.pbtxt").write_text(text_format.MessageToString(config))
+        shutil.copy(onnx_dir / "image.onnx", repo / IMAGE / "1" / "model.onnx")
+        shutil.copy(onnx_dir / "text.onnx", repo / TEXT / "1" / "model.onnx")
+        steps = resources.files("pickscore.exporter.triton_models")
+        (repo / PREPROCESS / "1" / "model.py").write_text((steps / "preprocess.py").read_text())
+        (repo / PREPROCESS / "1" / "pickscore_preprocess.json").write_text(
+            json.dumps({"preprocessor_config": pp, "context_length": manifest["context_length"]}, indent=2))
+        (repo / SCORE / "1" / "model.py").write_text((steps / "score.py").read_text())
+        if not is_export(ref):
+            shutil.rmtree(onnx_dir)
+    return out
+
+
+def read_config(path: Path) -> mc.ModelConfig:
+    """Parse a config.pbtxt with Triton's own model_config.proto."""
+    return text_format.Parse(Path(path).read_text(), mc.ModelConfig())

@@ -1,0 +1,1 @@
+"""model.py files of the Triton repository's Python-backend steps (run inside Triton, not imported here)."""

@@ -1,0 +1,67 @@
+"""The ONNX Runtime backend: serves a directory written by ``pickscore export onnx``.
+
+Providers: TensorRT and CUDA when this onnxruntime build has them (TensorRT with an engine cache in
+DIR/trt_cache and optimisation-profile shapes from the batch settings), CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pickscore.model.preprocess import PreprocessConfig
+from pickscore.model.tokenizer import Tokenizer
+
+
+class OnnxBackend:
+    name = "onnxruntime"
+
+    def __init__(self, directory: str | os.PathLike, manifest: dict[str, Any] | None = None, max_batch_size: int = 32,
+                 providers: list[str] | None = None):
+        import json
+
+        import onnxruntime as ort
+
+        from pickscore.exporter.onnx import load_manifest
+
+        directory = Path(directory)
+        manifest = manifest or load_manifest(directory)
+        self.source = manifest.get("source", str(directory))
+        self.logit_scale = float(manifest["logit_scale"])
+        self.embed_dim = int(manifest["embed_dim"])
+        self.tokenizer = Tokenizer(context_length=int(manifest["context_length"]))
+        self.preprocess = PreprocessConfig.from_hf(json.loads((directory / "preprocessor_config.json").read_text()))
+        available = ort.get_available_providers()
+        chosen = providers or [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+        chosen = [*chosen, "CPUExecutionProvider"] if "CPUExecutionProvider" not in chosen else chosen
+        h, w = self.preprocess.output_size
+        shapes = {"image": ("pixel_values", f"3x{h}x{w}"), "text": ("input_ids", str(self.tokenizer.context_length))}
+        session_options = ort.SessionOptions()
+        if manifest.get("precision") == "fp16" and chosen == ["CPUExecutionProvider"]:
+            # onnxruntime 1.31's extended CPU fusions crash on fp16 CLIP graphs; the basic level runs them.
+            session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        self._sessions = {}
+        for tower, (input_name, rest) in shapes.items():
+            options = []
+            for provider in chosen:
+                if provider == "TensorrtExecutionProvider":
+                    options.append((provider, {
+                        "trt_engine_cache_enable": True, "trt_engine_cache_path": str(directory / "trt_cache"),
+                        "trt_fp16_enable": manifest.get("precision") != "fp32",
+                        "trt_profile_min_shapes": f"{input_name}:1x{rest}",
+                        "trt_profile_opt_shapes": f"{input_name}:{max_batch_size}x{rest}",
+                        "trt_profile_max_shapes": f"{input_name}:{max_batch_size}x{rest}"}))
+                else:
+                    options.append(provider)
+            self._sessions[tower] = ort.InferenceSession(str(directory / f"{tower}.onnx"), session_options, providers=options)
+        active = self._sessions["image"].get_providers()[0].removesuffix("ExecutionProvider")
+        self.description = f"{active} {manifest.get('precision', 'fp32')}"
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        return self._sessions["image"].run(None, {"pixel_values": np.ascontiguousarray(pixels, np.float32)})[0]
+
+    def encode_text(self, tokens: np.ndarray) -> np.ndarray:
+        return self._sessions["text"].run(None, {"input_ids": np.ascontiguousarray(tokens, np.int64)})[0]
