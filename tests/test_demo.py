@@ -1,0 +1,37 @@
+"""The bundled demo model: shipped inside the package, small, loadable as `--model demo`, and served by default."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+
+from pickscore.model.checkpoint import DEMO_DIR, resolve
+from pickscore.scorer import Scorer
+from pickscore.server.settings import Settings
+from pickscore.training.synthetic import _random_scene, _vary, render
+
+
+def test_demo_is_bundled_small_and_safetensors():
+    files = {p.name: p.stat().st_size for p in DEMO_DIR.iterdir()}
+    assert "open_clip_model.safetensors" in files and not any(n.endswith((".bin", ".pt")) for n in files)
+    assert sum(files.values()) <= 20 * 1024 * 1024
+    assert resolve("demo").source == "demo"
+    assert Settings().model == "demo"  # what `make serve` serves
+
+
+def test_demo_prefers_the_image_that_matches_its_prompt():
+    scorer = Scorer.from_pretrained("demo", device="cpu", dtype="fp32")
+    rng = random.Random(20261122)  # never used in training
+    wins = 0
+    for _ in range(40):
+        prompt = _random_scene(rng)
+        images = []
+        for scene in (prompt, _vary(prompt, 3, rng)):
+            buf = io.BytesIO()
+            render(scene, 64, rng).save(buf, "PNG")
+            images.append(buf.getvalue())
+        scores = scorer.score(prompt.caption, images)
+        wins += scores[0] > scores[1]
+    assert wins >= 36, f"matching image preferred in {wins} of 40"
