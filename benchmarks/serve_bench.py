@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import io
 import json
-import os
 import random
 import subprocess
 import sys
@@ -27,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import random
 
-import numpy as np
 
 from pickscore.model.checkpoint import DEMO_DIR, resolve
 from pickscore.scorer import Scorer

@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from pickscore import __version__
 from pickscore.errors import InvalidInput, NotFound, PickScoreError
-from pickscore.exporter.triton_config import DATATYPES, ENSEMBLE, IMAGE, TEXT, model_configs
+from pickscore.exporter.triton_config import DATATYPES, ENSEMBLE, IMAGE, model_configs
 from pickscore.server.engine import Engine, ImageItem
 from pickscore.server.errors import ServerState, boundary, status_of
 from pickscore.server.scoring_v1 import deadline_of, windowed
