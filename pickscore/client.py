@@ -60,6 +60,23 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
+def _score_requests(images: Sequence[ImageRef], per_request: int, prompt: str = "", prompts: Sequence[str] | None = None,
+                    ids: Sequence[str] | None = None) -> list[pb.ScoreRequest]:
+    """One prompt for all images, or ``prompts`` paired with them, split into requests of ``per_request`` images."""
+    if prompts is not None and len(prompts) != len(images):
+        raise InvalidInput(f"{len(prompts)} prompts for {len(images)} images")
+    messages = _images(images, ids)
+    return [pb.ScoreRequest(prompt=prompt, prompts=[] if prompts is None else prompts[part], images=messages[part])
+            for part in _chunks(len(messages), per_request)]
+
+
+def _ranking(response: pb.RankResponse, n: int, top_k: int | None) -> Ranking:
+    scores = np.zeros(n, np.float32)
+    for r in response.ranking:
+        scores[r.index] = r.score
+    return rank_scores(scores, top_k)
+
+
 def _stream_requests(prompt: str, refs: Iterable[ImageRef], per_request: int) -> Iterator[pb.ScoreStreamRequest]:
     """Tag = index of the request's first image; images read lazily, so memory stays bounded.
 
@@ -123,32 +140,19 @@ class Client:
     def score(self, prompt: str, images: Sequence[ImageRef], ids: Sequence[str] | None = None,
               timeout: float | None = None) -> list[float]:
         """PickScore of each image for the prompt, in input order."""
-        messages = _images(images, ids)
-        out: list[float] = []
-        for part in _chunks(len(messages), self.model_info().max_images_per_request):
-            response = self._call(self.stub.Score, pb.ScoreRequest(prompt=prompt, images=messages[part]), timeout)
-            out.extend(r.score for r in response.results)
-        return out
+        requests = _score_requests(images, self.model_info().max_images_per_request, prompt=prompt, ids=ids)
+        return [r.score for request in requests for r in self._call(self.stub.Score, request, timeout).results]
 
     def score_pairs(self, prompts: Sequence[str], images: Sequence[ImageRef], timeout: float | None = None) -> list[float]:
         """prompts[i] against images[i]."""
-        if len(prompts) != len(images):
-            raise InvalidInput(f"{len(prompts)} prompts for {len(images)} images")
-        messages = _images(images, None)
-        out: list[float] = []
-        for part in _chunks(len(messages), self.model_info().max_images_per_request):
-            request = pb.ScoreRequest(prompts=prompts[part], images=messages[part])
-            out.extend(r.score for r in self._call(self.stub.Score, request, timeout).results)
-        return out
+        requests = _score_requests(images, self.model_info().max_images_per_request, prompts=prompts)
+        return [r.score for request in requests for r in self._call(self.stub.Score, request, timeout).results]
 
     def rank(self, prompt: str, images: Sequence[ImageRef], top_k: int | None = None,
              timeout: float | None = None) -> Ranking:
         """Best first (``top_k`` long if given), scores and softmax probabilities over all candidates."""
         response = self._call(self.stub.Rank, pb.RankRequest(prompt=prompt, images=_images(images, None)), timeout)
-        scores = np.zeros(len(images), np.float32)
-        for r in response.ranking:
-            scores[r.index] = r.score
-        return rank_scores(scores, top_k)
+        return _ranking(response, len(images), top_k)
 
     def score_many(self, prompt: str, images: Iterable[ImageRef], per_request: int = 0, skip_invalid: bool = False,
                    timeout: float | None = None) -> tuple[np.ndarray, dict[int, PickScoreError]]:
@@ -203,31 +207,18 @@ class AsyncClient:
 
     async def score(self, prompt: str, images: Sequence[ImageRef], ids: Sequence[str] | None = None,
                     timeout: float | None = None) -> list[float]:
-        messages = _images(images, ids)
-        out: list[float] = []
-        for part in _chunks(len(messages), (await self.model_info()).max_images_per_request):
-            response = await self._call(self.stub.Score, pb.ScoreRequest(prompt=prompt, images=messages[part]), timeout)
-            out.extend(r.score for r in response.results)
-        return out
+        requests = _score_requests(images, (await self.model_info()).max_images_per_request, prompt=prompt, ids=ids)
+        return [r.score for request in requests for r in (await self._call(self.stub.Score, request, timeout)).results]
 
     async def score_pairs(self, prompts: Sequence[str], images: Sequence[ImageRef],
                           timeout: float | None = None) -> list[float]:
-        if len(prompts) != len(images):
-            raise InvalidInput(f"{len(prompts)} prompts for {len(images)} images")
-        messages = _images(images, None)
-        out: list[float] = []
-        for part in _chunks(len(messages), (await self.model_info()).max_images_per_request):
-            request = pb.ScoreRequest(prompts=prompts[part], images=messages[part])
-            out.extend(r.score for r in (await self._call(self.stub.Score, request, timeout)).results)
-        return out
+        requests = _score_requests(images, (await self.model_info()).max_images_per_request, prompts=prompts)
+        return [r.score for request in requests for r in (await self._call(self.stub.Score, request, timeout)).results]
 
     async def rank(self, prompt: str, images: Sequence[ImageRef], top_k: int | None = None,
                    timeout: float | None = None) -> Ranking:
         response = await self._call(self.stub.Rank, pb.RankRequest(prompt=prompt, images=_images(images, None)), timeout)
-        scores = np.zeros(len(images), np.float32)
-        for r in response.ranking:
-            scores[r.index] = r.score
-        return rank_scores(scores, top_k)
+        return _ranking(response, len(images), top_k)
 
     async def score_many(self, prompt: str, images: Iterable[ImageRef], per_request: int = 0, skip_invalid: bool = False,
                          timeout: float | None = None) -> tuple[np.ndarray, dict[int, PickScoreError]]:

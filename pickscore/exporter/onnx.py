@@ -71,7 +71,7 @@ def export_onnx(ref: str, out: str | os.PathLike, precision: str = "fp32", verif
         (tmp / "preprocessor_config.json").write_text(json.dumps(loaded.preprocess.to_hf(), indent=2) + "\n")
         save_hf_files(tmp)
         if verify:
-            manifest["verification"] = verify_export(tmp, loaded, precision, tolerance, min_agreement)
+            manifest["verification"] = verify_export(tmp, loaded, manifest, tolerance, min_agreement)
         if precision != "fp32":
             shutil.rmtree(fp32_dir)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -119,15 +119,14 @@ def _lower_precision(fp32_dir: Path, out: Path, precision: str) -> None:
             onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(dst))
 
 
-def verify_export(directory: Path, loaded: LoadedModel, precision: str, tolerance: float,
+def verify_export(directory: Path, loaded: LoadedModel, manifest: dict[str, Any], tolerance: float,
                   min_agreement: float) -> dict[str, Any]:
     """ONNX Runtime against torch at batch sizes 1 and 7; rank agreement with fp32 on best-of-8 sets."""
     from pickscore.server.backends.onnx_backend import OnnxBackend
     from pickscore.server.backends.torch_backend import TorchBackend
 
-    ours = OnnxBackend(directory, manifest={"precision": precision, "logit_scale": float(loaded.model.logit_scale.detach()),
-                                            "embed_dim": int(loaded.model_cfg["embed_dim"]),
-                                            "context_length": loaded.context_length, "source": loaded.source})
+    precision = manifest["precision"]
+    ours = OnnxBackend(directory, manifest=manifest)
     reference = TorchBackend(loaded, device="cpu", dtype=torch.float32)
     pixels, tokens = verification_inputs(loaded.preprocess, loaded.tokenizer(), 8 * 8)
     result: dict[str, Any] = {}

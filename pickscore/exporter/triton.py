@@ -19,6 +19,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from pickscore.exporter.onnx import export_onnx, is_export, load_manifest
 from pickscore.exporter.triton_config import IMAGE, PREPROCESS, SCORE, TEXT, model_configs, python_step_configs
 from pickscore.model.checkpoint import atomic_directory
+from pickscore.model.preprocess import PreprocessConfig
 
 
 def export_triton(ref: str, out: str | Path, precision: str = "fp32", max_batch_size: int = 32,
@@ -26,13 +27,12 @@ def export_triton(ref: str, out: str | Path, precision: str = "fp32", max_batch_
                   instances: int = 1) -> Path:
     out = Path(out)
     with atomic_directory(out) as repo:
-        onnx_dir = Path(ref) if is_export(ref) else repo / "_onnx"
-        if not is_export(ref):
+        reuse = is_export(ref)
+        onnx_dir = Path(ref) if reuse else repo / "_onnx"
+        if not reuse:
             export_onnx(ref, onnx_dir, precision=precision)
         manifest = load_manifest(onnx_dir)
         pp = json.loads((onnx_dir / "preprocessor_config.json").read_text())
-        from pickscore.model.preprocess import PreprocessConfig
-
         size = PreprocessConfig.from_hf(pp).output_size
         configs = model_configs(manifest["embed_dim"], size, manifest["context_length"], max_batch_size,
                                 max_images_per_request, max_queue_delay_us)
@@ -55,7 +55,7 @@ def export_triton(ref: str, out: str | Path, precision: str = "fp32", max_batch_
         (repo / PREPROCESS / "1" / "pickscore_preprocess.json").write_text(
             json.dumps({"preprocessor_config": pp, "context_length": manifest["context_length"]}, indent=2))
         (repo / SCORE / "1" / "model.py").write_text((steps / "score.py").read_text())
-        if not is_export(ref):
+        if not reuse:
             shutil.rmtree(onnx_dir)
     return out
 

@@ -60,6 +60,11 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{tower}-tower")
         self._tasks: list[asyncio.Task] = []
         metrics.queue_capacity.labels(tower).set(capacity)
+        # this tower's series, looked up once rather than per item on the hot path
+        self._queue_wait = metrics.queue_wait.labels(tower)
+        self._batch_size = metrics.batch_size.labels(tower)
+        self._inference = metrics.inference.labels(tower)
+        self._depth = metrics.queue_depth.labels(tower)
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._collect(), name=f"{self.tower}-collector"),
@@ -96,7 +101,7 @@ class Batcher:
 
     def _set_admitted(self, n: int) -> None:
         self.admitted = n
-        self.metrics.queue_depth.labels(self.tower).set(n)
+        self._depth.set(n)
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -127,8 +132,8 @@ class Batcher:
                 continue
             start = loop.time()
             for item in batch:
-                self.metrics.queue_wait.labels(self.tower).observe(start - item.enqueued)
-            self.metrics.batch_size.labels(self.tower).observe(len(batch))
+                self._queue_wait.observe(start - item.enqueued)
+            self._batch_size.observe(len(batch))
             x = np.stack([item.x for item in batch])  # (B, ...)
             try:
                 out = await loop.run_in_executor(self._executor, self.fn, x)
@@ -140,7 +145,7 @@ class Batcher:
                     self._fail(item, error)
                 continue
             finally:
-                self.metrics.inference.labels(self.tower).observe(loop.time() - start)
+                self._inference.observe(loop.time() - start)
             for item, row in zip(batch, out):
                 if not item.future.done():
                     item.future.set_result(row)

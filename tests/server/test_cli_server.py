@@ -10,12 +10,7 @@ import pytest
 from pickscore.cli import build_parser, main
 from pickscore.server.settings import Settings
 from tests.server.conftest import PROMPT
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.test_cli import run
 
 
 @pytest.mark.parametrize("command", [["score"], ["rank", "--top-k", "4"]])
