@@ -125,6 +125,11 @@ class KServeV2Service(service_pb2_grpc.GRPCInferenceServiceServicer):
         start = time.perf_counter_ns()
         try:
             inputs = read_inputs(request, cfg)
+            declared = [o.name for o in cfg.output]
+            wanted = [o.name for o in request.outputs] or declared
+            for name in wanted:  # before any compute
+                if name not in declared:
+                    raise InvalidInput(f"output {name!r}: model {cfg.name!r} has outputs {', '.join(declared)}")
             priority, deadline = _parameters(request, deadline)
             outputs, items = await self._run(cfg.name, inputs, deadline, priority)
         except Exception:
@@ -136,10 +141,6 @@ class KServeV2Service(service_pb2_grpc.GRPCInferenceServiceServicer):
         stats.execution_count += 1
         stats.inference_count += items
         stats.last_inference_ms = int(time.time() * 1000)
-        wanted = [o.name for o in request.outputs] or list(outputs)
-        for name in wanted:
-            if name not in outputs:
-                raise InvalidInput(f"output {name!r}: model {cfg.name!r} has outputs {', '.join(outputs)}")
         response = pb.ModelInferResponse(model_name=cfg.name, model_version=VERSION, id=request.id)
         for name in wanted:
             array = outputs[name]

@@ -192,3 +192,18 @@ def test_unknown_model_is_not_found(tc):
     assert "unknown model 'clip'; this server has pickscore, pickscore_image, pickscore_text" in str(
         pytest.raises(InferenceServerException, tc.get_model_config, "clip").value)
     assert tc.is_server_ready()
+
+
+def test_unknown_requested_output_fails_before_compute_and_counts_as_failure(server, tc):
+    request = raw_request("pickscore", [("PROMPT", "BYTES", [1, 1], lp(b"a")), ("IMAGE", "BYTES", [1, 1], lp(IMAGES[0]))])
+    request.outputs.add(name="SCORES")
+    before = tc.get_inference_statistics("pickscore").model_stats[0].inference_stats
+    passes = metric(server, "pickscore_inference_seconds_count", tower="image")
+    with grpc.insecure_channel(server.address) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "output 'SCORES': model 'pickscore' has outputs SCORE" in info.value.details()
+    after = tc.get_inference_statistics("pickscore").model_stats[0].inference_stats
+    assert (after.success.count, after.fail.count) == (before.success.count, before.fail.count + 1)
+    assert metric(server, "pickscore_inference_seconds_count", tower="image") == passes
