@@ -124,6 +124,28 @@ def test_expired_deadline_never_reaches_the_backend(tiny_hf_dir):
         assert metric(server, "pickscore_dropped_items_total", tower="text") == 1
 
 
+def test_server_side_deadline_is_deadline_exceeded_and_never_computed(tiny_hf_dir):
+    """KServe's ``timeout`` parameter is a deadline the server enforces itself (the client sets none)."""
+    import tritonclient.grpc as triton
+
+    settings = settings_for(tiny_hf_dir, max_queue_delay_ms=1500, max_batch_size=64, text_cache_bytes=0)
+    with ServerThread(settings) as server, triton.InferenceServerClient(server.address) as client:
+        passes = metric(server, "pickscore_inference_seconds_count")
+        prompt = triton.InferInput("PROMPT", [1, 1], "BYTES")
+        prompt.set_data_from_numpy(np.array([[PROMPT.encode()]], dtype=object))
+        image = triton.InferInput("IMAGE", [1, 1], "BYTES")
+        image.set_data_from_numpy(np.array([[jpeg(0)]], dtype=object))
+        with pytest.raises(Exception) as info:
+            client.infer("pickscore", [prompt, image], timeout=300_000)  # 0.3 s, in microseconds
+        assert "DEADLINE_EXCEEDED" in str(info.value) and "before compute" in str(info.value)
+        assert metric(server, "pickscore_inference_seconds_count") == passes
+        # the first tower to close its batch drops its item for the deadline; the request's other item is then
+        # cancelled with it (whichever tower that is)
+        assert metric(server, "pickscore_dropped_items_total", reason="deadline") >= 1
+        assert metric(server, "pickscore_dropped_items_total") == 2
+        assert metric(server, "pickscore_requests_total", rpc="ModelInfer", code="DEADLINE_EXCEEDED") == 1
+
+
 class FlakyBackend(TorchBackend):
     """The real torch backend, failing any batch that holds a pure-magenta image (fault injection)."""
 
