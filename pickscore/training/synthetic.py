@@ -131,12 +131,18 @@ def render(scene: Scene, size: int, rng: random.Random) -> Image.Image:
     img = Image.new("RGB", (size, size), PALETTE[scene.background])
     draw = ImageDraw.Draw(img)
     x0, y0, x1, y1 = (v * size for v in REGIONS[scene.position])
-    along_x = x1 - x0 >= y1 - y0  # line the shapes up along the region's long side
-    cell_w, cell_h = ((x1 - x0) / scene.count, y1 - y0) if along_x else (x1 - x0, (y1 - y0) / scene.count)
+    # Line the shapes up along the region's long side in square cells, the row centred in the region, so
+    # that where the shapes sit says which region they are in (a lone shape "on the left" is not drawn in
+    # the corner that "at the top" also reaches).
+    along_x = x1 - x0 >= y1 - y0
+    long_side, short_side = (x1 - x0, y1 - y0) if along_x else (y1 - y0, x1 - x0)
+    cell = min(long_side / scene.count, short_side)
+    start = (long_side - cell * scene.count) / 2
     for i in range(scene.count):
-        side = min(cell_w, cell_h) * rng.uniform(0.6, 0.9)
-        left = x0 + (i * cell_w if along_x else 0) + rng.uniform(0, cell_w - side)
-        top = y0 + (0 if along_x else i * cell_h) + rng.uniform(0, cell_h - side)
+        side = cell * rng.uniform(0.6, 0.9)
+        along = start + i * cell + rng.uniform(0, cell - side)
+        across = (short_side - cell) / 2 + rng.uniform(0, cell - side)
+        left, top = (x0 + along, y0 + across) if along_x else (x0 + across, y0 + along)
         draw.polygon([(left + u * side, top + v * side) for u, v in SHAPES[scene.shape]], fill=PALETTE[scene.colour])
     return img
 

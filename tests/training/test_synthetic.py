@@ -129,6 +129,21 @@ def test_render_draws_the_scene():
     assert scene.caption == "three red stars at the bottom, blue background"
 
 
+def test_position_can_be_read_from_the_pixels():
+    """Wherever the jitter puts them, the shapes' centre is nearest the centre of the captioned region."""
+    centres = {p: ((x0 + x1) / 2, (y0 + y1) / 2) for p, (x0, y0, x1, y1) in REGIONS.items()}
+    rng = random.Random(3)
+    for position in POSITIONS:
+        for count in (1, 2, 3):
+            for _ in range(30):
+                scene = Scene(count=count, colour="red", shape=rng.choice(("circle", "star")), position=position,
+                              background="blue")
+                ys, xs = np.nonzero(np.all(np.asarray(render(scene, 64, rng)) == PALETTE["red"], axis=-1))
+                cx, cy = xs.mean() / 64, ys.mean() / 64
+                nearest = min(centres, key=lambda p: (centres[p][0] - cx) ** 2 + (centres[p][1] - cy) ** 2)
+                assert nearest == position, f"{scene.caption}: shapes centred at ({cx:.2f}, {cy:.2f})"
+
+
 def test_cli_writes_the_dataset(tmp_path, capsys):
     assert main(["data", "synthetic", "--out", str(tmp_path / "cli"), "--pairs", "30", "--seed", "4", "--image-size", "32"]) == 0
     assert "wrote 5 splits" in capsys.readouterr().err
