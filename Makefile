@@ -4,9 +4,16 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test test-fast clean demo-model proto
+# Prometheus + promtool for tests/deploy/: from PATH when installed, else Debian's package unpacked here.
+PROM_DIR := .tools/prometheus
+PROM_BIN := $(CURDIR)/$(PROM_DIR)/usr/bin
+
+.PHONY: install tools serve test test-fast clean demo-model proto
 
 install: $(STAMP)
+
+tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || deploy/prometheus/fetch-prometheus.sh $(PROM_DIR)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,17 +24,17 @@ $(STAMP): pyproject.toml
 serve: install  ## start the server on the bundled demo model (gRPC :8001, metrics :9090); settings via PICKSCORE_*
 	$(BIN)/pickscore serve $(SERVE_FLAGS)
 
-test: install  ## run the whole suite, slow full-size tests included
-	$(BIN)/python -m pytest -q
+test: install tools  ## run the whole suite, slow full-size tests included
+	PATH="$(PROM_BIN):$$PATH" $(BIN)/python -m pytest -q
 
-test-fast: install  ## everything but the full-size model tests
-	$(BIN)/python -m pytest -q -m "not slow"
+test-fast: install tools  ## everything but the full-size model tests
+	PATH="$(PROM_BIN):$$PATH" $(BIN)/python -m pytest -q -m "not slow"
 
 proto: install  ## regenerate pickscore/v1 from proto/ (a test fails when they drift)
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. proto/pickscore/v1/scoring.proto
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .tools build *.egg-info .pytest_cache
 
 # Rebuild the bundled demo model from scratch: synthetic data (seed 7), the `demo` preset, the best checkpoint.
 DEMO_RUN ?= runs/demo

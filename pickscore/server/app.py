@@ -34,6 +34,9 @@ from pickscore.server.settings import Settings
 from pickscore.v1 import scoring_pb2_grpc
 
 log = logging.getLogger("pickscore.server")
+# Health service names: "" and the scoring service are SERVING only while the server takes requests
+# (readiness); this one is SERVING for as long as the process answers (liveness).
+LIVENESS_SERVICE = "liveness"
 
 
 class Server:
@@ -62,6 +65,9 @@ class Server:
             raise OSError(f"cannot bind {s.host}:{s.port}")
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        # For liveness probes: SERVING whenever the process answers at all, through warm-up and drain, so
+        # that an orchestrator restarts a wedged process but not one that is loading or finishing its work.
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve_http(s.host, s.metrics_port)
         if self.backend is None:

@@ -86,3 +86,20 @@ def test_serve_help_documents_every_setting(capsys):
 
     for f in fields(Settings):
         assert f"--{f.name.replace('_', '-')}" in text and f"PICKSCORE_{f.name.upper()}" in text, f.name
+
+
+def test_health_command_reports_readiness_and_liveness(capsys, server):
+    for service in ("", "liveness", "pickscore.v1.ScoringService"):
+        assert run(capsys, "health", "--server", server.address, "--service", service)[:2] == (0, "SERVING\n")
+    code, out, err = run(capsys, "health", "--server", server.address, "--service", "no.such.Service")
+    assert code == 1 and out == "" and "NOT_FOUND" in err
+
+
+def test_health_command_fails_when_nothing_listens(capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"  # bound, never listening: connection refused
+        code, out, err = run(capsys, "health", "--server", address, "--timeout", "2")
+    assert code == 1 and "UNAVAILABLE" in err

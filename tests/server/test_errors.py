@@ -208,8 +208,11 @@ def test_request_during_drain_is_unavailable_and_admitted_work_finishes(tiny_hf_
             with pytest.raises(Unavailable, match="draining"):
                 client.score(PROMPT, [jpeg(0)])
             with grpc.insecure_channel(server.address) as channel:
-                status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
-            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+                health = health_pb2_grpc.HealthStub(channel)
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                alive = health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING  # readiness: take it out of rotation
+            assert alive == health_pb2.HealthCheckResponse.SERVING  # liveness: do not kill it while it finishes
             assert len(long.result(timeout=60)) == 16  # admitted before the drain: finished
             drained.join(timeout=60)
     finally:
