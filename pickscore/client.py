@@ -8,13 +8,16 @@
     async with AsyncClient("localhost:8001") as client:
         await client.score("a cat", images)
 
-Images are paths (read here) or encoded bytes. Large calls are split into requests of at most the
+``address`` is any gRPC target: ``host:port``, ``dns:///name:port`` (every address the name resolves to,
+round robin), ``ipv4:10.0.0.1:8001,10.0.0.2:8001``. A call refused with UNAVAILABLE (a replica warming up
+or draining) is retried on the next replica, up to 3 attempts. Images are paths (read here) or encoded bytes. Large calls are split into requests of at most the
 server's ``max_images_per_request``. Server errors come back as this package's domain errors
 (InvalidInput, Overloaded, DeadlineExceeded, Unavailable, ...) with the server's message.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -39,8 +42,20 @@ def domain_error(e: grpc.RpcError) -> PickScoreError:
     return _ERRORS.get(e.code(), PickScoreError)(f"server: {e.code().name}: {e.details()}")
 
 
-def _options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+# Spread calls over every address the target resolves to (a headless Kubernetes Service answers with all
+# ready replicas), and retry a call refused with UNAVAILABLE (a replica warming up or draining) on another:
+# scoring has no side effects, so a retry is safe, and a rolling restart never reaches the caller.
+_SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{"name": [{"service": "pickscore.v1.ScoringService"}],
+                      "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s",
+                                      "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}],
+})
+
+
+def _options(max_message_bytes: int) -> list[tuple[str, int | str]]:
+    return [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1)]
 
 
 def _image(ref: ImageRef, id: str | None) -> pb.Image:
