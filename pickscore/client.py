@@ -10,9 +10,10 @@
 
 ``address`` is any gRPC target: ``host:port``, ``dns:///name:port`` (every address the name resolves to,
 round robin), ``ipv4:10.0.0.1:8001,10.0.0.2:8001``. A call refused with UNAVAILABLE (a replica warming up
-or draining) is retried on the next replica, up to 3 attempts. Images are paths (read here) or encoded bytes. Large calls are split into requests of at most the
-server's ``max_images_per_request``. Server errors come back as this package's domain errors
-(InvalidInput, Overloaded, DeadlineExceeded, Unavailable, ...) with the server's message.
+or draining) is retried on the next replica, up to 3 attempts. Images are paths (read here) or encoded
+bytes. Large calls are split into requests of at most the server's ``max_images_per_request``. Server
+errors come back as this package's domain errors (InvalidInput, Overloaded, DeadlineExceeded,
+Unavailable, ...) with the server's message.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def domain_error(e: grpc.RpcError) -> PickScoreError:
 # scoring has no side effects, so a retry is safe, and a rolling restart never reaches the caller.
 _SERVICE_CONFIG = json.dumps({
     "loadBalancingConfig": [{"round_robin": {}}],
-    "methodConfig": [{"name": [{"service": "pickscore.v1.ScoringService"}],
+    "methodConfig": [{"name": [{"service": pb.DESCRIPTOR.services_by_name["ScoringService"].full_name}],
                       "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s",
                                       "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}],
 })
