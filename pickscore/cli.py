@@ -3,7 +3,7 @@
     pickscore score --model REF --prompt TEXT [--json] IMAGE_OR_DIR...
     pickscore rank  --model REF --prompt TEXT [--top-k K] [--json] IMAGE_OR_DIR...
     pickscore convert --model REF --out DIR
-    pickscore data synthetic --out DIR --pairs N [--seed S] [--image-size PX]
+    pickscore data synthetic --out DIR --pairs N [--seed S] [--image-size PX] [--held-out F]
     pickscore train --data DIR --out DIR [--model REF] [--preset NAME] [overrides]
     pickscore eval --model REF --data DIR [--baseline REF] [--json]
     pickscore export onnx|tensorrt|triton --model REF ...
@@ -98,13 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "preferred (about 10% of pairs are ties). The same seed writes identical files.")
     synthetic.add_argument("--out", required=True, type=Path, metavar="DIR", help="dataset directory to write")
     synthetic.add_argument("--pairs", required=True, type=_int_at_least(1), metavar="N",
-                           help="pairs in train + validation + test (80/10/10 by prompt); the *_unique splits "
-                                "repeat one pair per prompt of validation and test")
+                           help="pairs in train + validation + test (80/10/10 by prompt with the default "
+                                "--held-out); the *_unique splits repeat one pair per prompt of validation and test")
     synthetic.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     synthetic.add_argument("--image-size", type=_int_at_least(8), default=64, metavar="PX",
                            help="side of the square PNG images, in pixels (default 64, at least 8)")
     synthetic.add_argument("--row-group-size", type=_int_at_least(1), default=256, metavar="ROWS",
                            help="rows per parquet row group (default 256)")
+    synthetic.add_argument("--held-out", type=_held_out_fraction, default=0.1, metavar="FRACTION",
+                           help="fraction of pairs for each of validation and test, in (0, 0.5] (default 0.1); "
+                                "only ~2,600 distinct prompts exist, so a set made only to evaluate on should "
+                                "use 0.5 to get ~1,300 prompts in each *_unique split")
     synthetic.set_defaults(func=_cmd_data_synthetic)
     add_train_parser(sub)
     add_eval_parser(sub)
@@ -227,6 +231,14 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
     return integer
 
 
+def _held_out_fraction(text: str) -> float:
+    """An argparse type: a float in (0, 0.5], refused as a usage error otherwise."""
+    value = float(text)
+    if not 0 < value <= 0.5:
+        raise argparse.ArgumentTypeError(f"must be in (0, 0.5], got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -318,7 +330,7 @@ def _cmd_data_synthetic(args: argparse.Namespace) -> int:
     from pickscore.training.synthetic import write_synthetic
 
     written = write_synthetic(args.out, pairs=args.pairs, seed=args.seed, image_size=args.image_size,
-                              row_group_size=args.row_group_size, progress=True)
+                              row_group_size=args.row_group_size, held_out=args.held_out, progress=True)
     print(f"wrote {len(written)} splits to {args.out}", file=sys.stderr)
     return 0
 

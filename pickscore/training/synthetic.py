@@ -66,7 +66,7 @@ CHOICES = {"count": tuple(COUNTS), "colour": COLOURS, "shape": tuple(SHAPES), "p
            "background": BACKGROUNDS}
 MODELS = ("synthetic-a", "synthetic-b", "synthetic-c")
 TIE_FRACTION = 0.1
-HELD_OUT_FRACTION = 0.1  # of pairs, for each of validation and test
+HELD_OUT_FRACTION = 0.1  # of pairs, for each of validation and test (default)
 PAIRS_PER_PROMPT = (1, 2, 3, 4)
 START = datetime(2023, 4, 1)
 
@@ -103,10 +103,17 @@ class SyntheticPair:
     seed: int  # drives drawing jitter and the metadata columns, so one row renders the same on its own
 
 
-def plan_pairs(pairs: int, seed: int) -> dict[str, list[SyntheticPair]]:
-    """Split name -> its rows, in file order. Prompts never cross splits; ``*_unique`` keep one row per prompt."""
+def plan_pairs(pairs: int, seed: int, held_out: float = HELD_OUT_FRACTION) -> dict[str, list[SyntheticPair]]:
+    """Split name -> its rows, in file order. Prompts never cross splits; ``*_unique`` keep one row per prompt.
+
+    ``held_out`` is the fraction of rows for each of validation and test. There are only ~2,600 distinct
+    captions, so with many pairs per prompt the ``*_unique`` splits hold about ``held_out`` of those
+    captions: an evaluation-only set asks for 0.5 to get ~1,300 prompts in each.
+    """
     if pairs < 1:
         raise ValueError(f"pairs must be at least 1, got {pairs}")
+    if not 0 < held_out <= 0.5:
+        raise ValueError(f"held_out must be in (0, 0.5], got {held_out}")
     rng = random.Random(seed)
     by_caption: dict[str, list[SyntheticPair]] = {}
     planned = 0
@@ -115,9 +122,9 @@ def plan_pairs(pairs: int, seed: int) -> dict[str, list[SyntheticPair]]:
         group = [_plan_pair(prompt, rng) for _ in range(min(rng.choice(PAIRS_PER_PROMPT), pairs - planned))]
         by_caption.setdefault(prompt.caption, []).extend(group)  # a caption drawn twice stays one prompt
         planned += len(group)
-    held_out = round(pairs * HELD_OUT_FRACTION)
+    held_out_rows = round(pairs * held_out)
     groups = iter(by_caption.values())
-    splits = {"validation": _take(groups, held_out), "test": _take(groups, held_out)}
+    splits = {"validation": _take(groups, held_out_rows), "test": _take(groups, held_out_rows)}
     splits["train"] = [row for group in groups for row in group]
     for rows in splits.values():
         rng.shuffle(rows)  # so a reader that streams without shuffling still sees mixed prompts
@@ -148,15 +155,17 @@ def render(scene: Scene, size: int, rng: random.Random) -> Image.Image:
 
 
 def write_synthetic(out_dir: str | os.PathLike, pairs: int, seed: int, image_size: int = 64,
-                    row_group_size: int = 256, progress: bool = False) -> dict[str, Path]:
+                    row_group_size: int = 256, held_out: float = HELD_OUT_FRACTION,
+                    progress: bool = False) -> dict[str, Path]:
     """Write ``out_dir/<split>/part-00000.parquet`` for the five splits, in the Pick-a-Pic schema.
 
-    ``pairs`` rows go to train/validation/test (80/10/10 by prompt); the ``*_unique`` splits add one
-    row per prompt of validation/test. Images are PNG. Returns split name -> file written.
+    ``pairs`` rows go to train/validation/test (80/10/10 by prompt with the default ``held_out``); the
+    ``*_unique`` splits add one row per prompt of validation/test. Images are PNG. Returns split name ->
+    file written.
     """
     if image_size < 8:
         raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")
-    plan = plan_pairs(pairs, seed)
+    plan = plan_pairs(pairs, seed, held_out)
     written = {}
     with tqdm(total=sum(map(len, plan.values())), unit="pair", disable=not progress or None, file=sys.stderr) as bar:
         for split, rows in plan.items():

@@ -48,6 +48,19 @@ def test_five_splits_in_the_pick_a_pic_schema(dataset):
         assert len(unique) == len(set(unique)) and set(unique) == set(captions[held_out])
 
 
+def test_an_evaluation_set_holds_out_half_the_prompts_each():
+    # ~2,600 distinct captions: with the default 10% the *_unique splits hold a few hundred prompts at most,
+    # too few to measure an accuracy near 90% to within a point; held_out=0.5 gives most of them.
+    default, wide = plan_pairs(20000, seed=3), plan_pairs(20000, seed=3, held_out=0.5)
+    assert len(default["test_unique"]) < 300
+    assert len(wide["train"]) < 100 and min(len(wide["validation_unique"]), len(wide["test_unique"])) > 1000
+    assert {p.prompt.caption for p in wide["validation"]}.isdisjoint(p.prompt.caption for p in wide["test"])
+    assert plan_pairs(300, seed=3) == plan_pairs(300, seed=3, held_out=0.1)  # the default keeps old datasets
+    for bad in (0.0, 0.6):
+        with pytest.raises(ValueError, match="held_out must be in"):
+            plan_pairs(100, seed=3, held_out=bad)
+
+
 def test_num_example_per_prompt_is_the_real_count(dataset):
     for split in SPLITS:
         pairs = list(iter_pairs(dataset, split))
@@ -151,13 +164,17 @@ def test_cli_writes_the_dataset(tmp_path, capsys):
     assert all((tmp_path / "cli" / s / "part-00000.parquet").read_bytes() == direct[s].read_bytes() for s in SPLITS)
     image = next(iter_pairs(tmp_path / "cli", "train")).image_0
     assert Image.open(io.BytesIO(image)).size == (32, 32)
+    assert main(["data", "synthetic", "--out", str(tmp_path / "wide"), "--pairs", "30", "--seed", "4", "--held-out", "0.5"]) == 0
+    wide = write_synthetic(tmp_path / "wide-direct", pairs=30, seed=4, held_out=0.5)
+    assert all((tmp_path / "wide" / s / "part-00000.parquet").read_bytes() == wide[s].read_bytes() for s in SPLITS)
+    assert wide["train"].read_bytes() != direct["train"].read_bytes()
 
 
 def test_cli_help_documents_every_flag(capsys):
     data = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["data"]
     synthetic = next(a for a in data._actions if isinstance(a, argparse._SubParsersAction)).choices["synthetic"]
     flags = [a for a in synthetic._actions if a.option_strings and a.dest != "help"]
-    assert {a.option_strings[0] for a in flags} == {"--out", "--pairs", "--seed", "--image-size", "--row-group-size"}
+    assert {a.option_strings[0] for a in flags} == {"--out", "--pairs", "--seed", "--image-size", "--row-group-size", "--held-out"}
     assert all(a.help for a in flags)
     with pytest.raises(SystemExit) as e:
         main(["data", "synthetic", "--help"])
@@ -166,3 +183,6 @@ def test_cli_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit) as e:
         main(["data", "synthetic", "--out", "x", "--pairs", "0"])
     assert e.value.code == 2 and "--pairs: must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["data", "synthetic", "--out", "x", "--pairs", "5", "--held-out", "0.7"])
+    assert e.value.code == 2 and "--held-out: must be in (0, 0.5]" in capsys.readouterr().err
