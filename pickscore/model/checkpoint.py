@@ -98,11 +98,15 @@ def save(loaded: LoadedModel, out: str | os.PathLike) -> Path:
 
 def write_model(model: torch.nn.Module, model_cfg: dict[str, Any], preprocess: PreprocessConfig, directory: Path) -> None:
     """The three files of this project's model layout, into an existing directory (weights as fp32 safetensors)."""
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / OPEN_CLIP_WEIGHTS[0]))
     config = {"model_cfg": model_cfg, "preprocess_cfg": _open_clip_preprocess_cfg(preprocess)}
     (directory / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (directory / "preprocessor_config.json").write_text(json.dumps(preprocess.to_hf(), indent=2) + "\n")
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    weights = directory / OPEN_CLIP_WEIGHTS[0]
+    save_file(state, str(weights))
+    # safetensors creates the file owner-only (0600); give it the umask's mode, as the JSON files got, so a
+    # server running as another user (the containers' uid 10001) can read a model a training job wrote.
+    shutil.copymode(directory / "open_clip_config.json", weights)
 
 
 def recover_directory(out: Path) -> None:

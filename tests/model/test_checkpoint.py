@@ -97,6 +97,8 @@ def test_open_clip_round_trip(tmp_path, tiny_hf_dir):
     # Saving again over an existing directory replaces it.
     save(resolve(out), out)
     assert (out / "preprocessor_config.json").is_file() and not (tmp_path / "converted.tmp").exists()
+    # Every file gets the process umask's mode (safetensors alone writes the weights owner-only).
+    assert len({(p.stat().st_mode & 0o777) for p in out.iterdir()}) == 1
 
 
 def test_hub_id_from_the_local_cache_offline(tmp_path, tiny_hf_dir, monkeypatch):
