@@ -9,6 +9,7 @@ The help text of each flag is the field's doc below; ``pickscore serve --help`` 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
@@ -83,6 +84,9 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
         """Defaults, then ``PICKSCORE_*`` variables, then ``overrides``."""
         environ = os.environ if environ is None else environ
+        known = {env_name(f.name) for f in fields(cls)}
+        for name in sorted(n for n in environ if n.startswith(ENV_PREFIX) and n not in known):
+            raise ValueError(_unknown_variable(name, known))
         values = {}
         for f in fields(cls):
             if env_name(f.name) in environ:
@@ -125,6 +129,17 @@ def _type(f) -> type:
 
 def _show(value: Any) -> str:
     return "on" if value is True else "off" if value is False else str(value)
+
+
+def _unknown_variable(name: str, known: set[str]) -> str:
+    """Why ``name`` is refused (a typo would otherwise leave a setting at its default unnoticed)."""
+    message = f"{name} is not a setting"
+    if close := difflib.get_close_matches(name, sorted(known), n=1):
+        message += f" (did you mean {close[0]}?)"
+    if name.startswith((ENV_PREFIX + "SERVICE_", ENV_PREFIX + "PORT_")):
+        message += ("; Kubernetes sets it for a Service named pickscore: give the pod spec "
+                    "enableServiceLinks: false")
+    return message + "; `pickscore serve --help` lists every PICKSCORE_* variable"
 
 
 def _parse(name: str, kind: type, text: str) -> Any:

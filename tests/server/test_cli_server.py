@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -71,10 +72,12 @@ def test_settings_flags_beat_environment_beat_defaults():
     ({"PICKSCORE_MAX_BATCH_SIZE": "0"}, "max_batch_size must be at least 1"),
     ({"PICKSCORE_MAX_QUEUE_SIZE": "10"}, "raise --max-queue-size"),
     ({"PICKSCORE_WARMUP": "perhaps"}, "PICKSCORE_WARMUP='perhaps' is not a valid bool"),
+    ({"PICKSCORE_MAX_BATCH": "64"}, "PICKSCORE_MAX_BATCH is not a setting (did you mean PICKSCORE_MAX_BATCH_SIZE?)"),
+    ({"PICKSCORE_SERVICE_HOST": "10.0.0.7"}, "for a Service named pickscore: give the pod spec enableServiceLinks: false"),
 ])
 def test_bad_settings_say_how_to_fix_them(env, message):
     args = build_parser().parse_args(["serve"])
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         Settings.from_namespace(args, environ=env)
 
 
