@@ -75,6 +75,29 @@ def test_training_lowers_the_loss_and_writes_loadable_checkpoints(capsys, datase
     assert {"accuracy", "threshold", "validation_accuracy", "random_baseline"} <= set(result)
 
 
+def test_eval_beside_a_baseline_prints_both_and_plots_the_threshold_curves(capsys, dataset, tmp_path):
+    trained, init = tmp_path / "trained", tmp_path / "init"
+    common = ["train", "--preset", "tiny", "--data", str(dataset), "--eval-every", "100"]
+    assert main([*common, "--out", str(trained), "--max-steps", "20"]) == 0
+    assert main([*common, "--out", str(init), "--max-steps", "1", "--lr", "0"]) == 0  # the starting weights
+    capsys.readouterr()
+    evaluate = ["eval", "--model", str(trained / "last"), "--baseline", str(init / "last"), "--data", str(dataset),
+                "--limit", "40"]
+    png = tmp_path / "threshold.png"
+    assert main([*evaluate, "--plot", str(png)]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split() == ["model", "accuracy", "threshold"]
+    assert [r.split()[0] for r in rows] == ["random", str(init / "last"), str(trained / "last")]
+    assert png.stat().st_size > 1000
+    assert main([*evaluate, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"] == str(trained / "last") and result["baseline"]["model"] == str(init / "last")
+    table = {name: (float(accuracy), float(threshold)) for name, accuracy, threshold in (r.split() for r in rows[1:])}
+    for ref, r in ((trained / "last", result), (init / "last", result["baseline"])):
+        assert table[str(ref)] == pytest.approx((r["accuracy"], r["threshold"]), abs=1e-3)
+    assert result["threshold"] != result["baseline"]["threshold"]  # two models were scored, not one twice
+
+
 def test_kill_and_resume_ends_with_the_same_weights(dataset, tmp_path):
     args = ["train", "--preset", "tiny", "--data", str(dataset), "--max-steps", "16", "--save-every", "4", "--eval-every", "8"]
     reference = tmp_path / "uninterrupted"
