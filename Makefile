@@ -36,7 +36,7 @@ proto: install  ## regenerate pickscore/v1 from proto/ (a test fails when they d
 clean:
 	rm -rf $(VENV) .tools build *.egg-info .pytest_cache
 
-# Rebuild the bundled demo model from scratch (~90 min on 2 CPU cores). Stage 1: the `demo` preset from
+# Rebuild the bundled demo model from scratch (~70 min on 2 CPU cores). Stage 1: the `demo` preset from
 # scratch with in-batch negatives on 60,000 synthetic pairs (seed 7). Stage 2: 2000 more steps at a lower
 # peak rate. Stages 3 and 4: 3000 steps each with the pairwise loss alone (what the tie-aware accuracy
 # measures), each on freshly drawn pairs (seeds 9, 10). The end of stage 4 (learning rate decayed to 0) is
