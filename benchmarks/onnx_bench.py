@@ -26,10 +26,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results, machine, write_model  # noqa: E402
 
-from pickscore.exporter.onnx import export_onnx, load_manifest, rank_agreement, verification_inputs  # noqa: E402
+from pickscore.backends.manifest import load_manifest  # noqa: E402
+from pickscore.exporter.onnx import export_onnx  # noqa: E402
+from pickscore.exporter.verify import rank_agreement, verification_inputs  # noqa: E402
 from pickscore.model.checkpoint import resolve  # noqa: E402
-from pickscore.server.backends.onnx_backend import OnnxBackend  # noqa: E402
-from pickscore.server.backends.torch_backend import TorchBackend  # noqa: E402
+from pickscore.backends.onnx_backend import OnnxBackend  # noqa: E402
+from pickscore.backends.torch_backend import TorchBackend  # noqa: E402
 
 
 def per_second(fn, items: int, reps: int) -> float:

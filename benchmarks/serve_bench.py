@@ -126,7 +126,7 @@ def requests_for(concurrency: int, base: int) -> int:
 
 async def bench_engine(model_dir: Path, images, levels, base, args) -> dict[int, dict]:
     """(c): the Engine in-process, no gRPC."""
-    from pickscore.server.backends import load_backend
+    from pickscore.backends import load_backend
     from pickscore.server.engine import Engine, ImageItem
     from pickscore.server.metrics import Metrics
     from pickscore.server.settings import Settings

@@ -1,15 +1,24 @@
-"""PickScore: score text-to-image generations by predicted human preference."""
+"""PickScore: score text-to-image generations by predicted human preference.
 
-__version__ = "0.1.0"
+    from pickscore import Scorer
+    Scorer.from_pretrained("demo").rank("two red circles on the left, blue background", ["a.png", "b.png"])
 
-from pickscore.errors import InvalidInput, ModelLoadError, PickScoreError  # noqa: E402
+The facade: modules inside the package import from their own layer's modules, never from here.
+"""
 
-__all__ = ["InvalidInput", "ModelLoadError", "PickScoreError", "Scorer", "Ranking", "__version__"]
+from pickscore.errors import InvalidInput, ModelLoadError, PickScoreError
+from pickscore.version import __version__
+
+__all__ = ["InvalidInput", "ModelLoadError", "PickScoreError", "Ranking", "Scorer", "__version__"]
 
 
-def __getattr__(name):  # import torch only when the scorer is used
-    if name in ("Scorer", "Ranking"):
-        from pickscore import scorer
+def __getattr__(name):  # torch loads only when the scorer is used
+    if name == "Scorer":
+        from pickscore.scorer import Scorer
 
-        return getattr(scorer, name)
+        return Scorer
+    if name == "Ranking":
+        from pickscore.model.scoring import Ranking
+
+        return Ranking
     raise AttributeError(f"module 'pickscore' has no attribute {name!r}")

@@ -27,20 +27,18 @@ import grpc
 import numpy as np
 
 from pickscore.errors import InvalidInput, PickScoreError
-from pickscore.scorer import Ranking, rank_scores
-from pickscore.server.errors import STATUS
+from pickscore.model.scoring import Ranking, check_top_k, rank_scores
+from pickscore.status import error_for
 from pickscore.v1 import scoring_pb2 as pb
 from pickscore.v1 import scoring_pb2_grpc
 
 ImageRef = bytes | str | os.PathLike
 DEFAULT_MESSAGE_BYTES = 64 << 20
-_ERRORS = {code: cls for cls, code in STATUS.items()}
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def domain_error(e: grpc.RpcError) -> PickScoreError:
     """A gRPC failure as the domain error the server mapped it from."""
-    return _ERRORS.get(e.code(), PickScoreError)(f"server: {e.code().name}: {e.details()}")
+    return error_for(e.code(), f"server: {e.code().name}: {e.details()}")
 
 
 # Spread calls over every address the target resolves to (a headless Kubernetes Service answers with all
@@ -113,7 +111,7 @@ def _collect(scores: np.ndarray, errors: dict[int, PickScoreError], response: pb
              skip_invalid: bool) -> None:
     start = int(response.tag)
     if response.HasField("error"):
-        error = _ERRORS.get(_CODES.get(response.error.code), PickScoreError)(f"server: {response.error.message}")
+        error = error_for(response.error.code, f"server: {response.error.message}")
         if not skip_invalid:
             raise error
         errors[start] = error
@@ -167,6 +165,7 @@ class Client:
     def rank(self, prompt: str, images: Sequence[ImageRef], top_k: int | None = None,
              timeout: float | None = None) -> Ranking:
         """Best first (``top_k`` long if given), scores and softmax probabilities over all candidates."""
+        check_top_k(top_k)
         response = self._call(self.stub.Rank, pb.RankRequest(prompt=prompt, images=_images(images, None)), timeout)
         return _ranking(response, len(images), top_k)
 
@@ -233,6 +232,7 @@ class AsyncClient:
 
     async def rank(self, prompt: str, images: Sequence[ImageRef], top_k: int | None = None,
                    timeout: float | None = None) -> Ranking:
+        check_top_k(top_k)
         response = await self._call(self.stub.Rank, pb.RankRequest(prompt=prompt, images=_images(images, None)), timeout)
         return _ranking(response, len(images), top_k)
 

@@ -13,32 +13,21 @@ from __future__ import annotations
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
 
+from pickscore.backends import Backend, load_backend
 from pickscore.errors import InvalidInput
 from pickscore.model import scoring
 from pickscore.model.preprocess import DEFAULT_MAX_PIXELS, ImageInput, load_pixels
-from pickscore.server.backends import Backend, load_backend
-from pickscore.server.backends.torch_backend import resolve_device
+from pickscore.model.scoring import Ranking
 
-__all__ = ["Ranking", "Scorer", "describe", "rank_scores", "resolve_device"]
 
-def describe(index: int, item: ImageInput) -> str:
+def _describe(index: int, item: ImageInput) -> str:
     """How errors name an item: ``image 3`` or ``image 3 (photos/cat.png)``."""
     return f"image {index} ({item})" if isinstance(item, (str, os.PathLike)) else f"image {index}"
-
-
-@dataclass(frozen=True)
-class Ranking:
-    """Result of ``Scorer.rank``. ``scores``/``probabilities`` are in input order; ``order`` is best first."""
-
-    order: list[int]
-    scores: list[float]
-    probabilities: list[float]
 
 
 class Scorer:
@@ -90,7 +79,7 @@ class Scorer:
         try:
             return load_pixels(item, self.preprocess_config, self.max_pixels)
         except InvalidInput as e:
-            raise InvalidInput(f"{describe(index, item)}: {e}") from e
+            raise InvalidInput(f"{_describe(index, item)}: {e}") from e
 
     def _load_or_error(self, index: int, item: ImageInput) -> np.ndarray | InvalidInput:
         try:
@@ -134,19 +123,9 @@ class Scorer:
 
     def rank(self, prompt: str, images: Sequence[ImageInput], top_k: int | None = None) -> Ranking:
         """Best first order (top_k long if given), scores and softmax probabilities over all candidates."""
-        return rank_scores(self.score_all(prompt, images)[0], top_k)
+        scoring.check_top_k(top_k)
+        return scoring.rank_scores(self.score_all(prompt, images)[0], top_k)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
-
-
-def rank_scores(scores: np.ndarray, top_k: int | None = None) -> Ranking:
-    """A Ranking from scores in input order."""
-    if top_k is not None and top_k < 1:
-        raise InvalidInput(f"top_k must be at least 1, got {top_k}")
-    return Ranking(
-        order=scoring.order(scores, top_k).tolist(),
-        scores=scores.tolist(),
-        probabilities=scoring.softmax(scores).tolist(),
-    )
 

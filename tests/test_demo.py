@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import random
 
+from pickscore.backends import load_backend
 from pickscore.model.checkpoint import DEMO_DIR, resolve
 from pickscore.scorer import Scorer
 from pickscore.server.settings import Settings
+from pickscore.scenes import random_scene, render, vary
 from pickscore.training.evaluate import evaluate
-from pickscore.training.synthetic import _random_scene, _vary, render, write_synthetic
+from pickscore.training.synthetic import write_synthetic
 
 
 def test_demo_is_bundled_small_and_safetensors():
@@ -25,9 +27,9 @@ def test_demo_prefers_the_image_that_matches_its_prompt():
     rng = random.Random(20261122)  # never used in training
     wins = 0
     for _ in range(40):
-        prompt = _random_scene(rng)
+        prompt = random_scene(rng)
         images = []
-        for scene in (prompt, _vary(prompt, 3, rng)):
+        for scene in (prompt, vary(prompt, 3, rng)):
             buf = io.BytesIO()
             render(scene, 64, rng).save(buf, "PNG")
             images.append(buf.getvalue())
@@ -41,6 +43,6 @@ def test_demo_accuracy_on_fresh_held_out_pairs(tmp_path):
     # training stage used. 87% sits about three standard errors (1.2 points each here) under what the
     # bundled model measures: it refuses a broken or badly undertrained model, not a point or two.
     write_synthetic(tmp_path, pairs=3000, seed=31, held_out=0.5)
-    result = evaluate(Scorer.from_pretrained("demo", device="cpu", dtype="fp32"), tmp_path)
+    result = evaluate(load_backend("demo", device="cpu", dtype="fp32"), tmp_path)
     assert result["test_pairs"] > 500 and result["skipped"] == 0
     assert result["accuracy"] >= 0.87, result

@@ -9,7 +9,7 @@ import torch
 from pickscore.model import hf_convert
 from pickscore.model.checkpoint import resolve
 from pickscore.scorer import Scorer
-from pickscore.server.backends.torch_backend import TorchBackend
+from pickscore.backends.torch_backend import TorchBackend
 from tests.conftest import save_hf_clip, varied_images
 
 # PickScore_v1's config.json (laion/CLIP-ViT-H-14-laion2B-s32B-b79K architecture).

@@ -6,7 +6,9 @@ import torch
 from PIL import Image
 
 from pickscore.errors import InvalidInput
-from pickscore.scorer import Scorer, rank_scores, resolve_device
+from pickscore.backends.torch_backend import resolve_device
+from pickscore.model.scoring import rank_scores
+from pickscore.scorer import Scorer
 from tests.conftest import varied_images
 
 IMAGES = [data for _, data, _ in varied_images()]

@@ -16,23 +16,17 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pickscore.errors import ModelLoadError
+from pickscore.backends.manifest import FORMAT, PRECISIONS, write_manifest
+from pickscore.exporter.verify import TOLERANCE, verify_export
 from pickscore.model.checkpoint import LoadedModel, atomic_directory, resolve
 from pickscore.model.tokenizer import save_hf_files
-
-MANIFEST = "pickscore_onnx.json"
-PRECISIONS = ("fp32", "fp16", "int8")
-TOLERANCE = 1e-4  # largest |embedding difference| accepted for fp32 against torch
 
 
 class _Tower(torch.nn.Module):
@@ -65,7 +59,7 @@ def export_onnx(ref: str, out: str | os.PathLike, precision: str = "fp32", verif
         _export(model, loaded, fp32_dir, opset)
         if precision != "fp32":
             _lower_precision(fp32_dir, tmp, precision)
-        manifest = {"format": "pickscore-onnx", "version": 1, "precision": precision, "source": loaded.source,
+        manifest = {"format": FORMAT, "version": 1, "precision": precision, "source": loaded.source,
                     "logit_scale": float(model.logit_scale.detach()), "embed_dim": int(loaded.model_cfg["embed_dim"]),
                     "context_length": loaded.context_length, "model_cfg": loaded.model_cfg}
         (tmp / "preprocessor_config.json").write_text(json.dumps(loaded.preprocess.to_hf(), indent=2) + "\n")
@@ -74,7 +68,7 @@ def export_onnx(ref: str, out: str | os.PathLike, precision: str = "fp32", verif
             manifest["verification"] = verify_export(tmp, loaded, manifest, tolerance, min_agreement)
         if precision != "fp32":
             shutil.rmtree(fp32_dir)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_manifest(tmp, manifest)
     return manifest
 
 
@@ -117,75 +111,3 @@ def _lower_precision(fp32_dir: Path, out: Path, precision: str) -> None:
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
             onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(dst))
-
-
-def verify_export(directory: Path, loaded: LoadedModel, manifest: dict[str, Any], tolerance: float,
-                  min_agreement: float) -> dict[str, Any]:
-    """ONNX Runtime against torch at batch sizes 1 and 7; rank agreement with fp32 on best-of-8 sets."""
-    from pickscore.server.backends.onnx_backend import OnnxBackend
-    from pickscore.server.backends.torch_backend import TorchBackend
-
-    precision = manifest["precision"]
-    ours = OnnxBackend(directory, manifest=manifest)
-    reference = TorchBackend(loaded, device="cpu", dtype=torch.float32)
-    pixels, tokens = verification_inputs(loaded.preprocess, loaded.tokenizer(), 8 * 8)
-    result: dict[str, Any] = {}
-    worst = 0.0
-    for batch in (1, 7):
-        worst = max(worst, float(np.abs(ours.encode_image(pixels[:batch]) - reference.encode_image(pixels[:batch])).max()),
-                    float(np.abs(ours.encode_text(tokens[:batch]) - reference.encode_text(tokens[:batch])).max()))
-    result["max_abs_diff"] = worst
-    if precision == "fp32":
-        if worst > tolerance:
-            raise ValueError(f"ONNX Runtime differs from torch by {worst:.2e} > {tolerance:.0e}; not written")
-        return result
-    agreement = rank_agreement(ours, reference, pixels, tokens)
-    result["rank_agreement"] = agreement
-    if agreement < min_agreement:
-        raise ValueError(f"{precision} export agrees with fp32 on {agreement:.3f} of best-of-8 pairs, below "
-                         f"--min-agreement {min_agreement}; not written")
-    return result
-
-
-def rank_agreement(candidate, reference, pixels: np.ndarray, tokens: np.ndarray, per_set: int = 8) -> float:
-    """Fraction of image pairs, within best-of-8 sets (one prompt each), that both backends order alike."""
-    agree = total = 0
-    for s in range(len(pixels) // per_set):
-        images = pixels[s * per_set : (s + 1) * per_set]
-        a = candidate.encode_image(images) @ candidate.encode_text(tokens[s : s + 1])[0]
-        b = reference.encode_image(images) @ reference.encode_text(tokens[s : s + 1])[0]
-        for i, j in combinations(range(per_set), 2):
-            agree += (a[i] > a[j]) == (b[i] > b[j])
-            total += 1
-    return float(agree / total)
-
-
-def verification_inputs(preprocess, tokenizer, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Drawn scenes (varied colours, shapes, positions) and their captions, preprocessed like real requests."""
-    import io
-
-    from pickscore.model.preprocess import load_pixels
-    from pickscore.training.synthetic import _random_scene, render
-
-    rng = random.Random(seed)
-    scenes = [_random_scene(rng) for _ in range(n)]
-    pixels = []
-    for scene in scenes:
-        buf = io.BytesIO()
-        render(scene, 256, rng).save(buf, "PNG")
-        pixels.append(load_pixels(buf.getvalue(), preprocess))
-    return np.stack(pixels), tokenizer([s.caption for s in scenes])
-
-
-def load_manifest(directory: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"model {directory}: unreadable {MANIFEST}: {e}") from e
-    if manifest.get("format") != "pickscore-onnx":
-        raise ModelLoadError(f"model {directory}: {MANIFEST} is not a pickscore ONNX export manifest")
-    return manifest
-
-
-def is_export(path: str | os.PathLike) -> bool:
-    return (Path(path) / MANIFEST).is_file()

@@ -33,8 +33,9 @@ def missing() -> str | None:
 
 def build_engines(onnx_dir: str | Path, max_batch_size: int = 32) -> dict:
     """Build and verify; ModelLoadError saying what is missing where TensorRT cannot run."""
-    from pickscore.exporter.onnx import is_export, rank_agreement, verification_inputs
-    from pickscore.server.backends.onnx_backend import OnnxBackend
+    from pickscore.backends.manifest import is_export
+    from pickscore.backends.onnx_backend import OnnxBackend
+    from pickscore.exporter.verify import rank_agreement, verification_inputs
 
     if (why := missing()) is not None:
         raise ModelLoadError(f"cannot build TensorRT engines here: {why}")

@@ -16,8 +16,9 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from pickscore.exporter.onnx import export_onnx, is_export, load_manifest
-from pickscore.exporter.triton_config import IMAGE, PREPROCESS, SCORE, TEXT, model_configs, python_step_configs
+from pickscore.backends.manifest import is_export, load_manifest
+from pickscore.backends.triton_config import IMAGE, PREPROCESS, SCORE, TEXT, model_configs, tensor
+from pickscore.exporter.onnx import export_onnx
 from pickscore.model.checkpoint import atomic_directory
 from pickscore.model.preprocess import PreprocessConfig
 
@@ -60,6 +61,20 @@ def export_triton(ref: str, out: str | Path, precision: str = "fp32", max_batch_
     return out
 
 
-def read_config(path: Path) -> mc.ModelConfig:
-    """Parse a config.pbtxt with Triton's own model_config.proto."""
-    return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
+def python_step_configs(embed_dim: int, image_size: tuple[int, int], context_length: int, max_batch_size: int,
+                        logit_scale: float) -> dict[str, mc.ModelConfig]:
+    """The ensemble's two Python-backend steps (Triton repository only; our server runs them in the engine)."""
+    h, w = image_size
+    cpu = [mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)]
+    preprocess = mc.ModelConfig(
+        name=PREPROCESS, backend="python", max_batch_size=max_batch_size, instance_group=cpu,
+        input=[tensor(mc.ModelInput, "PROMPT", mc.TYPE_STRING, [1]), tensor(mc.ModelInput, "IMAGE", mc.TYPE_STRING, [1])],
+        output=[tensor(mc.ModelOutput, "input_ids", mc.TYPE_INT64, [context_length]),
+                tensor(mc.ModelOutput, "pixel_values", mc.TYPE_FP32, [3, h, w])])
+    score = mc.ModelConfig(
+        name=SCORE, backend="python", max_batch_size=max_batch_size, instance_group=cpu,
+        input=[tensor(mc.ModelInput, "text_embeds", mc.TYPE_FP32, [embed_dim]),
+               tensor(mc.ModelInput, "image_embeds", mc.TYPE_FP32, [embed_dim])],
+        output=[tensor(mc.ModelOutput, "SCORE", mc.TYPE_FP32, [1])],
+        parameters={"logit_scale": mc.ModelParameter(string_value=repr(logit_scale))})
+    return {PREPROCESS: preprocess, SCORE: score}

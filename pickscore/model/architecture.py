@@ -8,20 +8,10 @@ PickScore_v1 and every checkpoint this project writes use.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Mapping
 
-import open_clip
 import torch
 from open_clip.model import CLIP
-
-
-def named_config(name: str) -> dict[str, Any]:
-    """An architecture shipped with open_clip by name, e.g. ``ViT-H-14`` or ``ViT-B-32``."""
-    cfg = open_clip.get_model_config(name)
-    if cfg is None:
-        raise ValueError(f"unknown open_clip architecture {name!r}; see open_clip.list_models()")
-    return copy.deepcopy(cfg)
 
 
 def check_supported(model_cfg: Mapping[str, Any]) -> None:

@@ -22,16 +22,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2_grpc
 
-from pickscore import __version__
-from pickscore.server.backends import Backend, load_backend
+from pickscore.backends import Backend, load_backend
+from pickscore.server.boundary import ServerState
 from pickscore.server.engine import Engine
-from pickscore.server.errors import ServerState
 from pickscore.server.kserve_v2 import SERVICE_NAME as KSERVE_SERVICE_NAME
 from pickscore.server.kserve_v2 import KServeV2Service
 from pickscore.server.metrics import Metrics
 from pickscore.server.scoring_v1 import SERVICE_NAME, ScoringService
 from pickscore.server.settings import Settings
 from pickscore.v1 import scoring_pb2_grpc
+from pickscore.version import __version__
 
 log = logging.getLogger("pickscore.server")
 # Health service names: "" and the scoring service are SERVING only while the server takes requests

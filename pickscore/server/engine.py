@@ -20,11 +20,11 @@ from typing import Awaitable, Sequence
 
 import numpy as np
 
+from pickscore.backends import Backend
 from pickscore.errors import InvalidInput
 from pickscore.model import scoring
 from pickscore.model.preprocess import load_pixels
-from pickscore.scorer import Ranking, rank_scores
-from pickscore.server.backends import Backend
+from pickscore.model.scoring import Ranking
 from pickscore.server.batcher import Batcher
 from pickscore.server.caches import EmbeddingCache
 from pickscore.server.metrics import Metrics
@@ -97,9 +97,8 @@ class Engine:
 
     async def rank(self, prompt: str, images: Sequence[ImageItem], top_k: int | None, deadline: float | None) -> Ranking:
         """Best first, with softmax probabilities over all candidates."""
-        if top_k is not None and top_k < 1:
-            raise InvalidInput(f"top_k must be at least 1, got {top_k}")
-        return rank_scores(await self.score([prompt], images, deadline), top_k)
+        scoring.check_top_k(top_k)  # before any compute
+        return scoring.rank_scores(await self.score([prompt], images, deadline), top_k)
 
     async def embed_pixels(self, pixels: np.ndarray, deadline: float | None, priority: int = 0) -> np.ndarray:
         """Preprocessed pixels (N, 3, H, W) -> image embeddings (N, D), through the image batcher."""

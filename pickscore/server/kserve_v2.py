@@ -23,12 +23,13 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from pickscore import __version__
+from pickscore.backends.triton_config import DATATYPES, ENSEMBLE, IMAGE, model_configs
 from pickscore.errors import InvalidInput, NotFound, PickScoreError
-from pickscore.exporter.triton_config import DATATYPES, ENSEMBLE, IMAGE, model_configs
+from pickscore.server.boundary import ServerState, boundary
 from pickscore.server.engine import Engine, ImageItem
-from pickscore.server.errors import ServerState, boundary, status_of
-from pickscore.server.scoring_v1 import deadline_of, windowed
+from pickscore.server.streams import deadline_of, windowed
+from pickscore.status import status_of
+from pickscore.version import __version__
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 VERSION = "1"

@@ -1,4 +1,4 @@
-"""Prometheus metrics, in base units with the ``pickscore_`` prefix (DESIGN.md "Metrics").
+"""Prometheus metrics, in base units with the ``pickscore_`` prefix (docs/DESIGN.md, "Metrics").
 
 Each server owns one ``Metrics`` (its own registry, so several servers can live in one process);
 ``serve_http`` exposes it on ``http://HOST:PORT/metrics``. Dashboards and alert rules in deploy/ use

@@ -2,60 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator
 
-import grpc
-
-from pickscore import __version__
 from pickscore.errors import InvalidInput, PickScoreError
+from pickscore.server.boundary import ServerState, boundary
 from pickscore.server.engine import Engine, ImageItem
-from pickscore.server.errors import ServerState, boundary, status_of
+from pickscore.server.streams import deadline_of, windowed
+from pickscore.status import status_of
 from pickscore.v1 import scoring_pb2 as pb
 from pickscore.v1 import scoring_pb2_grpc
+from pickscore.version import __version__
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ScoringService"].full_name
-
-
-async def windowed(requests: AsyncIterator, handle: Callable[[Any], Awaitable[Any]], window: int) -> AsyncIterator:
-    """Handle up to ``window`` stream messages at once; yield each answer as soon as it is ready."""
-    out: asyncio.Queue = asyncio.Queue()
-    slots = asyncio.Semaphore(window)
-    done = object()
-
-    async def one(message) -> None:
-        try:
-            await out.put(await handle(message))
-        finally:
-            slots.release()
-
-    async def read() -> None:
-        tasks: set[asyncio.Task] = set()
-        try:
-            async for message in requests:
-                await slots.acquire()
-                task = asyncio.create_task(one(message))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            await asyncio.gather(*tasks)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await out.put(done)
-
-    reader = asyncio.create_task(read())
-    try:
-        while (answer := await out.get()) is not done:
-            yield answer
-        await reader  # re-raise what ended the reading, if anything did
-    finally:
-        reader.cancel()
-
-
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The client's deadline as event-loop time, or None."""
-    remaining = context.time_remaining()
-    return None if remaining is None else asyncio.get_running_loop().time() + remaining
 
 
 class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):

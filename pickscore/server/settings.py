@@ -11,27 +11,24 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
+from pickscore.backends import DTYPES, KINDS
+from pickscore.flags import add_flags, check_choices, field_type, flag_name, given
+from pickscore.flags import option as _f
 from pickscore.model.preprocess import DEFAULT_MAX_PIXELS
 
 ENV_PREFIX = "PICKSCORE_"
-
-
-def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass(frozen=True)
 class Settings:
     model: str = _f("demo", "model reference: demo (bundled), a Hugging Face CLIP or open_clip directory, a checkpoint "
                             "or ONNX export written by this project, or a hub id in the local Hugging Face cache")
-    backend: str = _f("auto", "inference backend; auto is onnxruntime for an ONNX export, torch otherwise",
-                      ("auto", "torch", "onnxruntime"))
+    backend: str = _f("auto", "inference backend; auto is onnxruntime for an ONNX export, torch otherwise", KINDS)
     device: str = _f("auto", "torch device: auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    dtype: str = _f("auto", "compute precision of the torch backend; auto is bf16 on CUDA, fp32 on CPU",
-                    ("auto", "fp32", "fp16", "bf16"))
+    dtype: str = _f("auto", "compute precision of the torch backend; auto is bf16 on CUDA, fp32 on CPU", DTYPES)
     host: str = _f("0.0.0.0", "address the gRPC server binds (127.0.0.1 for loopback only)")
     port: int = _f(8001, "gRPC port (scoring.v1, KServe v2, health, reflection); 0 picks a free port")
     metrics_port: int = _f(9090, "Prometheus /metrics port on the same host; -1 disables, 0 picks a free port")
@@ -63,18 +60,15 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)} "
-                                 f"(--{_flag(name)} or {env_name(name)})")
+                                 f"({flag_name(name)} or {env_name(name)})")
         for name in ("decode_workers", "text_cache_bytes", "image_cache_bytes", "max_queue_delay_ms", "grace_period_s"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)} (--{_flag(name)} or {env_name(name)})")
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)} ({flag_name(name)} or {env_name(name)})")
         if self.max_queue_size < max(self.max_batch_size, self.max_images_per_request):
             raise ValueError(f"max_queue_size ({self.max_queue_size}) must hold at least one full batch and one full "
                              f"request (max_batch_size {self.max_batch_size}, max_images_per_request "
                              f"{self.max_images_per_request}); raise --max-queue-size")
-        for f in fields(self):
-            choices = f.metadata["choices"]
-            if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
+        check_choices(self)
 
     @property
     def workers(self) -> int:
@@ -90,45 +84,24 @@ class Settings:
         values = {}
         for f in fields(cls):
             if env_name(f.name) in environ:
-                values[f.name] = _parse(f.name, _type(f), environ[env_name(f.name)])
+                values[f.name] = _parse(f.name, field_type(f), environ[env_name(f.name)])
         return replace(cls(**values), **overrides)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """One flag per field; the default shown is the built-in one, which the environment may change."""
-        for f in fields(cls):
-            kind = _type(f)
-            help = f"{f.metadata['help']} [env {env_name(f.name)}; default {_show(f.default)}]"
-            if kind is bool:
-                parser.add_argument(f"--{_flag(f.name)}", dest=f.name, action=argparse.BooleanOptionalAction,
-                                    default=None, help=help)
-            else:
-                parser.add_argument(f"--{_flag(f.name)}", dest=f.name, type=kind, default=None, metavar=None if f.metadata["choices"] else f.name.upper(),
-                                    choices=f.metadata["choices"], help=help)
+        add_flags(parser, cls, env=env_name)
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> "Settings":
         """Flags given on the command line over the environment over defaults; validated."""
-        given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
-        settings = cls.from_env(environ, **given)
+        settings = cls.from_env(environ, **given(args, cls))
         settings.validate()
         return settings
 
 
 def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def _type(f) -> type:
-    return {"str": str, "int": int, "float": float, "bool": bool}[f.type if isinstance(f.type, str) else f.type.__name__]
-
-
-def _show(value: Any) -> str:
-    return "on" if value is True else "off" if value is False else str(value)
 
 
 def _unknown_variable(name: str, known: set[str]) -> str:

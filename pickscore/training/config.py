@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from importlib import resources
 from typing import Any
 
+from pickscore.flags import check_choices
+from pickscore.flags import option as _f
+
 PRESETS = resources.files("pickscore.training") / "presets"
-
-
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -22,7 +21,7 @@ class TrainConfig:
     max_steps: int = _f(4000, "optimizer steps in the run")
     global_batch: int = _f(128, "pairs per optimizer step, summed over processes and accumulation")
     micro_batch: int = _f(16, "pairs per forward pass per process; accumulation = global / (micro x processes)")
-    precision: str = _f("bf16", "autocast precision: fp32, bf16 or fp16 (fp16 uses a gradient scaler on CUDA)")
+    precision: str = _f("bf16", "autocast precision (fp16 uses a gradient scaler on CUDA)", PRECISIONS)
     grad_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 disables)")
     eval_every: int = _f(500, "validate (and keep the best checkpoint by accuracy) every this many steps")
@@ -32,13 +31,12 @@ class TrainConfig:
     seed: int = _f(0, "seed of the initial weights (from-scratch presets) and of the data order")
     workers: int = _f(2, "image decoding threads per process")
     shuffle_buffer: int = _f(1000, "pairs in the streaming shuffle buffer")
-    architecture: dict | None = _f(None, "open_clip model config to train from scratch (instead of --model)")
-    preprocess: dict | None = _f(None, "preprocessor_config.json fields for a from-scratch model")
+    architecture: dict | None = _f(None, "open_clip model config to train from scratch (instead of --model)", flag=False)
+    preprocess: dict | None = _f(None, "preprocessor_config.json fields for a from-scratch model", flag=False)
 
     def validate(self) -> None:
         """Raise ValueError with how to fix it."""
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        check_choices(self)
         if min(self.global_batch, self.micro_batch, self.max_steps, self.eval_every, self.save_every) < 1:
             raise ValueError("global_batch, micro_batch, max_steps, eval_every and save_every must be at least 1")
 
@@ -48,9 +46,6 @@ class TrainConfig:
             raise ValueError(f"global_batch {self.global_batch} is not a multiple of micro_batch x processes = {per_step}; "
                              "change --global-batch or --micro-batch")
         return self.global_batch // per_step
-
-
-OVERRIDABLE = [f for f in fields(TrainConfig) if f.name not in ("architecture", "preprocess")]
 
 
 def preset_names() -> list[str]:

@@ -78,10 +78,6 @@ class PreferencePair:
     row: int = field(default=-1, compare=False)
 
     @property
-    def is_tie(self) -> bool:
-        return self.label_0 == self.label_1
-
-    @property
     def origin(self) -> str:
         """``part-00000.parquet row 17``, or empty when the pair was not read from a file."""
         return f"{Path(self.file).name} row {self.row}" if self.file else ""

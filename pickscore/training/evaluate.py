@@ -1,58 +1,63 @@
-"""Evaluation: tie-aware accuracy with the threshold chosen on validation_unique and applied to test_unique."""
+"""Evaluation: tie-aware accuracy with the threshold chosen on validation_unique and applied to test_unique.
+
+    backend = load_backend("runs/demo/best")       # or an ONNX export, fp32/fp16/int8: any backend
+    evaluate(backend, "data/heldout")              # {"accuracy", "threshold", "validation_accuracy", ...}
+
+Scores come from the backend's two towers and ``pickscore.model.scoring``, as served scores do; training's
+validation runs the same code on the model being trained.
+"""
 
 from __future__ import annotations
 
 import itertools
 import os
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-import torch
 
-from pickscore.model.preprocess import PreprocessConfig
-from pickscore.model.tokenizer import Tokenizer
+from pickscore.backends import Backend
+from pickscore.model import scoring
 from pickscore.training import metrics
 from pickscore.training.data import PreferencePair, SkipCounter, iter_decoded, iter_pairs
 
 
-@torch.no_grad()
-def score_pairs(model: torch.nn.Module, tokenizer: Tokenizer, preprocess: PreprocessConfig, pairs: Iterable[PreferencePair],
-                device: torch.device, pool: Executor, skipped: SkipCounter, batch: int = 64) -> tuple[np.ndarray, ...]:
-    """Scores of both images of each decodable pair -> (s0, s1, label_0, label_1), each (N,)."""
-    out: list[list[float]] = [[], [], [], []]
-    decoded = iter_decoded(pairs, preprocess, skipped, pool=pool, chunk=batch)
+def score_pairs(backend: Backend, pairs: Iterable[PreferencePair], pool: Executor, skipped: SkipCounter,
+                batch: int = 64) -> tuple[np.ndarray, ...]:
+    """Scores of both images of each decodable pair -> (s0, s1, label_0, label_1), each (N,) float64."""
+    out: list[list[np.ndarray]] = [[], [], [], []]
+    decoded = iter_decoded(pairs, backend.preprocess, skipped, pool=pool, chunk=batch)
     while good := list(itertools.islice(decoded, batch)):
         n = len(good)
-        tokens = torch.from_numpy(tokenizer([p.caption for p, _, _ in good])).to(device)  # (n, 77)
-        images = torch.from_numpy(np.stack([x for _, x, _ in good] + [x for _, _, x in good])).to(device)  # (2n, 3, H, W)
-        text = model.encode_text(tokens, normalize=True).float()  # (n, D)
-        img = model.encode_image(images, normalize=True).float()  # (2n, D)
-        scale = model.logit_scale.exp().float()
-        out[0] += (scale * (text * img[:n]).sum(-1)).cpu().tolist()
-        out[1] += (scale * (text * img[n:]).sum(-1)).cpu().tolist()
-        out[2] += [p.label_0 for p, _, _ in good]
-        out[3] += [p.label_1 for p, _, _ in good]
-    return tuple(np.asarray(x, dtype=np.float64) for x in out)
+        text = backend.encode_text(backend.tokenizer([p.caption for p, _, _ in good]))  # (n, D)
+        images = backend.encode_image(np.stack([x for _, x, _ in good] + [x for _, _, x in good]))  # (2n, D)
+        out[0].append(scoring.paired_scores(text, images[:n], backend.logit_scale))
+        out[1].append(scoring.paired_scores(text, images[n:], backend.logit_scale))
+        out[2].append(np.array([p.label_0 for p, _, _ in good]))
+        out[3].append(np.array([p.label_1 for p, _, _ in good]))
+    return tuple(np.concatenate(x).astype(np.float64) if x else np.zeros(0) for x in out)
 
 
-def split_probabilities(scorer, data: str | os.PathLike, split: str, limit: int = 0) -> tuple[np.ndarray, ...]:
-    """(p0, label_0, label_1, skipped count) of a split's labeled pairs, scored by a torch-backed ``Scorer``."""
+def split_probabilities(backend: Backend, data: str | os.PathLike, split: str, pool: Executor,
+                        limit: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(p0, label_0, label_1, skipped count) of a split's labeled pairs."""
     pairs = iter_pairs(data, split=split, labeled_only=True)
     if limit:
         pairs = itertools.islice(pairs, limit)
     skipped = SkipCounter(split)
-    backend = scorer.backend  # a TorchBackend: evaluation runs the torch model
-    s0, s1, l0, l1 = score_pairs(backend.model, scorer.tokenizer, scorer.preprocess_config, pairs, backend.device,
-                                 scorer.pool, skipped)
+    s0, s1, l0, l1 = score_pairs(backend, pairs, pool, skipped)
     return metrics.preference_probabilities(s0, s1), l0, l1, skipped.count
 
 
-def evaluate(scorer, data: str | os.PathLike, limit: int = 0) -> dict[str, Any]:
-    """The paper's protocol on a dataset directory -> accuracy, threshold and what they came from."""
-    val = split_probabilities(scorer, data, "validation_unique", limit)
-    test = split_probabilities(scorer, data, "test_unique", limit)
+def evaluate(backend: Backend, data: str | os.PathLike, limit: int = 0, workers: int | None = None) -> dict[str, Any]:
+    """The paper's protocol on a dataset directory -> accuracy, threshold and what they came from.
+
+    ``workers`` threads decode images (default one per core); ``limit`` caps the pairs per split (0: all).
+    """
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1, thread_name_prefix="decode") as pool:
+        val = split_probabilities(backend, data, "validation_unique", pool, limit)
+        test = split_probabilities(backend, data, "test_unique", pool, limit)
     result = metrics.evaluate_protocol(val[:3], test[:3])
     return {**result, "validation_pairs": len(val[0]), "test_pairs": len(test[0]),
             "skipped": int(val[3] + test[3]), "curves": {"validation": val[:3], "test": test[:3]}}

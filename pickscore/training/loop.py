@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from pickscore.backends.torch_backend import TORCH_DTYPES, TorchBackend
 from pickscore.errors import InvalidInput
 from pickscore.model import architecture
 from pickscore.model.checkpoint import LoadedModel, atomic_directory, recover_directory, resolve, write_model
@@ -36,7 +37,6 @@ from pickscore.training.data import PreferencePair, SkipCounter, decode_pair_or_
 from pickscore.training.evaluate import score_pairs
 from pickscore.training.loss import pickscore_loss
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pair_stream(data: str | os.PathLike, seed: int, buffer: int, start: int = 0) -> Iterator[tuple[int, PreferencePair]]:
@@ -70,6 +70,18 @@ def pair_stream(data: str | os.PathLike, seed: int, buffer: int, start: int = 0)
         epoch += 1
 
 
+def initial_model(cfg: TrainConfig, model_ref: str | None) -> LoadedModel:
+    """Where a run starts: ``model_ref`` as loaded, or the preset's architecture with weights drawn from its seed."""
+    if model_ref:
+        return resolve(model_ref)
+    if not cfg.architecture:
+        raise ValueError("give --model REF to fine-tune, or a preset with an 'architecture' to train from scratch")
+    torch.manual_seed(cfg.seed)  # same initial weights on every process, and for `train --init-only`
+    model = architecture.build(cfg.architecture)
+    preprocess = PreprocessConfig.from_hf(cfg.preprocess or {})
+    return LoadedModel(model, cfg.architecture, preprocess, source="scratch", layout="open_clip")
+
+
 class Trainer:
     """Holds the model, optimizer and data position of one process of a (possibly distributed) run."""
 
@@ -90,7 +102,7 @@ class Trainer:
             if len(self.state["positions"]) != self.world:
                 raise ValueError(f"{resume} was written by {len(self.state['positions'])} processes; resume with as many")
         else:
-            loaded = self._initial_model(model_ref)
+            loaded = initial_model(cfg, model_ref)
         self.loaded = loaded
         self.model = loaded.model.to(self.device).train()
         self.model.set_grad_checkpointing(cfg.grad_checkpointing)
@@ -109,16 +121,6 @@ class Trainer:
         self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[local] if self.device.type == "cuda" else None)
                     if self.world > 1 else self.model)
         self.pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="decode")
-
-    def _initial_model(self, model_ref: str | None) -> LoadedModel:
-        if model_ref:
-            return resolve(model_ref)
-        if not self.cfg.architecture:
-            raise ValueError("give --model REF to fine-tune, or a preset with an 'architecture' to train from scratch")
-        torch.manual_seed(self.cfg.seed)  # same initial weights on every process
-        model = architecture.build(self.cfg.architecture)
-        preprocess = PreprocessConfig.from_hf(self.cfg.preprocess or {})
-        return LoadedModel(model, self.cfg.architecture, preprocess, source="scratch", layout="open_clip")
 
     def _lr_factor(self, step: int) -> float:
         """Linear warm-up over warmup_steps, then cosine decay to 0 at max_steps."""
@@ -165,7 +167,7 @@ class Trainer:
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         n = b["tokens"].shape[0]
-        autocast = torch.autocast(self.device.type, dtype=_DTYPES.get(self.cfg.precision, torch.float32),
+        autocast = torch.autocast(self.device.type, dtype=TORCH_DTYPES[self.cfg.precision],
                                   enabled=self.cfg.precision != "fp32")
         with autocast:
             # One forward through DDP so gradients synchronise: both images of each pair in one image batch.
@@ -204,7 +206,8 @@ class Trainer:
         if self.cfg.eval_pairs:
             pairs = itertools.islice(pairs, self.cfg.eval_pairs)
         skipped = SkipCounter("validation_unique")
-        s0, s1, l0, l1 = score_pairs(self.model, self.tokenizer, self.loaded.preprocess, pairs, self.device, self.pool, skipped)
+        backend = TorchBackend(self.loaded, device=self.device)  # the model being trained, as served: fp32, eval
+        s0, s1, l0, l1 = score_pairs(backend, pairs, self.pool, skipped)
         self.model.train()
         threshold, accuracy = metrics.best_threshold(metrics.preference_probabilities(s0, s1), l0, l1)
         return {"accuracy": accuracy, "threshold": threshold, "pairs": len(s0), "skipped": skipped.count}

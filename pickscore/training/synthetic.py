@@ -2,7 +2,7 @@
 
     write_synthetic("data/synthetic", pairs=2000, seed=0)  # DIR/<split>/part-00000.parquet, five splits
 
-A prompt describes a scene ("two red circles on the left, blue background"). Each image of a pair
+A prompt describes a scene (``pickscore.scenes``: "two red circles on the left, blue background"). Each image of a pair
 draws that scene with some of its five attributes changed; the image that keeps more of them is
 preferred (1.0 against 0.0, on a random side), and about 10% of pairs are ties (both keep equally
 many, 0.5/0.5). A model can learn the preference from pixels, and tests know the right answer.
@@ -12,83 +12,29 @@ Same seed, byte-identical files.
 from __future__ import annotations
 
 import io
-import math
 import os
 import random
 import sys
 import uuid
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
+from pickscore.scenes import Scene, random_scene, render, vary
 from pickscore.training.data import SCHEMA, SPLITS
 
-PALETTE = {
-    "red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 70, 220), "yellow": (245, 210, 30),
-    "purple": (130, 40, 170), "orange": (250, 130, 20), "white": (255, 255, 255), "black": (0, 0, 0),
-    "gray": (128, 128, 128), "pink": (250, 175, 200),
-}
-COUNTS = {1: "one", 2: "two", 3: "three"}
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
-BACKGROUNDS = ("white", "black", "gray", "pink", "blue", "green")
-POSITIONS = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
-             "center": "in the center"}
-# Where the shapes go, as (x0, y0, x1, y1) fractions of the image; no region reaches the (0, 0) corner,
-# so that pixel always shows the background.
-REGIONS = {"left": (0.0, 0.15, 0.45, 0.85), "right": (0.55, 0.15, 1.0, 0.85), "top": (0.15, 0.0, 0.85, 0.45),
-           "bottom": (0.15, 0.55, 0.85, 1.0), "center": (0.25, 0.25, 0.75, 0.75)}
-
-
-def _polygon(points: int, inner: float = 1.0) -> tuple[tuple[float, float], ...]:
-    """Vertices in the unit square, alternating outer and ``inner`` radius (1.0: a regular polygon)."""
-    n = points * (1 if inner == 1.0 else 2)
-    radius = [0.5, 0.5 * inner]
-    return tuple((0.5 + radius[k % 2] * math.cos(2 * math.pi * k / n - math.pi / 2),
-                  0.5 + radius[k % 2] * math.sin(2 * math.pi * k / n - math.pi / 2)) for k in range(n))
-
-
-# Each shape is a polygon in the unit square, scaled into its box when drawn.
-SHAPES = {
-    "circle": _polygon(32),
-    "square": ((0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0)),
-    "triangle": ((0.5, 0.0), (1.0, 1.0), (0.0, 1.0)),
-    "star": _polygon(5, inner=0.4),
-}
-ATTRIBUTES = ("count", "colour", "shape", "position", "background")
-CHOICES = {"count": tuple(COUNTS), "colour": COLOURS, "shape": tuple(SHAPES), "position": tuple(POSITIONS),
-           "background": BACKGROUNDS}
 MODELS = ("synthetic-a", "synthetic-b", "synthetic-c")
 TIE_FRACTION = 0.1
 HELD_OUT_FRACTION = 0.1  # of pairs, for each of validation and test (default)
 PAIRS_PER_PROMPT = (1, 2, 3, 4)
 START = datetime(2023, 4, 1)
-
-
-@dataclass(frozen=True)
-class Scene:
-    """What a prompt asks for, or what an image shows. The shape colour never equals the background."""
-
-    count: int
-    colour: str
-    shape: str
-    position: str
-    background: str
-
-    @property
-    def caption(self) -> str:
-        noun = self.shape if self.count == 1 else f"{self.shape}s"
-        return f"{COUNTS[self.count]} {self.colour} {noun} {POSITIONS[self.position]}, {self.background} background"
-
-    def matches(self, other: Scene) -> int:
-        """How many of the five attributes agree (0-5)."""
-        return sum(getattr(self, a) == getattr(other, a) for a in ATTRIBUTES)
 
 
 @dataclass(frozen=True)
@@ -118,7 +64,7 @@ def plan_pairs(pairs: int, seed: int, held_out: float = HELD_OUT_FRACTION) -> di
     by_caption: dict[str, list[SyntheticPair]] = {}
     planned = 0
     while planned < pairs:
-        prompt = _random_scene(rng)
+        prompt = random_scene(rng)
         group = [_plan_pair(prompt, rng) for _ in range(min(rng.choice(PAIRS_PER_PROMPT), pairs - planned))]
         by_caption.setdefault(prompt.caption, []).extend(group)  # a caption drawn twice stays one prompt
         planned += len(group)
@@ -131,27 +77,6 @@ def plan_pairs(pairs: int, seed: int, held_out: float = HELD_OUT_FRACTION) -> di
     for name in ("validation", "test"):
         splits[f"{name}_unique"] = _first_per_prompt(splits[name])
     return {name: splits[name] for name in SPLITS}
-
-
-def render(scene: Scene, size: int, rng: random.Random) -> Image.Image:
-    """Draw ``scene`` as a ``size`` x ``size`` RGB image; ``rng`` jitters shape sizes and positions."""
-    img = Image.new("RGB", (size, size), PALETTE[scene.background])
-    draw = ImageDraw.Draw(img)
-    x0, y0, x1, y1 = (v * size for v in REGIONS[scene.position])
-    # Line the shapes up along the region's long side in square cells, the row centred in the region, so
-    # that where the shapes sit says which region they are in (a lone shape "on the left" is not drawn in
-    # the corner that "at the top" also reaches).
-    along_x = x1 - x0 >= y1 - y0
-    long_side, short_side = (x1 - x0, y1 - y0) if along_x else (y1 - y0, x1 - x0)
-    cell = min(long_side / scene.count, short_side)
-    start = (long_side - cell * scene.count) / 2
-    for i in range(scene.count):
-        side = cell * rng.uniform(0.6, 0.9)
-        along = start + i * cell + rng.uniform(0, cell - side)
-        across = (short_side - cell) / 2 + rng.uniform(0, cell - side)
-        left, top = (x0 + along, y0 + across) if along_x else (x0 + across, y0 + along)
-        draw.polygon([(left + u * side, top + v * side) for u, v in SHAPES[scene.shape]], fill=PALETTE[scene.colour])
-    return img
 
 
 def write_synthetic(out_dir: str | os.PathLike, pairs: int, seed: int, image_size: int = 64,
@@ -173,29 +98,13 @@ def write_synthetic(out_dir: str | os.PathLike, pairs: int, seed: int, image_siz
     return written
 
 
-def _random_scene(rng: random.Random) -> Scene:
-    colour = rng.choice(COLOURS)
-    return Scene(count=rng.choice(tuple(COUNTS)), colour=colour, shape=rng.choice(tuple(SHAPES)),
-                 position=rng.choice(tuple(POSITIONS)), background=rng.choice([b for b in BACKGROUNDS if b != colour]))
-
-
-def _vary(prompt: Scene, changes: int, rng: random.Random) -> Scene:
-    """``prompt`` with exactly ``changes`` attributes set to other values, keeping colour and background apart."""
-    scene = prompt
-    for attribute in rng.sample(ATTRIBUTES, changes):
-        clash = {"colour": scene.background, "background": scene.colour}.get(attribute)
-        options = [v for v in CHOICES[attribute] if v != getattr(prompt, attribute) and v != clash]
-        scene = replace(scene, **{attribute: rng.choice(options)})
-    return scene
-
-
 def _plan_pair(prompt: Scene, rng: random.Random) -> SyntheticPair:
     if rng.random() < TIE_FRACTION:
         changes = rng.choice((0, 1, 2))
-        scene_0, scene_1 = _vary(prompt, changes, rng), _vary(prompt, changes, rng)
+        scene_0, scene_1 = vary(prompt, changes, rng), vary(prompt, changes, rng)
         return SyntheticPair(prompt, scene_0, scene_1, 0.5, 0.5, rng.getrandbits(64))
     better = rng.choice((0, 1))
-    preferred, other = _vary(prompt, better, rng), _vary(prompt, rng.randint(better + 1, 3), rng)
+    preferred, other = vary(prompt, better, rng), vary(prompt, rng.randint(better + 1, 3), rng)
     if rng.random() < 0.5:
         return SyntheticPair(prompt, preferred, other, 1.0, 0.0, rng.getrandbits(64))
     return SyntheticPair(prompt, other, preferred, 0.0, 1.0, rng.getrandbits(64))

@@ -9,6 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from pickscore.cli import main
@@ -16,7 +17,7 @@ from pickscore.client import Client
 from pickscore.errors import ModelLoadError
 from pickscore.exporter.onnx import export_onnx
 from pickscore.exporter.tensorrt import build_engines, missing
-from pickscore.exporter.triton import export_triton, read_config
+from pickscore.exporter.triton import export_triton
 from pickscore.model.preprocess import load_pixels
 from pickscore.scorer import Scorer
 from pickscore.server.app import ServerThread
@@ -118,3 +119,8 @@ def test_tensorrt_says_what_is_missing(onnx_dir):
         pytest.skip("this machine has a GPU and TensorRT")
     with pytest.raises(ModelLoadError, match="cannot build TensorRT engines here: no CUDA GPU"):
         build_engines(onnx_dir)
+
+
+def read_config(path) -> mc.ModelConfig:
+    """Parse a config.pbtxt with Triton's own model_config.proto."""
+    return text_format.Parse(path.read_text(), mc.ModelConfig())

@@ -14,7 +14,7 @@ from pickscore.errors import ModelLoadError
 from pickscore.model import hf_convert
 from pickscore.model.checkpoint import resolve, save
 from pickscore.scorer import Scorer
-from pickscore.server.backends.torch_backend import TorchBackend
+from pickscore.backends.torch_backend import TorchBackend
 from tests.conftest import TINY_HF_CONFIG, make_hf_clip, save_hf_clip, varied_images
 
 IMAGES = [data for _, data, _ in varied_images()[:6]]

@@ -1,4 +1,4 @@
-"""Every row of DESIGN.md's error table, produced by a real request to a real server."""
+"""Every row of docs/DESIGN.md's error table, produced by a real request to a real server."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pickscore.scorer import Scorer
 from pickscore.server.app import ServerThread
 from pickscore.model.checkpoint import resolve
 from pickscore.model.preprocess import load_pixels
-from pickscore.server.backends.torch_backend import TorchBackend
+from pickscore.backends.torch_backend import TorchBackend
 from pickscore.v1 import scoring_pb2 as pb
 from pickscore.v1 import scoring_pb2_grpc
 from tests.conftest import png_bomb

@@ -16,7 +16,7 @@ from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from pickscore.client import Client
-from pickscore.exporter.triton_config import model_configs
+from pickscore.backends.triton_config import model_configs
 from pickscore.model.preprocess import load_pixels
 from pickscore.scorer import Scorer
 from tests.server.conftest import PROMPT, jpeg, metric

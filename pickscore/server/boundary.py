@@ -1,4 +1,5 @@
-"""Domain errors -> gRPC status codes, mapped once here for every service; the RPC boundary.
+"""The gRPC boundary every RPC passes through: server state (ready, draining, in flight), auth, request ids,
+the one log line, the request metrics, and the mapping of domain errors to a status (``pickscore.status``).
 
     async with boundary(state, "Score", context):   # refuses work while not ready or draining,
         ...                                          # maps errors, times and counts the request, logs once
@@ -16,31 +17,11 @@ from typing import AsyncIterator
 
 import grpc
 
-from pickscore.errors import (DeadlineExceeded, Internal, InvalidInput, NotFound, Overloaded, PickScoreError,
-                              Unauthenticated, Unavailable)
+from pickscore.errors import PickScoreError, Unauthenticated, Unavailable
 from pickscore.server.metrics import Metrics
+from pickscore.status import status_of
 
 log = logging.getLogger("pickscore.server")
-
-STATUS = {
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    Internal: grpc.StatusCode.INTERNAL,
-}
-
-
-def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a client sees for ``error``; anything unexpected is INTERNAL."""
-    for cls, code in STATUS.items():
-        if isinstance(error, cls):
-            return code, str(error)
-    if isinstance(error, PickScoreError):
-        return grpc.StatusCode.INTERNAL, str(error)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
 
 
 class ServerState:

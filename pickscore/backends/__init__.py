@@ -1,4 +1,4 @@
-"""Inference backends behind one small interface; the engine never knows which one it runs.
+"""Inference backends behind one small interface; nothing above this layer knows which one runs.
 
     backend = load_backend("demo", kind="torch", device="auto", dtype="auto")
     backend.encode_image(pixels)   # (B, 3, H, W) float32 -> (B, D) float32, L2-normalised
@@ -11,14 +11,17 @@ Backends are called from one thread per tower (the batcher's executor), never co
 
 from __future__ import annotations
 
+import argparse
 from typing import Protocol
 
 import numpy as np
 
+from pickscore.backends.manifest import is_export
 from pickscore.model.preprocess import PreprocessConfig
 from pickscore.model.tokenizer import Tokenizer
 
 KINDS = ("auto", "torch", "onnxruntime")
+DTYPES = ("auto", "fp32", "fp16", "bf16")  # the torch backend's compute precision; auto: bf16 on CUDA, fp32 on CPU
 
 
 class Backend(Protocol):
@@ -35,22 +38,34 @@ class Backend(Protocol):
     def encode_text(self, tokens: np.ndarray) -> np.ndarray: ...
 
 
-def load_backend(ref: str, kind: str = "auto", device: str = "auto", dtype: str = "auto",
-                 max_batch_size: int = 32) -> Backend:
+def load_backend(
+    ref: str, kind: str = "auto", device: str = "auto", dtype: str = "auto", max_batch_size: int = 32
+) -> Backend:
     """Resolve a model reference and load it on ``kind`` ("auto": onnxruntime for an ONNX export, else torch)."""
     if kind not in KINDS:
         raise ValueError(f"backend must be one of {', '.join(KINDS)}; got {kind!r}")
-    from pickscore.exporter.onnx import is_export
-
     if is_export(ref):
         if kind == "torch":
-            raise ValueError(f"{ref} is an ONNX export; serve it with --backend onnxruntime (or auto)")
-        from pickscore.server.backends.onnx_backend import OnnxBackend
+            raise ValueError(f"{ref} is an ONNX export; load it with --backend onnxruntime (or auto)")
+        from pickscore.backends.onnx_backend import OnnxBackend
 
         return OnnxBackend(ref, max_batch_size=max_batch_size)
     if kind == "onnxruntime":
-        raise ValueError(f"the onnxruntime backend serves an ONNX export (pickscore export onnx --model {ref} --out DIR); "
-                         f"{ref!r} is not one")
-    from pickscore.server.backends.torch_backend import TorchBackend
+        raise ValueError(
+            f"the onnxruntime backend runs an ONNX export (pickscore export onnx --model {ref} --out DIR); "
+            f"{ref!r} is not one"
+        )
+    from pickscore.backends.torch_backend import TorchBackend
 
     return TorchBackend.from_ref(ref, device=device, dtype=dtype)
+
+
+def add_backend_flags(parser: argparse.ArgumentParser, dtype_default: str = "auto") -> None:
+    """--backend, --device and --dtype, for the commands that load a model in-process."""
+    parser.add_argument("--backend", default="auto", choices=KINDS,
+                        help="auto (default): onnxruntime for an ONNX export, torch otherwise")
+    parser.add_argument("--device", default="auto",
+                        help="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ... (default auto)")
+    parser.add_argument("--dtype", default=dtype_default, choices=DTYPES,
+                        help=f"torch compute precision; auto is bf16 on CUDA and fp32 on CPU (default {dtype_default}; "
+                             "an ONNX export runs at the precision it was exported in)")

@@ -1,5 +1,8 @@
 """The Triton model configurations of the three models, shared by the Triton export and the KServe v2 service.
 
+Both sides describe the same tensors: the server's KServe v2 models answer with these configs, and
+``pickscore export triton`` writes them as config.pbtxt files (plus its two Python-backend steps).
+
     configs = model_configs(embed_dim=1024, image_size=(224, 224), context_length=77,
                             max_batch_size=32, max_images_per_request=256, max_queue_delay_us=5000)
     configs["pickscore"]        # ensemble: PROMPT (BYTES), IMAGE (BYTES) -> SCORE (FP32)
@@ -16,11 +19,11 @@ from tritonclient.grpc import model_config_pb2 as mc
 ENSEMBLE = "pickscore"
 IMAGE = "pickscore_image"
 TEXT = "pickscore_text"
-PREPROCESS = "pickscore_preprocess"  # Python backend: this package's decoding, preprocessing and tokenizer
-SCORE = "pickscore_score"  # Python backend: exp(logit_scale) * <text, image>
+PREPROCESS = "pickscore_preprocess"  # the ensemble's Python-backend steps (in our server, the engine does both):
+SCORE = "pickscore_score"  # decoding, preprocessing and tokenizing; exp(logit_scale) * <text, image>
 
 
-def _tensor(cls, name: str, dtype: int, dims: list[int]):
+def tensor(cls, name: str, dtype: int, dims: list[int]):
     return cls(name=name, data_type=dtype, dims=dims)
 
 
@@ -30,19 +33,19 @@ def model_configs(embed_dim: int, image_size: tuple[int, int], context_length: i
     batching = mc.ModelDynamicBatching(max_queue_delay_microseconds=max_queue_delay_us)
     image = mc.ModelConfig(
         name=IMAGE, platform="onnxruntime_onnx", max_batch_size=max_batch_size, dynamic_batching=batching,
-        input=[_tensor(mc.ModelInput, "pixel_values", mc.TYPE_FP32, [3, h, w])],
-        output=[_tensor(mc.ModelOutput, "image_embeds", mc.TYPE_FP32, [embed_dim])],
+        input=[tensor(mc.ModelInput, "pixel_values", mc.TYPE_FP32, [3, h, w])],
+        output=[tensor(mc.ModelOutput, "image_embeds", mc.TYPE_FP32, [embed_dim])],
         instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)])
     text = mc.ModelConfig(
         name=TEXT, platform="onnxruntime_onnx", max_batch_size=max_batch_size, dynamic_batching=batching,
-        input=[_tensor(mc.ModelInput, "input_ids", mc.TYPE_INT64, [context_length])],
-        output=[_tensor(mc.ModelOutput, "text_embeds", mc.TYPE_FP32, [embed_dim])],
+        input=[tensor(mc.ModelInput, "input_ids", mc.TYPE_INT64, [context_length])],
+        output=[tensor(mc.ModelOutput, "text_embeds", mc.TYPE_FP32, [embed_dim])],
         instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)])
     Step = mc.ModelEnsembling.Step
     ensemble = mc.ModelConfig(
         name=ENSEMBLE, platform="ensemble", max_batch_size=max_images_per_request,
-        input=[_tensor(mc.ModelInput, "PROMPT", mc.TYPE_STRING, [1]), _tensor(mc.ModelInput, "IMAGE", mc.TYPE_STRING, [1])],
-        output=[_tensor(mc.ModelOutput, "SCORE", mc.TYPE_FP32, [1])],
+        input=[tensor(mc.ModelInput, "PROMPT", mc.TYPE_STRING, [1]), tensor(mc.ModelInput, "IMAGE", mc.TYPE_STRING, [1])],
+        output=[tensor(mc.ModelOutput, "SCORE", mc.TYPE_FP32, [1])],
         ensemble_scheduling=mc.ModelEnsembling(step=[
             Step(model_name=PREPROCESS, model_version=-1, input_map={"PROMPT": "PROMPT", "IMAGE": "IMAGE"},
                  output_map={"input_ids": "_input_ids", "pixel_values": "_pixel_values"}),
@@ -55,25 +58,6 @@ def model_configs(embed_dim: int, image_size: tuple[int, int], context_length: i
                  output_map={"SCORE": "SCORE"}),
         ]))
     return {ENSEMBLE: ensemble, IMAGE: image, TEXT: text}
-
-
-def python_step_configs(embed_dim: int, image_size: tuple[int, int], context_length: int, max_batch_size: int,
-                        logit_scale: float) -> dict[str, mc.ModelConfig]:
-    """The ensemble's two Python-backend steps (Triton repository only; our server runs them in the engine)."""
-    h, w = image_size
-    cpu = [mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)]
-    preprocess = mc.ModelConfig(
-        name=PREPROCESS, backend="python", max_batch_size=max_batch_size, instance_group=cpu,
-        input=[_tensor(mc.ModelInput, "PROMPT", mc.TYPE_STRING, [1]), _tensor(mc.ModelInput, "IMAGE", mc.TYPE_STRING, [1])],
-        output=[_tensor(mc.ModelOutput, "input_ids", mc.TYPE_INT64, [context_length]),
-                _tensor(mc.ModelOutput, "pixel_values", mc.TYPE_FP32, [3, h, w])])
-    score = mc.ModelConfig(
-        name=SCORE, backend="python", max_batch_size=max_batch_size, instance_group=cpu,
-        input=[_tensor(mc.ModelInput, "text_embeds", mc.TYPE_FP32, [embed_dim]),
-               _tensor(mc.ModelInput, "image_embeds", mc.TYPE_FP32, [embed_dim])],
-        output=[_tensor(mc.ModelOutput, "SCORE", mc.TYPE_FP32, [1])],
-        parameters={"logit_scale": mc.ModelParameter(string_value=repr(logit_scale))})
-    return {PREPROCESS: preprocess, SCORE: score}
 
 
 # KServe v2 datatype names of Triton's TYPE_* values.

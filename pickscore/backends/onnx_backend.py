@@ -6,12 +6,14 @@ DIR/trt_cache and optimisation-profile shapes from the batch settings), CPU othe
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pickscore.backends.manifest import load_manifest
 from pickscore.model.preprocess import PreprocessConfig
 from pickscore.model.tokenizer import Tokenizer
 
@@ -21,11 +23,7 @@ class OnnxBackend:
 
     def __init__(self, directory: str | os.PathLike, manifest: dict[str, Any] | None = None, max_batch_size: int = 32,
                  providers: list[str] | None = None):
-        import json
-
         import onnxruntime as ort
-
-        from pickscore.exporter.onnx import load_manifest
 
         directory = Path(directory)
         manifest = manifest or load_manifest(directory)
