@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROM_DIR := .tools/prometheus
 PROM_BIN := $(CURDIR)/$(PROM_DIR)/usr/bin
 
-.PHONY: install tools serve test test-fast clean demo-model proto
+.PHONY: install tools lint format serve test test-fast clean demo-model proto
 
 install: $(STAMP)
 
@@ -24,7 +24,15 @@ $(STAMP): pyproject.toml
 serve: install  ## start the server on the bundled demo model (gRPC :8001, metrics :9090); settings via PICKSCORE_*
 	$(BIN)/pickscore serve $(SERVE_FLAGS)
 
-test: install tools  ## run the whole suite, slow full-size tests included
+lint: install  ## ruff: lint rules and formatting (pyproject.toml [tool.ruff]); `make format` applies both
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: install tools lint  ## lint, then the whole suite, slow full-size tests included
 	PATH="$(PROM_BIN):$$PATH" $(BIN)/python -m pytest -q
 
 test-fast: install tools  ## everything but the full-size model tests
@@ -41,7 +49,7 @@ clean:
 # peak rate. Stages 3 and 4: 3000 steps each with the pairwise loss alone (what the tie-aware accuracy
 # measures), each on freshly drawn pairs (seeds 9, 10). The end of stage 4 (learning rate decayed to 0) is
 # bundled. Then the README's evaluation: 20,000 held-out pairs (seed 20261122), half the prompts in each of
-# validation and test, against the untrained starting point (the preset's initial weights, one step at lr 0).
+# validation and test, against the untrained starting point (the preset's initial weights: train --init-only).
 DEMO_RUN ?= runs/demo
 DEMO_DATA = $(BIN)/pickscore data synthetic --image-size 64 --pairs
 DEMO_TRAIN = $(BIN)/pickscore train --preset demo
@@ -59,7 +67,7 @@ demo-model: install
 		--max-steps 3000 --lr 1.5e-4 --warmup-steps 50 --seed 10 --no-in-batch-negatives
 	rm -rf pickscore/demo && mkdir -p pickscore/demo
 	cd $(DEMO_RUN)/stage4/last && cp $(DEMO_FILES) $(CURDIR)/pickscore/demo/
-	$(DEMO_TRAIN) --data $(DEMO_RUN)/data --out $(DEMO_RUN)/init --max-steps 1 --lr 0
+	$(DEMO_TRAIN) --out $(DEMO_RUN)/train --init-only
 	$(DEMO_DATA) 20000 --seed 20261122 --held-out 0.5 --out $(DEMO_RUN)/heldout
-	$(BIN)/pickscore eval --model demo --baseline $(DEMO_RUN)/init/last --data $(DEMO_RUN)/heldout \
+	$(BIN)/pickscore eval --model demo --baseline $(DEMO_RUN)/train/init --data $(DEMO_RUN)/heldout \
 		--plot benchmarks/results/demo-threshold.png

@@ -21,15 +21,33 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 # transformers CLIPConfig fields of the shapes we benchmark (random weights; speed does not depend on them).
 SHAPES = {
-    "vit-b-32": dict(projection_dim=512,
-                     text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
-                     vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                        num_attention_heads=12, patch_size=32, image_size=224)),
-    "vit-h-14": dict(projection_dim=1024,
-                     text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                      num_attention_heads=16, hidden_act="gelu"),
-                     vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                                        num_attention_heads=16, patch_size=14, image_size=224, hidden_act="gelu")),
+    "vit-b-32": dict(
+        projection_dim=512,
+        text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
+        vision_config=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            patch_size=32,
+            image_size=224,
+        ),
+    ),
+    "vit-h-14": dict(
+        projection_dim=1024,
+        text_config=dict(
+            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, hidden_act="gelu"
+        ),
+        vision_config=dict(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=16,
+            patch_size=14,
+            image_size=224,
+            hidden_act="gelu",
+        ),
+    ),
 }
 
 
@@ -39,8 +57,11 @@ def write_model(shape: str, directory: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     cfg = SHAPES[shape]
-    model = CLIPModel(CLIPConfig(text_config=cfg["text_config"], vision_config=cfg["vision_config"],
-                                 projection_dim=cfg["projection_dim"])).eval()
+    model = CLIPModel(
+        CLIPConfig(
+            text_config=cfg["text_config"], vision_config=cfg["vision_config"], projection_dim=cfg["projection_dim"]
+        )
+    ).eval()
     model.save_pretrained(directory)
     save_hf_files(directory)
     (directory / "preprocessor_config.json").write_text(json.dumps(PreprocessConfig().to_hf()))
@@ -62,8 +83,12 @@ def jpegs(n: int, side: int = 512, seed: int = 0) -> list[bytes]:
 
 def latency_stats(latencies_s: list[float], images: int, wall_s: float) -> dict[str, float]:
     lat = np.asarray(latencies_s) * 1000
-    return {"images_per_s": images / wall_s, "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)), "requests": len(lat)}
+    return {
+        "images_per_s": images / wall_s,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "requests": len(lat),
+    }
 
 
 def machine() -> str:
@@ -80,15 +105,19 @@ def machine() -> str:
 
 def git_revision() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 def append_results(title: str, markdown: str, meta: dict[str, Any]) -> None:
     """Append a dated section to benchmarks/RESULTS.md."""
-    header = f"\n## {title} — {time.strftime('%Y-%m-%d')}, {git_revision()}\n\nMachine: {meta['machine']}. " \
-             f"Command: `{meta['command']}`\n\n"
+    header = (
+        f"\n## {title} — {time.strftime('%Y-%m-%d')}, {git_revision()}\n\nMachine: {meta['machine']}. "
+        f"Command: `{meta['command']}`\n\n"
+    )
     if not RESULTS.exists():
         RESULTS.write_text("# Benchmark results\n\nEach section is appended by a script in benchmarks/; newest last.\n")
     with RESULTS.open("a") as f:

@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results, machine, write_model  # noqa: E402
 
 from pickscore.backends.manifest import load_manifest  # noqa: E402
+from pickscore.backends.onnx_backend import OnnxBackend  # noqa: E402
+from pickscore.backends.torch_backend import TorchBackend  # noqa: E402
 from pickscore.exporter.onnx import export_onnx  # noqa: E402
 from pickscore.exporter.verify import rank_agreement, verification_inputs  # noqa: E402
 from pickscore.model.checkpoint import resolve  # noqa: E402
-from pickscore.backends.onnx_backend import OnnxBackend  # noqa: E402
-from pickscore.backends.torch_backend import TorchBackend  # noqa: E402
 
 
 def per_second(fn, items: int, reps: int) -> float:
@@ -54,8 +54,10 @@ def measure(name: str, backend, reference, pixels: np.ndarray, tokens: np.ndarra
         "image_per_s_b1": per_second(lambda: backend.encode_image(one), 1, reps),
         "image_per_s_b8": per_second(lambda: backend.encode_image(eight), 8, reps),
         "text_per_s_b8": per_second(lambda: backend.encode_text(tokens[:8]), 8, reps),
-        "max_abs_diff": max(float(np.abs(backend.encode_image(pixels[:16]) - reference.encode_image(pixels[:16])).max()),
-                            float(np.abs(backend.encode_text(tokens[:16]) - reference.encode_text(tokens[:16])).max())),
+        "max_abs_diff": max(
+            float(np.abs(backend.encode_image(pixels[:16]) - reference.encode_image(pixels[:16])).max()),
+            float(np.abs(backend.encode_text(tokens[:16]) - reference.encode_text(tokens[:16])).max()),
+        ),
         "rank_agreement": rank_agreement(backend, reference, pixels, tokens),
         "size_mb": size_mb,
     }
@@ -63,20 +65,30 @@ def measure(name: str, backend, reference, pixels: np.ndarray, tokens: np.ndarra
 
 def markdown(rows: list[dict]) -> str:
     base = rows[0]["image_per_s_b8"]
-    lines = ["| setup | images/s, batch 1 | images/s, batch 8 | × torch (batch 8) | prompts/s, batch 8 | "
-             "max abs diff vs torch | rank agreement vs torch fp32 | weights MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['setup']} | {r['image_per_s_b1']:.1f} | {r['image_per_s_b8']:.1f} | {r['image_per_s_b8'] / base:.2f} | "
-              f"{r['text_per_s_b8']:.1f} | {r['max_abs_diff']:.1e} | {r['rank_agreement']:.4f} | {r['size_mb']:.0f} |"
-              for r in rows]
+    lines = [
+        "| setup | images/s, batch 1 | images/s, batch 8 | × torch (batch 8) | prompts/s, batch 8 | "
+        "max abs diff vs torch | rank agreement vs torch fp32 | weights MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['setup']} | {r['image_per_s_b1']:.1f} | {r['image_per_s_b8']:.1f} | {r['image_per_s_b8'] / base:.2f} | "
+        f"{r['text_per_s_b8']:.1f} | {r['max_abs_diff']:.1e} | {r['rank_agreement']:.4f} | {r['size_mb']:.0f} |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--shape", default="vit-b-32", choices=["vit-b-32", "vit-h-14"], help="model shape, random weights")
-    p.add_argument("--model", default=None, help="benchmark this model reference (directory or 'demo') instead of a shape")
-    p.add_argument("--precisions", default="fp32,int8", help="ONNX precisions to export and measure (default fp32,int8)")
+    p.add_argument(
+        "--model", default=None, help="benchmark this model reference (directory or 'demo') instead of a shape"
+    )
+    p.add_argument(
+        "--precisions", default="fp32,int8", help="ONNX precisions to export and measure (default fp32,int8)"
+    )
     p.add_argument("--sets", type=int, default=64, help="best-of-8 sets for rank agreement (default 64)")
     p.add_argument("--reps", type=int, default=10, help="timed calls per measurement, median taken (default 10)")
     p.add_argument("--tolerance", type=float, default=1e-3, help="fp32 export tolerance against torch (default 1e-3)")
@@ -108,9 +120,14 @@ def main(argv=None) -> int:
     stem.with_suffix(".md").write_text(table + "\n")
     print(table)
     if not args.no_append:
-        append_results(f"Exporter, {label}, CPU: torch eager vs ONNX Runtime", table,
-                       {"machine": results["machine"],
-                        "command": "python " + " ".join(["benchmarks/onnx_bench.py", *(argv or sys.argv[1:])])})
+        append_results(
+            f"Exporter, {label}, CPU: torch eager vs ONNX Runtime",
+            table,
+            {
+                "machine": results["machine"],
+                "command": "python " + " ".join(["benchmarks/onnx_bench.py", *(argv or sys.argv[1:])]),
+            },
+        )
     return 0
 
 

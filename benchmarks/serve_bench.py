@@ -52,7 +52,9 @@ def bench_transformers(model_dir: Path, images: list[bytes], requests: int, one_
     def calc_probs(prompt: str, blobs: list[bytes]) -> torch.Tensor:
         pil = [Image.open(io.BytesIO(b)) for b in blobs]
         image_inputs = processor(images=pil, return_tensors="pt").to(device)
-        text_inputs = processor(text=prompt, padding=True, truncation=True, max_length=77, return_tensors="pt").to(device)
+        text_inputs = processor(text=prompt, padding=True, truncation=True, max_length=77, return_tensors="pt").to(
+            device
+        )
         with torch.no_grad():
             img = features(model.get_image_features(**image_inputs))
             img = img / img.norm(dim=-1, keepdim=True)
@@ -131,8 +133,13 @@ async def bench_engine(model_dir: Path, images, levels, base, args) -> dict[int,
     from pickscore.server.metrics import Metrics
     from pickscore.server.settings import Settings
 
-    settings = Settings(model=str(model_dir), device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
-                        max_queue_delay_ms=args.max_queue_delay_ms)
+    settings = Settings(
+        model=str(model_dir),
+        device=args.device,
+        dtype=args.dtype,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_ms=args.max_queue_delay_ms,
+    )
     engine = Engine(load_backend(str(model_dir), "auto", args.device, args.dtype), settings, Metrics())
     await engine.start()
 
@@ -150,6 +157,7 @@ async def bench_server(address: str, images, levels, base) -> tuple[dict[int, di
     from pickscore.client import AsyncClient
 
     async with AsyncClient(address, timeout=600) as client:
+
         async def call(prompt, blobs):
             await client.score(prompt, blobs)
 
@@ -158,16 +166,39 @@ async def bench_server(address: str, images, levels, base) -> tuple[dict[int, di
         saturation = max(r["images_per_s"] for r in closed.values()) / PER_REQUEST  # requests/s
         unloaded = closed[min(levels)]["p50_ms"]
         at70 = await open_loop(call, images, 0.7 * saturation, requests_for(max(levels), base))
-        at70.update(rate_requests_per_s=0.7 * saturation, unloaded_p50_ms=unloaded,
-                    p99_over_unloaded_p50=at70["p99_ms"] / unloaded)
+        at70.update(
+            rate_requests_per_s=0.7 * saturation,
+            unloaded_p50_ms=unloaded,
+            p99_over_unloaded_p50=at70["p99_ms"] / unloaded,
+        )
         return closed, at70
 
 
 def start_server(model_dir: Path, args) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "pickscore.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
-           "--port", "0", "--metrics-port", "-1", "--device", args.device, "--dtype", args.dtype,
-           "--max-batch-size", str(args.max_batch_size), "--max-queue-delay-ms", str(args.max_queue_delay_ms),
-           "--log-format", "json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pickscore.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        "-1",
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--max-queue-delay-ms",
+        str(args.max_queue_delay_ms),
+        "--log-format",
+        "json",
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         if line.startswith("{") and json.loads(line).get("message") == "serving":
@@ -188,12 +219,21 @@ def plot(results: dict, png: Path) -> None:
     for key, label, marker in (("engine", "(c) engine in-process", "s"), ("server", "(d) gRPC server", "o")):
         pts = sorted(results[key].items())
         ax.plot([r["images_per_s"] for _, r in pts], [r["p50_ms"] for _, r in pts], marker=marker, label=f"{label} p50")
-        ax.plot([r["images_per_s"] for _, r in pts], [r["p99_ms"] for _, r in pts], marker=marker, linestyle="--",
-                label=f"{label} p99")
+        ax.plot(
+            [r["images_per_s"] for _, r in pts],
+            [r["p99_ms"] for _, r in pts],
+            marker=marker,
+            linestyle="--",
+            label=f"{label} p99",
+        )
         for c, r in pts:
-            ax.annotate(f"c={c}", (r["images_per_s"], r["p50_ms"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
-    for key, label in (("transformers_one_per_call", "(a) transformers, 1 image/call"),
-                       ("transformers_batched", "(b) transformers, 8 images/call")):
+            ax.annotate(
+                f"c={c}", (r["images_per_s"], r["p50_ms"]), fontsize=7, textcoords="offset points", xytext=(3, 3)
+            )
+    for key, label in (
+        ("transformers_one_per_call", "(a) transformers, 1 image/call"),
+        ("transformers_batched", "(b) transformers, 8 images/call"),
+    ):
         r = results[key]
         ax.scatter([r["images_per_s"]], [r["p50_ms"]], marker="x", s=60, label=f"{label} p50")
     r = results["server_at_70pct"]
@@ -209,33 +249,45 @@ def plot(results: dict, png: Path) -> None:
 
 
 def markdown(results: dict) -> str:
-    rows = [("(a) transformers, one image per call", results["transformers_one_per_call"]),
-            ("(b) transformers, 8 images per call", results["transformers_batched"])]
+    rows = [
+        ("(a) transformers, one image per call", results["transformers_one_per_call"]),
+        ("(b) transformers, 8 images per call", results["transformers_batched"]),
+    ]
     rows += [(f"(c) engine in-process, concurrency {c}", r) for c, r in sorted(results["engine"].items())]
     rows += [(f"(d) gRPC server, concurrency {c}", r) for c, r in sorted(results["server"].items())]
     r70 = results["server_at_70pct"]
     rows.append((f"(d) gRPC server, open loop at 70% saturation ({r70['rate_requests_per_s']:.2f} req/s)", r70))
     base = results["transformers_one_per_call"]["images_per_s"]
     lines = ["| setup | images/s | × (a) | p50 ms | p99 ms |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {name} | {r['images_per_s']:.1f} | {r['images_per_s'] / base:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |"
-              for name, r in rows]
+    lines += [
+        f"| {name} | {r['images_per_s']:.1f} | {r['images_per_s'] / base:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |"
+        for name, r in rows
+    ]
     t = results["targets"]
-    lines += ["", f"- (d) best / (a): **{t['d_over_a']:.2f}×** (target ≥ 2×) — {'met' if t['d_over_a'] >= 2 else 'NOT met'}",
-              f"- (d) best / (c) best: **{t['d_over_c']:.2f}×** (target ≥ 0.9×) — {'met' if t['d_over_c'] >= 0.9 else 'NOT met'}",
-              f"- p99 at 70% saturation / unloaded p50: **{t['p99_70_over_p50']:.2f}×** (target ≤ 3×) — "
-              f"{'met' if t['p99_70_over_p50'] <= 3 else 'NOT met'}"]
+    lines += [
+        "",
+        f"- (d) best / (a): **{t['d_over_a']:.2f}×** (target ≥ 2×) — {'met' if t['d_over_a'] >= 2 else 'NOT met'}",
+        f"- (d) best / (c) best: **{t['d_over_c']:.2f}×** (target ≥ 0.9×) — "
+        f"{'met' if t['d_over_c'] >= 0.9 else 'NOT met'}",
+        f"- p99 at 70% saturation / unloaded p50: **{t['p99_70_over_p50']:.2f}×** (target ≤ 3×) — "
+        f"{'met' if t['p99_70_over_p50'] <= 3 else 'NOT met'}",
+    ]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--shape", default="vit-b-32", choices=["vit-b-32", "vit-h-14"], help="model shape, random weights")
     p.add_argument("--model", default=None, help="benchmark this model directory instead of a random-weight shape")
     p.add_argument("--device", default="cpu", help="torch device for every setup (default cpu)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="precision of (c) and (d)")
     p.add_argument("--image-side", type=int, default=512, help="JPEG side in pixels (default 512)")
     p.add_argument("--concurrency", default="1,8,32", help="closed-loop concurrency levels (default 1,8,32)")
-    p.add_argument("--requests", type=int, default=8, help="best-of-8 requests per measured point, at least 2x concurrency")
+    p.add_argument(
+        "--requests", type=int, default=8, help="best-of-8 requests per measured point, at least 2x concurrency"
+    )
     p.add_argument("--baseline-requests", type=int, default=4, help="requests for (a) and (b) (default 4)")
     p.add_argument("--max-batch-size", type=int, default=32, help="server/engine max_batch_size (default 32)")
     p.add_argument("--max-queue-delay-ms", type=float, default=5.0, help="server/engine max_queue_delay_ms (default 5)")
@@ -248,27 +300,40 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else write_model(args.shape, Path(tmp) / args.shape)
-        results: dict = {"shape": args.model or args.shape, "device": args.device, "dtype": args.dtype,
-                         "image_side": args.image_side, "machine": machine()}
+        results: dict = {
+            "shape": args.model or args.shape,
+            "device": args.device,
+            "dtype": args.dtype,
+            "image_side": args.image_side,
+            "machine": machine(),
+        }
         print("(a) transformers, one image per call", file=sys.stderr)
-        results["transformers_one_per_call"] = bench_transformers(model_dir, images, args.baseline_requests, True, args.device)
+        results["transformers_one_per_call"] = bench_transformers(
+            model_dir, images, args.baseline_requests, True, args.device
+        )
         print("(b) transformers, 8 images per call", file=sys.stderr)
-        results["transformers_batched"] = bench_transformers(model_dir, images, args.baseline_requests, False, args.device)
+        results["transformers_batched"] = bench_transformers(
+            model_dir, images, args.baseline_requests, False, args.device
+        )
         print("(c) engine in-process", file=sys.stderr)
         results["engine"] = asyncio.run(bench_engine(model_dir, images, levels, args.requests, args))
         print("(d) gRPC server", file=sys.stderr)
         proc, address = start_server(model_dir, args)
         try:
-            results["server"], results["server_at_70pct"] = asyncio.run(bench_server(address, images, levels, args.requests))
+            results["server"], results["server_at_70pct"] = asyncio.run(
+                bench_server(address, images, levels, args.requests)
+            )
         finally:
             proc.terminate()
             proc.wait(timeout=60)
 
     best_d = max(r["images_per_s"] for r in results["server"].values())
     best_c = max(r["images_per_s"] for r in results["engine"].values())
-    results["targets"] = {"d_over_a": best_d / results["transformers_one_per_call"]["images_per_s"],
-                          "d_over_c": best_d / best_c,
-                          "p99_70_over_p50": results["server_at_70pct"]["p99_over_unloaded_p50"]}
+    results["targets"] = {
+        "d_over_a": best_d / results["transformers_one_per_call"]["images_per_s"],
+        "d_over_c": best_d / best_c,
+        "p99_70_over_p50": results["server_at_70pct"]["p99_over_unloaded_p50"],
+    }
     stem = args.out / f"serve-{results['shape'].replace('/', '_')}-{args.device.replace(':', '')}-{args.dtype}"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
     table = markdown(results)
@@ -276,9 +341,14 @@ def main(argv=None) -> int:
     plot(results, stem.with_suffix(".png"))
     print(table)
     if not args.no_append:
-        append_results(f"Serving, best-of-8, {results['shape']} {args.device} {args.dtype}, {args.image_side} px JPEG",
-                       table + f"\n\n![latency against throughput](results/{stem.name}.png)",
-                       {"machine": results["machine"], "command": "python " + " ".join(["benchmarks/serve_bench.py", *(argv or sys.argv[1:])])})
+        append_results(
+            f"Serving, best-of-8, {results['shape']} {args.device} {args.dtype}, {args.image_side} px JPEG",
+            table + f"\n\n![latency against throughput](results/{stem.name}.png)",
+            {
+                "machine": results["machine"],
+                "command": "python " + " ".join(["benchmarks/serve_bench.py", *(argv or sys.argv[1:])]),
+            },
+        )
     return 0
 
 

@@ -1,7 +1,7 @@
 """Training throughput and memory per preset: what one optimizer step costs on this machine.
 
     python benchmarks/train_bench.py                                   # tiny and demo presets (CPU)
-    python benchmarks/train_bench.py --presets pickscore-clip-h        # on a GPU: ViT-H-14 shape, bf16, gradient checkpointing
+    python benchmarks/train_bench.py --presets pickscore-clip-h        # GPU: ViT-H-14 shape, bf16, grad checkpointing
 
 Each preset trains for --steps optimizer steps on synthetic pairs drawn at its image size, through the
 same loop as `pickscore train` (AdamW, its precision, batch sizes and checkpointing), in this process.
@@ -52,30 +52,50 @@ def measure(preset: str, steps: int, warmup: int, work: Path) -> dict:
     log = [json.loads(line) for line in (work / "run" / "log.jsonl").read_text().splitlines()]
     rates = [r["samples_per_s"] for r in log[warmup:]]
     return {
-        "preset": preset, "precision": cfg.precision, "grad_checkpointing": cfg.grad_checkpointing,
-        "global_batch": cfg.global_batch, "micro_batch": cfg.micro_batch, "image_size": image_size,
-        "steps_measured": len(rates), "samples_per_s": statistics.median(rates),
+        "preset": preset,
+        "precision": cfg.precision,
+        "grad_checkpointing": cfg.grad_checkpointing,
+        "global_batch": cfg.global_batch,
+        "micro_batch": cfg.micro_batch,
+        "image_size": image_size,
+        "steps_measured": len(rates),
+        "samples_per_s": statistics.median(rates),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
         "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
     }
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| preset | precision | grad ckpt | global / micro batch | image px | samples/s (median) | peak RSS GiB | peak GPU GiB |",
-             "|---|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| preset | precision | grad ckpt | global / micro batch | image px | samples/s (median) | peak RSS GiB "
+        "| peak GPU GiB |",
+        "|---|---|---|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
         gpu = "-" if r["peak_cuda_gib"] is None else f"{r['peak_cuda_gib']:.1f}"
-        lines.append(f"| {r['preset']} | {r['precision']} | {'on' if r['grad_checkpointing'] else 'off'} | "
-                     f"{r['global_batch']} / {r['micro_batch']} | {r['image_size']} | {r['samples_per_s']:.1f} | "
-                     f"{r['peak_rss_gib']:.2f} | {gpu} |")
-    return "\n".join(lines) + ("\n\nPeak RSS is the process's high-water mark so far, so a preset measured after a "
-                               "larger one reports at least that one's figure: put the smallest first.")
+        lines.append(
+            f"| {r['preset']} | {r['precision']} | {'on' if r['grad_checkpointing'] else 'off'} | "
+            f"{r['global_batch']} / {r['micro_batch']} | {r['image_size']} | {r['samples_per_s']:.1f} | "
+            f"{r['peak_rss_gib']:.2f} | {gpu} |"
+        )
+    return "\n".join(lines) + (
+        "\n\nPeak RSS is the process's high-water mark so far, so a preset measured after a "
+        "larger one reports at least that one's figure: put the smallest first."
+    )
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", nargs="+", default=["tiny", "demo"], choices=preset_names(), metavar="NAME",
-                   help=f"presets to measure, in order: {', '.join(preset_names())} (default: tiny demo)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--presets",
+        nargs="+",
+        default=["tiny", "demo"],
+        choices=preset_names(),
+        metavar="NAME",
+        help=f"presets to measure, in order: {', '.join(preset_names())} (default: tiny demo)",
+    )
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per preset (default 30)")
     p.add_argument("--warmup-steps", type=int, default=5, help="first steps left out of the median (default 5)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="directory for JSON and markdown")

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -44,17 +44,32 @@ def domain_error(e: grpc.RpcError) -> PickScoreError:
 # Spread calls over every address the target resolves to (a headless Kubernetes Service answers with all
 # ready replicas), and retry a call refused with UNAVAILABLE (a replica warming up or draining) on another:
 # scoring has no side effects, so a retry is safe, and a rolling restart never reaches the caller.
-_SERVICE_CONFIG = json.dumps({
-    "loadBalancingConfig": [{"round_robin": {}}],
-    "methodConfig": [{"name": [{"service": pb.DESCRIPTOR.services_by_name["ScoringService"].full_name}],
-                      "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s",
-                                      "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}],
-})
+_SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [
+            {
+                "name": [{"service": pb.DESCRIPTOR.services_by_name["ScoringService"].full_name}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "0.5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+)
 
 
 def _options(max_message_bytes: int) -> list[tuple[str, int | str]]:
-    return [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1)]
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.service_config", _SERVICE_CONFIG),
+        ("grpc.enable_retries", 1),
+    ]
 
 
 def _image(ref: ImageRef, id: str | None) -> pb.Image:
@@ -74,14 +89,21 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
-def _score_requests(images: Sequence[ImageRef], per_request: int, prompt: str = "", prompts: Sequence[str] | None = None,
-                    ids: Sequence[str] | None = None) -> list[pb.ScoreRequest]:
+def _score_requests(
+    images: Sequence[ImageRef],
+    per_request: int,
+    prompt: str = "",
+    prompts: Sequence[str] | None = None,
+    ids: Sequence[str] | None = None,
+) -> list[pb.ScoreRequest]:
     """One prompt for all images, or ``prompts`` paired with them, split into requests of ``per_request`` images."""
     if prompts is not None and len(prompts) != len(images):
         raise InvalidInput(f"{len(prompts)} prompts for {len(images)} images")
     messages = _images(images, ids)
-    return [pb.ScoreRequest(prompt=prompt, prompts=[] if prompts is None else prompts[part], images=messages[part])
-            for part in _chunks(len(messages), per_request)]
+    return [
+        pb.ScoreRequest(prompt=prompt, prompts=[] if prompts is None else prompts[part], images=messages[part])
+        for part in _chunks(len(messages), per_request)
+    ]
 
 
 def _ranking(response: pb.RankResponse, n: int, top_k: int | None) -> Ranking:
@@ -107,8 +129,9 @@ def _stream_requests(prompt: str, refs: Iterable[ImageRef], per_request: int) ->
         yield pb.ScoreStreamRequest(tag=str(start), request=pb.ScoreRequest(prompt=prompt, images=batch))
 
 
-def _collect(scores: np.ndarray, errors: dict[int, PickScoreError], response: pb.ScoreStreamResponse,
-             skip_invalid: bool) -> None:
+def _collect(
+    scores: np.ndarray, errors: dict[int, PickScoreError], response: pb.ScoreStreamResponse, skip_invalid: bool
+) -> None:
     start = int(response.tag)
     if response.HasField("error"):
         error = error_for(response.error.code, f"server: {response.error.message}")
@@ -120,18 +143,29 @@ def _collect(scores: np.ndarray, errors: dict[int, PickScoreError], response: pb
         scores[start + r.index] = r.score
 
 
-class Client:
-    """A blocking client. ``timeout`` (seconds) is the deadline of each call unless a call gives its own."""
+class _Connection:
+    """What both clients hold: a channel to ``address``, the stub, the default deadline and call metadata."""
 
-    def __init__(self, address: str, timeout: float | None = 60.0, max_message_bytes: int = DEFAULT_MESSAGE_BYTES,
-                 metadata: Sequence[tuple[str, str]] = ()):
-        self.channel = grpc.insecure_channel(address, options=_options(max_message_bytes))
+    _open = staticmethod(grpc.insecure_channel)  # the asyncio client opens a grpc.aio channel
+
+    def __init__(
+        self,
+        address: str,
+        timeout: float | None = 60.0,
+        max_message_bytes: int = DEFAULT_MESSAGE_BYTES,
+        metadata: Sequence[tuple[str, str]] = (),
+    ):
+        self.channel = self._open(address, options=_options(max_message_bytes))
         self.stub = scoring_pb2_grpc.ScoringServiceStub(self.channel)
         self.timeout = timeout
         self.metadata = tuple(metadata)
         self._info: pb.GetModelInfoResponse | None = None
 
-    def __enter__(self) -> "Client":
+
+class Client(_Connection):
+    """A blocking client. ``timeout`` (seconds) is the deadline of each call unless a call gives its own."""
+
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -151,26 +185,36 @@ class Client:
             self._info = self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest(), None)
         return self._info
 
-    def score(self, prompt: str, images: Sequence[ImageRef], ids: Sequence[str] | None = None,
-              timeout: float | None = None) -> list[float]:
+    def score(
+        self, prompt: str, images: Sequence[ImageRef], ids: Sequence[str] | None = None, timeout: float | None = None
+    ) -> list[float]:
         """PickScore of each image for the prompt, in input order."""
         requests = _score_requests(images, self.model_info().max_images_per_request, prompt=prompt, ids=ids)
         return [r.score for request in requests for r in self._call(self.stub.Score, request, timeout).results]
 
-    def score_pairs(self, prompts: Sequence[str], images: Sequence[ImageRef], timeout: float | None = None) -> list[float]:
+    def score_pairs(
+        self, prompts: Sequence[str], images: Sequence[ImageRef], timeout: float | None = None
+    ) -> list[float]:
         """prompts[i] against images[i]."""
         requests = _score_requests(images, self.model_info().max_images_per_request, prompts=prompts)
         return [r.score for request in requests for r in self._call(self.stub.Score, request, timeout).results]
 
-    def rank(self, prompt: str, images: Sequence[ImageRef], top_k: int | None = None,
-             timeout: float | None = None) -> Ranking:
+    def rank(
+        self, prompt: str, images: Sequence[ImageRef], top_k: int | None = None, timeout: float | None = None
+    ) -> Ranking:
         """Best first (``top_k`` long if given), scores and softmax probabilities over all candidates."""
         check_top_k(top_k)
         response = self._call(self.stub.Rank, pb.RankRequest(prompt=prompt, images=_images(images, None)), timeout)
         return _ranking(response, len(images), top_k)
 
-    def score_many(self, prompt: str, images: Iterable[ImageRef], per_request: int = 0, skip_invalid: bool = False,
-                   timeout: float | None = None) -> tuple[np.ndarray, dict[int, PickScoreError]]:
+    def score_many(
+        self,
+        prompt: str,
+        images: Iterable[ImageRef],
+        per_request: int = 0,
+        skip_invalid: bool = False,
+        timeout: float | None = None,
+    ) -> tuple[np.ndarray, dict[int, PickScoreError]]:
         """Many images over one ScoreStream -> (scores (N,), errors by first index of the failed request).
 
         ``per_request`` images per request (default 1 with ``skip_invalid``, so a bad image costs only itself;
@@ -181,26 +225,21 @@ class Client:
         scores = np.full(len(refs), np.nan, np.float32)
         errors: dict[int, PickScoreError] = {}
         try:
-            for response in self.stub.ScoreStream(_stream_requests(prompt, refs, per_request), timeout=timeout,
-                                                  metadata=self.metadata):
+            for response in self.stub.ScoreStream(
+                _stream_requests(prompt, refs, per_request), timeout=timeout, metadata=self.metadata
+            ):
                 _collect(scores, errors, response, skip_invalid)
         except grpc.RpcError as e:
             raise domain_error(e) from None
         return scores, errors
 
 
-class AsyncClient:
+class AsyncClient(_Connection):
     """The asyncio twin of ``Client`` (same methods, awaited)."""
 
-    def __init__(self, address: str, timeout: float | None = 60.0, max_message_bytes: int = DEFAULT_MESSAGE_BYTES,
-                 metadata: Sequence[tuple[str, str]] = ()):
-        self.channel = grpc.aio.insecure_channel(address, options=_options(max_message_bytes))
-        self.stub = scoring_pb2_grpc.ScoringServiceStub(self.channel)
-        self.timeout = timeout
-        self.metadata = tuple(metadata)
-        self._info: pb.GetModelInfoResponse | None = None
+    _open = staticmethod(grpc.aio.insecure_channel)
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -220,31 +259,43 @@ class AsyncClient:
             self._info = await self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest(), None)
         return self._info
 
-    async def score(self, prompt: str, images: Sequence[ImageRef], ids: Sequence[str] | None = None,
-                    timeout: float | None = None) -> list[float]:
+    async def score(
+        self, prompt: str, images: Sequence[ImageRef], ids: Sequence[str] | None = None, timeout: float | None = None
+    ) -> list[float]:
         requests = _score_requests(images, (await self.model_info()).max_images_per_request, prompt=prompt, ids=ids)
         return [r.score for request in requests for r in (await self._call(self.stub.Score, request, timeout)).results]
 
-    async def score_pairs(self, prompts: Sequence[str], images: Sequence[ImageRef],
-                          timeout: float | None = None) -> list[float]:
+    async def score_pairs(
+        self, prompts: Sequence[str], images: Sequence[ImageRef], timeout: float | None = None
+    ) -> list[float]:
         requests = _score_requests(images, (await self.model_info()).max_images_per_request, prompts=prompts)
         return [r.score for request in requests for r in (await self._call(self.stub.Score, request, timeout)).results]
 
-    async def rank(self, prompt: str, images: Sequence[ImageRef], top_k: int | None = None,
-                   timeout: float | None = None) -> Ranking:
+    async def rank(
+        self, prompt: str, images: Sequence[ImageRef], top_k: int | None = None, timeout: float | None = None
+    ) -> Ranking:
         check_top_k(top_k)
-        response = await self._call(self.stub.Rank, pb.RankRequest(prompt=prompt, images=_images(images, None)), timeout)
+        response = await self._call(
+            self.stub.Rank, pb.RankRequest(prompt=prompt, images=_images(images, None)), timeout
+        )
         return _ranking(response, len(images), top_k)
 
-    async def score_many(self, prompt: str, images: Iterable[ImageRef], per_request: int = 0, skip_invalid: bool = False,
-                         timeout: float | None = None) -> tuple[np.ndarray, dict[int, PickScoreError]]:
+    async def score_many(
+        self,
+        prompt: str,
+        images: Iterable[ImageRef],
+        per_request: int = 0,
+        skip_invalid: bool = False,
+        timeout: float | None = None,
+    ) -> tuple[np.ndarray, dict[int, PickScoreError]]:
         refs = list(images)
         per_request = per_request or (1 if skip_invalid else (await self.model_info()).max_images_per_request)
         scores = np.full(len(refs), np.nan, np.float32)
         errors: dict[int, PickScoreError] = {}
         try:
-            async for response in self.stub.ScoreStream(_stream_requests(prompt, refs, per_request), timeout=timeout,
-                                                        metadata=self.metadata):
+            async for response in self.stub.ScoreStream(
+                _stream_requests(prompt, refs, per_request), timeout=timeout, metadata=self.metadata
+            ):
                 _collect(scores, errors, response, skip_invalid)
         except grpc.RpcError as e:
             raise domain_error(e) from None

@@ -7,8 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -18,28 +19,39 @@ from pickscore.flags import int_at_least
 from pickscore.model.preprocess import DEFAULT_MAX_PIXELS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-MODEL_HELP = ("model reference: demo (the small model bundled with the package, trained on drawn shapes), a Hugging "
-              "Face CLIP directory (e.g. a downloaded PickScore_v1), an open_clip directory, a checkpoint or ONNX "
-              "export written by this project, or a hub id such as yuvalkirstain/PickScore_v1 (see README: "
-              "'Using the real PickScore_v1')")
+MODEL_HELP = (
+    "model reference: demo (the small model bundled with the package, trained on drawn shapes), a Hugging "
+    "Face CLIP directory (e.g. a downloaded PickScore_v1), an open_clip directory, a checkpoint or ONNX "
+    "export written by this project, or a hub id such as yuvalkirstain/PickScore_v1 (see README: "
+    "'Using the real PickScore_v1')"
+)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    score = sub.add_parser("score", help="score each image against a prompt",
-                           description="Print the PickScore of each image for the prompt, in input order.")
+    score = sub.add_parser(
+        "score",
+        help="score each image against a prompt",
+        description="Print the PickScore of each image for the prompt, in input order.",
+    )
     _scoring_flags(score)
     score.set_defaults(func=_cmd_score)
 
-    rank = sub.add_parser("rank", help="rank images for a prompt, best first",
-                          description="Rank images for a prompt: best first, with scores and softmax probabilities "
-                                      "over the candidates (the probability a person prefers each).")
+    rank = sub.add_parser(
+        "rank",
+        help="rank images for a prompt, best first",
+        description="Rank images for a prompt: best first, with scores and softmax probabilities "
+        "over the candidates (the probability a person prefers each).",
+    )
     _scoring_flags(rank)
     rank.add_argument("--top-k", type=int_at_least(1), default=None, metavar="K", help="print only the K best images")
     rank.set_defaults(func=_cmd_rank)
 
-    convert = sub.add_parser("convert", help="write a model in this project's (open_clip) layout",
-                             description="Load any model reference and write it as an open_clip directory "
-                                         "with preprocessor_config.json, loadable with --model DIR.")
+    convert = sub.add_parser(
+        "convert",
+        help="write a model in this project's (open_clip) layout",
+        description="Load any model reference and write it as an open_clip directory "
+        "with preprocessor_config.json, loadable with --model DIR.",
+    )
     convert.add_argument("--model", required=True, metavar="REF", help=MODEL_HELP)
     convert.add_argument("--out", required=True, type=Path, help="output directory (replaced atomically)")
     convert.set_defaults(func=_cmd_convert)
@@ -48,22 +60,40 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def _scoring_flags(p: argparse.ArgumentParser) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--model", metavar="REF", help=MODEL_HELP)
-    where.add_argument("--server", metavar="HOST:PORT",
-                       help="score on a running `pickscore serve` instead of loading a model here")
+    where.add_argument(
+        "--server", metavar="HOST:PORT", help="score on a running `pickscore serve` instead of loading a model here"
+    )
     add_backend_flags(p)
     p.add_argument("--prompt", required=True, help="the text prompt the images were generated for")
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
-                   help=f"image files, or directories searched recursively for {' '.join(IMAGE_EXTENSIONS)}")
+    p.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE_OR_DIR",
+        help=f"image files, or directories searched recursively for {' '.join(IMAGE_EXTENSIONS)}",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--skip-invalid", action="store_true",
-                   help="report undecodable or oversized images per item and score the rest, instead of failing")
-    p.add_argument("--batch-size", type=int_at_least(1), default=16,
-                   help="images per forward pass (default 16; local model only)")
-    p.add_argument("--max-pixels", type=int_at_least(1), default=DEFAULT_MAX_PIXELS,
-                   help=f"refuse images with more pixels than this, a guard against decompression bombs "
-                        f"(default {DEFAULT_MAX_PIXELS}; local model only: a server applies its own limit)")
-    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
-                   help="deadline of each server request (default 600; with --server only)")
+    p.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="report undecodable or oversized images per item and score the rest, instead of failing",
+    )
+    p.add_argument(
+        "--batch-size", type=int_at_least(1), default=16, help="images per forward pass (default 16; local model only)"
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int_at_least(1),
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse images with more pixels than this, a guard against decompression bombs "
+        f"(default {DEFAULT_MAX_PIXELS}; local model only: a server applies its own limit)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="deadline of each server request (default 600; with --server only)",
+    )
 
 
 def _expand(paths: Sequence[str]) -> list[Path]:
@@ -86,8 +116,14 @@ def _score_files(args: argparse.Namespace) -> tuple[list[Path], np.ndarray, dict
     else:
         from pickscore.scorer import Scorer
 
-        scorer = Scorer.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                                        batch_size=args.batch_size, max_pixels=args.max_pixels)
+        scorer = Scorer.from_pretrained(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            backend=args.backend,
+            batch_size=args.batch_size,
+            max_pixels=args.max_pixels,
+        )
         scores, errors = scorer.score_all(args.prompt, files, skip_invalid=args.skip_invalid, progress=True)
     if len(errors) == len(files):
         raise InvalidInput(f"none of the {len(files)} images could be scored; first: {errors[0]}")
@@ -120,8 +156,12 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     valid = [i for i in range(len(files)) if i not in errors]
     ranking = rank_scores(scores[valid], args.top_k)  # softmax over the valid candidates only
     results = [
-        {"image": str(files[valid[j]]), "score": ranking.scores[j], "probability": ranking.probabilities[j],
-         "rank": r + 1}
+        {
+            "image": str(files[valid[j]]),
+            "score": ranking.scores[j],
+            "probability": ranking.probabilities[j],
+            "rank": r + 1,
+        }
         for r, j in enumerate(ranking.order)
     ]
     _emit(args, results, errors, files, columns=("rank", "score", "probability"))
@@ -136,8 +176,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _emit(args: argparse.Namespace, results: list[dict[str, Any]], errors: dict[int, PickScoreError],
-          files: list[Path], columns: tuple[str, ...]) -> None:
+def _emit(
+    args: argparse.Namespace,
+    results: list[dict[str, Any]],
+    errors: dict[int, PickScoreError],
+    files: list[Path],
+    columns: tuple[str, ...],
+) -> None:
     error_items = [{"image": str(files[i]), "error": str(e)} for i, e in sorted(errors.items())]
     if args.json:
         doc: dict[str, Any] = {"model": args.model, "prompt": args.prompt, "results": results}

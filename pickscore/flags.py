@@ -15,8 +15,9 @@ None, so a caller can tell "not given" from "given the default" and layer flags 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import Field, field, fields
-from typing import Any, Callable
+from typing import Any
 
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 

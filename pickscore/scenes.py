@@ -20,27 +20,49 @@ from dataclasses import dataclass, replace
 from PIL import Image, ImageDraw
 
 PALETTE = {
-    "red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 70, 220), "yellow": (245, 210, 30),
-    "purple": (130, 40, 170), "orange": (250, 130, 20), "white": (255, 255, 255), "black": (0, 0, 0),
-    "gray": (128, 128, 128), "pink": (250, 175, 200),
+    "red": (220, 30, 30),
+    "green": (30, 160, 60),
+    "blue": (30, 70, 220),
+    "yellow": (245, 210, 30),
+    "purple": (130, 40, 170),
+    "orange": (250, 130, 20),
+    "white": (255, 255, 255),
+    "black": (0, 0, 0),
+    "gray": (128, 128, 128),
+    "pink": (250, 175, 200),
 }
 COUNTS = {1: "one", 2: "two", 3: "three"}
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 BACKGROUNDS = ("white", "black", "gray", "pink", "blue", "green")
-POSITIONS = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
-             "center": "in the center"}
+POSITIONS = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
+}
 # Where the shapes go, as (x0, y0, x1, y1) fractions of the image; no region reaches the (0, 0) corner,
 # so that pixel always shows the background.
-REGIONS = {"left": (0.0, 0.15, 0.45, 0.85), "right": (0.55, 0.15, 1.0, 0.85), "top": (0.15, 0.0, 0.85, 0.45),
-           "bottom": (0.15, 0.55, 0.85, 1.0), "center": (0.25, 0.25, 0.75, 0.75)}
+REGIONS = {
+    "left": (0.0, 0.15, 0.45, 0.85),
+    "right": (0.55, 0.15, 1.0, 0.85),
+    "top": (0.15, 0.0, 0.85, 0.45),
+    "bottom": (0.15, 0.55, 0.85, 1.0),
+    "center": (0.25, 0.25, 0.75, 0.75),
+}
 
 
 def _polygon(points: int, inner: float = 1.0) -> tuple[tuple[float, float], ...]:
     """Vertices in the unit square, alternating outer and ``inner`` radius (1.0: a regular polygon)."""
     n = points * (1 if inner == 1.0 else 2)
     radius = [0.5, 0.5 * inner]
-    return tuple((0.5 + radius[k % 2] * math.cos(2 * math.pi * k / n - math.pi / 2),
-                  0.5 + radius[k % 2] * math.sin(2 * math.pi * k / n - math.pi / 2)) for k in range(n))
+    return tuple(
+        (
+            0.5 + radius[k % 2] * math.cos(2 * math.pi * k / n - math.pi / 2),
+            0.5 + radius[k % 2] * math.sin(2 * math.pi * k / n - math.pi / 2),
+        )
+        for k in range(n)
+    )
 
 
 # Each shape is a polygon in the unit square, scaled into its box when drawn.
@@ -51,8 +73,15 @@ SHAPES = {
     "star": _polygon(5, inner=0.4),
 }
 ATTRIBUTES = ("count", "colour", "shape", "position", "background")
-CHOICES = {"count": tuple(COUNTS), "colour": COLOURS, "shape": tuple(SHAPES), "position": tuple(POSITIONS),
-           "background": BACKGROUNDS}
+CHOICES = {
+    "count": tuple(COUNTS),
+    "colour": COLOURS,
+    "shape": tuple(SHAPES),
+    "position": tuple(POSITIONS),
+    "background": BACKGROUNDS,
+}
+
+
 @dataclass(frozen=True)
 class Scene:
     """What a prompt asks for, or what an image shows. The shape colour never equals the background."""
@@ -97,8 +126,13 @@ def render(scene: Scene, size: int, rng: random.Random) -> Image.Image:
 def random_scene(rng: random.Random) -> Scene:
     """A scene with every attribute drawn at random (shape colour never the background's)."""
     colour = rng.choice(COLOURS)
-    return Scene(count=rng.choice(tuple(COUNTS)), colour=colour, shape=rng.choice(tuple(SHAPES)),
-                 position=rng.choice(tuple(POSITIONS)), background=rng.choice([b for b in BACKGROUNDS if b != colour]))
+    return Scene(
+        count=rng.choice(tuple(COUNTS)),
+        colour=colour,
+        shape=rng.choice(tuple(SHAPES)),
+        position=rng.choice(tuple(POSITIONS)),
+        background=rng.choice([b for b in BACKGROUNDS if b != colour]),
+    )
 
 
 def vary(prompt: Scene, changes: int, rng: random.Random) -> Scene:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -50,8 +50,9 @@ class Scorer:
         self.pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1, thread_name_prefix="decode")
 
     @classmethod
-    def from_pretrained(cls, ref: str | os.PathLike, device: str = "auto", dtype: str = "auto",
-                        backend: str = "auto", **kwargs) -> "Scorer":
+    def from_pretrained(
+        cls, ref: str | os.PathLike, device: str = "auto", dtype: str = "auto", backend: str = "auto", **kwargs
+    ) -> Scorer:
         """Resolve a model reference (see ``pickscore.model.checkpoint.resolve``) and load it."""
         return cls(load_backend(str(ref), backend, device, dtype), **kwargs)
 
@@ -70,8 +71,10 @@ class Scorer:
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Preprocessed pixels (N, 3, H, W) -> L2-normalised float32 embeddings (N, D), in batches."""
-        out = [self.backend.encode_image(pixels[start : start + self.batch_size])
-               for start in range(0, len(pixels), self.batch_size)]
+        out = [
+            self.backend.encode_image(pixels[start : start + self.batch_size])
+            for start in range(0, len(pixels), self.batch_size)
+        ]
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 
     def load_image(self, index: int, item: ImageInput) -> np.ndarray:
@@ -128,4 +131,3 @@ class Scorer:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
-

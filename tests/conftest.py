@@ -17,10 +17,24 @@ from pickscore.model.tokenizer import save_hf_files
 # A PickScore_v1-shaped config, shrunk: same vocabulary, context, image size, patch grid style and activation.
 TINY_HF_CONFIG = {
     "projection_dim": 16,
-    "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                    "num_attention_heads": 4, "hidden_act": "gelu", "vocab_size": 49408, "max_position_embeddings": 77},
-    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                      "image_size": 224, "patch_size": 32, "hidden_act": "gelu"},
+    "text_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "hidden_act": "gelu",
+        "vocab_size": 49408,
+        "max_position_embeddings": 77,
+    },
+    "vision_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 224,
+        "patch_size": 32,
+        "hidden_act": "gelu",
+    },
 }
 
 
@@ -37,8 +51,11 @@ def make_hf_clip(seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     cfg = {**TINY_HF_CONFIG, **overrides}
-    return CLIPModel(CLIPConfig(text_config=cfg["text_config"], vision_config=cfg["vision_config"],
-                                projection_dim=cfg["projection_dim"])).eval()
+    return CLIPModel(
+        CLIPConfig(
+            text_config=cfg["text_config"], vision_config=cfg["vision_config"], projection_dim=cfg["projection_dim"]
+        )
+    ).eval()
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +77,9 @@ def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
 def _picture(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """Smooth colour gradients plus blocks, so resampling differences would show."""
     y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([(x * rng.uniform(0.2, 2)) % 256, (y * rng.uniform(0.2, 2)) % 256, ((x + y) * rng.uniform(0.1, 1)) % 256], -1)
+    base = np.stack(
+        [(x * rng.uniform(0.2, 2)) % 256, (y * rng.uniform(0.2, 2)) % 256, ((x + y) * rng.uniform(0.1, 1)) % 256], -1
+    )
     for _ in range(4):
         x0, y0 = rng.integers(0, width), rng.integers(0, height)
         base[y0 : y0 + height // 3, x0 : x0 + width // 3] = rng.integers(0, 256, 3)
@@ -76,7 +95,9 @@ def varied_images(seed: int = 0) -> list[tuple[str, bytes, Image.Image]]:
     rng = np.random.default_rng(seed)
     out = []
     rgb = lambda w, h: Image.fromarray(_picture(rng, w, h))  # noqa: E731
-    for i, (w, h) in enumerate([(512, 512), (640, 480), (300, 700), (225, 224), (1024, 256), (16, 16), (224, 224), (97, 351)]):
+    for i, (w, h) in enumerate(
+        [(512, 512), (640, 480), (300, 700), (225, 224), (1024, 256), (16, 16), (224, 224), (97, 351)]
+    ):
         out.append((f"rgb_{i}_{w}x{h}.jpg", _encode(rgb(w, h), "JPEG", quality=90), None))
     out.append(("rgb.png", _encode(rgb(320, 240), "PNG"), None))
     rgba = rgb(256, 300).convert("RGBA")

@@ -43,29 +43,46 @@ def test_rank_json_best_first_with_probability_and_rank(capsys, tiny_hf_dir, ima
 
 
 def test_table_output(capsys, tiny_hf_dir, image_dir):
-    code, out, _ = run(capsys, "rank", "--model", tiny_hf_dir, "--prompt", PROMPT, image_dir / "rgb.png", image_dir / "gray.png")
+    code, out, _ = run(
+        capsys, "rank", "--model", tiny_hf_dir, "--prompt", PROMPT, image_dir / "rgb.png", image_dir / "gray.png"
+    )
     lines = out.strip().splitlines()
     assert code == 0 and lines[0].split() == ["rank", "score", "probability", "image"] and len(lines) == 3
     assert lines[1].split()[0] == "1" and lines[2].split()[0] == "2"
 
 
-@pytest.mark.parametrize("name,reason", [
-    ("truncated.jpg", "not a decodable image"),
-    ("bomb.png", "pixel limit"),
-    ("notes.png", "cannot identify image file"),
-    ("empty.jpg", "empty file"),
-])
+@pytest.mark.parametrize(
+    "name,reason",
+    [
+        ("truncated.jpg", "not a decodable image"),
+        ("bomb.png", "pixel limit"),
+        ("notes.png", "cannot identify image file"),
+        ("empty.jpg", "empty file"),
+    ],
+)
 def test_bad_image_fails_naming_the_file(capsys, tiny_hf_dir, image_dir, bad_images, name, reason):
-    code, out, err = run(capsys, "score", "--model", tiny_hf_dir, "--prompt", PROMPT, "--json",
-                         image_dir / "rgb.png", bad_images[name])
+    code, out, err = run(
+        capsys, "score", "--model", tiny_hf_dir, "--prompt", PROMPT, "--json", image_dir / "rgb.png", bad_images[name]
+    )
     assert code == 1 and out == ""
     assert str(bad_images[name]) in err and reason in err
 
 
 def test_skip_invalid_reports_each_bad_file_and_scores_the_rest(capsys, tiny_hf_dir, image_dir, bad_images):
     good = [image_dir / "rgb.png", image_dir / "gray.png"]
-    code, out, _ = run(capsys, "rank", "--model", tiny_hf_dir, "--prompt", PROMPT, "--json", "--skip-invalid",
-                       good[0], *bad_images.values(), good[1])
+    code, out, _ = run(
+        capsys,
+        "rank",
+        "--model",
+        tiny_hf_dir,
+        "--prompt",
+        PROMPT,
+        "--json",
+        "--skip-invalid",
+        good[0],
+        *bad_images.values(),
+        good[1],
+    )
     assert code == 0
     doc = json.loads(out)
     assert sorted(r["image"] for r in doc["results"]) == sorted(map(str, good))
@@ -75,7 +92,9 @@ def test_skip_invalid_reports_each_bad_file_and_scores_the_rest(capsys, tiny_hf_
 
 
 def test_all_invalid_fails_even_with_skip_invalid(capsys, tiny_hf_dir, bad_images):
-    code, _, err = run(capsys, "score", "--model", tiny_hf_dir, "--prompt", PROMPT, "--skip-invalid", *bad_images.values())
+    code, _, err = run(
+        capsys, "score", "--model", tiny_hf_dir, "--prompt", PROMPT, "--skip-invalid", *bad_images.values()
+    )
     assert code == 1 and "none of the 4 images" in err
 
 
@@ -88,17 +107,24 @@ def test_convert_writes_a_loadable_model(capsys, tmp_path, tiny_hf_dir, image_di
     assert run(capsys, "convert", "--model", tiny_hf_dir, "--out", tmp_path / "oc")[0] == 0
     _, a, _ = run(capsys, "score", "--model", tmp_path / "oc", "--prompt", PROMPT, "--json", image_dir)
     _, b, _ = run(capsys, "score", "--model", tiny_hf_dir, "--prompt", PROMPT, "--json", image_dir)
-    np.testing.assert_allclose([r["score"] for r in json.loads(a)["results"]],
-                               [r["score"] for r in json.loads(b)["results"]], atol=1e-6)
+    np.testing.assert_allclose(
+        [r["score"] for r in json.loads(a)["results"]], [r["score"] for r in json.loads(b)["results"]], atol=1e-6
+    )
 
 
 def test_console_script_exit_codes(tiny_hf_dir, image_dir, bad_images):
     exe = Path(sys.executable).with_name("pickscore")
-    ok = subprocess.run([exe, "score", "--model", tiny_hf_dir, "--prompt", PROMPT, "--json", image_dir / "rgb.png"],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [exe, "score", "--model", tiny_hf_dir, "--prompt", PROMPT, "--json", image_dir / "rgb.png"],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0 and len(json.loads(ok.stdout)["results"]) == 1
-    bad = subprocess.run([exe, "score", "--model", tiny_hf_dir, "--prompt", PROMPT, bad_images["notes.png"]],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [exe, "score", "--model", tiny_hf_dir, "--prompt", PROMPT, bad_images["notes.png"]],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 1 and "notes.png" in bad.stderr
     usage = subprocess.run([exe, "rank", "--prompt", PROMPT], capture_output=True, text=True)
     assert usage.returncode == 2 and "--model" in usage.stderr

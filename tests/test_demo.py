@@ -7,9 +7,9 @@ import random
 
 from pickscore.backends import load_backend
 from pickscore.model.checkpoint import DEMO_DIR, resolve
+from pickscore.scenes import random_scene, render, vary
 from pickscore.scorer import Scorer
 from pickscore.server.settings import Settings
-from pickscore.scenes import random_scene, render, vary
 from pickscore.training.evaluate import evaluate
 from pickscore.training.synthetic import write_synthetic
 

@@ -6,19 +6,33 @@ import numpy as np
 import pytest
 import torch
 
+from pickscore.backends.torch_backend import TorchBackend
 from pickscore.model import hf_convert
 from pickscore.model.checkpoint import resolve
 from pickscore.scorer import Scorer
-from pickscore.backends.torch_backend import TorchBackend
 from tests.conftest import save_hf_clip, varied_images
 
 # PickScore_v1's config.json (laion/CLIP-ViT-H-14-laion2B-s32B-b79K architecture).
 PICKSCORE_V1_CONFIG = {
     "projection_dim": 1024,
-    "text_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
-                    "hidden_act": "gelu", "vocab_size": 49408, "max_position_embeddings": 77},
-    "vision_config": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 16,
-                      "image_size": 224, "patch_size": 14, "hidden_act": "gelu"},
+    "text_config": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "hidden_act": "gelu",
+        "vocab_size": 49408,
+        "max_position_embeddings": 77,
+    },
+    "vision_config": {
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 16,
+        "image_size": 224,
+        "patch_size": 14,
+        "hidden_act": "gelu",
+    },
 }
 
 

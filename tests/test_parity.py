@@ -36,8 +36,10 @@ def reference(tiny_hf_dir, tiny_hf_model):
     """Scores from CLIPModel + CLIPProcessor for each prompt over the varied images."""
     from transformers import CLIPImageProcessorPil, CLIPProcessor, CLIPTokenizer
 
-    processor = CLIPProcessor(image_processor=CLIPImageProcessorPil.from_pretrained(tiny_hf_dir),
-                              tokenizer=CLIPTokenizer.from_pretrained(tiny_hf_dir))
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessorPil.from_pretrained(tiny_hf_dir),
+        tokenizer=CLIPTokenizer.from_pretrained(tiny_hf_dir),
+    )
     images = [rgb if rgb is not None else Image.open(io.BytesIO(data)) for _, data, rgb in varied_images()]
     with torch.no_grad():
         pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]

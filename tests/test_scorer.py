@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pickscore.errors import InvalidInput
 from pickscore.backends.torch_backend import resolve_device
+from pickscore.errors import InvalidInput
 from pickscore.model.scoring import rank_scores
 from pickscore.scorer import Scorer
 from tests.conftest import varied_images

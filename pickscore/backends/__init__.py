@@ -62,10 +62,21 @@ def load_backend(
 
 def add_backend_flags(parser: argparse.ArgumentParser, dtype_default: str = "auto") -> None:
     """--backend, --device and --dtype, for the commands that load a model in-process."""
-    parser.add_argument("--backend", default="auto", choices=KINDS,
-                        help="auto (default): onnxruntime for an ONNX export, torch otherwise")
-    parser.add_argument("--device", default="auto",
-                        help="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ... (default auto)")
-    parser.add_argument("--dtype", default=dtype_default, choices=DTYPES,
-                        help=f"torch compute precision; auto is bf16 on CUDA and fp32 on CPU (default {dtype_default}; "
-                             "an ONNX export runs at the precision it was exported in)")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=KINDS,
+        help="auto (default): onnxruntime for an ONNX export, torch otherwise",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ... (default auto)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=dtype_default,
+        choices=DTYPES,
+        help=f"torch compute precision; auto is bf16 on CUDA and fp32 on CPU (default {dtype_default}; "
+        "an ONNX export runs at the precision it was exported in)",
+    )

@@ -21,8 +21,13 @@ from pickscore.model.tokenizer import Tokenizer
 class OnnxBackend:
     name = "onnxruntime"
 
-    def __init__(self, directory: str | os.PathLike, manifest: dict[str, Any] | None = None, max_batch_size: int = 32,
-                 providers: list[str] | None = None):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        manifest: dict[str, Any] | None = None,
+        max_batch_size: int = 32,
+        providers: list[str] | None = None,
+    ):
         import onnxruntime as ort
 
         directory = Path(directory)
@@ -46,15 +51,24 @@ class OnnxBackend:
             options = []
             for provider in chosen:
                 if provider == "TensorrtExecutionProvider":
-                    options.append((provider, {
-                        "trt_engine_cache_enable": True, "trt_engine_cache_path": str(directory / "trt_cache"),
-                        "trt_fp16_enable": manifest.get("precision") != "fp32",
-                        "trt_profile_min_shapes": f"{input_name}:1x{rest}",
-                        "trt_profile_opt_shapes": f"{input_name}:{max_batch_size}x{rest}",
-                        "trt_profile_max_shapes": f"{input_name}:{max_batch_size}x{rest}"}))
+                    options.append(
+                        (
+                            provider,
+                            {
+                                "trt_engine_cache_enable": True,
+                                "trt_engine_cache_path": str(directory / "trt_cache"),
+                                "trt_fp16_enable": manifest.get("precision") != "fp32",
+                                "trt_profile_min_shapes": f"{input_name}:1x{rest}",
+                                "trt_profile_opt_shapes": f"{input_name}:{max_batch_size}x{rest}",
+                                "trt_profile_max_shapes": f"{input_name}:{max_batch_size}x{rest}",
+                            },
+                        )
+                    )
                 else:
                     options.append(provider)
-            self._sessions[tower] = ort.InferenceSession(str(directory / f"{tower}.onnx"), session_options, providers=options)
+            self._sessions[tower] = ort.InferenceSession(
+                str(directory / f"{tower}.onnx"), session_options, providers=options
+            )
         active = self._sessions["image"].get_providers()[0].removesuffix("ExecutionProvider")
         self.description = f"{active} {manifest.get('precision', 'fp32')}"
 

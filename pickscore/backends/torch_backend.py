@@ -14,7 +14,9 @@ DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
     """'auto' picks CUDA when present; dtype 'auto' is bf16 on CUDA and fp32 on CPU."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     if dtype == "auto":
         return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
     if dtype not in TORCH_DTYPES:
@@ -40,7 +42,7 @@ class TorchBackend:
         self.description = f"{self.device} {DTYPE_NAMES[dtype]}"
 
     @classmethod
-    def from_ref(cls, ref: str, device: str = "auto", dtype: str = "auto") -> "TorchBackend":
+    def from_ref(cls, ref: str, device: str = "auto", dtype: str = "auto") -> TorchBackend:
         dev, dt = resolve_device(device, dtype)
         return cls(resolve(ref), device=dev, dtype=dt)
 

@@ -27,36 +27,73 @@ def tensor(cls, name: str, dtype: int, dims: list[int]):
     return cls(name=name, data_type=dtype, dims=dims)
 
 
-def model_configs(embed_dim: int, image_size: tuple[int, int], context_length: int, max_batch_size: int,
-                  max_images_per_request: int, max_queue_delay_us: int) -> dict[str, mc.ModelConfig]:
+def model_configs(
+    embed_dim: int,
+    image_size: tuple[int, int],
+    context_length: int,
+    max_batch_size: int,
+    max_images_per_request: int,
+    max_queue_delay_us: int,
+) -> dict[str, mc.ModelConfig]:
     h, w = image_size
     batching = mc.ModelDynamicBatching(max_queue_delay_microseconds=max_queue_delay_us)
     image = mc.ModelConfig(
-        name=IMAGE, platform="onnxruntime_onnx", max_batch_size=max_batch_size, dynamic_batching=batching,
+        name=IMAGE,
+        platform="onnxruntime_onnx",
+        max_batch_size=max_batch_size,
+        dynamic_batching=batching,
         input=[tensor(mc.ModelInput, "pixel_values", mc.TYPE_FP32, [3, h, w])],
         output=[tensor(mc.ModelOutput, "image_embeds", mc.TYPE_FP32, [embed_dim])],
-        instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)])
+        instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)],
+    )
     text = mc.ModelConfig(
-        name=TEXT, platform="onnxruntime_onnx", max_batch_size=max_batch_size, dynamic_batching=batching,
+        name=TEXT,
+        platform="onnxruntime_onnx",
+        max_batch_size=max_batch_size,
+        dynamic_batching=batching,
         input=[tensor(mc.ModelInput, "input_ids", mc.TYPE_INT64, [context_length])],
         output=[tensor(mc.ModelOutput, "text_embeds", mc.TYPE_FP32, [embed_dim])],
-        instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)])
+        instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)],
+    )
     Step = mc.ModelEnsembling.Step
     ensemble = mc.ModelConfig(
-        name=ENSEMBLE, platform="ensemble", max_batch_size=max_images_per_request,
-        input=[tensor(mc.ModelInput, "PROMPT", mc.TYPE_STRING, [1]), tensor(mc.ModelInput, "IMAGE", mc.TYPE_STRING, [1])],
+        name=ENSEMBLE,
+        platform="ensemble",
+        max_batch_size=max_images_per_request,
+        input=[
+            tensor(mc.ModelInput, "PROMPT", mc.TYPE_STRING, [1]),
+            tensor(mc.ModelInput, "IMAGE", mc.TYPE_STRING, [1]),
+        ],
         output=[tensor(mc.ModelOutput, "SCORE", mc.TYPE_FP32, [1])],
-        ensemble_scheduling=mc.ModelEnsembling(step=[
-            Step(model_name=PREPROCESS, model_version=-1, input_map={"PROMPT": "PROMPT", "IMAGE": "IMAGE"},
-                 output_map={"input_ids": "_input_ids", "pixel_values": "_pixel_values"}),
-            Step(model_name=TEXT, model_version=-1, input_map={"input_ids": "_input_ids"},
-                 output_map={"text_embeds": "_text_embeds"}),
-            Step(model_name=IMAGE, model_version=-1, input_map={"pixel_values": "_pixel_values"},
-                 output_map={"image_embeds": "_image_embeds"}),
-            Step(model_name=SCORE, model_version=-1,
-                 input_map={"text_embeds": "_text_embeds", "image_embeds": "_image_embeds"},
-                 output_map={"SCORE": "SCORE"}),
-        ]))
+        ensemble_scheduling=mc.ModelEnsembling(
+            step=[
+                Step(
+                    model_name=PREPROCESS,
+                    model_version=-1,
+                    input_map={"PROMPT": "PROMPT", "IMAGE": "IMAGE"},
+                    output_map={"input_ids": "_input_ids", "pixel_values": "_pixel_values"},
+                ),
+                Step(
+                    model_name=TEXT,
+                    model_version=-1,
+                    input_map={"input_ids": "_input_ids"},
+                    output_map={"text_embeds": "_text_embeds"},
+                ),
+                Step(
+                    model_name=IMAGE,
+                    model_version=-1,
+                    input_map={"pixel_values": "_pixel_values"},
+                    output_map={"image_embeds": "_image_embeds"},
+                ),
+                Step(
+                    model_name=SCORE,
+                    model_version=-1,
+                    input_map={"text_embeds": "_text_embeds", "image_embeds": "_image_embeds"},
+                    output_map={"SCORE": "SCORE"},
+                ),
+            ]
+        ),
+    )
     return {ENSEMBLE: ensemble, IMAGE: image, TEXT: text}
 
 

@@ -12,62 +12,99 @@ from pickscore.flags import int_at_least
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    export = sub.add_parser("export", help="export a model to ONNX, TensorRT or a Triton model repository",
-                            description="Export a model for other runtimes, verified against the original.")
+    export = sub.add_parser(
+        "export",
+        help="export a model to ONNX, TensorRT or a Triton model repository",
+        description="Export a model for other runtimes, verified against the original.",
+    )
     kinds = export.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
-    onnx = kinds.add_parser("onnx", help="image and text towers as ONNX graphs (DIR is a --model reference)",
-                            description="Write DIR/image.onnx and DIR/text.onnx (symbolic batch axis, L2-normalised "
-                                        "embeddings) with the model's preprocessing, tokenizer and logit_scale, so "
-                                        "DIR works as --model for score, rank, eval and serve. Verified with ONNX "
-                                        "Runtime.")
+    onnx = kinds.add_parser(
+        "onnx",
+        help="image and text towers as ONNX graphs (DIR is a --model reference)",
+        description="Write DIR/image.onnx and DIR/text.onnx (symbolic batch axis, L2-normalised "
+        "embeddings) with the model's preprocessing, tokenizer and logit_scale, so "
+        "DIR works as --model for score, rank, eval and serve. Verified with ONNX "
+        "Runtime.",
+    )
     onnx.add_argument("--model", required=True, metavar="REF", help="model reference to export (as for score)")
     onnx.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (replaced atomically)")
-    onnx.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                      help="fp32 (default); fp16 (half-precision weights and compute, float32 in and out); "
-                           "int8 (dynamic quantisation of the weights)")
-    onnx.add_argument("--min-agreement", type=float, default=0.99, metavar="FRACTION",
-                      help="fp16/int8: refuse to write when fewer than this fraction of image pairs in best-of-8 "
-                           "sets keep their fp32 order (default 0.99)")
+    onnx.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISIONS,
+        help="fp32 (default); fp16 (half-precision weights and compute, float32 in and out); "
+        "int8 (dynamic quantisation of the weights)",
+    )
+    onnx.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.99,
+        metavar="FRACTION",
+        help="fp16/int8: refuse to write when fewer than this fraction of image pairs in best-of-8 "
+        "sets keep their fp32 order (default 0.99)",
+    )
     onnx.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check against torch")
     onnx.set_defaults(func=_cmd_export_onnx)
 
-    trt = kinds.add_parser("tensorrt", help="build TensorRT engines for an ONNX export (GPU + TensorRT needed)",
-                           description="Build and cache TensorRT engines for an ONNX export through ONNX Runtime's "
-                                       "TensorRT provider, and verify them; says what is missing where it cannot.")
-    trt.add_argument("--model", required=True, metavar="ONNX_DIR",
-                     help="a directory written by `pickscore export onnx`")
-    trt.add_argument("--max-batch-size", type=int_at_least(1), default=32,
-                     help="largest batch of the profiles (default 32)")
+    trt = kinds.add_parser(
+        "tensorrt",
+        help="build TensorRT engines for an ONNX export (GPU + TensorRT needed)",
+        description="Build and cache TensorRT engines for an ONNX export through ONNX Runtime's "
+        "TensorRT provider, and verify them; says what is missing where it cannot.",
+    )
+    trt.add_argument(
+        "--model", required=True, metavar="ONNX_DIR", help="a directory written by `pickscore export onnx`"
+    )
+    trt.add_argument(
+        "--max-batch-size", type=int_at_least(1), default=32, help="largest batch of the profiles (default 32)"
+    )
     trt.set_defaults(func=_cmd_export_tensorrt)
 
-    triton = kinds.add_parser("triton", help="a Triton Inference Server model repository",
-                              description="Write REPO with pickscore (ensemble: PROMPT, IMAGE -> SCORE), "
-                                          "pickscore_image and pickscore_text (ONNX) and two Python-backend steps "
-                                          "that use this package.")
+    triton = kinds.add_parser(
+        "triton",
+        help="a Triton Inference Server model repository",
+        description="Write REPO with pickscore (ensemble: PROMPT, IMAGE -> SCORE), "
+        "pickscore_image and pickscore_text (ONNX) and two Python-backend steps "
+        "that use this package.",
+    )
     triton.add_argument("--model", required=True, metavar="REF", help="model reference, or an ONNX export to reuse")
-    triton.add_argument("--out", required=True, type=Path, metavar="REPO",
-                        help="repository directory (replaced atomically)")
+    triton.add_argument(
+        "--out", required=True, type=Path, metavar="REPO", help="repository directory (replaced atomically)"
+    )
     triton.add_argument("--precision", default="fp32", choices=PRECISIONS, help="ONNX precision (default fp32)")
-    triton.add_argument("--max-batch-size", type=int_at_least(1), default=32,
-                        help="towers' max_batch_size (default 32)")
-    triton.add_argument("--max-images-per-request", type=int_at_least(1), default=256,
-                        help="the ensemble's max_batch_size (default 256)")
-    triton.add_argument("--max-queue-delay-us", type=int_at_least(0), default=5000,
-                        help="dynamic_batching max_queue_delay_microseconds (default 5000)")
-    triton.add_argument("--instances", type=int_at_least(1), default=1,
-                        help="instance_group count per tower (default 1)")
-    triton.add_argument("--tensorrt", action="store_true",
-                        help="add the TensorRT accelerator (FP16, engine cache) to the ONNX towers")
+    triton.add_argument(
+        "--max-batch-size", type=int_at_least(1), default=32, help="towers' max_batch_size (default 32)"
+    )
+    triton.add_argument(
+        "--max-images-per-request",
+        type=int_at_least(1),
+        default=256,
+        help="the ensemble's max_batch_size (default 256)",
+    )
+    triton.add_argument(
+        "--max-queue-delay-us",
+        type=int_at_least(0),
+        default=5000,
+        help="dynamic_batching max_queue_delay_microseconds (default 5000)",
+    )
+    triton.add_argument(
+        "--instances", type=int_at_least(1), default=1, help="instance_group count per tower (default 1)"
+    )
+    triton.add_argument(
+        "--tensorrt", action="store_true", help="add the TensorRT accelerator (FP16, engine cache) to the ONNX towers"
+    )
     triton.set_defaults(func=_cmd_export_triton)
 
 
 def _cmd_export_onnx(args: argparse.Namespace) -> int:
     from pickscore.exporter.onnx import export_onnx
 
-    manifest = export_onnx(args.model, args.out, precision=args.precision, verify=not args.no_verify,
-                           min_agreement=args.min_agreement)
-    print(f"wrote {args.out} ({args.precision}; verification: {manifest.get('verification', 'skipped')})",
-          file=sys.stderr)
+    manifest = export_onnx(
+        args.model, args.out, precision=args.precision, verify=not args.no_verify, min_agreement=args.min_agreement
+    )
+    print(
+        f"wrote {args.out} ({args.precision}; verification: {manifest.get('verification', 'skipped')})", file=sys.stderr
+    )
     return 0
 
 
@@ -81,8 +118,15 @@ def _cmd_export_tensorrt(args: argparse.Namespace) -> int:
 def _cmd_export_triton(args: argparse.Namespace) -> int:
     from pickscore.exporter.triton import export_triton
 
-    out = export_triton(args.model, args.out, precision=args.precision, max_batch_size=args.max_batch_size,
-                        max_images_per_request=args.max_images_per_request, max_queue_delay_us=args.max_queue_delay_us,
-                        tensorrt=args.tensorrt, instances=args.instances)
+    out = export_triton(
+        args.model,
+        args.out,
+        precision=args.precision,
+        max_batch_size=args.max_batch_size,
+        max_images_per_request=args.max_images_per_request,
+        max_queue_delay_us=args.max_queue_delay_us,
+        tensorrt=args.tensorrt,
+        instances=args.instances,
+    )
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -42,8 +42,15 @@ class _Tower(torch.nn.Module):
         return F.normalize(encode(x), dim=-1)
 
 
-def export_onnx(ref: str, out: str | os.PathLike, precision: str = "fp32", verify: bool = True,
-                min_agreement: float = 0.99, tolerance: float = TOLERANCE, opset: int = 18) -> dict[str, Any]:
+def export_onnx(
+    ref: str,
+    out: str | os.PathLike,
+    precision: str = "fp32",
+    verify: bool = True,
+    min_agreement: float = 0.99,
+    tolerance: float = TOLERANCE,
+    opset: int = 18,
+) -> dict[str, Any]:
     """Export, verify (unless ``verify`` is False) and write DIR atomically -> the manifest written.
 
     fp32 must match torch within ``tolerance``; fp16 and int8 must agree with fp32 on the order of at least
@@ -59,9 +66,16 @@ def export_onnx(ref: str, out: str | os.PathLike, precision: str = "fp32", verif
         _export(model, loaded, fp32_dir, opset)
         if precision != "fp32":
             _lower_precision(fp32_dir, tmp, precision)
-        manifest = {"format": FORMAT, "version": 1, "precision": precision, "source": loaded.source,
-                    "logit_scale": float(model.logit_scale.detach()), "embed_dim": int(loaded.model_cfg["embed_dim"]),
-                    "context_length": loaded.context_length, "model_cfg": loaded.model_cfg}
+        manifest = {
+            "format": FORMAT,
+            "version": 1,
+            "precision": precision,
+            "source": loaded.source,
+            "logit_scale": float(model.logit_scale.detach()),
+            "embed_dim": int(loaded.model_cfg["embed_dim"]),
+            "context_length": loaded.context_length,
+            "model_cfg": loaded.model_cfg,
+        }
         (tmp / "preprocessor_config.json").write_text(json.dumps(loaded.preprocess.to_hf(), indent=2) + "\n")
         save_hf_files(tmp)
         if verify:
@@ -76,13 +90,27 @@ def _export(model, loaded: LoadedModel, out: Path, opset: int) -> None:
     h, w = loaded.preprocess.output_size
     towers = {
         "image": (_Tower(model, "image").eval(), torch.zeros(2, 3, h, w), "pixel_values", "image_embeds"),
-        "text": (_Tower(model, "text").eval(), torch.zeros(2, loaded.context_length, dtype=torch.long), "input_ids", "text_embeds"),
+        "text": (
+            _Tower(model, "text").eval(),
+            torch.zeros(2, loaded.context_length, dtype=torch.long),
+            "input_ids",
+            "text_embeds",
+        ),
     }
     batch = torch.export.Dim("batch", min=1, max=4096)
     for name, (tower, example, input_name, output_name) in towers.items():
-        torch.onnx.export(tower, (example,), str(out / f"{name}.onnx"), dynamo=True, opset_version=opset,
-                          input_names=[input_name], output_names=[output_name],
-                          dynamic_shapes=({0: batch},), external_data=False, verbose=False)
+        torch.onnx.export(
+            tower,
+            (example,),
+            str(out / f"{name}.onnx"),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_shapes=({0: batch},),
+            external_data=False,
+            verbose=False,
+        )
         check_symbolic_batch(out / f"{name}.onnx")
 
 
@@ -94,7 +122,9 @@ def check_symbolic_batch(path: Path) -> None:
     for value in [*graph.input, *graph.output]:
         first = value.type.tensor_type.shape.dim[0]
         if not first.dim_param:
-            raise ValueError(f"{path.name}: the batch axis of {value.name!r} was fixed to {first.dim_value} by the exporter")
+            raise ValueError(
+                f"{path.name}: the batch axis of {value.name!r} was fixed to {first.dim_value} by the exporter"
+            )
 
 
 def _lower_precision(fp32_dir: Path, out: Path, precision: str) -> None:

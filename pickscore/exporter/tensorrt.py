@@ -26,8 +26,10 @@ def missing() -> str | None:
     if not gpu:
         return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
     if "TensorrtExecutionProvider" not in ort.get_available_providers():
-        return ("this onnxruntime has no TensorrtExecutionProvider (install onnxruntime-gpu and TensorRT; available: "
-                f"{', '.join(ort.get_available_providers())})")
+        return (
+            "this onnxruntime has no TensorrtExecutionProvider (install onnxruntime-gpu and TensorRT; available: "
+            f"{', '.join(ort.get_available_providers())})"
+        )
     return None
 
 

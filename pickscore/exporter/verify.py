@@ -29,8 +29,9 @@ from pickscore.scenes import random_scene, render
 TOLERANCE = 1e-4  # largest |embedding difference| accepted for fp32 against torch
 
 
-def verify_export(directory: Path, loaded: LoadedModel, manifest: dict[str, Any], tolerance: float,
-                  min_agreement: float) -> dict[str, Any]:
+def verify_export(
+    directory: Path, loaded: LoadedModel, manifest: dict[str, Any], tolerance: float, min_agreement: float
+) -> dict[str, Any]:
     """ONNX Runtime against torch at batch sizes 1 and 7; rank agreement with fp32 on best-of-8 sets."""
     precision = manifest["precision"]
     ours = OnnxBackend(directory, manifest=manifest)
@@ -39,8 +40,11 @@ def verify_export(directory: Path, loaded: LoadedModel, manifest: dict[str, Any]
     result: dict[str, Any] = {}
     worst = 0.0
     for batch in (1, 7):
-        worst = max(worst, float(np.abs(ours.encode_image(pixels[:batch]) - reference.encode_image(pixels[:batch])).max()),
-                    float(np.abs(ours.encode_text(tokens[:batch]) - reference.encode_text(tokens[:batch])).max()))
+        worst = max(
+            worst,
+            float(np.abs(ours.encode_image(pixels[:batch]) - reference.encode_image(pixels[:batch])).max()),
+            float(np.abs(ours.encode_text(tokens[:batch]) - reference.encode_text(tokens[:batch])).max()),
+        )
     result["max_abs_diff"] = worst
     if precision == "fp32":
         if worst > tolerance:
@@ -49,12 +53,16 @@ def verify_export(directory: Path, loaded: LoadedModel, manifest: dict[str, Any]
     agreement = rank_agreement(ours, reference, pixels, tokens)
     result["rank_agreement"] = agreement
     if agreement < min_agreement:
-        raise ValueError(f"{precision} export agrees with fp32 on {agreement:.3f} of best-of-8 pairs, below "
-                         f"--min-agreement {min_agreement}; not written")
+        raise ValueError(
+            f"{precision} export agrees with fp32 on {agreement:.3f} of best-of-8 pairs, below "
+            f"--min-agreement {min_agreement}; not written"
+        )
     return result
 
 
-def rank_agreement(candidate: Backend, reference: Backend, pixels: np.ndarray, tokens: np.ndarray, per_set: int = 8) -> float:
+def rank_agreement(
+    candidate: Backend, reference: Backend, pixels: np.ndarray, tokens: np.ndarray, per_set: int = 8
+) -> float:
     """Fraction of image pairs, within best-of-8 sets (one prompt each), that both backends order alike."""
     agree = total = 0
     for s in range(len(pixels) // per_set):
@@ -67,8 +75,9 @@ def rank_agreement(candidate: Backend, reference: Backend, pixels: np.ndarray, t
     return float(agree / total)
 
 
-def verification_inputs(preprocess: PreprocessConfig, tokenizer: Tokenizer, n: int,
-                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def verification_inputs(
+    preprocess: PreprocessConfig, tokenizer: Tokenizer, n: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """``n`` rendered scenes as pixels (n, 3, H, W) and their captions as tokens (n, 77)."""
     rng = random.Random(seed)
     scenes = [random_scene(rng) for _ in range(n)]

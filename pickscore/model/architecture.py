@@ -8,7 +8,8 @@ PickScore_v1 and every checkpoint this project writes use.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from open_clip.model import CLIP
@@ -19,7 +20,9 @@ def check_supported(model_cfg: Mapping[str, Any]) -> None:
     vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
     unsupported = [k for k in ("timm_model_name",) if vision.get(k)] + [k for k in ("hf_model_name",) if text.get(k)]
     if model_cfg.get("custom_text") or unsupported:
-        raise ValueError(f"unsupported architecture (only ViT + CLIP text transformer): {sorted(unsupported) or 'custom_text'}")
+        raise ValueError(
+            f"unsupported architecture (only ViT + CLIP text transformer): {sorted(unsupported) or 'custom_text'}"
+        )
 
 
 def build(model_cfg: Mapping[str, Any], device: str | torch.device = "cpu") -> CLIP:
@@ -43,7 +46,10 @@ def load_weights(model: CLIP, state_dict: Mapping[str, torch.Tensor]) -> CLIP:
         raise KeyError(f"weights do not match the architecture: missing {_few(missing)}, unexpected {_few(unexpected)}")
     for key, tensor in state_dict.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(f"weight {key}: shape {tuple(tensor.shape)} does not match the architecture's {tuple(expected[key].shape)}")
+            raise ValueError(
+                f"weight {key}: shape {tuple(tensor.shape)} does not match the architecture's "
+                f"{tuple(expected[key].shape)}"
+            )
     model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True, assign=True)
     ctx = model.positional_embedding.shape[0]
     # (ctx, ctx) additive mask: -inf above the diagonal, so a token sees only those before it.

@@ -18,9 +18,10 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from open_clip.model import CLIP
@@ -96,7 +97,9 @@ def save(loaded: LoadedModel, out: str | os.PathLike) -> Path:
     return Path(out)
 
 
-def write_model(model: torch.nn.Module, model_cfg: dict[str, Any], preprocess: PreprocessConfig, directory: Path) -> None:
+def write_model(
+    model: torch.nn.Module, model_cfg: dict[str, Any], preprocess: PreprocessConfig, directory: Path
+) -> None:
     """The three files of this project's model layout, into an existing directory (weights as fp32 safetensors)."""
     config = {"model_cfg": model_cfg, "preprocess_cfg": _open_clip_preprocess_cfg(preprocess)}
     (directory / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -185,8 +188,13 @@ def _preprocess_config(path: Path, model_cfg: dict[str, Any], open_clip_pp: dict
 
 def _open_clip_preprocess_cfg(pp: PreprocessConfig) -> dict[str, Any]:
     interpolation = {v: k for k, v in _INTERPOLATION.items()}.get(int(pp.resample), "bicubic")
-    return {"size": pp.crop_size[0], "mean": list(pp.image_mean), "std": list(pp.image_std),
-            "interpolation": interpolation, "resize_mode": "shortest" if pp.resize_to is None else "squash"}
+    return {
+        "size": pp.crop_size[0],
+        "mean": list(pp.image_mean),
+        "std": list(pp.image_std),
+        "interpolation": interpolation,
+        "resize_mode": "shortest" if pp.resize_to is None else "squash",
+    }
 
 
 def _check_vocabulary(path: Path, model_cfg: dict[str, Any]) -> None:
@@ -194,7 +202,8 @@ def _check_vocabulary(path: Path, model_cfg: dict[str, Any]) -> None:
     expected = vocabulary()[0]
     if model_cfg["text_cfg"]["vocab_size"] != len(expected):
         raise ModelLoadError(
-            f"text vocabulary of {model_cfg['text_cfg']['vocab_size']} tokens; only the CLIP BPE ({len(expected)}) is supported"
+            f"text vocabulary of {model_cfg['text_cfg']['vocab_size']} tokens; only the CLIP BPE "
+            f"({len(expected)}) is supported"
         )
     if (path / "vocab.json").is_file() and _read_json(path / "vocab.json") != expected:
         raise ModelLoadError(f"{path / 'vocab.json'} differs from the CLIP BPE vocabulary this package tokenizes with")
@@ -247,7 +256,9 @@ def _from_hub(repo_id: str) -> Path:
         try:
             directory = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_only))
             if not any((directory / n).is_file() for n in HF_WEIGHTS[:2] + OPEN_CLIP_WEIGHTS[:1]):
-                directory = Path(snapshot_download(repo_id, allow_patterns=patterns + ["*.bin"], local_files_only=local_only))
+                directory = Path(
+                    snapshot_download(repo_id, allow_patterns=patterns + ["*.bin"], local_files_only=local_only)
+                )
             return directory
         except Exception as e:  # huggingface_hub raises several unrelated types for "not cached" and "no network"
             errors.append(f"{type(e).__name__}: {e}")

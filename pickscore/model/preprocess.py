@@ -16,14 +16,14 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pickscore.errors import InvalidInput
 
-ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, Image.Image]
+ImageInput = bytes | bytearray | memoryview | str | os.PathLike | Image.Image
 
 # Formats we decode; anything else (EPS, PDF, ...) is refused before a decoder runs.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -61,7 +61,7 @@ class PreprocessConfig:
         raise ValueError("output size depends on the input: enable do_center_crop or set an exact size")
 
     @classmethod
-    def from_hf(cls, cfg: dict[str, Any]) -> "PreprocessConfig":
+    def from_hf(cls, cfg: dict[str, Any]) -> PreprocessConfig:
         """Parse a Hugging Face ``preprocessor_config.json`` dict (legacy int sizes included)."""
         size = cfg.get("size", {"shortest_edge": 224})
         shortest_edge, resize_to = None, None
@@ -145,7 +145,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     except Image.DecompressionBombError as e:
         raise InvalidInput(f"image is over the pixel limit ({e})") from e
     except UnidentifiedImageError as e:
-        raise InvalidInput(f"not a decodable image (cannot identify image file; supported: {', '.join(ALLOWED_FORMATS)})") from e
+        raise InvalidInput(
+            f"not a decodable image (cannot identify image file; supported: {', '.join(ALLOWED_FORMATS)})"
+        ) from e
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as e:
         raise InvalidInput(f"not a decodable image ({e})") from e
     return img

@@ -1,7 +1,7 @@
 """Scoring math: s(x, y) = exp(logit_scale) * <text_emb(x), image_emb(y)>, embeddings L2-normalised.
 
-    scores(text_embed, image_embeds, logit_scale)   # one prompt against N images -> (N,) float32
-    rank_scores(scores, top_k=3)                    # Ranking: best-first order, scores, softmax probabilities
+scores(text_embed, image_embeds, logit_scale)   # one prompt against N images -> (N,) float32
+rank_scores(scores, top_k=3)                    # Ranking: best-first order, scores, softmax probabilities
 """
 
 from __future__ import annotations

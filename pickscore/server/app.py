@@ -1,4 +1,4 @@
-"""Wiring: backend + engine + services (scoring.v1, KServe v2) + health + reflection + metrics, and the process lifecycle.
+"""Wiring: backend + engine + services (scoring.v1, KServe v2) + health + reflection + metrics; the lifecycle.
 
     pickscore serve --model demo --port 8001 --metrics-port 9090
 
@@ -57,8 +57,10 @@ class Server:
 
     async def start(self) -> None:
         s = self.settings
-        options = [("grpc.max_receive_message_length", s.max_message_bytes),
-                   ("grpc.max_send_message_length", s.max_message_bytes)]
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+        ]
         self._grpc = grpc.aio.server(options=options)
         self.port = self._grpc.add_insecure_port(f"{s.host}:{s.port}")
         if not self.port:
@@ -72,21 +74,33 @@ class Server:
             self.metrics_port = self.metrics.serve_http(s.host, s.metrics_port)
         if self.backend is None:
             loop = asyncio.get_running_loop()
-            self.backend = await loop.run_in_executor(None, load_backend, s.model, s.backend, s.device, s.dtype,
-                                                      s.max_batch_size)
+            self.backend = await loop.run_in_executor(
+                None, load_backend, s.model, s.backend, s.device, s.dtype, s.max_batch_size
+            )
         self.engine = Engine(self.backend, s, self.metrics)
         scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(self.engine, self.state), self._grpc)
-        self.kserve = KServeV2Service(self.engine, self.state)
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.kserve, self._grpc)
-        reflection.enable_server_reflection((SERVICE_NAME, KSERVE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
-                                            self._grpc)
+        kserve = KServeV2Service(self.engine, self.state)
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, self._grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, KSERVE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+        )
         await self._grpc.start()  # health answers NOT_SERVING while the model warms up
         await self.engine.start()
-        self.metrics.model_info.labels(self.backend.source, self.backend.name, self.backend.description, __version__).set(1)
+        self.metrics.model_info.labels(
+            self.backend.source, self.backend.name, self.backend.description, __version__
+        ).set(1)
         self.state.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving", extra={"port": self.port, "metrics_port": self.metrics_port, "model": self.backend.source,
-                                   "backend": self.backend.name, "device": self.backend.description})
+        log.info(
+            "serving",
+            extra={
+                "port": self.port,
+                "metrics_port": self.metrics_port,
+                "model": self.backend.source,
+                "backend": self.backend.name,
+                "device": self.backend.description,
+            },
+        )
 
     async def drain(self) -> None:
         """NOT_SERVING, refuse new requests, wait for admitted ones (at most the grace period), stop."""
@@ -139,7 +153,7 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="pickscore-server", daemon=True)
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result()
         return self
@@ -172,8 +186,12 @@ class JsonFormatter(logging.Formatter):
     STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower(),
-                 "logger": record.name, "message": record.getMessage()}
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         entry.update({k: v for k, v in record.__dict__.items() if k not in self.STANDARD})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
@@ -182,8 +200,11 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if settings.log_format == "json"
-                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(
+        JsonFormatter()
+        if settings.log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    )
     root = logging.getLogger("pickscore")
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -44,8 +44,15 @@ class _Item:
 
 
 class Batcher:
-    def __init__(self, tower: str, fn: Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_delay_s: float,
-                 capacity: int, metrics: Metrics):
+    def __init__(
+        self,
+        tower: str,
+        fn: Callable[[np.ndarray], np.ndarray],
+        max_batch_size: int,
+        max_delay_s: float,
+        capacity: int,
+        metrics: Metrics,
+    ):
         self.tower = tower
         self.fn = fn
         self.max_batch_size = max_batch_size
@@ -67,8 +74,10 @@ class Batcher:
         self._depth = metrics.queue_depth.labels(tower)
 
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._collect(), name=f"{self.tower}-collector"),
-                       asyncio.create_task(self._run(), name=f"{self.tower}-runner")]
+        self._tasks = [
+            asyncio.create_task(self._collect(), name=f"{self.tower}-collector"),
+            asyncio.create_task(self._run(), name=f"{self.tower}-runner"),
+        ]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -82,8 +91,10 @@ class Batcher:
     def admit(self, n: int) -> Iterator[None]:
         """Reserve room for ``n`` items for the block's duration; Overloaded at once when there is none."""
         if self.admitted + n > self.capacity:
-            raise Overloaded(f"{self.tower} queue full ({self.admitted} of {self.capacity} items admitted, "
-                             f"{n} more asked); retry with backoff")
+            raise Overloaded(
+                f"{self.tower} queue full ({self.admitted} of {self.capacity} items admitted, "
+                f"{n} more asked); retry with backoff"
+            )
         self._set_admitted(self.admitted + n)
         try:
             yield
@@ -158,8 +169,12 @@ class Batcher:
                 self.metrics.dropped.labels(self.tower, "cancelled").inc()
             elif item.deadline is not None and now >= item.deadline:
                 self.metrics.dropped.labels(self.tower, "deadline").inc()
-                self._fail(item, DeadlineExceeded(f"deadline passed after {now - item.enqueued:.3f} s in the "
-                                                  f"{self.tower} queue, before compute"))
+                self._fail(
+                    item,
+                    DeadlineExceeded(
+                        f"deadline passed after {now - item.enqueued:.3f} s in the {self.tower} queue, before compute"
+                    ),
+                )
             else:
                 live.append(item)
         return live

@@ -12,8 +12,8 @@ import hmac
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 import grpc
 
@@ -71,9 +71,10 @@ def request_id(context: grpc.aio.ServicerContext) -> str:
 
 
 @asynccontextmanager
-async def boundary(state: ServerState, rpc: str, context: grpc.aio.ServicerContext,
-                   admit: bool = True) -> AsyncIterator[str]:
-    """Refuse work unless accepting (``admit``), then time, count, log and map errors to a status; yields the request id."""
+async def boundary(
+    state: ServerState, rpc: str, context: grpc.aio.ServicerContext, admit: bool = True
+) -> AsyncIterator[str]:
+    """Refuse work unless accepting (``admit``); time, count, log and map errors to a status. Yields the request id."""
     rid = request_id(context)
     start = time.perf_counter()
     code = grpc.StatusCode.OK
@@ -89,8 +90,12 @@ async def boundary(state: ServerState, rpc: str, context: grpc.aio.ServicerConte
     except Exception as e:
         code, message = status_of(e)
         level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
-        log.log(level, message, exc_info=code == grpc.StatusCode.INTERNAL and not isinstance(e, PickScoreError),
-                extra={"request_id": rid, "rpc": rpc, "code": code.name})
+        log.log(
+            level,
+            message,
+            exc_info=code == grpc.StatusCode.INTERNAL and not isinstance(e, PickScoreError),
+            extra={"request_id": rid, "rpc": rpc, "code": code.name},
+        )
         await context.abort(code, message)
     finally:
         state.leave()

@@ -10,23 +10,32 @@ from pickscore.server.settings import Settings
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser(
-        "serve", help="run the gRPC scoring server",
+        "serve",
+        help="run the gRPC scoring server",
         description="Serve pickscore.v1.ScoringService, the KServe v2 (Triton) inference protocol, gRPC health "
-                    "and reflection on --port, and Prometheus metrics on --metrics-port. Every flag can also be set "
-                    "by the PICKSCORE_* environment variable named in its help; flags win. SIGTERM drains: "
-                    "NOT_SERVING, new requests refused with UNAVAILABLE, admitted ones finished, exit 0.")
+        "and reflection on --port, and Prometheus metrics on --metrics-port. Every flag can also be set "
+        "by the PICKSCORE_* environment variable named in its help; flags win. SIGTERM drains: "
+        "NOT_SERVING, new requests refused with UNAVAILABLE, admitted ones finished, exit 0.",
+    )
     Settings.add_arguments(serve)
     serve.set_defaults(func=_cmd_serve)
 
     health = sub.add_parser(
-        "health", help="check a server's gRPC health (container health checks)",
+        "health",
+        help="check a server's gRPC health (container health checks)",
         description="Ask a server's grpc.health.v1 service and print its status; exit 0 when SERVING, 1 otherwise "
-                    "(NOT_SERVING while warming up or draining, unreachable, unknown service).")
-    health.add_argument("--server", default="localhost:8001", metavar="HOST:PORT",
-                        help="server address (default localhost:8001)")
-    health.add_argument("--service", default="", metavar="NAME",
-                        help='health service to ask: "" (default) is readiness, SERVING only while requests are '
-                             'taken; "liveness" is SERVING whenever the process answers, through warm-up and drain')
+        "(NOT_SERVING while warming up or draining, unreachable, unknown service).",
+    )
+    health.add_argument(
+        "--server", default="localhost:8001", metavar="HOST:PORT", help="server address (default localhost:8001)"
+    )
+    health.add_argument(
+        "--service",
+        default="",
+        metavar="NAME",
+        help='health service to ask: "" (default) is readiness, SERVING only while requests are '
+        'taken; "liveness" is SERVING whenever the process answers, through warm-up and drain',
+    )
     health.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="deadline (default 5)")
     health.set_defaults(func=_cmd_health)
 
@@ -43,8 +52,9 @@ def _cmd_health(args: argparse.Namespace) -> int:
 
     with grpc.insecure_channel(args.server) as channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service),
-                                                             timeout=args.timeout)
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
         except grpc.RpcError as e:
             print(f"{args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1

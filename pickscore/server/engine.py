@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Awaitable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Awaitable, Sequence
 
 import numpy as np
 
@@ -48,10 +48,12 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         delay = settings.max_queue_delay_ms / 1000
-        self.image_batcher = Batcher("image", backend.encode_image, settings.max_batch_size, delay,
-                                     settings.max_queue_size, metrics)
-        self.text_batcher = Batcher("text", backend.encode_text, settings.text_max_batch_size, delay,
-                                    settings.max_queue_size, metrics)
+        self.image_batcher = Batcher(
+            "image", backend.encode_image, settings.max_batch_size, delay, settings.max_queue_size, metrics
+        )
+        self.text_batcher = Batcher(
+            "text", backend.encode_text, settings.text_max_batch_size, delay, settings.max_queue_size, metrics
+        )
         self.text_cache = EmbeddingCache("text", settings.text_cache_bytes, metrics)
         self.image_cache = EmbeddingCache("image", settings.image_cache_bytes, metrics)
         self.pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="decode")
@@ -75,8 +77,9 @@ class Engine:
         await self.text_batcher.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    async def score(self, prompts: Sequence[str], images: Sequence[ImageItem], deadline: float | None,
-                    priority: int = 0) -> np.ndarray:
+    async def score(
+        self, prompts: Sequence[str], images: Sequence[ImageItem], deadline: float | None, priority: int = 0
+    ) -> np.ndarray:
         """One prompt for all images, or one prompt per image -> scores (N,) float32 in image order."""
         self.validate(prompts, images)
         unique = list(dict.fromkeys(prompts))
@@ -95,7 +98,9 @@ class Engine:
         self.metrics.images_scored.inc(len(images))
         return out
 
-    async def rank(self, prompt: str, images: Sequence[ImageItem], top_k: int | None, deadline: float | None) -> Ranking:
+    async def rank(
+        self, prompt: str, images: Sequence[ImageItem], top_k: int | None, deadline: float | None
+    ) -> Ranking:
         """Best first, with softmax probabilities over all candidates."""
         scoring.check_top_k(top_k)  # before any compute
         return scoring.rank_scores(await self.score([prompt], images, deadline), top_k)
@@ -115,11 +120,14 @@ class Engine:
         if not images:
             raise InvalidInput("no images given")
         if len(images) > s.max_images_per_request:
-            raise InvalidInput(f"{len(images)} images in one request; at most {s.max_images_per_request} "
-                               "(split the job, e.g. with the client's score_many)")
+            raise InvalidInput(
+                f"{len(images)} images in one request; at most {s.max_images_per_request} "
+                "(split the job, e.g. with the client's score_many)"
+            )
         if len(prompts) not in (1, len(images)):
-            raise InvalidInput(f"{len(prompts)} prompts for {len(images)} images; give one prompt for all images "
-                               "or one per image")
+            raise InvalidInput(
+                f"{len(prompts)} prompts for {len(images)} images; give one prompt for all images or one per image"
+            )
         for i, prompt in enumerate(prompts):
             if not prompt.strip():
                 raise InvalidInput("prompt is empty" if len(prompts) == 1 else f"prompt {i} is empty")
@@ -127,8 +135,9 @@ class Engine:
             if not item.data:
                 raise InvalidInput(f"{item.describe(i)}: empty image data")
             if len(item.data) > s.max_image_bytes:
-                raise InvalidInput(f"{item.describe(i)}: {len(item.data)} bytes; at most {s.max_image_bytes} "
-                                   "(--max-image-bytes)")
+                raise InvalidInput(
+                    f"{item.describe(i)}: {len(item.data)} bytes; at most {s.max_image_bytes} (--max-image-bytes)"
+                )
 
     async def _embed_prompts(self, prompts: list[str], deadline: float | None, priority: int) -> list[np.ndarray]:
         async def one(prompt: str) -> np.ndarray:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
@@ -53,8 +53,14 @@ class KServeV2Service(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.engine = engine
         self.state = state
         s, b = engine.settings, engine.backend
-        self.configs = model_configs(b.embed_dim, b.preprocess.output_size, b.tokenizer.context_length,
-                                     s.max_batch_size, s.max_images_per_request, int(s.max_queue_delay_ms * 1000))
+        self.configs = model_configs(
+            b.embed_dim,
+            b.preprocess.output_size,
+            b.tokenizer.context_length,
+            s.max_batch_size,
+            s.max_images_per_request,
+            int(s.max_queue_delay_ms * 1000),
+        )
         self.stats = {name: _Stats() for name in self.configs}
 
     # Health and metadata ------------------------------------------------------------------------------------
@@ -72,17 +78,26 @@ class KServeV2Service(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ServerMetadata(self, request, context):
         async with boundary(self.state, "ServerMetadata", context, admit=False):
-            return pb.ServerMetadataResponse(name="pickscore", version=__version__, extensions=["model_configuration", "statistics"])
+            return pb.ServerMetadataResponse(
+                name="pickscore", version=__version__, extensions=["model_configuration", "statistics"]
+            )
 
     async def ModelMetadata(self, request, context):
         async with boundary(self.state, "ModelMetadata", context, admit=False):
             cfg = self._config(request.name, request.version)
 
             def meta(t):
-                return pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=DATATYPES[t.data_type], shape=[-1, *t.dims])
+                return pb.ModelMetadataResponse.TensorMetadata(
+                    name=t.name, datatype=DATATYPES[t.data_type], shape=[-1, *t.dims]
+                )
 
-            return pb.ModelMetadataResponse(name=cfg.name, versions=[VERSION], platform=cfg.platform,
-                                            inputs=[meta(t) for t in cfg.input], outputs=[meta(t) for t in cfg.output])
+            return pb.ModelMetadataResponse(
+                name=cfg.name,
+                versions=[VERSION],
+                platform=cfg.platform,
+                inputs=[meta(t) for t in cfg.input],
+                outputs=[meta(t) for t in cfg.output],
+            )
 
     async def ModelConfig(self, request, context):
         async with boundary(self.state, "ModelConfig", context, admit=False):
@@ -94,11 +109,19 @@ class KServeV2Service(service_pb2_grpc.GRPCInferenceServiceServicer):
             out = []
             for name in names:
                 st = self.stats[name]
-                out.append(pb.ModelStatistics(
-                    name=name, version=VERSION, last_inference=st.last_inference_ms, inference_count=st.inference_count,
-                    execution_count=st.execution_count,
-                    inference_stats=pb.InferStatistics(success=pb.StatisticDuration(count=st.success[0], ns=st.success[1]),
-                                                       fail=pb.StatisticDuration(count=st.fail[0], ns=st.fail[1]))))
+                out.append(
+                    pb.ModelStatistics(
+                        name=name,
+                        version=VERSION,
+                        last_inference=st.last_inference_ms,
+                        inference_count=st.inference_count,
+                        execution_count=st.execution_count,
+                        inference_stats=pb.InferStatistics(
+                            success=pb.StatisticDuration(count=st.success[0], ns=st.success[1]),
+                            fail=pb.StatisticDuration(count=st.fail[0], ns=st.fail[1]),
+                        ),
+                    )
+                )
             return pb.ModelStatisticsResponse(model_stats=out)
 
     # Inference ----------------------------------------------------------------------------------------------
@@ -113,8 +136,10 @@ class KServeV2Service(service_pb2_grpc.GRPCInferenceServiceServicer):
                 return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline_of(context)))
             except PickScoreError as e:  # in-band, as Triton does: the stream goes on
                 code, message = status_of(e)
-                return pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}",
-                                                   infer_response=pb.ModelInferResponse(id=request.id, model_name=request.model_name))
+                return pb.ModelStreamInferResponse(
+                    error_message=f"{code.name}: {message}",
+                    infer_response=pb.ModelInferResponse(id=request.id, model_name=request.model_name),
+                )
 
         async with boundary(self.state, "ModelStreamInfer", context):
             async for response in windowed(requests, one, self.engine.settings.stream_window):
@@ -149,7 +174,9 @@ class KServeV2Service(service_pb2_grpc.GRPCInferenceServiceServicer):
             response.raw_output_contents.append(array.astype("<f4").tobytes())
         return response
 
-    async def _run(self, model: str, inputs: dict[str, np.ndarray], deadline, priority) -> tuple[dict[str, np.ndarray], int]:
+    async def _run(
+        self, model: str, inputs: dict[str, np.ndarray], deadline, priority
+    ) -> tuple[dict[str, np.ndarray], int]:
         engine = self.engine
         if model == ENSEMBLE:
             prompts, images = list(inputs["PROMPT"].reshape(-1)), list(inputs["IMAGE"].reshape(-1))
@@ -165,7 +192,9 @@ class KServeV2Service(service_pb2_grpc.GRPCInferenceServiceServicer):
         tokens = inputs["input_ids"]
         vocab = len(engine.backend.tokenizer.encoder)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
-            raise InvalidInput(f"input 'input_ids': token ids must lie in [0, {vocab}); got {tokens.min()}..{tokens.max()}")
+            raise InvalidInput(
+                f"input 'input_ids': token ids must lie in [0, {vocab}); got {tokens.min()}..{tokens.max()}"
+            )
         return {"text_embeds": await engine.embed_tokens(tokens, deadline, priority)}, len(tokens)
 
     def _config(self, name: str, version: str) -> mc.ModelConfig:
@@ -193,9 +222,13 @@ def read_inputs(request: pb.ModelInferRequest, cfg: mc.ModelConfig) -> dict[str,
     out = {}
     for i, tensor in enumerate(request.inputs):
         spec = declared[tensor.name]
-        allowed = [DATATYPES[spec.data_type]] + (["FP16"] if spec.data_type == mc.TYPE_FP32 and cfg.name == IMAGE else [])
+        allowed = [DATATYPES[spec.data_type]] + (
+            ["FP16"] if spec.data_type == mc.TYPE_FP32 and cfg.name == IMAGE else []
+        )
         if tensor.datatype not in allowed:
-            raise InvalidInput(f"input {tensor.name!r}: datatype {tensor.datatype or '(none)'}; expected {' or '.join(allowed)}")
+            raise InvalidInput(
+                f"input {tensor.name!r}: datatype {tensor.datatype or '(none)'}; expected {' or '.join(allowed)}"
+            )
         shape = tuple(tensor.shape)
         _check_shape(tensor.name, shape, tuple(spec.dims), cfg.name == ENSEMBLE)
         raw = request.raw_input_contents[i] if request.raw_input_contents else None
@@ -216,15 +249,19 @@ def _decode(tensor, shape: tuple[int, ...], raw: bytes | None) -> np.ndarray:
     if tensor.datatype == "BYTES":
         elements = _split_bytes(tensor.name, raw) if raw is not None else list(tensor.contents.bytes_contents)
         if len(elements) != count:
-            raise InvalidInput(f"input {tensor.name!r}: {len(elements)} elements for shape {list(shape)} ({count} expected)")
+            raise InvalidInput(
+                f"input {tensor.name!r}: {len(elements)} elements for shape {list(shape)} ({count} expected)"
+            )
         array = np.empty(count, dtype=object)
         array[:] = elements
         return array.reshape(shape)
     dtype = np.dtype(NUMPY[tensor.datatype]).newbyteorder("<")
     if raw is not None:
         if len(raw) != count * dtype.itemsize:
-            raise InvalidInput(f"input {tensor.name!r}: {len(raw)} bytes of raw data for shape {list(shape)} "
-                               f"({count * dtype.itemsize} expected)")
+            raise InvalidInput(
+                f"input {tensor.name!r}: {len(raw)} bytes of raw data for shape {list(shape)} "
+                f"({count * dtype.itemsize} expected)"
+            )
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
     if tensor.datatype not in TYPED:
         raise InvalidInput(f"input {tensor.name!r}: {tensor.datatype} must come in raw_input_contents")
@@ -240,12 +277,15 @@ def _split_bytes(name: str, raw: bytes) -> list[bytes]:
     view = memoryview(raw)
     while at < len(raw):
         if at + 4 > len(raw):
-            raise InvalidInput(f"input {name!r}: BYTES element {len(out)} has a cut length prefix ({len(raw) - at} of 4 bytes)")
+            raise InvalidInput(
+                f"input {name!r}: BYTES element {len(out)} has a cut length prefix ({len(raw) - at} of 4 bytes)"
+            )
         (length,) = struct.unpack_from("<I", raw, at)
         at += 4
         if at + length > len(raw):
-            raise InvalidInput(f"input {name!r}: BYTES element {len(out)} declares {length} bytes but "
-                               f"{len(raw) - at} remain")
+            raise InvalidInput(
+                f"input {name!r}: BYTES element {len(out)} declares {length} bytes but {len(raw) - at} remain"
+            )
         out.append(bytes(view[at : at + length]))
         at += length
     return out
@@ -253,6 +293,7 @@ def _split_bytes(name: str, raw: bytes) -> list[bytes]:
 
 def _parameters(request: pb.ModelInferRequest, deadline: float | None) -> tuple[int, float | None]:
     """(priority, deadline) from the request's ``priority`` and ``timeout`` (microseconds) parameters."""
+
     def integer(key: str) -> int:
         p = request.parameters[key]
         kind = p.WhichOneof("parameter_choice")

@@ -7,7 +7,7 @@ exactly these names.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -20,31 +20,57 @@ BATCH = tuple(float(2**k) for k in range(11))  # 1 .. 1024
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.request_duration = Histogram("pickscore_request_duration_seconds", "Time from receiving a request to "
-                                          "answering it", ["rpc", "code"], buckets=SECONDS, registry=r)
+        self.request_duration = Histogram(
+            "pickscore_request_duration_seconds",
+            "Time from receiving a request to answering it",
+            ["rpc", "code"],
+            buckets=SECONDS,
+            registry=r,
+        )
         self.requests = Counter("pickscore_requests", "Requests answered", ["rpc", "code"], registry=r)
-        self.queue_wait = Histogram("pickscore_queue_wait_seconds", "Time an item waited in a tower's queue before "
-                                    "its batch started", ["tower"], buckets=SECONDS, registry=r)
-        self.preprocess = Histogram("pickscore_preprocess_seconds", "Time to decode and preprocess one image, or "
-                                    "tokenize one request's prompts", ["stage"], buckets=SECONDS, registry=r)
-        self.inference = Histogram("pickscore_inference_seconds", "Forward pass time of one batch", ["tower"],
-                                   buckets=SECONDS, registry=r)
-        self.batch_size = Histogram("pickscore_batch_size", "Items per forward pass", ["tower"], buckets=BATCH, registry=r)
+        self.queue_wait = Histogram(
+            "pickscore_queue_wait_seconds",
+            "Time an item waited in a tower's queue before its batch started",
+            ["tower"],
+            buckets=SECONDS,
+            registry=r,
+        )
+        self.preprocess = Histogram(
+            "pickscore_preprocess_seconds",
+            "Time to decode and preprocess one image, or tokenize one request's prompts",
+            ["stage"],
+            buckets=SECONDS,
+            registry=r,
+        )
+        self.inference = Histogram(
+            "pickscore_inference_seconds", "Forward pass time of one batch", ["tower"], buckets=SECONDS, registry=r
+        )
+        self.batch_size = Histogram(
+            "pickscore_batch_size", "Items per forward pass", ["tower"], buckets=BATCH, registry=r
+        )
         self.images_scored = Counter("pickscore_images_scored", "Images scored", registry=r)
         self.cache_hits = Counter("pickscore_cache_hits", "Embedding cache hits", ["cache"], registry=r)
         self.cache_misses = Counter("pickscore_cache_misses", "Embedding cache misses", ["cache"], registry=r)
         self.cache_bytes = Gauge("pickscore_cache_bytes", "Bytes held by an embedding cache", ["cache"], registry=r)
-        self.dropped = Counter("pickscore_dropped_items", "Queued items dropped before compute", ["tower", "reason"],
-                               registry=r)
-        self.batch_failures = Counter("pickscore_batch_failures", "Batches whose forward pass failed", ["tower"],
-                                      registry=r)
-        self.queue_depth = Gauge("pickscore_queue_depth", "Items admitted to a tower and not yet computed", ["tower"],
-                                 registry=r)
-        self.queue_capacity = Gauge("pickscore_queue_capacity", "Most items a tower admits (max_queue_size)",
-                                    ["tower"], registry=r)
+        self.dropped = Counter(
+            "pickscore_dropped_items", "Queued items dropped before compute", ["tower", "reason"], registry=r
+        )
+        self.batch_failures = Counter(
+            "pickscore_batch_failures", "Batches whose forward pass failed", ["tower"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "pickscore_queue_depth", "Items admitted to a tower and not yet computed", ["tower"], registry=r
+        )
+        self.queue_capacity = Gauge(
+            "pickscore_queue_capacity", "Most items a tower admits (max_queue_size)", ["tower"], registry=r
+        )
         self.inflight = Gauge("pickscore_inflight_requests", "Requests being handled", registry=r)
-        self.model_info = Gauge("pickscore_model_info", "The served model (always 1)",
-                                ["source", "backend", "device", "version"], registry=r)
+        self.model_info = Gauge(
+            "pickscore_model_info",
+            "The served model (always 1)",
+            ["source", "backend", "device", "version"],
+            registry=r,
+        )
         for tower in ("image", "text"):  # so every series exists from the first scrape
             self.queue_depth.labels(tower)
             self.batch_size.labels(tower)
@@ -71,7 +97,9 @@ class GpuCollector:
             return
         used = GaugeMetricFamily("pickscore_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
         total = GaugeMetricFamily("pickscore_gpu_memory_total_bytes", "GPU memory", labels=["gpu"])
-        util = GaugeMetricFamily("pickscore_gpu_utilization_ratio", "Fraction of time a kernel ran (NVML)", labels=["gpu"])
+        util = GaugeMetricFamily(
+            "pickscore_gpu_utilization_ratio", "Fraction of time a kernel ran (NVML)", labels=["gpu"]
+        )
         for i in range(torch.cuda.device_count()):
             free, capacity = torch.cuda.mem_get_info(i)
             used.add_metric([str(i)], capacity - free)

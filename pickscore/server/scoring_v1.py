@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from pickscore.errors import InvalidInput, PickScoreError
 from pickscore.server.boundary import ServerState, boundary
@@ -29,15 +29,23 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         async with boundary(self.state, "Rank", context):
             items = _items(request.images)
             ranking = await self.engine.rank(request.prompt, items, request.top_k or None, deadline_of(context))
-            return pb.RankResponse(ranking=[
-                pb.RankedImage(index=i, id=items[i].id, score=ranking.scores[i], probability=ranking.probabilities[i])
-                for i in ranking.order
-            ])
+            return pb.RankResponse(
+                ranking=[
+                    pb.RankedImage(
+                        index=i, id=items[i].id, score=ranking.scores[i], probability=ranking.probabilities[i]
+                    )
+                    for i in ranking.order
+                ]
+            )
 
-    async def ScoreStream(self, requests: AsyncIterator[pb.ScoreStreamRequest], context) -> AsyncIterator[pb.ScoreStreamResponse]:
+    async def ScoreStream(
+        self, requests: AsyncIterator[pb.ScoreStreamRequest], context
+    ) -> AsyncIterator[pb.ScoreStreamResponse]:
         async def one(message: pb.ScoreStreamRequest) -> pb.ScoreStreamResponse:
             try:
-                return pb.ScoreStreamResponse(tag=message.tag, response=await self._score(message.request, deadline_of(context)))
+                return pb.ScoreStreamResponse(
+                    tag=message.tag, response=await self._score(message.request, deadline_of(context))
+                )
             except PickScoreError as e:  # in-band: this request failed, the stream goes on
                 code, text = status_of(e)
                 return pb.ScoreStreamResponse(tag=message.tag, error=pb.Error(code=code.value[0], message=text))
@@ -50,10 +58,18 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         async with boundary(self.state, "GetModelInfo", context, admit=False):
             backend, s = self.engine.backend, self.engine.settings
             return pb.GetModelInfoResponse(
-                source=backend.source, backend=backend.name, device=backend.description, embed_dim=backend.embed_dim,
-                logit_scale=backend.logit_scale, image_size=backend.preprocess.output_size[0],
-                context_length=backend.tokenizer.context_length, max_batch_size=s.max_batch_size,
-                max_images_per_request=s.max_images_per_request, max_image_bytes=s.max_image_bytes, version=__version__)
+                source=backend.source,
+                backend=backend.name,
+                device=backend.description,
+                embed_dim=backend.embed_dim,
+                logit_scale=backend.logit_scale,
+                image_size=backend.preprocess.output_size[0],
+                context_length=backend.tokenizer.context_length,
+                max_batch_size=s.max_batch_size,
+                max_images_per_request=s.max_images_per_request,
+                max_image_bytes=s.max_image_bytes,
+                version=__version__,
+            )
 
     async def _score(self, request: pb.ScoreRequest, deadline: float | None) -> pb.ScoreResponse:
         if request.prompt and request.prompts:
@@ -61,8 +77,11 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         prompts = list(request.prompts) or [request.prompt]
         items = _items(request.images)
         scores = await self.engine.score(prompts, items, deadline)
-        return pb.ScoreResponse(results=[pb.ScoredImage(index=i, id=item.id, score=float(s))
-                                         for i, (item, s) in enumerate(zip(items, scores))])
+        return pb.ScoreResponse(
+            results=[
+                pb.ScoredImage(index=i, id=item.id, score=float(s)) for i, (item, s) in enumerate(zip(items, scores))
+            ]
+        )
 
 
 def _items(images) -> list[ImageItem]:

@@ -1,4 +1,4 @@
-"""Every server knob in one frozen, typed object: a flag ``--max-batch-size`` and a variable ``PICKSCORE_MAX_BATCH_SIZE``.
+"""Every server knob in one frozen, typed object: a flag ``--max-batch-size``, a variable ``PICKSCORE_MAX_BATCH_SIZE``.
 
     settings = Settings.from_args(argv)   # flags beat environment variables beat defaults
     settings.validate()                   # ValueError saying how to fix it
@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any, Mapping
+from typing import Any
 
 from pickscore.backends import DTYPES, KINDS
 from pickscore.flags import add_flags, check_choices, field_type, flag_name, given
@@ -24,8 +25,11 @@ ENV_PREFIX = "PICKSCORE_"
 
 @dataclass(frozen=True)
 class Settings:
-    model: str = _f("demo", "model reference: demo (bundled), a Hugging Face CLIP or open_clip directory, a checkpoint "
-                            "or ONNX export written by this project, or a hub id in the local Hugging Face cache")
+    model: str = _f(
+        "demo",
+        "model reference: demo (bundled), a Hugging Face CLIP or open_clip directory, a checkpoint "
+        "or ONNX export written by this project, or a hub id in the local Hugging Face cache",
+    )
     backend: str = _f("auto", "inference backend; auto is onnxruntime for an ONNX export, torch otherwise", KINDS)
     device: str = _f("auto", "torch device: auto (CUDA when present), cpu, cuda, cuda:1, ...")
     dtype: str = _f("auto", "compute precision of the torch backend; auto is bf16 on CUDA, fp32 on CPU", DTYPES)
@@ -35,19 +39,28 @@ class Settings:
     max_batch_size: int = _f(32, "most images per forward pass of the image tower")
     text_max_batch_size: int = _f(64, "most prompts per forward pass of the text tower")
     max_queue_delay_ms: float = _f(5.0, "longest a queued item waits for its batch to fill, in milliseconds")
-    max_queue_size: int = _f(1024, "images (and prompts) admitted but not yet computed, per tower; beyond it "
-                                   "requests get RESOURCE_EXHAUSTED at once")
+    max_queue_size: int = _f(
+        1024,
+        "images (and prompts) admitted but not yet computed, per tower; beyond it "
+        "requests get RESOURCE_EXHAUSTED at once",
+    )
     max_images_per_request: int = _f(256, "most images one request may carry")
     max_image_bytes: int = _f(32 << 20, "largest encoded image accepted, in bytes")
-    max_pixels: int = _f(DEFAULT_MAX_PIXELS, "largest image accepted, in pixels (width x height), checked before "
-                                             "decoding: a guard against decompression bombs")
+    max_pixels: int = _f(
+        DEFAULT_MAX_PIXELS,
+        "largest image accepted, in pixels (width x height), checked before "
+        "decoding: a guard against decompression bombs",
+    )
     max_message_bytes: int = _f(64 << 20, "largest gRPC message received or sent, in bytes")
     decode_workers: int = _f(0, "threads decoding and preprocessing images; 0 means one per CPU core")
     text_cache_bytes: int = _f(64 << 20, "text-embedding cache size in bytes (per prompt; 0 disables)")
     image_cache_bytes: int = _f(0, "image-embedding cache size in bytes (per image content hash; 0 disables)")
     stream_window: int = _f(8, "requests of one ScoreStream computed at the same time")
-    auth_token: str = _f("", "when set, requests must carry the metadata `authorization: Bearer TOKEN` (else "
-                             "UNAUTHENTICATED); health and reflection stay open. Prefer the variable to the flag")
+    auth_token: str = _f(
+        "",
+        "when set, requests must carry the metadata `authorization: Bearer TOKEN` (else "
+        "UNAUTHENTICATED); health and reflection stay open. Prefer the variable to the flag",
+    )
     grace_period_s: float = _f(30.0, "on SIGTERM, how long admitted requests may take to finish before exit")
     warmup: bool = _f(True, "run one batch through each tower before reporting SERVING")
     log_level: str = _f("info", "log level", ("debug", "info", "warning", "error"))
@@ -55,19 +68,32 @@ class Settings:
 
     def validate(self) -> None:
         """Raise ValueError with what to change."""
-        positive = ("max_batch_size", "text_max_batch_size", "max_queue_size", "max_images_per_request",
-                    "max_image_bytes", "max_pixels", "max_message_bytes", "stream_window")
+        positive = (
+            "max_batch_size",
+            "text_max_batch_size",
+            "max_queue_size",
+            "max_images_per_request",
+            "max_image_bytes",
+            "max_pixels",
+            "max_message_bytes",
+            "stream_window",
+        )
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)} "
-                                 f"({flag_name(name)} or {env_name(name)})")
+                raise ValueError(
+                    f"{name} must be at least 1, got {getattr(self, name)} ({flag_name(name)} or {env_name(name)})"
+                )
         for name in ("decode_workers", "text_cache_bytes", "image_cache_bytes", "max_queue_delay_ms", "grace_period_s"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)} ({flag_name(name)} or {env_name(name)})")
+                raise ValueError(
+                    f"{name} must not be negative, got {getattr(self, name)} ({flag_name(name)} or {env_name(name)})"
+                )
         if self.max_queue_size < max(self.max_batch_size, self.max_images_per_request):
-            raise ValueError(f"max_queue_size ({self.max_queue_size}) must hold at least one full batch and one full "
-                             f"request (max_batch_size {self.max_batch_size}, max_images_per_request "
-                             f"{self.max_images_per_request}); raise --max-queue-size")
+            raise ValueError(
+                f"max_queue_size ({self.max_queue_size}) must hold at least one full batch and one full "
+                f"request (max_batch_size {self.max_batch_size}, max_images_per_request "
+                f"{self.max_images_per_request}); raise --max-queue-size"
+            )
         check_choices(self)
 
     @property
@@ -75,7 +101,7 @@ class Settings:
         return self.decode_workers or os.cpu_count() or 1
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Defaults, then ``PICKSCORE_*`` variables, then ``overrides``."""
         environ = os.environ if environ is None else environ
         known = {env_name(f.name) for f in fields(cls)}
@@ -93,7 +119,7 @@ class Settings:
         add_flags(parser, cls, env=env_name)
 
     @classmethod
-    def from_namespace(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> "Settings":
+    def from_namespace(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
         """Flags given on the command line over the environment over defaults; validated."""
         settings = cls.from_env(environ, **given(args, cls))
         settings.validate()
@@ -110,8 +136,7 @@ def _unknown_variable(name: str, known: set[str]) -> str:
     if close := difflib.get_close_matches(name, sorted(known), n=1):
         message += f" (did you mean {close[0]}?)"
     if name.startswith((ENV_PREFIX + "SERVICE_", ENV_PREFIX + "PORT_")):
-        message += ("; Kubernetes sets it for a Service named pickscore: give the pod spec "
-                    "enableServiceLinks: false")
+        message += "; Kubernetes sets it for a Service named pickscore: give the pod spec enableServiceLinks: false"
     return message + "; `pickscore serve --help` lists every PICKSCORE_* variable"
 
 
@@ -124,4 +149,3 @@ def _parse(name: str, kind: type, text: str) -> Any:
         return kind(text)
     except ValueError:
         raise ValueError(f"{env_name(name)}={text!r} is not a valid {kind.__name__}") from None
-

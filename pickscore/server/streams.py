@@ -1,13 +1,14 @@
 """Helpers every gRPC transport shares: bidirectional streams computed in a bounded window, and deadlines.
 
-    async for answer in windowed(requests, handle, window=8):   # at most 8 messages in flight, answers as ready
-        yield answer
+async for answer in windowed(requests, handle, window=8):   # at most 8 messages in flight, answers as ready
+    yield answer
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 

@@ -23,73 +23,130 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_data_parser(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="make training data",
-                          description="Make training data in the Pick-a-Pic parquet layout.")
+    data = sub.add_parser(
+        "data", help="make training data", description="Make training data in the Pick-a-Pic parquet layout."
+    )
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     p = data_sub.add_parser(
-        "synthetic", help="write a synthetic Pick-a-Pic dataset of drawn shapes",
+        "synthetic",
+        help="write a synthetic Pick-a-Pic dataset of drawn shapes",
         description="Write DIR/<split>/part-00000.parquet for train, validation, test, validation_unique and "
-                    "test_unique: prompts describe drawn scenes, and the image matching more of its prompt is "
-                    "preferred (about 10% of pairs are ties). The same seed writes identical files.")
+        "test_unique: prompts describe drawn scenes, and the image matching more of its prompt is "
+        "preferred (about 10% of pairs are ties). The same seed writes identical files.",
+    )
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="dataset directory to write")
-    p.add_argument("--pairs", required=True, type=int_at_least(1), metavar="N",
-                   help="pairs in train + validation + test (80/10/10 by prompt with the default --held-out); "
-                        "the *_unique splits repeat one pair per prompt of validation and test")
+    p.add_argument(
+        "--pairs",
+        required=True,
+        type=int_at_least(1),
+        metavar="N",
+        help="pairs in train + validation + test (80/10/10 by prompt with the default --held-out); "
+        "the *_unique splits repeat one pair per prompt of validation and test",
+    )
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
-    p.add_argument("--image-size", type=int_at_least(8), default=64, metavar="PX",
-                   help="side of the square PNG images, in pixels (default 64, at least 8)")
-    p.add_argument("--row-group-size", type=int_at_least(1), default=256, metavar="ROWS",
-                   help="rows per parquet row group (default 256)")
-    p.add_argument("--held-out", type=_held_out_fraction, default=0.1, metavar="FRACTION",
-                   help="fraction of pairs for each of validation and test, in (0, 0.5] (default 0.1); only "
-                        "~2,600 distinct prompts exist, so a set made only to evaluate on should use 0.5 to get "
-                        "~1,300 prompts in each *_unique split")
+    p.add_argument(
+        "--image-size",
+        type=int_at_least(8),
+        default=64,
+        metavar="PX",
+        help="side of the square PNG images, in pixels (default 64, at least 8)",
+    )
+    p.add_argument(
+        "--row-group-size",
+        type=int_at_least(1),
+        default=256,
+        metavar="ROWS",
+        help="rows per parquet row group (default 256)",
+    )
+    p.add_argument(
+        "--held-out",
+        type=_held_out_fraction,
+        default=0.1,
+        metavar="FRACTION",
+        help="fraction of pairs for each of validation and test, in (0, 0.5] (default 0.1); only "
+        "~2,600 distinct prompts exist, so a set made only to evaluate on should use 0.5 to get "
+        "~1,300 prompts in each *_unique split",
+    )
     p.set_defaults(func=_cmd_data_synthetic)
 
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train", help="fine-tune or train a scorer with the PickScore objective",
+        "train",
+        help="fine-tune or train a scorer with the PickScore objective",
         description="Train with the PickScore loss on Pick-a-Pic-format data (DIR/<split>/*.parquet). Resumes from "
-                    "OUT/last when it exists. Writes OUT/last (resumable), OUT/best (best validation accuracy), "
-                    "OUT/log.jsonl and OUT/curves.png. Distributed: --nproc N, or torchrun --nproc_per_node N -m "
-                    "pickscore.cli train ... Every setting's default is the built-in one; a --preset changes it.")
-    p.add_argument("--model", metavar="REF",
-                   help="starting checkpoint (any model reference); omit to train the preset's architecture from "
-                        "scratch")
-    p.add_argument("--data", type=Path, metavar="DIR",
-                   help="dataset directory with train and validation_unique splits (required unless --init-only)")
+        "OUT/last when it exists. Writes OUT/last (resumable), OUT/best (best validation accuracy), "
+        "OUT/log.jsonl and OUT/curves.png. Distributed: --nproc N, or torchrun --nproc_per_node N -m "
+        "pickscore.cli train ... Every setting's default is the built-in one; a --preset changes it.",
+    )
+    p.add_argument(
+        "--model",
+        metavar="REF",
+        help="starting checkpoint (any model reference); omit to train the preset's architecture from scratch",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        metavar="DIR",
+        help="dataset directory with train and validation_unique splits (required unless --init-only)",
+    )
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="run directory: checkpoints, log and plot")
-    p.add_argument("--preset", metavar="NAME", help=f"settings to start from: {', '.join(preset_names())}, or a "
-                                                    "JSON file")
-    p.add_argument("--nproc", type=int_at_least(1), default=1, metavar="N",
-                   help="processes on this machine (DDP: gloo on CPU, NCCL on GPU)")
-    p.add_argument("--init-only", action="store_true",
-                   help=f"write the untrained starting point (--model as loaded, or the preset's initial weights "
-                        f"for its --seed) to OUT/{INIT} and stop: the zero-shot baseline for `pickscore eval "
-                        f"--baseline OUT/{INIT}`")
+    p.add_argument(
+        "--preset", metavar="NAME", help=f"settings to start from: {', '.join(preset_names())}, or a JSON file"
+    )
+    p.add_argument(
+        "--nproc",
+        type=int_at_least(1),
+        default=1,
+        metavar="N",
+        help="processes on this machine (DDP: gloo on CPU, NCCL on GPU)",
+    )
+    p.add_argument(
+        "--init-only",
+        action="store_true",
+        help=f"write the untrained starting point (--model as loaded, or the preset's initial weights "
+        f"for its --seed) to OUT/{INIT} and stop: the zero-shot baseline for `pickscore eval "
+        f"--baseline OUT/{INIT}`",
+    )
     add_flags(p, TrainConfig)
     p.set_defaults(func=_cmd_train, usage_error=p.error)
 
 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "eval", help="tie-aware preference accuracy on a dataset",
+        "eval",
+        help="tie-aware preference accuracy on a dataset",
         description="Tie-aware accuracy as in the paper: a tie is predicted when |p0 - p1| <= threshold, the threshold "
-                    "is chosen on validation_unique and applied to test_unique; 1 point per right answer, 0.5 when "
-                    "either side is a tie. Prints the model beside the baselines. Any model reference works, ONNX "
-                    "exports included, so an fp16 or int8 export can be compared with its checkpoint.")
-    p.add_argument("--model", required=True, metavar="REF",
-                   help="the model to evaluate (any model reference, an ONNX export included)")
-    p.add_argument("--data", required=True, type=Path, metavar="DIR",
-                   help="dataset directory with validation_unique and test_unique")
-    p.add_argument("--baseline", metavar="REF",
-                   help="also evaluate this model, e.g. the untrained start written by `train --init-only`")
-    p.add_argument("--limit", type=int_at_least(0), default=0, metavar="N", help="use at most N pairs per split (0: all)")
+        "is chosen on validation_unique and applied to test_unique; 1 point per right answer, 0.5 when "
+        "either side is a tie. Prints the model beside the baselines. Any model reference works, ONNX "
+        "exports included, so an fp16 or int8 export can be compared with its checkpoint.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="REF",
+        help="the model to evaluate (any model reference, an ONNX export included)",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="dataset directory with validation_unique and test_unique",
+    )
+    p.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also evaluate this model, e.g. the untrained start written by `train --init-only`",
+    )
+    p.add_argument(
+        "--limit", type=int_at_least(0), default=0, metavar="N", help="use at most N pairs per split (0: all)"
+    )
     p.add_argument("--plot", type=Path, metavar="PNG", help="write accuracy against the tie threshold to this PNG")
     add_backend_flags(p, dtype_default="fp32")
-    p.add_argument("--json", action="store_true",
-                   help='print {"accuracy": ..., "threshold": ..., ...} instead of a table')
+    p.add_argument(
+        "--json", action="store_true", help='print {"accuracy": ..., "threshold": ..., ...} instead of a table'
+    )
     p.set_defaults(func=_cmd_eval)
 
 
@@ -104,8 +161,15 @@ def _held_out_fraction(text: str) -> float:
 def _cmd_data_synthetic(args: argparse.Namespace) -> int:
     from pickscore.training.synthetic import write_synthetic
 
-    written = write_synthetic(args.out, pairs=args.pairs, seed=args.seed, image_size=args.image_size,
-                              row_group_size=args.row_group_size, held_out=args.held_out, progress=True)
+    written = write_synthetic(
+        args.out,
+        pairs=args.pairs,
+        seed=args.seed,
+        image_size=args.image_size,
+        row_group_size=args.row_group_size,
+        held_out=args.held_out,
+        progress=True,
+    )
     print(f"wrote {len(written)} splits to {args.out}", file=sys.stderr)
     return 0
 
@@ -119,15 +183,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.data is None:
         args.usage_error("the following arguments are required: --data (unless --init-only)")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "pickscore.cli", *_without_nproc(args.argv)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={args.nproc}",
+            "-m",
+            "pickscore.cli",
+            *_without_nproc(args.argv),
+        ]
         return subprocess.call(cmd)
     from pickscore.training.loop import train
 
     state = train(cfg, args.model, args.data, args.out)
     if int(os.environ.get("RANK", 0)) == 0:
-        print(json.dumps({"step": state["step"], "best_accuracy": state["best_accuracy"], "skipped": state["skipped"],
-                          "out": str(args.out)}))
+        print(
+            json.dumps(
+                {
+                    "step": state["step"],
+                    "best_accuracy": state["best_accuracy"],
+                    "skipped": state["skipped"],
+                    "out": str(args.out),
+                }
+            )
+        )
     return 0
 
 
@@ -150,13 +230,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             backend = load_backend(ref, args.backend, args.device, args.dtype)
             results[name] = evaluate(backend, args.data, args.limit)
     if args.plot:
-        plot_threshold_curves({(args.model if k == "model" else args.baseline): v for k, v in results.items()},
-                              args.plot)
+        plot_threshold_curves(
+            {(args.model if k == "model" else args.baseline): v for k, v in results.items()}, args.plot
+        )
     summary = {k: v for k, v in results["model"].items() if k != "curves"}
     summary["model"] = args.model
     summary["random_baseline"] = 0.5
     if "baseline" in results:
-        summary["baseline"] = {"model": args.baseline, **{k: v for k, v in results["baseline"].items() if k != "curves"}}
+        summary["baseline"] = {
+            "model": args.baseline,
+            **{k: v for k, v in results["baseline"].items() if k != "curves"},
+        }
     if args.json:
         print(json.dumps(summary))
         return 0

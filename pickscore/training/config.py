@@ -13,6 +13,7 @@ from pickscore.flags import option as _f
 PRESETS = resources.files("pickscore.training") / "presets"
 PRECISIONS = ("fp32", "bf16", "fp16")
 
+
 @dataclass(frozen=True)
 class TrainConfig:
     lr: float = _f(3e-6, "peak learning rate of AdamW")
@@ -27,11 +28,15 @@ class TrainConfig:
     eval_every: int = _f(500, "validate (and keep the best checkpoint by accuracy) every this many steps")
     save_every: int = _f(500, "write the resumable checkpoint every this many steps")
     eval_pairs: int = _f(0, "validation pairs to use (0: the whole validation_unique split)")
-    in_batch_negatives: bool = _f(False, "the paper's section 7 variant: also contrast against every image in the batch")
+    in_batch_negatives: bool = _f(
+        False, "the paper's section 7 variant: also contrast against every image in the batch"
+    )
     seed: int = _f(0, "seed of the initial weights (from-scratch presets) and of the data order")
     workers: int = _f(2, "image decoding threads per process")
     shuffle_buffer: int = _f(1000, "pairs in the streaming shuffle buffer")
-    architecture: dict | None = _f(None, "open_clip model config to train from scratch (instead of --model)", flag=False)
+    architecture: dict | None = _f(
+        None, "open_clip model config to train from scratch (instead of --model)", flag=False
+    )
     preprocess: dict | None = _f(None, "preprocessor_config.json fields for a from-scratch model", flag=False)
 
     def validate(self) -> None:
@@ -43,8 +48,10 @@ class TrainConfig:
     def accumulation(self, world_size: int) -> int:
         per_step = self.micro_batch * world_size
         if self.global_batch % per_step:
-            raise ValueError(f"global_batch {self.global_batch} is not a multiple of micro_batch x processes = {per_step}; "
-                             "change --global-batch or --micro-batch")
+            raise ValueError(
+                f"global_batch {self.global_batch} is not a multiple of micro_batch x processes = {per_step}; "
+                "change --global-batch or --micro-batch"
+            )
         return self.global_batch // per_step
 
 
@@ -72,4 +79,6 @@ def _read_preset_file(preset: str) -> str:
         with open(preset) as f:
             return f.read()
     except OSError as e:
-        raise ValueError(f"unknown preset {preset!r}: not one of {', '.join(preset_names())} and not a readable file") from e
+        raise ValueError(
+            f"unknown preset {preset!r}: not one of {', '.join(preset_names())} and not a readable file"
+        ) from e

@@ -16,10 +16,11 @@ import glob
 import itertools
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Union
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -30,30 +31,32 @@ from pickscore.model.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig, loa
 
 log = logging.getLogger(__name__)
 
-Source = Union[str, os.PathLike]
+Source = str | os.PathLike
 
 SPLITS = ("train", "validation", "test", "validation_unique", "test_unique")
 
 # The Pick-a-Pic parquet schema, types as published on the Hugging Face hub (which also has image_0_url,
 # image_1_url and a pandas index column, unused here); the synthetic generator writes exactly this.
-SCHEMA = pa.schema([
-    ("caption", pa.string()),
-    ("jpg_0", pa.binary()),  # encoded image bytes, whatever the format
-    ("jpg_1", pa.binary()),
-    ("label_0", pa.float64()),  # 1/0 for a choice, 0.5/0.5 for a tie, 0/0 when nobody judged
-    ("label_1", pa.float64()),
-    ("has_label", pa.bool_()),
-    ("are_different", pa.bool_()),
-    ("num_example_per_prompt", pa.int64()),  # rows with this caption in the split; the loss weighs by 1/n
-    ("model_0", pa.string()),
-    ("model_1", pa.string()),
-    ("best_image_uid", pa.string()),
-    ("image_0_uid", pa.string()),
-    ("image_1_uid", pa.string()),
-    ("user_id", pa.int64()),
-    ("ranking_id", pa.int64()),
-    ("created_at", pa.timestamp("ns")),
-])
+SCHEMA = pa.schema(
+    [
+        ("caption", pa.string()),
+        ("jpg_0", pa.binary()),  # encoded image bytes, whatever the format
+        ("jpg_1", pa.binary()),
+        ("label_0", pa.float64()),  # 1/0 for a choice, 0.5/0.5 for a tie, 0/0 when nobody judged
+        ("label_1", pa.float64()),
+        ("has_label", pa.bool_()),
+        ("are_different", pa.bool_()),
+        ("num_example_per_prompt", pa.int64()),  # rows with this caption in the split; the loss weighs by 1/n
+        ("model_0", pa.string()),
+        ("model_1", pa.string()),
+        ("best_image_uid", pa.string()),
+        ("image_0_uid", pa.string()),
+        ("image_1_uid", pa.string()),
+        ("user_id", pa.int64()),
+        ("ranking_id", pa.int64()),
+        ("created_at", pa.timestamp("ns")),
+    ]
+)
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 # Value a row gets where its file lacks the column or the cell is null.
 OPTIONAL_DEFAULTS = {"has_label": True, "num_example_per_prompt": 1}
@@ -104,8 +107,9 @@ def find_split_files(root: Source, split: str | None = None) -> list[Path]:
     raise FileNotFoundError(f"no parquet files for split {split!r}: looked for {', '.join(patterns)}; {found}")
 
 
-def iter_pairs(source: Source, split: str | None = None, labeled_only: bool = False,
-               batch_rows: int = DEFAULT_BATCH_ROWS) -> Iterator[PreferencePair]:
+def iter_pairs(
+    source: Source, split: str | None = None, labeled_only: bool = False, batch_rows: int = DEFAULT_BATCH_ROWS
+) -> Iterator[PreferencePair]:
     """Stream the pairs of ``find_split_files(source, split)``, in file and row order.
 
     ``labeled_only`` drops rows nobody judged (``has_label`` false, or both labels 0), as evaluation
@@ -118,13 +122,16 @@ def iter_pairs(source: Source, split: str | None = None, labeled_only: bool = Fa
             row += len(columns["caption"])
 
 
-def decode_pair(pair: PreferencePair, preprocess_cfg: PreprocessConfig,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray]:
+def decode_pair(
+    pair: PreferencePair, preprocess_cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, np.ndarray]:
     """A pair's two images -> (pixels_0, pixels_1), float32 (3, H, W) each.
 
     Raises InvalidInput naming the column of the bad image (``jpg_1: not a decodable image ...``).
     """
-    return _pixels(pair.image_0, "jpg_0", preprocess_cfg, max_pixels), _pixels(pair.image_1, "jpg_1", preprocess_cfg, max_pixels)
+    return _pixels(pair.image_0, "jpg_0", preprocess_cfg, max_pixels), _pixels(
+        pair.image_1, "jpg_1", preprocess_cfg, max_pixels
+    )
 
 
 @dataclass
@@ -140,8 +147,9 @@ class SkipCounter:
         log.warning("%s pair %d%s skipped: %s", self.split, index, where, reason)
 
 
-def decode_pair_or_error(pair: PreferencePair, preprocess_cfg: PreprocessConfig,
-                         max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray] | InvalidInput:
+def decode_pair_or_error(
+    pair: PreferencePair, preprocess_cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, np.ndarray] | InvalidInput:
     """``decode_pair``, returning the InvalidInput instead of raising it (for ``Executor.map``)."""
     try:
         return decode_pair(pair, preprocess_cfg, max_pixels)
@@ -149,9 +157,14 @@ def decode_pair_or_error(pair: PreferencePair, preprocess_cfg: PreprocessConfig,
         return e
 
 
-def iter_decoded(pairs: Iterable[PreferencePair], preprocess_cfg: PreprocessConfig, skipped: SkipCounter,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, pool: Executor | None = None,
-                 chunk: int = 64) -> Iterator[tuple[PreferencePair, np.ndarray, np.ndarray]]:
+def iter_decoded(
+    pairs: Iterable[PreferencePair],
+    preprocess_cfg: PreprocessConfig,
+    skipped: SkipCounter,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    pool: Executor | None = None,
+    chunk: int = 64,
+) -> Iterator[tuple[PreferencePair, np.ndarray, np.ndarray]]:
     """(pair, pixels_0, pixels_1) for each decodable pair, in order; undecodable ones are counted in ``skipped``.
 
     With ``pool``, ``chunk`` pairs at a time are decoded on it. One bad image in millions of scraped
@@ -184,8 +197,9 @@ def _source_files(source: str) -> list[Path]:
     if path.is_dir():
         if files := _glob(glob.escape(source) + "/*.parquet"):
             return files
-        raise FileNotFoundError(f"no *.parquet files in {source}; for a dataset directory, give a split "
-                                f"({', '.join(SPLITS)})")
+        raise FileNotFoundError(
+            f"no *.parquet files in {source}; for a dataset directory, give a split ({', '.join(SPLITS)})"
+        )
     if any(c in source for c in "*?["):
         if files := _glob(source):
             return files
@@ -203,7 +217,9 @@ def _read_batches(path: Path, batch_rows: int) -> Iterator[dict[str, list[Any]]]
     with parquet:
         names = set(parquet.schema_arrow.names)
         if missing := [c for c in REQUIRED_COLUMNS if c not in names]:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; Pick-a-Pic files have {', '.join(SCHEMA.names)}")
+            raise ValueError(
+                f"{path}: missing column(s) {', '.join(missing)}; Pick-a-Pic files have {', '.join(SCHEMA.names)}"
+            )
         columns = [c for c in (*REQUIRED_COLUMNS, *OPTIONAL_DEFAULTS) if c in names]
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
             yield batch.to_pydict()
@@ -211,7 +227,10 @@ def _read_batches(path: Path, batch_rows: int) -> Iterator[dict[str, list[Any]]]
 
 def _pairs(columns: dict[str, list[Any]], file: str, first_row: int, labeled_only: bool) -> Iterator[PreferencePair]:
     for i, caption in enumerate(columns["caption"]):
-        label_0, label_1 = float(columns["label_0"][i] or 0.0), float(columns["label_1"][i] or 0.0)  # null: nobody judged
+        label_0, label_1 = (
+            float(columns["label_0"][i] or 0.0),
+            float(columns["label_1"][i] or 0.0),
+        )  # null: nobody judged
         if labeled_only and not (_optional(columns, "has_label", i) and label_0 + label_1 > 0):
             continue
         yield PreferencePair(

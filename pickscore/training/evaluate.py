@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -23,8 +24,9 @@ from pickscore.training import metrics
 from pickscore.training.data import PreferencePair, SkipCounter, iter_decoded, iter_pairs
 
 
-def score_pairs(backend: Backend, pairs: Iterable[PreferencePair], pool: Executor, skipped: SkipCounter,
-                batch: int = 64) -> tuple[np.ndarray, ...]:
+def score_pairs(
+    backend: Backend, pairs: Iterable[PreferencePair], pool: Executor, skipped: SkipCounter, batch: int = 64
+) -> tuple[np.ndarray, ...]:
     """Scores of both images of each decodable pair -> (s0, s1, label_0, label_1), each (N,) float64."""
     out: list[list[np.ndarray]] = [[], [], [], []]
     decoded = iter_decoded(pairs, backend.preprocess, skipped, pool=pool, chunk=batch)
@@ -39,8 +41,9 @@ def score_pairs(backend: Backend, pairs: Iterable[PreferencePair], pool: Executo
     return tuple(np.concatenate(x).astype(np.float64) if x else np.zeros(0) for x in out)
 
 
-def split_probabilities(backend: Backend, data: str | os.PathLike, split: str, pool: Executor,
-                        limit: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def split_probabilities(
+    backend: Backend, data: str | os.PathLike, split: str, pool: Executor, limit: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(p0, label_0, label_1, skipped count) of a split's labeled pairs."""
     pairs = iter_pairs(data, split=split, labeled_only=True)
     if limit:
@@ -59,8 +62,13 @@ def evaluate(backend: Backend, data: str | os.PathLike, limit: int = 0, workers:
         val = split_probabilities(backend, data, "validation_unique", pool, limit)
         test = split_probabilities(backend, data, "test_unique", pool, limit)
     result = metrics.evaluate_protocol(val[:3], test[:3])
-    return {**result, "validation_pairs": len(val[0]), "test_pairs": len(test[0]),
-            "skipped": int(val[3] + test[3]), "curves": {"validation": val[:3], "test": test[:3]}}
+    return {
+        **result,
+        "validation_pairs": len(val[0]),
+        "test_pairs": len(test[0]),
+        "skipped": int(val[3] + test[3]),
+        "curves": {"validation": val[:3], "test": test[:3]},
+    }
 
 
 def plot_threshold_curves(results: dict[str, dict[str, Any]], png: Path) -> None:

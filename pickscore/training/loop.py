@@ -16,10 +16,11 @@ import math
 import os
 import random
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,8 +39,9 @@ from pickscore.training.evaluate import score_pairs
 from pickscore.training.loss import pickscore_loss
 
 
-
-def pair_stream(data: str | os.PathLike, seed: int, buffer: int, start: int = 0) -> Iterator[tuple[int, PreferencePair]]:
+def pair_stream(
+    data: str | os.PathLike, seed: int, buffer: int, start: int = 0
+) -> Iterator[tuple[int, PreferencePair]]:
     """Endless (position, pair) over the train split; epoch e is shuffled by a buffer seeded with (seed, e).
 
     The order depends only on the files, the seed and the buffer size; ``start`` skips positions
@@ -100,7 +102,9 @@ class Trainer:
             loaded = resolve(resume)
             self.state = json.loads((resume / "trainer_state.json").read_text())
             if len(self.state["positions"]) != self.world:
-                raise ValueError(f"{resume} was written by {len(self.state['positions'])} processes; resume with as many")
+                raise ValueError(
+                    f"{resume} was written by {len(self.state['positions'])} processes; resume with as many"
+                )
         else:
             loaded = initial_model(cfg, model_ref)
         self.loaded = loaded
@@ -110,7 +114,8 @@ class Trainer:
         decay = [p for p in self.model.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]  # gains, biases, logit_scale, class token
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.scaler = torch.amp.GradScaler(enabled=cfg.precision == "fp16" and self.device.type == "cuda")
         if (resume / "optimizer.pt").is_file():
@@ -118,8 +123,13 @@ class Trainer:
             self.optimizer.load_state_dict(saved["optimizer"])
             self.scheduler.load_state_dict(saved["scheduler"])
             self.scaler.load_state_dict(saved["scaler"])
-        self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[local] if self.device.type == "cuda" else None)
-                    if self.world > 1 else self.model)
+        self.ddp = (
+            torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[local] if self.device.type == "cuda" else None
+            )
+            if self.world > 1
+            else self.model
+        )
         self.pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="decode")
 
     def _lr_factor(self, step: int) -> float:
@@ -146,34 +156,50 @@ class Trainer:
             chosen, pixels, last = [], [], 0
             while len(chosen) < self.cfg.micro_batch:
                 window = [next(pairs) for _ in range(self.cfg.micro_batch - len(chosen))]
-                for (position, pair), result in zip(window, self.pool.map(lambda item: decode_pair_or_error(item[1], pp), window)):
+                for (position, pair), result in zip(
+                    window, self.pool.map(lambda item: decode_pair_or_error(item[1], pp), window)
+                ):
                     last = position + 1
                     if isinstance(result, InvalidInput):
                         self.skipped.skip(position, pair, result)
                         continue
                     chosen.append(pair)
                     pixels.append(result)
-            yield last, {
-                "tokens": torch.from_numpy(self.tokenizer([p.caption for p in chosen])),  # (B, 77)
-                "pixels_0": torch.from_numpy(np.stack([x[0] for x in pixels])),  # (B, 3, H, W)
-                "pixels_1": torch.from_numpy(np.stack([x[1] for x in pixels])),
-                "label_0": torch.tensor([p.label_0 for p in chosen], dtype=torch.float32),
-                "label_1": torch.tensor([p.label_1 for p in chosen], dtype=torch.float32),
-                "weight_n": torch.tensor([p.num_example_per_prompt for p in chosen], dtype=torch.float32),
-            }
+            yield (
+                last,
+                {
+                    "tokens": torch.from_numpy(self.tokenizer([p.caption for p in chosen])),  # (B, 77)
+                    "pixels_0": torch.from_numpy(np.stack([x[0] for x in pixels])),  # (B, 3, H, W)
+                    "pixels_1": torch.from_numpy(np.stack([x[1] for x in pixels])),
+                    "label_0": torch.tensor([p.label_0 for p in chosen], dtype=torch.float32),
+                    "label_1": torch.tensor([p.label_1 for p in chosen], dtype=torch.float32),
+                    "weight_n": torch.tensor([p.num_example_per_prompt for p in chosen], dtype=torch.float32),
+                },
+            )
 
     # -- steps ------------------------------------------------------------------------------------
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         n = b["tokens"].shape[0]
-        autocast = torch.autocast(self.device.type, dtype=TORCH_DTYPES[self.cfg.precision],
-                                  enabled=self.cfg.precision != "fp32")
+        autocast = torch.autocast(
+            self.device.type, dtype=TORCH_DTYPES[self.cfg.precision], enabled=self.cfg.precision != "fp32"
+        )
         with autocast:
             # One forward through DDP so gradients synchronise: both images of each pair in one image batch.
-            images, text, scale = self.ddp(torch.cat([b["pixels_0"], b["pixels_1"]]), b["tokens"])  # (2B, D), (B, D), ()
-        return pickscore_loss(text.float(), images[:n].float(), images[n:].float(), b["label_0"], b["label_1"],
-                              scale.float().log(), b["weight_n"], in_batch_negatives=self.cfg.in_batch_negatives)
+            images, text, scale = self.ddp(
+                torch.cat([b["pixels_0"], b["pixels_1"]]), b["tokens"]
+            )  # (2B, D), (B, D), ()
+        return pickscore_loss(
+            text.float(),
+            images[:n].float(),
+            images[n:].float(),
+            b["label_0"],
+            b["label_1"],
+            scale.float().log(),
+            b["weight_n"],
+            in_batch_negatives=self.cfg.in_batch_negatives,
+        )
 
     def step(self, batches: Iterator[tuple[int, dict[str, torch.Tensor]]]) -> float:
         """One optimizer step over accumulation micro batches -> the mean loss."""
@@ -223,9 +249,17 @@ class Trainer:
         with atomic_directory(self.out / name) as tmp:
             write_model(self.model, self.loaded.model_cfg, self.loaded.preprocess, tmp)
             if with_state:
-                torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                            "scaler": self.scaler.state_dict()}, tmp / "optimizer.pt")
-                (tmp / "trainer_state.json").write_text(json.dumps({**self.state, "config": asdict(self.cfg)}, indent=2))
+                torch.save(
+                    {
+                        "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(),
+                        "scaler": self.scaler.state_dict(),
+                    },
+                    tmp / "optimizer.pt",
+                )
+                (tmp / "trainer_state.json").write_text(
+                    json.dumps({**self.state, "config": asdict(self.cfg)}, indent=2)
+                )
 
 
 def train(cfg: TrainConfig, model_ref: str | None, data: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
@@ -243,8 +277,12 @@ def train(cfg: TrainConfig, model_ref: str | None, data: str | os.PathLike, out:
         started = time.perf_counter()
         loss = trainer.step(batches)
         step = trainer.state["step"]
-        record: dict[str, Any] = {"step": step, "loss": loss, "lr": trainer.scheduler.get_last_lr()[0],
-                                  "samples_per_s": cfg.global_batch / (time.perf_counter() - started)}
+        record: dict[str, Any] = {
+            "step": step,
+            "loss": loss,
+            "lr": trainer.scheduler.get_last_lr()[0],
+            "samples_per_s": cfg.global_batch / (time.perf_counter() - started),
+        }
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             if trainer.rank == 0:
                 record["validation"] = trainer.validate()
@@ -260,8 +298,11 @@ def train(cfg: TrainConfig, model_ref: str | None, data: str | os.PathLike, out:
         if trainer.rank == 0:
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{trainer.state['best_accuracy']:.3f}",
-                            samples_s=f"{record['samples_per_s']:.1f}")
+            bar.set_postfix(
+                loss=f"{loss:.4f}",
+                acc=f"{trainer.state['best_accuracy']:.3f}",
+                samples_s=f"{record['samples_per_s']:.1f}",
+            )
             bar.update(1)
     bar.close()
     if trainer.rank == 0:

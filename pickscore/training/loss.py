@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 
 def gather_features(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Concatenate each (B, ...) tensor across ranks, rank order -> (world_size * B, ...); identity when not distributed.
+    """Concatenate each (B, ...) tensor across ranks in rank order -> (world_size * B, ...); identity when alone.
 
     The gather is differentiable (``torch.distributed.nn.all_gather``): in backward each rank's gradient for the
     global batch is summed back into the shard that produced it. Every rank computes the same global loss L, so
@@ -91,7 +91,9 @@ def pickscore_loss(
     else:
         s0 = scale * (text_embeds * image_0_embeds).sum(dim=-1)  # (B,)
         s1 = scale * (text_embeds * image_1_embeds).sum(dim=-1)  # (B,)
-        text_loss = F.cross_entropy(torch.stack([s0, s1], dim=-1), torch.stack([label_0, label_1], dim=-1), reduction="none")
+        text_loss = F.cross_entropy(
+            torch.stack([s0, s1], dim=-1), torch.stack([label_0, label_1], dim=-1), reduction="none"
+        )
 
     if tie_offset:
         text_loss = text_loss + math.log(0.5) * (label_0 == label_1).to(text_loss.dtype)

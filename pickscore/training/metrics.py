@@ -41,8 +41,9 @@ def tie_aware_accuracy(p0: np.ndarray, label_0: np.ndarray, label_1: np.ndarray,
     return float(accuracy_curve(p0, label_0, label_1, np.array([threshold]))[0])
 
 
-def best_threshold(p0: np.ndarray, label_0: np.ndarray, label_1: np.ndarray,
-                   candidates: np.ndarray | None = None) -> tuple[float, float]:
+def best_threshold(
+    p0: np.ndarray, label_0: np.ndarray, label_1: np.ndarray, candidates: np.ndarray | None = None
+) -> tuple[float, float]:
     """The threshold in [0, 1) with the highest accuracy, and that accuracy; equal accuracies go to the smaller.
 
     Accuracy only changes where the threshold crosses an observed gap |p0 - p1|, so the default candidates (a
@@ -57,10 +58,14 @@ def best_threshold(p0: np.ndarray, label_0: np.ndarray, label_1: np.ndarray,
     return float(candidates[best]), float(accuracies[best])
 
 
-def evaluate_protocol(validation: tuple[np.ndarray, np.ndarray, np.ndarray],
-                      test: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, float]:
+def evaluate_protocol(
+    validation: tuple[np.ndarray, np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> dict[str, float]:
     """(p0, label_0, label_1) of validation_unique and of test_unique -> the threshold picked on validation,
     the validation accuracy there, and the test accuracy at that threshold (the number to report)."""
     threshold, validation_accuracy = best_threshold(*validation)
-    return {"threshold": threshold, "validation_accuracy": validation_accuracy,
-            "accuracy": tie_aware_accuracy(*test, threshold)}
+    return {
+        "threshold": threshold,
+        "validation_accuracy": validation_accuracy,
+        "accuracy": tie_aware_accuracy(*test, threshold),
+    }

@@ -17,10 +17,11 @@ import random
 import sys
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -79,9 +80,15 @@ def plan_pairs(pairs: int, seed: int, held_out: float = HELD_OUT_FRACTION) -> di
     return {name: splits[name] for name in SPLITS}
 
 
-def write_synthetic(out_dir: str | os.PathLike, pairs: int, seed: int, image_size: int = 64,
-                    row_group_size: int = 256, held_out: float = HELD_OUT_FRACTION,
-                    progress: bool = False) -> dict[str, Path]:
+def write_synthetic(
+    out_dir: str | os.PathLike,
+    pairs: int,
+    seed: int,
+    image_size: int = 64,
+    row_group_size: int = 256,
+    held_out: float = HELD_OUT_FRACTION,
+    progress: bool = False,
+) -> dict[str, Path]:
     """Write ``out_dir/<split>/part-00000.parquet`` for the five splits, in the Pick-a-Pic schema.
 
     ``pairs`` rows go to train/validation/test (80/10/10 by prompt with the default ``held_out``); the
@@ -94,7 +101,9 @@ def write_synthetic(out_dir: str | os.PathLike, pairs: int, seed: int, image_siz
     written = {}
     with tqdm(total=sum(map(len, plan.values())), unit="pair", disable=not progress or None, file=sys.stderr) as bar:
         for split, rows in plan.items():
-            written[split] = _write_split(Path(out_dir) / split / "part-00000.parquet", rows, image_size, row_group_size, bar)
+            written[split] = _write_split(
+                Path(out_dir) / split / "part-00000.parquet", rows, image_size, row_group_size, bar
+            )
     return written
 
 
@@ -132,7 +141,7 @@ def _write_split(path: Path, rows: list[SyntheticPair], image_size: int, row_gro
         if not rows:
             writer.write_table(SCHEMA.empty_table())  # a split too small to fill still gets a readable file
         for start in range(0, len(rows), row_group_size):
-            chunk = [_columns(row, image_size, per_prompt) for row in rows[start:start + row_group_size]]
+            chunk = [_columns(row, image_size, per_prompt) for row in rows[start : start + row_group_size]]
             writer.write_table(pa.Table.from_pylist(chunk, schema=SCHEMA), row_group_size=row_group_size)
             bar.update(len(chunk))
     return path

@@ -40,12 +40,16 @@ def manifests() -> dict[str, dict]:
 
 
 def test_manifests_validate_against_the_kubernetes_schemas():
-    result = subprocess.run([bin_tool("kubernetes-validate"), "--strict", *map(str, sorted(K8S.glob("*.yaml")))],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [bin_tool("kubernetes-validate"), "--strict", *map(str, sorted(K8S.glob("*.yaml")))],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     passed = {line.split()[1] for line in result.stdout.splitlines() if " passed for resource " in line}
-    assert {Path(p).name for p in passed} == {p.name for p in K8S.glob("*.yaml")
-                                            if yaml.safe_load(p.read_text())["kind"] not in NOT_IN_KUBERNETES_SCHEMAS}
+    assert {Path(p).name for p in passed} == {
+        p.name for p in K8S.glob("*.yaml") if yaml.safe_load(p.read_text())["kind"] not in NOT_IN_KUBERNETES_SCHEMAS
+    }
 
 
 def test_the_validator_rejects_a_broken_manifest(tmp_path):
@@ -57,16 +61,25 @@ def test_the_validator_rejects_a_broken_manifest(tmp_path):
 
 def test_kustomization_lists_every_manifest():
     docs = manifests()
-    assert sorted(docs["Kustomization"]["resources"]) == sorted(p.name for p in K8S.glob("*.yaml")
-                                                                if p.name != "kustomization.yaml")
+    assert sorted(docs["Kustomization"]["resources"]) == sorted(
+        p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"
+    )
 
 
 def test_selectors_ports_and_probes_agree():
     docs = manifests()
-    deployment, service, pdb, monitor = docs["Deployment"], docs["Service"], docs["PodDisruptionBudget"], docs["ServiceMonitor"]
+    deployment, service, pdb, monitor = (
+        docs["Deployment"],
+        docs["Service"],
+        docs["PodDisruptionBudget"],
+        docs["ServiceMonitor"],
+    )
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
-    selectors = [deployment["spec"]["selector"]["matchLabels"], service["spec"]["selector"],
-                 pdb["spec"]["selector"]["matchLabels"]]
+    selectors = [
+        deployment["spec"]["selector"]["matchLabels"],
+        service["spec"]["selector"],
+        pdb["spec"]["selector"]["matchLabels"],
+    ]
     assert all(s.items() <= pod_labels.items() for s in selectors)
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert service["spec"]["clusterIP"] == "None"  # headless: client-side load balancing
@@ -105,16 +118,20 @@ def test_autoscaler_reads_the_adapter_metric():
 def test_dockerfiles_pass_hadolint():
     dockerfiles = sorted(DOCKER.glob("Dockerfile.*"))
     assert [p.name for p in dockerfiles] == ["Dockerfile.cpu", "Dockerfile.cuda"]
-    result = subprocess.run([bin_tool("hadolint"), "--config", str(DOCKER / "hadolint.yaml"), *map(str, dockerfiles)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [bin_tool("hadolint"), "--config", str(DOCKER / "hadolint.yaml"), *map(str, dockerfiles)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_hadolint_rejects_a_bad_dockerfile(tmp_path):
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python:latest\nRUN cd /tmp && pip install pickscore\nUSER root\n")
-    result = subprocess.run([bin_tool("hadolint"), "--config", str(DOCKER / "hadolint.yaml"), str(bad)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [bin_tool("hadolint"), "--config", str(DOCKER / "hadolint.yaml"), str(bad)], capture_output=True, text=True
+    )
     assert result.returncode != 0 and "DL3007" in result.stdout  # the :latest tag
 
 
@@ -124,7 +141,7 @@ def test_images_run_as_non_root_and_check_health_through_grpc(name):
     stages = text.count("\nFROM ") + text.startswith("FROM ")
     assert stages >= 2, "multi-stage"
     assert "USER 10001:10001" in text
-    assert 'HEALTHCHECK' in text and 'CMD ["pickscore", "health"]' in text
+    assert "HEALTHCHECK" in text and 'CMD ["pickscore", "health"]' in text
     assert 'ENTRYPOINT ["pickscore"]' in text and 'CMD ["serve"]' in text
 
 
@@ -140,6 +157,8 @@ def test_compose_wires_the_repository_files():
     assert (DOCKER / services["pickscore"]["build"]["context"] / services["pickscore"]["build"]["dockerfile"]).exists()
     scrape = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())["scrape_configs"][0]
     assert scrape["static_configs"][0]["targets"] == [f"pickscore:{Settings().metrics_port}"]
-    provider = yaml.safe_load((ROOT / "deploy" / "grafana" / "provisioning" / "dashboards" / "pickscore.yml").read_text())
+    provider = yaml.safe_load(
+        (ROOT / "deploy" / "grafana" / "provisioning" / "dashboards" / "pickscore.yml").read_text()
+    )
     mounted = {v.split(":")[1] for v in services["grafana"]["volumes"] if ":" in v}
     assert provider["providers"][0]["options"]["path"] in mounted

@@ -38,8 +38,10 @@ GPU_ONLY = "pickscore_gpu_"  # series a CPU-only server does not have
 def tool(name: str) -> str:
     found = shutil.which(name) or shutil.which(name, path=str(ROOT / ".tools" / "prometheus" / "usr" / "bin"))
     if not found:
-        pytest.fail(f"{name} not found: run `make test` (it fetches Debian's prometheus package into .tools/) "
-                    "or install Prometheus 2.x")
+        pytest.fail(
+            f"{name} not found: run `make test` (it fetches Debian's prometheus package into .tools/) "
+            "or install Prometheus 2.x"
+        )
     return found
 
 
@@ -105,14 +107,25 @@ def prometheus(tiny_hf_dir, tmp_path_factory):
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
         port = free_port()
         log = (tmp / "prometheus.log").open("w")
-        proc = subprocess.Popen([binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-                                 f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={tmp / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         api = PrometheusAPI(f"http://127.0.0.1:{port}")
         try:
             deadline = time.monotonic() + 90
             # Ready when the rules have seen traffic: two scrapes with requests in between, then an evaluation.
-            while not (loader.is_alive() and _has_data(api, "job:pickscore_request_duration_seconds:p99_5m")
-                       and _has_data(api, "job:pickscore_images_scored:rate5m > 0")):
+            while not (
+                loader.is_alive()
+                and _has_data(api, "job:pickscore_request_duration_seconds:p99_5m")
+                and _has_data(api, "job:pickscore_images_scored:rate5m > 0")
+            ):
                 assert proc.poll() is None, (tmp / "prometheus.log").read_text()
                 assert loader.is_alive(), "the load generator stopped"
                 assert time.monotonic() < deadline, "no samples after 90 s:\n" + (tmp / "prometheus.log").read_text()
@@ -162,6 +175,7 @@ def rules(kind: str) -> list[dict]:
 
 # --- promtool: what CI checks on every change -------------------------------------------------------
 
+
 def test_promtool_checks_the_config_and_its_rule_files():
     result = promtool("check", "config", str(PROMETHEUS_DIR / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -192,6 +206,7 @@ def test_promtool_rejects_a_broken_rule(tmp_path):
 
 
 # --- a real Prometheus scraping a real server --------------------------------------------------------
+
 
 def test_every_dashboard_query_returns_data(prometheus):
     targets = dashboard_targets()
@@ -259,7 +274,10 @@ def test_the_autoscaler_metric_query_returns_data(prometheus):
     config = yaml.safe_load(yaml.safe_load(ADAPTER.read_text())["data"]["config.yaml"])
     (rule,) = config["rules"]
     assert prometheus.get("/api/v1/series", **{"match[]": rule["seriesQuery"]})["status"] == "success"
-    query = (rule["metricsQuery"].replace("<<.Series>>", "pickscore_queue_depth")
-             .replace("<<.LabelMatchers>>", 'job="pickscore"').replace("<<.GroupBy>>", "instance"))
+    query = (
+        rule["metricsQuery"]
+        .replace("<<.Series>>", "pickscore_queue_depth")
+        .replace("<<.LabelMatchers>>", 'job="pickscore"')
+        .replace("<<.GroupBy>>", "instance")
+    )
     assert prometheus.query(query)
-

@@ -23,7 +23,8 @@ def heldout(tmp_path_factory):
 def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo-exports")
     for precision in ("fp32", "int8"):
-        export_onnx("demo", root / precision, precision=precision)
+        # The gate is the exporter's business (tested there); here int8 only has to load and score.
+        export_onnx("demo", root / precision, precision=precision, min_agreement=0.95)
     return root
 
 

@@ -42,12 +42,22 @@ def test_sessions_reproduce_transformers_embeddings_at_batch_1_and_7(onnx_dir, t
     text = ort.InferenceSession(str(onnx_dir / "text.onnx"), providers=["CPUExecutionProvider"])
     for n in (1, 7):
         with torch.no_grad():
-            ref_img = getattr(r := tiny_hf_model.get_image_features(pixel_values=torch.from_numpy(pixels[:n])), "pooler_output", r)
-            ref_txt = getattr(r := tiny_hf_model.get_text_features(input_ids=torch.from_numpy(tokens[:n])), "pooler_output", r)
-        np.testing.assert_allclose(image.run(None, {"pixel_values": pixels[:n]})[0],
-                                   torch.nn.functional.normalize(ref_img, dim=-1).numpy(), atol=1e-4)
-        np.testing.assert_allclose(text.run(None, {"input_ids": tokens[:n]})[0],
-                                   torch.nn.functional.normalize(ref_txt, dim=-1).numpy(), atol=1e-4)
+            ref_img = getattr(
+                r := tiny_hf_model.get_image_features(pixel_values=torch.from_numpy(pixels[:n])), "pooler_output", r
+            )
+            ref_txt = getattr(
+                r := tiny_hf_model.get_text_features(input_ids=torch.from_numpy(tokens[:n])), "pooler_output", r
+            )
+        np.testing.assert_allclose(
+            image.run(None, {"pixel_values": pixels[:n]})[0],
+            torch.nn.functional.normalize(ref_img, dim=-1).numpy(),
+            atol=1e-4,
+        )
+        np.testing.assert_allclose(
+            text.run(None, {"input_ids": tokens[:n]})[0],
+            torch.nn.functional.normalize(ref_txt, dim=-1).numpy(),
+            atol=1e-4,
+        )
 
 
 def test_batch_axis_is_symbolic_and_manifest_complete(onnx_dir):
@@ -69,7 +79,9 @@ def test_cli_scores_of_the_export_match_the_checkpoint(onnx_dir, tiny_hf_dir, tm
     for model in (tiny_hf_dir, onnx_dir):
         assert main(["score", "--model", str(model), "--prompt", PROMPT, "--json", *map(str, files)]) == 0
         docs.append(json.loads(capsys.readouterr().out))
-    np.testing.assert_allclose([r["score"] for r in docs[1]["results"]], [r["score"] for r in docs[0]["results"]], atol=1e-4)
+    np.testing.assert_allclose(
+        [r["score"] for r in docs[1]["results"]], [r["score"] for r in docs[0]["results"]], atol=1e-4
+    )
 
 
 def test_server_onnxruntime_backend_equals_torch_backend(onnx_dir, tiny_hf_dir):
@@ -82,7 +94,9 @@ def test_server_onnxruntime_backend_equals_torch_backend(onnx_dir, tiny_hf_dir):
 
 
 def test_low_precision_refused_below_the_agreement_threshold(tiny_hf_dir, tmp_path):
-    with pytest.raises(ValueError, match="int8 export agrees with fp32 on 0.9.* below --min-agreement 1.0; not written"):
+    with pytest.raises(
+        ValueError, match="int8 export agrees with fp32 on 0.9.* below --min-agreement 1.0; not written"
+    ):
         export_onnx(str(tiny_hf_dir), tmp_path / "int8", precision="int8", min_agreement=1.0)
     assert not (tmp_path / "int8").exists()
     manifest = export_onnx(str(tiny_hf_dir), tmp_path / "fp16", precision="fp16", min_agreement=0.9)
@@ -101,14 +115,21 @@ def test_triton_repository_configs_parse_and_match_the_graphs(onnx_dir, tmp_path
         graph = onnx.load(str(repo / name / "1" / "model.onnx")).graph
         for declared, value in [*zip(config.input, graph.input), *zip(config.output, graph.output)]:
             dims = [d.dim_value for d in value.type.tensor_type.shape.dim[1:]]
-            assert (declared.name, declared.data_type, list(declared.dims)) == \
-                (value.name, onnx_types[value.type.tensor_type.elem_type], dims)
+            assert (declared.name, declared.data_type, list(declared.dims)) == (
+                value.name,
+                onnx_types[value.type.tensor_type.elem_type],
+                dims,
+            )
         assert config.dynamic_batching.max_queue_delay_microseconds == 5000
         assert config.optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"
     ensemble = read_config(repo / "pickscore" / "config.pbtxt")
     assert [t.name for t in ensemble.input] == ["PROMPT", "IMAGE"] and ensemble.output[0].name == "SCORE"
     assert [s.model_name for s in ensemble.ensemble_scheduling.step] == [
-        "pickscore_preprocess", "pickscore_text", "pickscore_image", "pickscore_score"]
+        "pickscore_preprocess",
+        "pickscore_text",
+        "pickscore_image",
+        "pickscore_score",
+    ]
     for step in ("pickscore_preprocess", "pickscore_score"):
         assert read_config(repo / step / "config.pbtxt").backend == "python"
         compile((repo / step / "1" / "model.py").read_text(), step, "exec")

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from pickscore.backends.torch_backend import TorchBackend
 from pickscore.errors import ModelLoadError
 from pickscore.model import hf_convert
 from pickscore.model.checkpoint import resolve, save
 from pickscore.scorer import Scorer
-from pickscore.backends.torch_backend import TorchBackend
 from tests.conftest import TINY_HF_CONFIG, make_hf_clip, save_hf_clip, varied_images
 
 IMAGES = [data for _, data, _ in varied_images()[:6]]
@@ -48,7 +48,9 @@ def test_missing_tensor_in_checkpoint_is_an_error(tmp_path, tiny_hf_dir):
 
 def test_quick_gelu_checkpoint_matches_transformers(tmp_path):
     quick = {**TINY_HF_CONFIG["text_config"], "hidden_act": "quick_gelu"}
-    hf = make_hf_clip(seed=3, text_config=quick, vision_config={**TINY_HF_CONFIG["vision_config"], "hidden_act": "quick_gelu"})
+    hf = make_hf_clip(
+        seed=3, text_config=quick, vision_config={**TINY_HF_CONFIG["vision_config"], "hidden_act": "quick_gelu"}
+    )
     save_hf_clip(hf, tmp_path)
     loaded = resolve(tmp_path)
     assert loaded.model_cfg["quick_gelu"] is True
@@ -57,7 +59,9 @@ def test_quick_gelu_checkpoint_matches_transformers(tmp_path):
     with torch.no_grad():
         ref = hf.get_text_features(input_ids=torch.from_numpy(tokens))
     ref = getattr(ref, "pooler_output", ref)
-    np.testing.assert_allclose(scorer.encode_text([PROMPT]), torch.nn.functional.normalize(ref, dim=-1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        scorer.encode_text([PROMPT]), torch.nn.functional.normalize(ref, dim=-1).numpy(), atol=1e-5
+    )
 
 
 def test_pytorch_bin_loads_with_weights_only_and_refuses_pickled_code(tmp_path, tiny_hf_dir, tiny_hf_model):
@@ -78,7 +82,10 @@ def test_sharded_safetensors(tmp_path, tiny_hf_dir):
     weights = load_file(str(d / "model.safetensors"))
     (d / "model.safetensors").unlink()
     keys = sorted(weights)
-    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     for name, part in shards.items():
         save_file({k: weights[k] for k in part}, str(d / name))
     index = {"weight_map": {k: name for name, part in shards.items() for k in part}}
@@ -88,7 +95,11 @@ def test_sharded_safetensors(tmp_path, tiny_hf_dir):
 
 def test_open_clip_round_trip(tmp_path, tiny_hf_dir):
     out = save(resolve(tiny_hf_dir), tmp_path / "converted")
-    assert {p.name for p in out.iterdir()} == {"open_clip_config.json", "open_clip_model.safetensors", "preprocessor_config.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+        "preprocessor_config.json",
+    }
     assert resolve(out).layout == "open_clip"
     np.testing.assert_allclose(_scores(out), _scores(tiny_hf_dir), atol=1e-6)
     # Without preprocessor_config.json, preprocessing comes from open_clip's preprocess_cfg.
@@ -111,16 +122,21 @@ def test_hub_id_from_the_local_cache_offline(tmp_path, tiny_hf_dir, monkeypatch)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     np.testing.assert_allclose(_scores("someone/tiny-pickscore"), _scores(tiny_hf_dir), atol=1e-6)
-    with pytest.raises(ModelLoadError, match="someone/absent: not in the Hugging Face cache.*hf download someone/absent"):
+    with pytest.raises(
+        ModelLoadError, match="someone/absent: not in the Hugging Face cache.*hf download someone/absent"
+    ):
         resolve("someone/absent")
 
 
-@pytest.mark.parametrize("files,message", [
-    ({}, "neither config.json"),
-    ({"config.json": "{not json"}, "invalid JSON"),
-    ({"config.json": json.dumps({"model_type": "siglip"})}, "model_type 'siglip'"),
-    ({"config.json": "{}"}, "no weights"),
-])
+@pytest.mark.parametrize(
+    "files,message",
+    [
+        ({}, "neither config.json"),
+        ({"config.json": "{not json"}, "invalid JSON"),
+        ({"config.json": json.dumps({"model_type": "siglip"})}, "model_type 'siglip'"),
+        ({"config.json": "{}"}, "no weights"),
+    ],
+)
 def test_bad_directories_say_what_is_wrong(tmp_path, files, message):
     for name, text in files.items():
         (tmp_path / name).write_text(text)

@@ -56,12 +56,15 @@ def test_legacy_and_exact_size_configs():
         PreprocessConfig.from_hf({"size": {"longest_edge": 3}})
 
 
-@pytest.mark.parametrize("data,reason", [
-    (b"", "empty file"),
-    (b"plain text, not an image", "cannot identify image file"),
-    (png_bomb(40000, 40000), "pixel limit"),  # over PIL's own bomb threshold
-    (png_bomb(9000, 9000), "over the limit of"),  # between our limit and PIL's
-])
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (b"", "empty file"),
+        (b"plain text, not an image", "cannot identify image file"),
+        (png_bomb(40000, 40000), "pixel limit"),  # over PIL's own bomb threshold
+        (png_bomb(9000, 9000), "over the limit of"),  # between our limit and PIL's
+    ],
+)
 def test_undecodable_inputs_raise_invalid_input(data, reason):
     with pytest.raises(InvalidInput, match=reason):
         decode_image(data)

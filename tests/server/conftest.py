@@ -16,8 +16,17 @@ PROMPT = "a red square on a blue background"
 
 
 def settings_for(model, **overrides) -> Settings:
-    base = dict(model=str(model), host="127.0.0.1", port=0, metrics_port=0, device="cpu", dtype="fp32",
-                max_queue_delay_ms=5.0, log_format="text", grace_period_s=10.0)
+    base = dict(
+        model=str(model),
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        device="cpu",
+        dtype="fp32",
+        max_queue_delay_ms=5.0,
+        log_format="text",
+        grace_period_s=10.0,
+    )
     return Settings(**{**base, **overrides})
 
 

@@ -25,14 +25,17 @@ def test_server_json_matches_local_json(capsys, server, tiny_hf_dir, image_dir, 
     assert [r["image"] for r in remote["results"]] == [r["image"] for r in local["results"]]
     for key in ("score", "probability", "rank"):
         if key in local["results"][0]:
-            np.testing.assert_allclose([r[key] for r in remote["results"]], [r[key] for r in local["results"]], atol=1e-5)
+            np.testing.assert_allclose(
+                [r[key] for r in remote["results"]], [r[key] for r in local["results"]], atol=1e-5
+            )
 
 
 def test_server_skip_invalid_reports_the_bad_file_and_scores_the_rest(capsys, server, image_dir, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
-    code, out, _ = run(capsys, "score", "--server", server.address, "--prompt", PROMPT, "--json", "--skip-invalid",
-                       image_dir, bad)
+    code, out, _ = run(
+        capsys, "score", "--server", server.address, "--prompt", PROMPT, "--json", "--skip-invalid", image_dir, bad
+    )
     assert code == 0
     doc = json.loads(out)
     assert len(doc["results"]) == len(list(image_dir.iterdir()))
@@ -67,14 +70,23 @@ def test_settings_flags_beat_environment_beat_defaults():
     assert (settings.port, settings.max_batch_size, settings.warmup, settings.model) == (7001, 8, False, "demo")
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"PICKSCORE_MAX_BATCH_SIZE": "many"}, "PICKSCORE_MAX_BATCH_SIZE='many' is not a valid int"),
-    ({"PICKSCORE_MAX_BATCH_SIZE": "0"}, "max_batch_size must be at least 1"),
-    ({"PICKSCORE_MAX_QUEUE_SIZE": "10"}, "raise --max-queue-size"),
-    ({"PICKSCORE_WARMUP": "perhaps"}, "PICKSCORE_WARMUP='perhaps' is not a valid bool"),
-    ({"PICKSCORE_MAX_BATCH": "64"}, "PICKSCORE_MAX_BATCH is not a setting (did you mean PICKSCORE_MAX_BATCH_SIZE?)"),
-    ({"PICKSCORE_SERVICE_HOST": "10.0.0.7"}, "for a Service named pickscore: give the pod spec enableServiceLinks: false"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"PICKSCORE_MAX_BATCH_SIZE": "many"}, "PICKSCORE_MAX_BATCH_SIZE='many' is not a valid int"),
+        ({"PICKSCORE_MAX_BATCH_SIZE": "0"}, "max_batch_size must be at least 1"),
+        ({"PICKSCORE_MAX_QUEUE_SIZE": "10"}, "raise --max-queue-size"),
+        ({"PICKSCORE_WARMUP": "perhaps"}, "PICKSCORE_WARMUP='perhaps' is not a valid bool"),
+        (
+            {"PICKSCORE_MAX_BATCH": "64"},
+            "PICKSCORE_MAX_BATCH is not a setting (did you mean PICKSCORE_MAX_BATCH_SIZE?)",
+        ),
+        (
+            {"PICKSCORE_SERVICE_HOST": "10.0.0.7"},
+            "for a Service named pickscore: give the pod spec enableServiceLinks: false",
+        ),
+    ],
+)
 def test_bad_settings_say_how_to_fix_them(env, message):
     args = build_parser().parse_args(["serve"])
     with pytest.raises(ValueError, match=re.escape(message)):

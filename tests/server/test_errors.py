@@ -13,13 +13,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from pickscore.backends.torch_backend import TorchBackend
 from pickscore.client import Client
 from pickscore.errors import DeadlineExceeded, Internal, Overloaded, Unauthenticated, Unavailable
-from pickscore.scorer import Scorer
-from pickscore.server.app import ServerThread
 from pickscore.model.checkpoint import resolve
 from pickscore.model.preprocess import load_pixels
-from pickscore.backends.torch_backend import TorchBackend
+from pickscore.scorer import Scorer
+from pickscore.server.app import ServerThread
 from pickscore.v1 import scoring_pb2 as pb
 from pickscore.v1 import scoring_pb2_grpc
 from tests.conftest import png_bomb
@@ -37,12 +37,15 @@ def _code(call) -> tuple[grpc.StatusCode, str]:
     return info.value.code(), info.value.details()
 
 
-@pytest.mark.parametrize("bad, reason", [
-    (b"", "empty image data"),
-    (b"this is text, not an image", "not a decodable image"),
-    (jpeg(1)[:300], "Truncated"),
-    (png_bomb(), "pixels"),
-])
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        (b"", "empty image data"),
+        (b"this is text, not an image", "not a decodable image"),
+        (jpeg(1)[:300], "Truncated"),
+        (png_bomb(), "pixels"),
+    ],
+)
 def test_bad_image_is_invalid_argument_naming_the_item(server, bad, reason):
     channel, stub = _stub(server)
     with channel:
@@ -54,14 +57,20 @@ def test_bad_image_is_invalid_argument_naming_the_item(server, bad, reason):
         assert len(stub.Score(pb.ScoreRequest(prompt=PROMPT, images=images[:1]), timeout=30).results) == 1
 
 
-@pytest.mark.parametrize("request_, message", [
-    (pb.ScoreRequest(prompt=PROMPT), "no images given"),
-    (pb.ScoreRequest(images=[pb.Image(data=jpeg(0))]), "prompt is empty"),
-    (pb.ScoreRequest(prompt=PROMPT, prompts=["a", "b"], images=[pb.Image(data=jpeg(0))] * 2), "not both"),
-    (pb.ScoreRequest(prompts=["a", "b", "c"], images=[pb.Image(data=jpeg(0))] * 2), "3 prompts for 2 images"),
-    (pb.ScoreRequest(prompts=["a", " "], images=[pb.Image(data=jpeg(0))] * 2), "prompt 1 is empty"),
-    (pb.ScoreRequest(prompt=PROMPT, images=[pb.Image(data=jpeg(0))] * 257), "257 images in one request; at most 256"),
-])
+@pytest.mark.parametrize(
+    "request_, message",
+    [
+        (pb.ScoreRequest(prompt=PROMPT), "no images given"),
+        (pb.ScoreRequest(images=[pb.Image(data=jpeg(0))]), "prompt is empty"),
+        (pb.ScoreRequest(prompt=PROMPT, prompts=["a", "b"], images=[pb.Image(data=jpeg(0))] * 2), "not both"),
+        (pb.ScoreRequest(prompts=["a", "b", "c"], images=[pb.Image(data=jpeg(0))] * 2), "3 prompts for 2 images"),
+        (pb.ScoreRequest(prompts=["a", " "], images=[pb.Image(data=jpeg(0))] * 2), "prompt 1 is empty"),
+        (
+            pb.ScoreRequest(prompt=PROMPT, images=[pb.Image(data=jpeg(0))] * 257),
+            "257 images in one request; at most 256",
+        ),
+    ],
+)
 def test_bad_fields_are_invalid_argument(server, request_, message):
     channel, stub = _stub(server)
     with channel:
@@ -74,7 +83,9 @@ def test_oversized_image_bytes_and_zero_top_k(tiny_hf_dir):
         channel, stub = _stub(server)
         with channel:
             big = jpeg(0, size=256)
-            code, details = _code(lambda: stub.Rank(pb.RankRequest(prompt=PROMPT, images=[pb.Image(data=big)]), timeout=30))
+            code, details = _code(
+                lambda: stub.Rank(pb.RankRequest(prompt=PROMPT, images=[pb.Image(data=big)]), timeout=30)
+            )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert f"image 0: {len(big)} bytes; at most 1000" in details
 
@@ -183,14 +194,18 @@ def test_auth_token_gives_unauthenticated_without_it(tiny_hf_dir):
     with ServerThread(settings_for(tiny_hf_dir, auth_token="s3cret")) as server:
         with Client(server.address) as anonymous, pytest.raises(Unauthenticated, match="missing credentials"):
             anonymous.score(PROMPT, [jpeg(0)])
-        with Client(server.address, metadata=[("authorization", "Bearer wrong")]) as wrong, \
-                pytest.raises(Unauthenticated, match="wrong credentials"):
+        with (
+            Client(server.address, metadata=[("authorization", "Bearer wrong")]) as wrong,
+            pytest.raises(Unauthenticated, match="wrong credentials"),
+        ):
             wrong.score(PROMPT, [jpeg(0)])
         with Client(server.address, metadata=[("authorization", "Bearer s3cret")]) as client:
             assert len(client.score(PROMPT, [jpeg(0)])) == 1
         with grpc.insecure_channel(server.address) as channel:  # health needs no credentials
-            assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
-                health_pb2.HealthCheckResponse.SERVING
+            assert (
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
 
 
 def test_request_during_drain_is_unavailable_and_admitted_work_finishes(tiny_hf_dir):

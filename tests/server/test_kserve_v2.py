@@ -15,8 +15,8 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from pickscore.client import Client
 from pickscore.backends.triton_config import model_configs
+from pickscore.client import Client
 from pickscore.model.preprocess import load_pixels
 from pickscore.scorer import Scorer
 from tests.server.conftest import PROMPT, jpeg, metric
@@ -59,7 +59,9 @@ def test_pairs_and_priority_and_timeout_parameters(tc, server):
 
 def test_async_infer_with_callback(tc, expected):
     answers: queue.Queue = queue.Queue()
-    tc.async_infer("pickscore", score_inputs([PROMPT], IMAGES), callback=lambda result, error: answers.put((result, error)))
+    tc.async_infer(
+        "pickscore", score_inputs([PROMPT], IMAGES), callback=lambda result, error: answers.put((result, error))
+    )
     result, error = answers.get(timeout=30)
     assert error is None
     np.testing.assert_allclose(result.as_numpy("SCORE")[:, 0], expected, atol=1e-6)
@@ -105,8 +107,9 @@ def test_tower_models_match_the_scorer(tc, tiny_hf_dir):
     tokens = scorer.tokenizer([PROMPT, "a cat"])
     inp = triton.InferInput("input_ids", list(tokens.shape), "INT64")
     inp.set_data_from_numpy(tokens)
-    np.testing.assert_allclose(tc.infer("pickscore_text", [inp]).as_numpy("text_embeds"),
-                               scorer.encode_text([PROMPT, "a cat"]), atol=1e-5)
+    np.testing.assert_allclose(
+        tc.infer("pickscore_text", [inp]).as_numpy("text_embeds"), scorer.encode_text([PROMPT, "a cat"]), atol=1e-5
+    )
 
 
 def test_typed_contents_are_accepted(server, expected):
@@ -125,7 +128,8 @@ def test_metadata_config_and_statistics(tc, server):
         assert tc.get_model_config(name).config == config  # what the Triton export declares
         meta = tc.get_model_metadata(name)
         assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
-            (t.name, {11: "FP32", 9: "INT64", 13: "BYTES"}[t.data_type], [-1, *t.dims]) for t in config.input]
+            (t.name, {11: "FP32", 9: "INT64", 13: "BYTES"}[t.data_type], [-1, *t.dims]) for t in config.input
+        ]
         assert [t.name for t in meta.outputs] == [t.name for t in config.output]
     assert tc.get_server_metadata().name == "pickscore"
     assert tc.is_server_live() and tc.is_server_ready()
@@ -150,30 +154,68 @@ def lp(*items: bytes) -> bytes:
     return b"".join(struct.pack("<I", len(x)) + x for x in items)
 
 
-@pytest.mark.parametrize("request_, message", [
-    (raw_request("pickscore", [("PROMPTS", "BYTES", [1, 1], lp(b"x")), ("IMAGE", "BYTES", [1, 1], lp(IMAGES[0]))]),
-     "input 'PROMPTS': model 'pickscore' has no such input"),
-    (raw_request("pickscore", [("IMAGE", "BYTES", [1, 1], lp(IMAGES[0]))]), "input 'PROMPT': missing"),
-    (raw_request("pickscore", [("PROMPT", "FP32", [1, 1], b"\0" * 4), ("IMAGE", "BYTES", [1, 1], lp(IMAGES[0]))]),
-     "input 'PROMPT': datatype FP32; expected BYTES"),
-    (raw_request("pickscore", [("PROMPT", "BYTES", [1, 2], lp(b"a", b"b")), ("IMAGE", "BYTES", [1, 1], lp(IMAGES[0]))]),
-     "input 'PROMPT': shape [1, 2]; expected [-1, 1]"),
-    (raw_request("pickscore", [("PROMPT", "BYTES", [1, 1], struct.pack("<I", 99) + b"short"),
-                               ("IMAGE", "BYTES", [1, 1], lp(IMAGES[0]))]),
-     "input 'PROMPT': BYTES element 0 declares 99 bytes but 5 remain"),
-    (raw_request("pickscore", [("PROMPT", "BYTES", [1, 1], lp(b"a")), ("IMAGE", "BYTES", [2, 1], lp(IMAGES[0]))]),
-     "input 'IMAGE': 1 elements for shape [2, 1] (2 expected)"),
-    (raw_request("pickscore", [("PROMPT", "BYTES", [1, 1], lp(b"a")), ("IMAGE", "BYTES", [1, 1], lp(b"junk"))]),
-     "image 0: not a decodable image"),
-    (raw_request("pickscore_image", [("pixel_values", "FP32", [1, 3, 224, 224], b"\0" * 100)]),
-     "input 'pixel_values': 100 bytes of raw data for shape [1, 3, 224, 224] (602112 expected)"),
-    (raw_request("pickscore_image", [("pixel_values", "FP32", [1, 3, 64, 64], b"\0" * (4 * 3 * 64 * 64))]),
-     "input 'pixel_values': shape [1, 3, 64, 64]; expected [-1, 3, 224, 224]"),
-    (raw_request("pickscore_text", [("input_ids", "INT32", [1, 77], b"\0" * 308)]),
-     "input 'input_ids': datatype INT32; expected INT64"),
-    (raw_request("pickscore_text", [("input_ids", "INT64", [1, 77], np.full((1, 77), 10**6, np.int64).tobytes())]),
-     "input 'input_ids': token ids must lie in [0, 49408)"),
-])
+@pytest.mark.parametrize(
+    "request_, message",
+    [
+        (
+            raw_request(
+                "pickscore", [("PROMPTS", "BYTES", [1, 1], lp(b"x")), ("IMAGE", "BYTES", [1, 1], lp(IMAGES[0]))]
+            ),
+            "input 'PROMPTS': model 'pickscore' has no such input",
+        ),
+        (raw_request("pickscore", [("IMAGE", "BYTES", [1, 1], lp(IMAGES[0]))]), "input 'PROMPT': missing"),
+        (
+            raw_request(
+                "pickscore", [("PROMPT", "FP32", [1, 1], b"\0" * 4), ("IMAGE", "BYTES", [1, 1], lp(IMAGES[0]))]
+            ),
+            "input 'PROMPT': datatype FP32; expected BYTES",
+        ),
+        (
+            raw_request(
+                "pickscore", [("PROMPT", "BYTES", [1, 2], lp(b"a", b"b")), ("IMAGE", "BYTES", [1, 1], lp(IMAGES[0]))]
+            ),
+            "input 'PROMPT': shape [1, 2]; expected [-1, 1]",
+        ),
+        (
+            raw_request(
+                "pickscore",
+                [
+                    ("PROMPT", "BYTES", [1, 1], struct.pack("<I", 99) + b"short"),
+                    ("IMAGE", "BYTES", [1, 1], lp(IMAGES[0])),
+                ],
+            ),
+            "input 'PROMPT': BYTES element 0 declares 99 bytes but 5 remain",
+        ),
+        (
+            raw_request(
+                "pickscore", [("PROMPT", "BYTES", [1, 1], lp(b"a")), ("IMAGE", "BYTES", [2, 1], lp(IMAGES[0]))]
+            ),
+            "input 'IMAGE': 1 elements for shape [2, 1] (2 expected)",
+        ),
+        (
+            raw_request("pickscore", [("PROMPT", "BYTES", [1, 1], lp(b"a")), ("IMAGE", "BYTES", [1, 1], lp(b"junk"))]),
+            "image 0: not a decodable image",
+        ),
+        (
+            raw_request("pickscore_image", [("pixel_values", "FP32", [1, 3, 224, 224], b"\0" * 100)]),
+            "input 'pixel_values': 100 bytes of raw data for shape [1, 3, 224, 224] (602112 expected)",
+        ),
+        (
+            raw_request("pickscore_image", [("pixel_values", "FP32", [1, 3, 64, 64], b"\0" * (4 * 3 * 64 * 64))]),
+            "input 'pixel_values': shape [1, 3, 64, 64]; expected [-1, 3, 224, 224]",
+        ),
+        (
+            raw_request("pickscore_text", [("input_ids", "INT32", [1, 77], b"\0" * 308)]),
+            "input 'input_ids': datatype INT32; expected INT64",
+        ),
+        (
+            raw_request(
+                "pickscore_text", [("input_ids", "INT64", [1, 77], np.full((1, 77), 10**6, np.int64).tobytes())]
+            ),
+            "input 'input_ids': token ids must lie in [0, 49408)",
+        ),
+    ],
+)
 def test_bad_tensors_are_invalid_argument_naming_the_tensor(server, tc, request_, message):
     with grpc.insecure_channel(server.address) as channel:
         with pytest.raises(grpc.RpcError) as info:
@@ -184,18 +226,24 @@ def test_bad_tensors_are_invalid_argument_naming_the_tensor(server, tc, request_
 
 
 def test_unknown_model_is_not_found(tc):
-    for call in (lambda: tc.infer("clip", score_inputs([PROMPT], IMAGES[:1])), lambda: tc.get_model_metadata("clip"),
-                 lambda: tc.get_model_metadata("pickscore", model_version="7")):
+    for call in (
+        lambda: tc.infer("clip", score_inputs([PROMPT], IMAGES[:1])),
+        lambda: tc.get_model_metadata("clip"),
+        lambda: tc.get_model_metadata("pickscore", model_version="7"),
+    ):
         with pytest.raises(InferenceServerException) as info:
             call()
         assert info.value.status() == "StatusCode.NOT_FOUND"
     assert "unknown model 'clip'; this server has pickscore, pickscore_image, pickscore_text" in str(
-        pytest.raises(InferenceServerException, tc.get_model_config, "clip").value)
+        pytest.raises(InferenceServerException, tc.get_model_config, "clip").value
+    )
     assert tc.is_server_ready()
 
 
 def test_unknown_requested_output_fails_before_compute_and_counts_as_failure(server, tc):
-    request = raw_request("pickscore", [("PROMPT", "BYTES", [1, 1], lp(b"a")), ("IMAGE", "BYTES", [1, 1], lp(IMAGES[0]))])
+    request = raw_request(
+        "pickscore", [("PROMPT", "BYTES", [1, 1], lp(b"a")), ("IMAGE", "BYTES", [1, 1], lp(IMAGES[0]))]
+    )
     request.outputs.add(name="SCORES")
     before = tc.get_inference_statistics("pickscore").model_stats[0].inference_stats
     passes = metric(server, "pickscore_inference_seconds_count", tower="image")

@@ -16,7 +16,6 @@ from pickscore.scorer import Scorer
 from pickscore.server.app import ServerThread
 from pickscore.v1 import scoring_pb2 as pb
 from pickscore.v1 import scoring_pb2_grpc
-
 from tests.server.conftest import PROMPT, jpeg, metric, settings_for
 
 PROMPTS = ["a red square on a blue background", "two green circles", "a yellow star at the top", "a black triangle"]
@@ -50,8 +49,9 @@ def test_asyncio_client_and_pairs(server, reference):
 
     async def run():
         async with AsyncClient(server.address) as client:
-            return await asyncio.gather(client.score(PROMPT, images), client.score_pairs(PROMPTS, images),
-                                        client.rank(PROMPT, images, top_k=2))
+            return await asyncio.gather(
+                client.score(PROMPT, images), client.score_pairs(PROMPTS, images), client.rank(PROMPT, images, top_k=2)
+            )
 
     scores, pairs, ranking = asyncio.run(run())
     np.testing.assert_allclose(scores, reference.score(PROMPT, images), atol=1e-5)
@@ -66,21 +66,28 @@ def test_rank_with_raw_stubs_returns_best_first_with_ids(server, reference):
     images = [jpeg(i) for i in range(6)]
     with grpc.insecure_channel(server.address) as channel:
         stub = scoring_pb2_grpc.ScoringServiceStub(channel)
-        request = pb.RankRequest(prompt=PROMPT, top_k=3, images=[pb.Image(data=d, id=f"cand-{i}") for i, d in enumerate(images)])
+        request = pb.RankRequest(
+            prompt=PROMPT, top_k=3, images=[pb.Image(data=d, id=f"cand-{i}") for i, d in enumerate(images)]
+        )
         response = stub.Rank(request, timeout=30)
     expected = reference.rank(PROMPT, images)
     assert [r.index for r in response.ranking] == expected.order[:3]
     assert [r.id for r in response.ranking] == [f"cand-{i}" for i in expected.order[:3]]
-    np.testing.assert_allclose([r.probability for r in response.ranking],
-                               [expected.probabilities[i] for i in expected.order[:3]], atol=1e-5)
+    np.testing.assert_allclose(
+        [r.probability for r in response.ranking], [expected.probabilities[i] for i in expected.order[:3]], atol=1e-5
+    )
     assert all(a.score >= b.score for a, b in zip(response.ranking, response.ranking[1:]))
 
 
 def test_score_stream_answers_every_request_and_reports_bad_ones_in_band(server, reference):
     images = [jpeg(i) for i in range(10)]
-    requests = [pb.ScoreStreamRequest(tag=f"t{i}", request=pb.ScoreRequest(prompt=PROMPT, images=[pb.Image(data=d)]))
-                for i, d in enumerate(images)]
-    requests.insert(4, pb.ScoreStreamRequest(tag="bad", request=pb.ScoreRequest(prompt=PROMPT, images=[pb.Image(data=b"nope")])))
+    requests = [
+        pb.ScoreStreamRequest(tag=f"t{i}", request=pb.ScoreRequest(prompt=PROMPT, images=[pb.Image(data=d)]))
+        for i, d in enumerate(images)
+    ]
+    requests.insert(
+        4, pb.ScoreStreamRequest(tag="bad", request=pb.ScoreRequest(prompt=PROMPT, images=[pb.Image(data=b"nope")]))
+    )
     with grpc.insecure_channel(server.address) as channel:
         responses = list(scoring_pb2_grpc.ScoringServiceStub(channel).ScoreStream(iter(requests), timeout=60))
     by_tag = {r.tag: r for r in responses}
@@ -105,7 +112,13 @@ def test_score_many_streams_large_jobs_and_skips_bad_items(server, reference):
 def test_model_info_health_and_reflection(server):
     with Client(server.address) as client:
         info = client.model_info()
-    assert (info.backend, info.device, info.embed_dim, info.image_size, info.context_length) == ("torch", "cpu fp32", 16, 224, 77)
+    assert (info.backend, info.device, info.embed_dim, info.image_size, info.context_length) == (
+        "torch",
+        "cpu fp32",
+        16,
+        224,
+        77,
+    )
     assert info.max_images_per_request == 256
     with grpc.insecure_channel(server.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -113,7 +126,9 @@ def test_model_info_health_and_reflection(server):
             status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
             assert status == health_pb2.HealthCheckResponse.SERVING
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-        answers = list(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+        answers = list(
+            reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        )
     names = {s.name for s in answers[0].list_services_response.service}
     assert {"pickscore.v1.ScoringService", "grpc.health.v1.Health"} <= names
 
@@ -139,7 +154,9 @@ def test_image_cache_when_enabled(tiny_hf_dir, reference):
         assert metric(server, "pickscore_cache_hits_total", cache="image") == 1
         assert metric(server, "pickscore_cache_misses_total", cache="image") == 2
         assert metric(server, "pickscore_batch_size_sum", tower="image") == 1 + 2  # warm-up + two distinct images
-    np.testing.assert_allclose(a + b, reference.score("one prompt", [image]) + reference.score("another prompt", [image, jpeg(4)]), atol=1e-5)
+    np.testing.assert_allclose(
+        a + b, reference.score("one prompt", [image]) + reference.score("another prompt", [image, jpeg(4)]), atol=1e-5
+    )
 
 
 def test_metrics_endpoint_exposes_every_family(server):
@@ -148,10 +165,20 @@ def test_metrics_endpoint_exposes_every_family(server):
     from tests.server.conftest import scrape
 
     text = scrape(server)
-    for name in ("pickscore_request_duration_seconds_bucket", "pickscore_requests_total", "pickscore_queue_wait_seconds_bucket",
-                 "pickscore_preprocess_seconds_bucket", "pickscore_inference_seconds_bucket", "pickscore_batch_size_bucket",
-                 "pickscore_images_scored_total", "pickscore_cache_hits_total", "pickscore_cache_misses_total",
-                 "pickscore_queue_depth", "pickscore_inflight_requests", "pickscore_model_info"):
+    for name in (
+        "pickscore_request_duration_seconds_bucket",
+        "pickscore_requests_total",
+        "pickscore_queue_wait_seconds_bucket",
+        "pickscore_preprocess_seconds_bucket",
+        "pickscore_inference_seconds_bucket",
+        "pickscore_batch_size_bucket",
+        "pickscore_images_scored_total",
+        "pickscore_cache_hits_total",
+        "pickscore_cache_misses_total",
+        "pickscore_queue_depth",
+        "pickscore_inflight_requests",
+        "pickscore_model_info",
+    ):
         assert name in text, name
     assert metric(server, "pickscore_requests_total", rpc="Score", code="OK") >= 1
     assert metric(server, "pickscore_preprocess_seconds_count", stage="decode") >= 2

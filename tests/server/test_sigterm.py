@@ -23,15 +23,32 @@ def start_server(model, *flags: str) -> tuple[subprocess.Popen, dict, list[dict]
     """Start `pickscore serve` on free ports -> the process, its "serving" log entry, and a list that
     collects its later JSON log entries."""
     env = {**os.environ, "PICKSCORE_HOST": "127.0.0.1", "PICKSCORE_LOG_FORMAT": "json"}
-    proc = subprocess.Popen([sys.executable, "-m", "pickscore.cli", "serve", "--model", str(model), "--port", "0",
-                             "--metrics-port", "0", "--device", "cpu", *flags],
-                            env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pickscore.cli",
+            "serve",
+            "--model",
+            str(model),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--device",
+            "cpu",
+            *flags,
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stderr:
         entry = json.loads(line) if line.startswith("{") else {}
         if entry.get("message") == "serving":
             later: list[dict] = []
 
-            def collect():
+            def collect(later: list[dict] = later) -> None:
                 for line in proc.stderr:  # keeps draining the pipe, too
                     if line.startswith("{"):
                         later.append(json.loads(line))

@@ -15,7 +15,15 @@ from PIL import Image
 
 from pickscore.errors import InvalidInput
 from pickscore.model.preprocess import PreprocessConfig
-from pickscore.training.data import SCHEMA, PreferencePair, SkipCounter, decode_pair, find_split_files, iter_decoded, iter_pairs
+from pickscore.training.data import (
+    SCHEMA,
+    PreferencePair,
+    SkipCounter,
+    decode_pair,
+    find_split_files,
+    iter_decoded,
+    iter_pairs,
+)
 
 SMALL = PreprocessConfig(shortest_edge=32, crop_size=(32, 32))
 READ = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "num_example_per_prompt")
@@ -28,24 +36,39 @@ def png(colour: tuple[int, int, int]) -> bytes:
 
 
 def row(i: int, **overrides) -> dict:
-    return {"caption": f"prompt {i}", "jpg_0": png((i, 0, 0)), "jpg_1": png((0, i, 0)), "label_0": 1.0,
-            "label_1": 0.0, "has_label": True, "num_example_per_prompt": 1, **overrides}
+    return {
+        "caption": f"prompt {i}",
+        "jpg_0": png((i, 0, 0)),
+        "jpg_1": png((0, i, 0)),
+        "label_0": 1.0,
+        "label_1": 0.0,
+        "has_label": True,
+        "num_example_per_prompt": 1,
+        **overrides,
+    }
 
 
 def write(path: Path, rows: list[dict], columns=READ, row_group_size: int | None = None) -> Path:
     """``rows`` as parquet with the Pick-a-Pic types of ``columns`` only."""
     path.parent.mkdir(parents=True, exist_ok=True)
     schema = pa.schema([SCHEMA.field(c) for c in columns])
-    pq.write_table(pa.Table.from_pylist([{c: r[c] for c in columns} for r in rows], schema=schema), path,
-                   row_group_size=row_group_size)
+    pq.write_table(
+        pa.Table.from_pylist([{c: r[c] for c in columns} for r in rows], schema=schema),
+        path,
+        row_group_size=row_group_size,
+    )
     return path
 
 
-@pytest.mark.parametrize("layout", [
-    ("{split}/part-00000.parquet", "{split}/part-00001.parquet"),
-    ("{split}-00000-of-00002.parquet", "{split}-00001-of-00002.parquet"),
-    ("data/{split}-00000-of-00002.parquet", "data/{split}-00001-of-00002.parquet"),  # Hugging Face
-], ids=["split-directory", "flat", "hugging-face"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ("{split}/part-00000.parquet", "{split}/part-00001.parquet"),
+        ("{split}-00000-of-00002.parquet", "{split}-00001-of-00002.parquet"),
+        ("data/{split}-00000-of-00002.parquet", "data/{split}-00001-of-00002.parquet"),  # Hugging Face
+    ],
+    ids=["split-directory", "flat", "hugging-face"],
+)
 def test_find_split_files_in_each_layout(tmp_path, layout):
     for split in ("validation", "validation_unique"):  # validation-* must not pick up validation_unique-*
         for i, name in enumerate(layout):
@@ -90,7 +113,9 @@ def test_rows_come_in_order_across_row_groups_batches_and_files(tmp_path):
 
 def test_reading_streams_one_batch_not_the_file(tmp_path):
     blob = np.random.default_rng(0).bytes(16384)  # incompressible, so the file is as big as its images
-    path = write(tmp_path / "big.parquet", [row(i, jpg_0=blob + bytes([i % 256])) for i in range(512)], row_group_size=32)
+    path = write(
+        tmp_path / "big.parquet", [row(i, jpg_0=blob + bytes([i % 256])) for i in range(512)], row_group_size=32
+    )
     before = pa.total_allocated_bytes()
     pairs = iter_pairs(path, batch_rows=4)
     next(pairs)
@@ -99,8 +124,14 @@ def test_reading_streams_one_batch_not_the_file(tmp_path):
 
 
 def test_labeled_only_drops_unjudged_rows(tmp_path):
-    rows = [row(0), row(1, has_label=False), row(2, label_0=0.0, label_1=0.0), row(3, label_0=None, label_1=None),
-            row(4, label_0=0.5, label_1=0.5), row(5, has_label=None)]
+    rows = [
+        row(0),
+        row(1, has_label=False),
+        row(2, label_0=0.0, label_1=0.0),
+        row(3, label_0=None, label_1=None),
+        row(4, label_0=0.5, label_1=0.5),
+        row(5, has_label=None),
+    ]
     path = write(tmp_path / "test.parquet", rows)
     assert len(list(iter_pairs(path))) == 6
     assert [p.caption for p in iter_pairs(path, labeled_only=True)] == ["prompt 0", "prompt 4", "prompt 5"]

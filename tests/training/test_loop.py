@@ -59,8 +59,8 @@ def _log(run: Path) -> list[dict]:
 
 def test_training_lowers_the_loss_and_writes_loadable_checkpoints(capsys, dataset, tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "--preset", "tiny", "--data", str(dataset), "--out", str(run), "--max-steps", "30",
-                 "--eval-every", "10", "--save-every", "10"]) == 0
+    args = ["train", "--preset", "tiny", "--data", str(dataset), "--out", str(run)]
+    assert main([*args, *"--max-steps 30 --eval-every 10 --save-every 10".split()]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["step"] == 30 and 0 <= summary["best_accuracy"] <= 1
     log = _log(run)
@@ -75,31 +75,48 @@ def test_training_lowers_the_loss_and_writes_loadable_checkpoints(capsys, datase
     assert {"accuracy", "threshold", "validation_accuracy", "random_baseline"} <= set(result)
 
 
-def test_eval_beside_a_baseline_prints_both_and_plots_the_threshold_curves(capsys, dataset, tmp_path):
-    trained, init = tmp_path / "trained", tmp_path / "init"
+def test_init_only_writes_the_weights_training_starts_from(capsys, dataset, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--out", str(run), "--init-only"]) == 0  # no --data needed
+    assert json.loads(capsys.readouterr().out) == {"step": 0, "out": str(run / "init")}
+    # One optimizer step at learning rate 0 changes nothing: its checkpoint holds the starting weights.
+    zero = tmp_path / "zero"
     common = ["train", "--preset", "tiny", "--data", str(dataset), "--eval-every", "100"]
-    assert main([*common, "--out", str(trained), "--max-steps", "20"]) == 0
-    assert main([*common, "--out", str(init), "--max-steps", "1", "--lr", "0"]) == 0  # the starting weights
+    assert main([*common, "--out", str(zero), "--max-steps", "1", "--lr", "0"]) == 0
+    init, start = load_file(str(run / "init" / "open_clip_model.safetensors")), _weights(zero)
+    assert init.keys() == start.keys() and all(torch.equal(init[k], start[k]) for k in init)
+    # Without --init-only a run needs its data, as a usage error.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--preset", "tiny", "--out", str(tmp_path / "other")])
+    assert exit_info.value.code == 2 and "--data" in capsys.readouterr().err
+
+
+def test_eval_beside_a_baseline_prints_both_and_plots_the_threshold_curves(capsys, dataset, tmp_path):
+    run = tmp_path / "run"
+    trained, init = run / "last", run / "init"
+    common = ["train", "--preset", "tiny", "--out", str(run)]
+    assert main([*common, "--data", str(dataset), "--eval-every", "100", "--max-steps", "20"]) == 0
+    assert main([*common, "--init-only"]) == 0  # the starting weights, beside the run's checkpoints
     capsys.readouterr()
-    evaluate = ["eval", "--model", str(trained / "last"), "--baseline", str(init / "last"), "--data", str(dataset),
-                "--limit", "40"]
+    evaluate = ["eval", "--model", str(trained), "--baseline", str(init), "--data", str(dataset), "--limit", "40"]
     png = tmp_path / "threshold.png"
     assert main([*evaluate, "--plot", str(png)]) == 0
     header, *rows = capsys.readouterr().out.splitlines()
     assert header.split() == ["model", "accuracy", "threshold"]
-    assert [r.split()[0] for r in rows] == ["random", str(init / "last"), str(trained / "last")]
+    assert [r.split()[0] for r in rows] == ["random", str(init), str(trained)]
     assert png.stat().st_size > 1000
     assert main([*evaluate, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["model"] == str(trained / "last") and result["baseline"]["model"] == str(init / "last")
+    assert result["model"] == str(trained) and result["baseline"]["model"] == str(init)
     table = {name: (float(accuracy), float(threshold)) for name, accuracy, threshold in (r.split() for r in rows[1:])}
-    for ref, r in ((trained / "last", result), (init / "last", result["baseline"])):
+    for ref, r in ((trained, result), (init, result["baseline"])):
         assert table[str(ref)] == pytest.approx((r["accuracy"], r["threshold"]), abs=1e-3)
     assert result["threshold"] != result["baseline"]["threshold"]  # two models were scored, not one twice
 
 
 def test_kill_and_resume_ends_with_the_same_weights(dataset, tmp_path):
-    args = ["train", "--preset", "tiny", "--data", str(dataset), "--max-steps", "16", "--save-every", "4", "--eval-every", "8"]
+    steps = "--max-steps 16 --save-every 4 --eval-every 8".split()
+    args = ["train", "--preset", "tiny", "--data", str(dataset), *steps]
     reference = tmp_path / "uninterrupted"
     train(load_config("tiny", {"max_steps": 16, "save_every": 4, "eval_every": 8}), None, dataset, reference)
 
@@ -120,10 +137,17 @@ def test_kill_and_resume_ends_with_the_same_weights(dataset, tmp_path):
 
 
 def test_two_processes_match_one_with_the_same_global_batch(dataset, tmp_path):
-    common = ["train", "--preset", "tiny", "--data", str(dataset), "--max-steps", "4", "--global-batch", "8", "--eval-every", "4"]
-    one = subprocess.run([EXE, *common, "--micro-batch", "8", "--out", tmp_path / "one"], capture_output=True, text=True)
-    two = subprocess.run([EXE, *common, "--micro-batch", "4", "--nproc", "2", "--out", tmp_path / "two"],
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    steps = "--max-steps 4 --global-batch 8 --eval-every 4".split()
+    common = ["train", "--preset", "tiny", "--data", str(dataset), *steps]
+    one = subprocess.run(
+        [EXE, *common, "--micro-batch", "8", "--out", tmp_path / "one"], capture_output=True, text=True
+    )
+    two = subprocess.run(
+        [EXE, *common, "--micro-batch", "4", "--nproc", "2", "--out", tmp_path / "two"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-2000:]
     state = json.loads((tmp_path / "two" / "last" / "trainer_state.json").read_text())
@@ -164,6 +188,18 @@ def test_train_help_documents_every_setting(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--lr", "--weight-decay", "--warmup-steps", "--max-steps", "--global-batch", "--micro-batch",
-                 "--precision", "--grad-checkpointing", "--grad-clip", "--in-batch-negatives", "--nproc", "--preset"):
+    for flag in (
+        "--lr",
+        "--weight-decay",
+        "--warmup-steps",
+        "--max-steps",
+        "--global-batch",
+        "--micro-batch",
+        "--precision",
+        "--grad-checkpointing",
+        "--grad-clip",
+        "--in-batch-negatives",
+        "--nproc",
+        "--preset",
+    ):
         assert flag in text

@@ -22,7 +22,9 @@ def _unit(*angles: float) -> torch.Tensor:
 
 
 def _labels(*labels) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.tensor([l[0] for l in labels], dtype=torch.float64), torch.tensor([l[1] for l in labels], dtype=torch.float64)
+    return torch.tensor([x[0] for x in labels], dtype=torch.float64), torch.tensor(
+        [x[1] for x in labels], dtype=torch.float64
+    )
 
 
 def _pairwise_by_hand(scale: float, t: tuple, y0: tuple, y1: tuple, label: tuple) -> float:
@@ -72,16 +74,22 @@ def test_tie_offset_only_moves_ties_and_never_the_gradient():
 
 
 def test_prompt_frequencies_weight_the_mean():
-    angles = [(0.0, 1.2, 0.3), (0.5, 1.4, 0.6), (1.0, 1.1, 1.05)]  # (text, image 0, image 1); the first prefers the wrong image
+    angles = [
+        (0.0, 1.2, 0.3),
+        (0.5, 1.4, 0.6),
+        (1.0, 1.1, 1.05),
+    ]  # (text, image 0, image 1); the first prefers the wrong image
     labels = [WIN_0, WIN_1, TIE]
     counts = torch.tensor([1, 2, 4])
     text, y0, y1 = (_unit(*[a[j] for a in angles]) for j in range(3))
     scale = math.exp(math.log(15.0))
-    per_example = [_pairwise_by_hand(scale, tuple(text[i].tolist()), tuple(y0[i].tolist()), tuple(y1[i].tolist()),
-                                     labels[i]) for i in range(3)]
+    per_example = [
+        _pairwise_by_hand(scale, tuple(text[i].tolist()), tuple(y0[i].tolist()), tuple(y1[i].tolist()), labels[i])
+        for i in range(3)
+    ]
     per_example[2] += math.log(0.5)  # the tie offset
     weights = [1.0, 0.5, 0.25]
-    expected = sum(w * l for w, l in zip(weights, per_example)) / sum(weights)
+    expected = sum(w * loss for w, loss in zip(weights, per_example)) / sum(weights)
     log_scale = torch.tensor(math.log(15.0), dtype=torch.float64)
     loss = pickscore_loss(text, y0, y1, *_labels(*labels), log_scale, num_example_per_prompt=counts)
     assert loss.item() == pytest.approx(expected, abs=1e-12)
@@ -107,7 +115,10 @@ def _in_batch_by_hand(scale: float, text, y0, y1, labels, counts) -> float:
     """The original's in-batch-negatives loss, written out with loops over a batch of B examples."""
     B = len(text)
     images = list(y0) + list(y1)  # image j of prompt i sits at i (image 0) and B + i (image 1)
-    dot = lambda a, b: sum(x * y for x, y in zip(a, b))
+
+    def dot(a, b):
+        return sum(x * y for x, y in zip(a, b))
+
     total, weight_sum = 0.0, 0.0
     for i in range(B):
         row = [scale * dot(text[i], img) for img in images]  # prompt i against every image
@@ -130,8 +141,15 @@ def test_in_batch_negatives_matches_hand_formula():
     text, y0, y1 = (F.normalize(torch.randn(3, 4, generator=g, dtype=torch.float64), dim=-1) for _ in range(3))
     labels, counts = [WIN_0, TIE, WIN_1], [1, 3, 2]
     expected = _in_batch_by_hand(12.0, text.tolist(), y0.tolist(), y1.tolist(), labels, counts)
-    loss = pickscore_loss(text, y0, y1, *_labels(*labels), torch.tensor(math.log(12.0), dtype=torch.float64),
-                          num_example_per_prompt=torch.tensor(counts), in_batch_negatives=True)
+    loss = pickscore_loss(
+        text,
+        y0,
+        y1,
+        *_labels(*labels),
+        torch.tensor(math.log(12.0), dtype=torch.float64),
+        num_example_per_prompt=torch.tensor(counts),
+        in_batch_negatives=True,
+    )
     assert loss.item() == pytest.approx(expected, abs=1e-12)
 
 
@@ -166,8 +184,12 @@ class _Towers(torch.nn.Module):
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0), dtype=torch.float64))
 
     def forward(self, text, image_0, image_1):
-        return (F.normalize(self.text(text), dim=-1), F.normalize(self.image(image_0), dim=-1),
-                F.normalize(self.image(image_1), dim=-1), self.logit_scale)
+        return (
+            F.normalize(self.text(text), dim=-1),
+            F.normalize(self.image(image_0), dim=-1),
+            F.normalize(self.image(image_1), dim=-1),
+            self.logit_scale,
+        )
 
 
 def _global_batch():
@@ -181,8 +203,9 @@ def _global_batch():
 def _loss_and_grads(model, rows: slice, in_batch_negatives: bool):
     inputs, label_0, label_1, counts = _global_batch()
     embeds = model(*(x[rows] for x in inputs))
-    loss = pickscore_loss(*embeds[:3], label_0[rows], label_1[rows], embeds[3], counts[rows],
-                          in_batch_negatives=in_batch_negatives)
+    loss = pickscore_loss(
+        *embeds[:3], label_0[rows], label_1[rows], embeds[3], counts[rows], in_batch_negatives=in_batch_negatives
+    )
     model.zero_grad()
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -5,14 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pickscore.training.metrics import (accuracy_curve, best_threshold, evaluate_protocol, preference_probabilities,
-                                        tie_aware_accuracy)
+from pickscore.training.metrics import (
+    accuracy_curve,
+    best_threshold,
+    evaluate_protocol,
+    preference_probabilities,
+    tie_aware_accuracy,
+)
 
 WIN_0, WIN_1, TIE = (1.0, 0.0), (0.0, 1.0), (0.5, 0.5)
 
 
 def _labels(*labels):
-    return np.array([l[0] for l in labels]), np.array([l[1] for l in labels])
+    return np.array([x[0] for x in labels]), np.array([x[1] for x in labels])
 
 
 def test_preference_probabilities_is_a_two_way_softmax():
@@ -21,17 +26,20 @@ def test_preference_probabilities_is_a_two_way_softmax():
     np.testing.assert_allclose(preference_probabilities(s0, s1), expected, rtol=1e-12)
 
 
-@pytest.mark.parametrize("p0, label, points", [
-    (0.9, WIN_0, 1.0),   # right winner
-    (0.1, WIN_1, 1.0),   # right winner, image 1
-    (0.1, WIN_0, 0.0),   # wrong winner
-    (0.9, WIN_1, 0.0),   # wrong winner, image 1
-    (0.55, TIE, 1.0),    # predicted tie, real tie
-    (0.45, WIN_0, 0.5),  # predicted tie, real winner
-    (0.55, WIN_1, 0.5),  # predicted tie, real winner
-    (0.9, TIE, 0.5),     # predicted winner, real tie
-    (0.1, TIE, 0.5),     # predicted winner, real tie
-])
+@pytest.mark.parametrize(
+    "p0, label, points",
+    [
+        (0.9, WIN_0, 1.0),  # right winner
+        (0.1, WIN_1, 1.0),  # right winner, image 1
+        (0.1, WIN_0, 0.0),  # wrong winner
+        (0.9, WIN_1, 0.0),  # wrong winner, image 1
+        (0.55, TIE, 1.0),  # predicted tie, real tie
+        (0.45, WIN_0, 0.5),  # predicted tie, real winner
+        (0.55, WIN_1, 0.5),  # predicted tie, real winner
+        (0.9, TIE, 0.5),  # predicted winner, real tie
+        (0.1, TIE, 0.5),  # predicted winner, real tie
+    ],
+)
 def test_scoring_rules(p0, label, points):
     assert tie_aware_accuracy(np.array([p0]), *_labels(label), threshold=0.2) == points
 

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from pickscore.cli import build_parser, main
-from pickscore.training.data import SCHEMA, SPLITS, iter_pairs
 from pickscore.scenes import PALETTE, POSITIONS, REGIONS, Scene, render
+from pickscore.training.data import SCHEMA, SPLITS, iter_pairs
 from pickscore.training.synthetic import plan_pairs, write_synthetic
 
 PAIRS = 400
@@ -40,7 +40,10 @@ def test_five_splits_in_the_pick_a_pic_schema(dataset):
         assert all(parquet.metadata.row_group(g).num_rows <= 64 for g in range(parquet.num_row_groups))
     sizes = {split: pq.ParquetFile(dataset / split / "part-00000.parquet").metadata.num_rows for split in SPLITS}
     assert sizes["train"] + sizes["validation"] + sizes["test"] == PAIRS
-    assert 0.75 <= sizes["train"] / PAIRS <= 0.85 and pq.ParquetFile(dataset / "train" / "part-00000.parquet").num_row_groups > 1
+    assert (
+        0.75 <= sizes["train"] / PAIRS <= 0.85
+        and pq.ParquetFile(dataset / "train" / "part-00000.parquet").num_row_groups > 1
+    )
     captions = {split: [p.caption for p in iter_pairs(dataset, split)] for split in SPLITS}
     train, validation, test = (set(captions[s]) for s in ("train", "validation", "test"))
     assert train.isdisjoint(validation | test) and validation.isdisjoint(test)  # no prompt crosses splits
@@ -71,8 +74,10 @@ def test_num_example_per_prompt_is_the_real_count(dataset):
 
 
 def test_other_columns_are_plausible(dataset):
-    table = pq.read_table(dataset / "validation" / "part-00000.parquet", columns=[
-        "label_0", "best_image_uid", "image_0_uid", "image_1_uid", "model_0", "has_label"]).to_pylist()
+    table = pq.read_table(
+        dataset / "validation" / "part-00000.parquet",
+        columns=["label_0", "best_image_uid", "image_0_uid", "image_1_uid", "model_0", "has_label"],
+    ).to_pylist()
     for r in table:
         best = {1.0: r["image_0_uid"], 0.0: r["image_1_uid"], 0.5: None}[r["label_0"]]
         assert r["best_image_uid"] == best and r["has_label"] and r["model_0"].startswith("synthetic-")
@@ -97,7 +102,9 @@ def test_preferred_image_keeps_more_of_its_prompt(plan):
     sides = Counter()
     for row in (row for rows in plan.values() for row in rows):
         kept_0, kept_1 = row.prompt.matches(row.scene_0), row.prompt.matches(row.scene_1)
-        assert {(1.0, 0.0): kept_0 > kept_1, (0.0, 1.0): kept_1 > kept_0, (0.5, 0.5): kept_0 == kept_1}[row.label_0, row.label_1]
+        assert {(1.0, 0.0): kept_0 > kept_1, (0.0, 1.0): kept_1 > kept_0, (0.5, 0.5): kept_0 == kept_1}[
+            row.label_0, row.label_1
+        ]
         assert row.scene_0.colour != row.scene_0.background and row.scene_1.colour != row.scene_1.background
         sides[row.label_0] += 1
     assert sides[1.0] > 0.4 * sides[0.0] and sides[0.0] > 0.4 * sides[1.0]  # the preferred side is random
@@ -118,8 +125,11 @@ def _kept(caption: str, data: bytes) -> int:
     values, counts = np.unique(x[shapes], axis=0, return_counts=True)
     ys, xs = np.nonzero(shapes)
     x0, y0, x1, y1 = REGIONS[position]
-    return (int(tuple(values[counts.argmax()]) == PALETTE[colour]) + int(tuple(x[0, 0]) == PALETTE[background])
-            + int(x0 <= xs.mean() / x.shape[1] <= x1 and y0 <= ys.mean() / x.shape[0] <= y1))
+    return (
+        int(tuple(values[counts.argmax()]) == PALETTE[colour])
+        + int(tuple(x[0, 0]) == PALETTE[background])
+        + int(x0 <= xs.mean() / x.shape[1] <= x1 and y0 <= ys.mean() / x.shape[0] <= y1)
+    )
 
 
 def test_pixels_of_the_preferred_image_match_its_caption_more_often(dataset):
@@ -150,8 +160,13 @@ def test_position_can_be_read_from_the_pixels():
     for position in POSITIONS:
         for count in (1, 2, 3):
             for _ in range(30):
-                scene = Scene(count=count, colour="red", shape=rng.choice(("circle", "star")), position=position,
-                              background="blue")
+                scene = Scene(
+                    count=count,
+                    colour="red",
+                    shape=rng.choice(("circle", "star")),
+                    position=position,
+                    background="blue",
+                )
                 ys, xs = np.nonzero(np.all(np.asarray(render(scene, 64, rng)) == PALETTE["red"], axis=-1))
                 cx, cy = xs.mean() / 64, ys.mean() / 64
                 nearest = min(centres, key=lambda p: (centres[p][0] - cx) ** 2 + (centres[p][1] - cy) ** 2)
@@ -159,13 +174,23 @@ def test_position_can_be_read_from_the_pixels():
 
 
 def test_cli_writes_the_dataset(tmp_path, capsys):
-    assert main(["data", "synthetic", "--out", str(tmp_path / "cli"), "--pairs", "30", "--seed", "4", "--image-size", "32"]) == 0
+    assert (
+        main(
+            ["data", "synthetic", "--out", str(tmp_path / "cli"), "--pairs", "30", "--seed", "4", "--image-size", "32"]
+        )
+        == 0
+    )
     assert "wrote 5 splits" in capsys.readouterr().err
     direct = write_synthetic(tmp_path / "direct", pairs=30, seed=4, image_size=32)
     assert all((tmp_path / "cli" / s / "part-00000.parquet").read_bytes() == direct[s].read_bytes() for s in SPLITS)
     image = next(iter_pairs(tmp_path / "cli", "train")).image_0
     assert Image.open(io.BytesIO(image)).size == (32, 32)
-    assert main(["data", "synthetic", "--out", str(tmp_path / "wide"), "--pairs", "30", "--seed", "4", "--held-out", "0.5"]) == 0
+    assert (
+        main(
+            ["data", "synthetic", "--out", str(tmp_path / "wide"), "--pairs", "30", "--seed", "4", "--held-out", "0.5"]
+        )
+        == 0
+    )
     wide = write_synthetic(tmp_path / "wide-direct", pairs=30, seed=4, held_out=0.5)
     assert all((tmp_path / "wide" / s / "part-00000.parquet").read_bytes() == wide[s].read_bytes() for s in SPLITS)
     assert wide["train"].read_bytes() != direct["train"].read_bytes()
@@ -175,7 +200,14 @@ def test_cli_help_documents_every_flag(capsys):
     data = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["data"]
     synthetic = next(a for a in data._actions if isinstance(a, argparse._SubParsersAction)).choices["synthetic"]
     flags = [a for a in synthetic._actions if a.option_strings and a.dest != "help"]
-    assert {a.option_strings[0] for a in flags} == {"--out", "--pairs", "--seed", "--image-size", "--row-group-size", "--held-out"}
+    assert {a.option_strings[0] for a in flags} == {
+        "--out",
+        "--pairs",
+        "--seed",
+        "--image-size",
+        "--row-group-size",
+        "--held-out",
+    }
     assert all(a.help for a in flags)
     with pytest.raises(SystemExit) as e:
         main(["data", "synthetic", "--help"])

@@ -15,6 +15,10 @@ HERE = Path(__file__).resolve().parent
 
 
 class TritonPythonModel:
+    def __init__(self):  # Triton constructs the model, then calls initialize with the model's config
+        self.preprocess: PreprocessConfig | None = None
+        self.tokenizer: Tokenizer | None = None
+
     def initialize(self, args):
         settings = json.loads((HERE / "pickscore_preprocess.json").read_text())
         self.preprocess = PreprocessConfig.from_hf(settings["preprocessor_config"])
@@ -30,8 +34,11 @@ class TritonPythonModel:
                     prompts = np.repeat(prompts, len(images))
                 tokens = self.tokenizer([p.decode("utf-8") for p in prompts])
                 pixels = np.stack([load_pixels(bytes(b), self.preprocess) for b in images])
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("input_ids", tokens), pb_utils.Tensor("pixel_values", pixels)]))
+                responses.append(
+                    pb_utils.InferenceResponse(
+                        output_tensors=[pb_utils.Tensor("input_ids", tokens), pb_utils.Tensor("pixel_values", pixels)]
+                    )
+                )
             except Exception as e:  # a bad image fails its request, not the model
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
         return responses

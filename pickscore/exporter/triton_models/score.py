@@ -7,6 +7,9 @@ import triton_python_backend_utils as pb_utils
 
 
 class TritonPythonModel:
+    def __init__(self):  # Triton constructs the model, then calls initialize with the model's config
+        self.scale = np.float32(1.0)  # exp(logit_scale), read from the config by initialize
+
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.scale = np.float32(np.exp(float(config["parameters"]["logit_scale"]["string_value"])))
