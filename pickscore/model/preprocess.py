@@ -1,13 +1,24 @@
 """Image decoding and preprocessing, reproducing ``CLIPProcessor`` (PIL backend).
 
 decode (bounded, first frame) -> RGB (transparency composited onto white)
--> resize shortest side (PIL, bicubic) -> centre crop (floor offsets, zero fill)
--> rescale (x/255) -> normalise ((x - mean) / std) -> float32 (3, H, W).
+-> resize shortest side (PIL, bicubic) -> centre crop (floor offsets, zero fill)   = ``crop_uint8``: (H, W, 3) uint8
+-> rescale (x/255) -> normalise ((x - mean) / std) -> float32 (3, H, W)            = ``normalize``
+
+The two halves are separate so the expensive, exact part (decode, resize, crop) hands 3 x 224 x 224 bytes to
+whoever runs the model, and the cheap part runs where the model is (a backend normalises on its device with
+``normalize_table``, bit for bit what ``normalize`` computes here).
 
 Every step follows ``transformers``' ``CLIPImageProcessorPil`` for the checkpoint's
 ``preprocessor_config.json`` so that scores equal the reference. One deliberate
 difference: 16-bit grayscale images are scaled to 8 bits (x/257) where the
 reference clips them to white.
+
+Cost is bounded by the output, not the input: when resizing the whole image would make more than
+``FULL_RESIZE_AREA`` times the crop's pixels (an extreme aspect ratio: a 60000 x 1 strip would become
+13 million x 224), only the source region the crop keeps is resized, in Pillow's two passes and their order.
+The samples are those of resizing everything and cropping, except that Pillow takes the region as float32
+coordinates: on some images a few pixels differ by one or two levels. Every ordinary image takes the
+whole-image path and is bit-identical to the reference.
 """
 
 from __future__ import annotations
@@ -28,10 +39,21 @@ ImageInput = bytes | bytearray | memoryview | str | os.PathLike | Image.Image
 # Formats we decode; anything else (EPS, PDF, ...) is refused before a decoder runs.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 DEFAULT_MAX_PIXELS = 8192 * 8192
+# Resize the whole image (bit-identical to the reference) while that makes at most this many crops' worth of
+# pixels; beyond it, only the region the crop keeps (cost bounded by the output).
+FULL_RESIZE_AREA = 4
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+# Half-width of each resampling filter's window at scale 1, as Pillow defines its filters.
+_SUPPORT = {
+    Image.Resampling.BOX: 0.5,
+    Image.Resampling.BILINEAR: 1.0,
+    Image.Resampling.HAMMING: 1.0,
+    Image.Resampling.BICUBIC: 2.0,
+    Image.Resampling.LANCZOS: 3.0,
+}
 
 
 @dataclass(frozen=True)
@@ -175,30 +197,85 @@ def _resize_size(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, i
     return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
-def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
-    """One decoded image -> float32 pixel values (3, H, W)."""
+def crop_uint8(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """One decoded image -> the resized, centre-cropped RGB samples, uint8 (H, W, 3)."""
     if cfg.do_convert_rgb:
         img = to_rgb(img)
     elif img.mode != "RGB":
         raise InvalidInput(f"image mode {img.mode} is not RGB and the model's preprocessing does not convert")
-    if cfg.do_resize:
-        img = img.resize(_resize_size(*img.size, cfg), resample=cfg.resample)
-    if cfg.do_center_crop:
-        crop_h, crop_w = cfg.crop_size
-        top, left = (img.height - crop_h) // 2, (img.width - crop_w) // 2
-        img = img.crop((left, top, left + crop_w, top + crop_h))  # out-of-bounds area fills with 0
-    x = np.asarray(img)  # (H, W, 3) uint8
-    if cfg.do_rescale:
-        x = (x.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
-    else:
-        x = x.astype(np.float32)
+    width, height = _resize_size(*img.size, cfg) if cfg.do_resize else img.size
+    if not cfg.do_center_crop:
+        return np.asarray(img.resize((width, height), resample=cfg.resample) if cfg.do_resize else img)
+    crop_h, crop_w = cfg.crop_size
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    if not cfg.do_resize or width * height <= FULL_RESIZE_AREA * crop_h * crop_w:
+        if cfg.do_resize:
+            img = img.resize((width, height), resample=cfg.resample)
+        return np.asarray(img.crop((left, top, left + crop_w, top + crop_h)))  # out-of-bounds area fills with 0
+    # Only the part of the resized image inside the crop window: x0..x1, y0..y1 in resized coordinates.
+    x0, y0, x1, y1 = max(left, 0), max(top, 0), min(left + crop_w, width), min(top + crop_h, height)
+    region = _resize_region(img, (width, height), (x0, y0, x1, y1), cfg.resample)
+    out = np.zeros((crop_h, crop_w, 3), np.uint8)
+    out[y0 - top : y1 - top, x0 - left : x1 - left] = np.asarray(region)
+    return out
+
+
+def _resize_region(img: Image.Image, size: tuple[int, int], region: tuple[int, int, int, int], resample: int):
+    """``img.resize(size).crop(region)``, computing only the region: two one-axis passes over the source rows
+    (or columns) the region reads, in the order a whole-image resize takes (the smaller intermediate first),
+    so the samples are those of the whole-image resize (up to the float32 rounding of Pillow's box argument)."""
+    (width, height), (x0, y0, x1, y1) = size, region
+    sx, sy = img.width / width, img.height / height
+    if resample not in _SUPPORT:  # nearest: no filter window, one pass is exact
+        return img.resize((x1 - x0, y1 - y0), resample=resample, box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy))
+    if width * img.height <= img.width * height:  # horizontal pass first, over the rows the region reads
+        r0, r1 = _window(img.height, height, y0, y1, _SUPPORT[resample])
+        rows = img.crop((0, r0, img.width, r1))
+        tmp = rows.resize((x1 - x0, r1 - r0), resample=resample, box=(x0 * sx, 0, x1 * sx, r1 - r0))
+        return tmp.resize((x1 - x0, y1 - y0), resample=resample, box=(0, y0 * sy - r0, x1 - x0, y1 * sy - r0))
+    c0, c1 = _window(img.width, width, x0, x1, _SUPPORT[resample])  # vertical first, over the columns it reads
+    columns = img.crop((c0, 0, c1, img.height))
+    tmp = columns.resize((c1 - c0, y1 - y0), resample=resample, box=(0, y0 * sy, c1 - c0, y1 * sy))
+    return tmp.resize((x1 - x0, y1 - y0), resample=resample, box=(x0 * sx - c0, 0, x1 * sx - c0, y1 - y0))
+
+
+def _window(in_size: int, out_size: int, lo: int, hi: int, support: float) -> tuple[int, int]:
+    """Source samples [first, last) that output samples lo..hi-1 read, as Pillow's resampling computes them."""
+    scale = in_size / out_size
+    reach = support * max(scale, 1.0)
+    first = max(int((lo + 0.5) * scale - reach + 0.5), 0)
+    last = min(int((hi - 0.5) * scale + reach + 0.5), in_size)
+    return first, last
+
+
+def normalize_table(cfg: PreprocessConfig) -> np.ndarray:
+    """(3, 256) float32: what rescale + normalise make of each uint8 value in each channel."""
+    values = np.arange(256, dtype=np.float64)[:, None].repeat(3, axis=1)  # (256, 3)
+    x = (values * cfg.rescale_factor).astype(np.float32) if cfg.do_rescale else values.astype(np.float32)
     if cfg.do_normalize:
         x = (x - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    return np.ascontiguousarray(x.T)
+
+
+def normalize(crops: np.ndarray, cfg: PreprocessConfig, table: np.ndarray | None = None) -> np.ndarray:
+    """uint8 crops (..., H, W, 3) -> float32 pixel values (..., 3, H, W), through ``normalize_table``."""
+    table = normalize_table(cfg) if table is None else table
+    x = table[np.arange(3), crops]  # (..., H, W, 3): channel c of each sample looked up in row c
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """One decoded image -> float32 pixel values (3, H, W)."""
+    return normalize(crop_uint8(img, cfg), cfg)
+
+
+def load_uint8(item: ImageInput, cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A path, encoded bytes or PIL image -> uint8 crop (H, W, 3). Raises InvalidInput with the reason."""
+    data = read_image_bytes(item)
+    img = data if isinstance(data, Image.Image) else decode_image(data, max_pixels)
+    return crop_uint8(img, cfg)
 
 
 def load_pixels(item: ImageInput, cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """A path, encoded bytes or PIL image -> float32 (3, H, W). Raises InvalidInput with the reason."""
-    data = read_image_bytes(item)
-    img = data if isinstance(data, Image.Image) else decode_image(data, max_pixels)
-    return preprocess(img, cfg)
+    return normalize(load_uint8(item, cfg, max_pixels), cfg)

@@ -1,14 +1,24 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from pickscore.errors import InvalidInput
-from pickscore.model.preprocess import PreprocessConfig, decode_image, load_pixels, preprocess
-from tests.conftest import png_bomb, varied_images
+from pickscore.model.preprocess import (
+    PreprocessConfig,
+    crop_uint8,
+    decode_image,
+    load_pixels,
+    normalize,
+    preprocess,
+    to_rgb,
+)
+from tests.conftest import _picture, png_bomb, varied_images
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +105,61 @@ def test_pixel_limit_is_configurable():
 def test_missing_file_is_invalid(tmp_path):
     with pytest.raises(InvalidInput, match="cannot read file"):
         load_pixels(tmp_path / "nope.png", PreprocessConfig())
+
+
+def _resize_then_crop(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """The reference's way: resize the whole image, then crop (affordable here: the images are small)."""
+    short = min(img.size)
+    width, height = (int(cfg.shortest_edge * s / short) if s != short else cfg.shortest_edge for s in img.size)
+    full = img.resize((width, height), resample=cfg.resample)
+    top, left = (height - cfg.crop_size[0]) // 2, (width - cfg.crop_size[1]) // 2
+    return np.asarray(full.crop((left, top, left + cfg.crop_size[1], top + cfg.crop_size[0])))
+
+
+@pytest.mark.parametrize("size", [(100, 1500), (1500, 100), (20, 3000), (3000, 20), (300, 1300), (1300, 300)])
+def test_extreme_aspect_ratios_resize_only_the_crop_region_with_the_same_samples(size):
+    """Past FULL_RESIZE_AREA the resize covers only the crop's source region; the samples stay those of
+    resizing everything and cropping, up to one or two levels where Pillow's float32 box coordinates round."""
+    cfg = PreprocessConfig()
+    rng = np.random.default_rng(sum(size))
+    for picture in (_picture(rng, *size), rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)):
+        img = Image.fromarray(picture)
+        diff = np.abs(crop_uint8(img, cfg).astype(int) - _resize_then_crop(img, cfg))
+        assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (size, diff.max(), (diff > 0).mean())
+
+
+def test_ordinary_images_take_the_whole_image_path_bit_for_bit():
+    cfg = PreprocessConfig()
+    for _, data, rgb in varied_images():
+        img = rgb if rgb is not None else to_rgb(decode_image(data))
+        np.testing.assert_array_equal(crop_uint8(img, cfg), _resize_then_crop(img, cfg))
+
+
+def test_normalize_table_is_the_reference_arithmetic():
+    """rescale in float64 then float32, normalise in float32: exactly what CLIPImageProcessorPil computes."""
+    cfg = PreprocessConfig()
+    crops = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+    expected = (crops.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+    expected = (expected - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
+    np.testing.assert_array_equal(normalize(crops, cfg), expected.transpose(0, 3, 1, 2))
+    plain = PreprocessConfig(do_rescale=False, do_normalize=False)
+    np.testing.assert_array_equal(normalize(crops, plain), crops.transpose(0, 3, 1, 2).astype(np.float32))
+
+
+@pytest.mark.parametrize("size", [(60000, 1), (1, 60000), (30000, 2)])
+def test_a_strip_costs_what_its_crop_costs(size):
+    """A 300-byte PNG strip used to be resized to millions x 224 pixels (12 GB, 46 s for 60000 x 1). Decoded and
+    preprocessed in a process whose address space is capped at 1 GiB, it must still come out as one crop."""
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buf, "PNG")
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "from pickscore.model.preprocess import PreprocessConfig, load_pixels\n"
+        "x = load_pixels(sys.stdin.buffer.read(), PreprocessConfig())\n"
+        "print(x.shape, round(float(x[0, 112, 112]), 4))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], input=buf.getvalue(), capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()[-1000:]
+    red = round((200 / 255 - PreprocessConfig().image_mean[0]) / PreprocessConfig().image_std[0], 4)
+    assert done.stdout.decode().split() == ["(3,", "224,", "224)", str(red)]
