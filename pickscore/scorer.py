@@ -21,7 +21,7 @@ from tqdm import tqdm
 from pickscore.backends import Backend, load_backend
 from pickscore.errors import InvalidInput
 from pickscore.model import scoring
-from pickscore.model.preprocess import DEFAULT_MAX_PIXELS, ImageInput, load_pixels
+from pickscore.model.preprocess import DEFAULT_MAX_PIXELS, ImageInput, load_uint8
 from pickscore.model.scoring import Ranking
 
 
@@ -70,7 +70,7 @@ class Scorer:
         return self.backend.encode_text(self.tokenizer(list(prompts)))
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """Preprocessed pixels (N, 3, H, W) -> L2-normalised float32 embeddings (N, D), in batches."""
+        """uint8 crops (N, H, W, 3) or float32 pixels (N, 3, H, W) -> L2-normalised embeddings (N, D), in batches."""
         out = [
             self.backend.encode_image(pixels[start : start + self.batch_size])
             for start in range(0, len(pixels), self.batch_size)
@@ -78,9 +78,9 @@ class Scorer:
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 
     def load_image(self, index: int, item: ImageInput) -> np.ndarray:
-        """One image -> pixels (3, H, W); InvalidInput names the item."""
+        """One image -> its uint8 crop (H, W, 3); InvalidInput names the item."""
         try:
-            return load_pixels(item, self.preprocess_config, self.max_pixels)
+            return load_uint8(item, self.preprocess_config, self.max_pixels)
         except InvalidInput as e:
             raise InvalidInput(f"{_describe(index, item)}: {e}") from e
 
@@ -115,7 +115,7 @@ class Scorer:
                         errors[start + offset] = result
                 ok = [i for i, r in enumerate(loaded) if not isinstance(r, InvalidInput)]
                 if ok:
-                    pixels = np.stack([loaded[i] for i in ok])  # (n, 3, H, W)
+                    pixels = np.stack([loaded[i] for i in ok])  # (n, H, W, 3) uint8
                     out[[start + i for i in ok]] = scoring.scores(text, self.encode_pixels(pixels), self.logit_scale)
                 bar.update(len(items))
         return out, errors

@@ -9,6 +9,7 @@ import torch
 from pickscore.backends.torch_backend import TorchBackend
 from pickscore.model import hf_convert
 from pickscore.model.checkpoint import resolve
+from pickscore.model.preprocess import normalize
 from pickscore.scorer import Scorer
 from tests.conftest import save_hf_clip, varied_images
 
@@ -54,9 +55,10 @@ def test_clip_h_converts_without_missing_or_unexpected_keys(tmp_path):
 
     scorer = Scorer(TorchBackend(loaded, device="cpu", dtype=torch.float32))
     _, data, _ = varied_images()[0]
-    pixels = scorer.load_image(0, data)[None]  # (1, 3, 224, 224)
+    crops = scorer.load_image(0, data)[None]  # (1, 224, 224, 3) uint8
+    pixels = normalize(crops, loaded.preprocess)  # (1, 3, 224, 224) float32, as CLIPProcessor makes them
     prompt = "a photo of an astronaut riding a horse"
-    ours_image = scorer.encode_pixels(pixels)[0]
+    ours_image = scorer.encode_pixels(crops)[0]
     ours_text = scorer.encode_text([prompt])[0]
     with torch.no_grad():
         ref_image = hf.get_image_features(pixel_values=torch.from_numpy(pixels))

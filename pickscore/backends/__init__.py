@@ -1,8 +1,8 @@
 """Inference backends behind one small interface; nothing above this layer knows which one runs.
 
     backend = load_backend("demo", kind="torch", device="auto", dtype="auto")
-    backend.encode_image(pixels)   # (B, 3, H, W) float32 -> (B, D) float32, L2-normalised
-    backend.encode_text(tokens)    # (B, 77) int64 -> (B, D) float32, L2-normalised
+    backend.encode_image(crops)    # (B, H, W, 3) uint8 crops, or (B, 3, H, W) float32 pixels -> (B, D) float32
+    backend.encode_text(tokens)    # (B, 77) int64 -> (B, D) float32; both L2-normalised
 
 Each backend also carries what the model needs around it: ``preprocess`` (a PreprocessConfig),
 ``tokenizer``, ``logit_scale`` (fp32), ``embed_dim``, ``source`` and a human ``description``.

@@ -1,4 +1,10 @@
-"""The PyTorch backend: the open_clip model, eager, on CPU or CUDA (fp32, fp16 or bf16)."""
+"""The PyTorch backend: the open_clip model on CPU or CUDA (fp32, fp16 or bf16), eager or compiled.
+
+Images arrive as uint8 crops (B, H, W, 3), a quarter of the bytes of float32 pixels: they are copied to the
+device (from pinned memory, asynchronously, on CUDA) and rescaled and normalised there through the
+preprocessing's lookup table, so the values equal the CPU path's bit for bit. Float32 pixels (B, 3, H, W),
+already preprocessed (KServe's ``pickscore_image``), are taken as they are.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pickscore.model.checkpoint import LoadedModel, resolve
+from pickscore.model.preprocess import normalize_table
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
@@ -40,6 +47,10 @@ class TorchBackend:
         self.source = loaded.source
         self.embed_dim = int(loaded.model_cfg["embed_dim"])
         self.description = f"{self.device} {DTYPE_NAMES[dtype]}"
+        # (3 * 256,) float32: entry 256 * c + v is what rescale + normalise make of value v in channel c.
+        self._table = torch.from_numpy(normalize_table(self.preprocess)).reshape(-1).to(self.device)
+        self._channel = torch.arange(3, device=self.device) * 256  # (3,): added to (..., 3) samples
+        self._pin = self.device.type == "cuda"
 
     @classmethod
     def from_ref(cls, ref: str, device: str = "auto", dtype: str = "auto") -> TorchBackend:
@@ -48,8 +59,18 @@ class TorchBackend:
 
     @torch.inference_mode()
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
-        batch = torch.from_numpy(pixels).to(self.device, self.dtype)  # (B, 3, H, W)
+        """uint8 crops (B, H, W, 3) or preprocessed float32 pixels (B, 3, H, W) -> (B, D) float32."""
+        x = self._to_device(pixels)
+        if x.dtype == torch.uint8:
+            x = self._table.take(x.long() + self._channel).permute(0, 3, 1, 2)  # (B, 3, H, W) float32
+        batch = x.to(self.dtype)
         return F.normalize(self.model.encode_image(batch).float(), dim=-1).cpu().numpy()  # (B, D); sync point
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(np.ascontiguousarray(array))
+        if self._pin:  # page-locked memory lets the copy run asynchronously, overlapping the host's next work
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=self._pin)
 
     @torch.inference_mode()
     def encode_text(self, tokens: np.ndarray) -> np.ndarray:

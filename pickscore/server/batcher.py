@@ -145,21 +145,30 @@ class Batcher:
             for item in batch:
                 self._queue_wait.observe(start - item.enqueued)
             self._batch_size.observe(len(batch))
-            x = np.stack([item.x for item in batch])  # (B, ...)
+            # Items of one kind share a forward pass: uint8 crops and (KServe) float32 pixels do not stack.
+            kinds: dict[tuple[str, tuple[int, ...]], list[_Item]] = {}
+            for item in batch:
+                kinds.setdefault((item.x.dtype.str, item.x.shape), []).append(item)
             try:
-                out = await loop.run_in_executor(self._executor, self.fn, x)
-            except Exception as e:  # a backend failure fails this batch only
-                log.exception("%s tower failed on a batch of %d", self.tower, len(batch))
-                self.metrics.batch_failures.labels(self.tower).inc()
-                error = Internal(f"the {self.tower} tower failed on a batch of {len(batch)}: {type(e).__name__}: {e}")
-                for item in batch:
-                    self._fail(item, error)
-                continue
+                for items in kinds.values():
+                    await self._forward(loop, items)
             finally:
                 self._inference.observe(loop.time() - start)
-            for item, row in zip(batch, out):
-                if not item.future.done():
-                    item.future.set_result(row)
+
+    async def _forward(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+        x = np.stack([item.x for item in batch])  # (B, ...)
+        try:
+            out = await loop.run_in_executor(self._executor, self.fn, x)
+        except Exception as e:  # a backend failure fails this batch only
+            log.exception("%s tower failed on a batch of %d", self.tower, len(batch))
+            self.metrics.batch_failures.labels(self.tower).inc()
+            error = Internal(f"the {self.tower} tower failed on a batch of {len(batch)}: {type(e).__name__}: {e}")
+            for item in batch:
+                self._fail(item, error)
+            return
+        for item, row in zip(batch, out):
+            if not item.future.done():
+                item.future.set_result(row)
 
     def _live(self, batch: list[_Item], now: float) -> list[_Item]:
         """The items still worth computing; the rest are dropped (and told so, if anyone is waiting)."""

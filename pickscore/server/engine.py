@@ -23,7 +23,7 @@ import numpy as np
 from pickscore.backends import Backend
 from pickscore.errors import InvalidInput
 from pickscore.model import scoring
-from pickscore.model.preprocess import load_pixels
+from pickscore.model.preprocess import load_uint8
 from pickscore.model.scoring import Ranking
 from pickscore.server.batcher import Batcher
 from pickscore.server.caches import EmbeddingCache
@@ -67,7 +67,7 @@ class Engine:
     async def warmup(self) -> None:
         """One batch through each tower (first calls allocate and pick kernels), bypassing the caches."""
         size = self.backend.preprocess.output_size
-        pixels = np.zeros((3, *size), np.float32)
+        pixels = np.zeros((*size, 3), np.uint8)
         tokens = self.backend.tokenizer(["warm-up"])[0]
         with self.image_batcher.admit(1), self.text_batcher.admit(1):
             await asyncio.gather(self.image_batcher.submit(pixels), self.text_batcher.submit(tokens))
@@ -161,7 +161,7 @@ class Engine:
 
     def _decode(self, index: int, item: ImageItem) -> np.ndarray:
         try:
-            return load_pixels(item.data, self.backend.preprocess, self.settings.max_pixels)  # (3, H, W)
+            return load_uint8(item.data, self.backend.preprocess, self.settings.max_pixels)  # (H, W, 3) uint8
         except InvalidInput as e:
             raise InvalidInput(f"{item.describe(index)}: {e}") from e
 
