@@ -21,6 +21,14 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 # transformers CLIPConfig fields of the shapes we benchmark (random weights; speed does not depend on them).
 SHAPES = {
+    # Towers that cost almost nothing: what the server sustains with it is the request path's own ceiling.
+    "tiny": dict(
+        projection_dim=16,
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=32, image_size=224
+        ),
+    ),
     "vit-b-32": dict(
         projection_dim=512,
         text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),

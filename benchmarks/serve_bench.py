@@ -174,7 +174,7 @@ async def bench_server(address: str, images, levels, base) -> tuple[dict[int, di
         return closed, at70
 
 
-def start_server(model_dir: Path, args) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, args, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     cmd = [
         sys.executable,
         "-m",
@@ -198,6 +198,7 @@ def start_server(model_dir: Path, args) -> tuple[subprocess.Popen, str]:
         str(args.max_queue_delay_ms),
         "--log-format",
         "json",
+        *extra,
     ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:

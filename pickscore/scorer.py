@@ -23,6 +23,7 @@ from pickscore.errors import InvalidInput
 from pickscore.model import scoring
 from pickscore.model.preprocess import DEFAULT_MAX_PIXELS, ImageInput, load_uint8
 from pickscore.model.scoring import Ranking
+from pickscore.resources import usable_cores
 
 
 def _describe(index: int, item: ImageInput) -> str:
@@ -47,7 +48,7 @@ class Scorer:
         self.preprocess_config = backend.preprocess
         self.batch_size = batch_size
         self.max_pixels = max_pixels
-        self.pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1, thread_name_prefix="decode")
+        self.pool = ThreadPoolExecutor(max_workers=workers or usable_cores(), thread_name_prefix="decode")
 
     @classmethod
     def from_pretrained(

@@ -17,7 +17,14 @@ PACKAGE = Path(pickscore.__file__).resolve().parent
 # Lowest first. A unit (a top-level module or a subpackage) may import units of lower layers only; units of one
 # layer are independent of each other. Inside a unit, imports are free, but no cycle anywhere.
 LAYERS = [
-    ["pickscore.version", "pickscore.errors", "pickscore.v1", "pickscore.scenes", "pickscore.flags"],
+    [
+        "pickscore.version",
+        "pickscore.errors",
+        "pickscore.v1",
+        "pickscore.scenes",
+        "pickscore.flags",
+        "pickscore.resources",
+    ],
     ["pickscore.status"],
     ["pickscore.model"],
     ["pickscore.backends"],

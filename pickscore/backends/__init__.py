@@ -39,9 +39,13 @@ class Backend(Protocol):
 
 
 def load_backend(
-    ref: str, kind: str = "auto", device: str = "auto", dtype: str = "auto", max_batch_size: int = 32
+    ref: str, kind: str = "auto", device: str = "auto", dtype: str = "auto", max_batch_size: int = 32, threads: int = 0
 ) -> Backend:
-    """Resolve a model reference and load it on ``kind`` ("auto": onnxruntime for an ONNX export, else torch)."""
+    """Resolve a model reference and load it on ``kind`` ("auto": onnxruntime for an ONNX export, else torch).
+
+    ``threads``: intra-op threads of a forward pass; 0 sizes them from ``usable_cores()`` (every usable core on
+    a CPU, one when a GPU computes), so a container's CPU quota is respected rather than the host's core count.
+    """
     if kind not in KINDS:
         raise ValueError(f"backend must be one of {', '.join(KINDS)}; got {kind!r}")
     if is_export(ref):
@@ -49,7 +53,7 @@ def load_backend(
             raise ValueError(f"{ref} is an ONNX export; load it with --backend onnxruntime (or auto)")
         from pickscore.backends.onnx_backend import OnnxBackend
 
-        return OnnxBackend(ref, max_batch_size=max_batch_size)
+        return OnnxBackend(ref, max_batch_size=max_batch_size, threads=threads)
     if kind == "onnxruntime":
         raise ValueError(
             f"the onnxruntime backend runs an ONNX export (pickscore export onnx --model {ref} --out DIR); "
@@ -57,7 +61,7 @@ def load_backend(
         )
     from pickscore.backends.torch_backend import TorchBackend
 
-    return TorchBackend.from_ref(ref, device=device, dtype=dtype)
+    return TorchBackend.from_ref(ref, device=device, dtype=dtype, threads=threads)
 
 
 def add_backend_flags(parser: argparse.ArgumentParser, dtype_default: str = "auto") -> None:

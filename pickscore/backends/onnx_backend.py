@@ -16,6 +16,7 @@ import numpy as np
 from pickscore.backends.manifest import load_manifest
 from pickscore.model.preprocess import PreprocessConfig, normalize, normalize_table
 from pickscore.model.tokenizer import Tokenizer
+from pickscore.resources import usable_cores
 
 
 class OnnxBackend:
@@ -27,6 +28,7 @@ class OnnxBackend:
         manifest: dict[str, Any] | None = None,
         max_batch_size: int = 32,
         providers: list[str] | None = None,
+        threads: int = 0,
     ):
         import onnxruntime as ort
 
@@ -44,6 +46,7 @@ class OnnxBackend:
         h, w = self.preprocess.output_size
         shapes = {"image": ("pixel_values", f"3x{h}x{w}"), "text": ("input_ids", str(self.tokenizer.context_length))}
         session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = threads or (1 if chosen[0] != "CPUExecutionProvider" else usable_cores())
         if manifest.get("precision") == "fp16" and chosen == ["CPUExecutionProvider"]:
             # onnxruntime 1.31's extended CPU fusions crash on fp16 CLIP graphs; the basic level runs them.
             session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC

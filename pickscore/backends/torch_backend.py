@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from pickscore.model.checkpoint import LoadedModel, resolve
 from pickscore.model.preprocess import normalize_table
+from pickscore.resources import usable_cores
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
@@ -47,22 +48,24 @@ class TorchBackend:
         self.source = loaded.source
         self.embed_dim = int(loaded.model_cfg["embed_dim"])
         self.description = f"{self.device} {DTYPE_NAMES[dtype]}"
-        # (3 * 256,) float32: entry 256 * c + v is what rescale + normalise make of value v in channel c.
-        self._table = torch.from_numpy(normalize_table(self.preprocess)).reshape(-1).to(self.device)
-        self._channel = torch.arange(3, device=self.device) * 256  # (3,): added to (..., 3) samples
+        # (3, 256) float32: row c holds what rescale + normalise make of each value in channel c.
+        self._table = torch.from_numpy(normalize_table(self.preprocess)).to(self.device)
         self._pin = self.device.type == "cuda"
 
     @classmethod
-    def from_ref(cls, ref: str, device: str = "auto", dtype: str = "auto") -> TorchBackend:
+    def from_ref(cls, ref: str, device: str = "auto", dtype: str = "auto", threads: int = 0) -> TorchBackend:
+        """Load a model reference; ``threads`` (0: every usable core on CPU, 1 on CUDA) sets torch's intra-op
+        threads for the process: torch has one pool, whoever sets it last wins."""
         dev, dt = resolve_device(device, dtype)
+        torch.set_num_threads(threads or (1 if dev.type == "cuda" else usable_cores()))
         return cls(resolve(ref), device=dev, dtype=dt)
 
     @torch.inference_mode()
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 crops (B, H, W, 3) or preprocessed float32 pixels (B, 3, H, W) -> (B, D) float32."""
         x = self._to_device(pixels)
-        if x.dtype == torch.uint8:
-            x = self._table.take(x.long() + self._channel).permute(0, 3, 1, 2)  # (B, 3, H, W) float32
+        if x.dtype == torch.uint8:  # (B, H, W, 3) -> (B, 3, H, W) float32, one lookup per channel
+            x = torch.stack([self._table[c][x[..., c].long()] for c in range(3)], dim=1)
         batch = x.to(self.dtype)
         return F.normalize(self.model.encode_image(batch).float(), dim=-1).cpu().numpy()  # (B, D); sync point
 

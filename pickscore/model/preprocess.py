@@ -260,8 +260,10 @@ def normalize_table(cfg: PreprocessConfig) -> np.ndarray:
 def normalize(crops: np.ndarray, cfg: PreprocessConfig, table: np.ndarray | None = None) -> np.ndarray:
     """uint8 crops (..., H, W, 3) -> float32 pixel values (..., 3, H, W), through ``normalize_table``."""
     table = normalize_table(cfg) if table is None else table
-    x = table[np.arange(3), crops]  # (..., H, W, 3): channel c of each sample looked up in row c
-    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+    out = np.empty((*crops.shape[:-3], 3, *crops.shape[-3:-1]), np.float32)
+    for c in range(3):  # row c of the table for channel c: one lookup per sample
+        out[..., c, :, :] = table[c][crops[..., c]]
+    return out
 
 
 def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:

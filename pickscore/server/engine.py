@@ -23,10 +23,10 @@ import numpy as np
 from pickscore.backends import Backend
 from pickscore.errors import InvalidInput
 from pickscore.model import scoring
-from pickscore.model.preprocess import load_uint8
 from pickscore.model.scoring import Ranking
 from pickscore.server.batcher import Batcher
 from pickscore.server.caches import EmbeddingCache
+from pickscore.server.decode import DecodePool
 from pickscore.server.metrics import Metrics
 from pickscore.server.settings import Settings
 
@@ -56,9 +56,11 @@ class Engine:
         )
         self.text_cache = EmbeddingCache("text", settings.text_cache_bytes, metrics)
         self.image_cache = EmbeddingCache("image", settings.image_cache_bytes, metrics)
-        self.pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="decode")
+        self.decoder = DecodePool(backend.preprocess, settings.max_pixels, settings.workers, settings.decode_processes)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")  # prompts: short, and cached
 
     async def start(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.decoder.warm)
         await self.image_batcher.start()
         await self.text_batcher.start()
         if self.settings.warmup:
@@ -76,6 +78,7 @@ class Engine:
         await self.image_batcher.stop()
         await self.text_batcher.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.decoder.close()
 
     async def score(
         self, prompts: Sequence[str], images: Sequence[ImageItem], deadline: float | None, priority: int = 0
@@ -152,18 +155,21 @@ class Engine:
 
     async def _embed_image(self, index: int, item: ImageItem, deadline: float | None, priority: int) -> np.ndarray:
         async def compute() -> np.ndarray:
-            pixels = await self._in_pool("decode", self._decode, index, item)
+            pixels = await self._crop(index, item)
             return await self.image_batcher.submit(pixels, deadline, priority)
 
         if not self.image_cache.capacity:
             return await compute()
         return await self.image_cache.get_or_compute(hashlib.sha256(item.data).hexdigest(), compute)
 
-    def _decode(self, index: int, item: ImageItem) -> np.ndarray:
+    async def _crop(self, index: int, item: ImageItem) -> np.ndarray:
+        start = time.perf_counter()
         try:
-            return load_uint8(item.data, self.backend.preprocess, self.settings.max_pixels)  # (H, W, 3) uint8
+            return await self.decoder.crop(item.data)  # (H, W, 3) uint8
         except InvalidInput as e:
             raise InvalidInput(f"{item.describe(index)}: {e}") from e
+        finally:
+            self.metrics.preprocess.labels("decode").observe(time.perf_counter() - start)
 
     async def _in_pool(self, stage: str, fn, *args):
         start = time.perf_counter()

@@ -19,6 +19,7 @@ from pickscore.backends import DTYPES, KINDS
 from pickscore.flags import add_flags, check_choices, field_type, flag_name, given
 from pickscore.flags import option as _f
 from pickscore.model.preprocess import DEFAULT_MAX_PIXELS
+from pickscore.resources import usable_cores
 
 ENV_PREFIX = "PICKSCORE_"
 
@@ -52,7 +53,17 @@ class Settings:
         "decoding: a guard against decompression bombs",
     )
     max_message_bytes: int = _f(64 << 20, "largest gRPC message received or sent, in bytes")
-    decode_workers: int = _f(0, "threads decoding and preprocessing images; 0 means one per CPU core")
+    compute_threads: int = _f(
+        0,
+        "threads each tower's forward pass may use (torch / ONNX Runtime intra-op); 0: "
+        "every usable core on CPU, 1 on a GPU (docs/DESIGN.md, 'Threads')",
+    )
+    decode_workers: int = _f(0, "workers decoding and preprocessing images; 0: one per usable core")
+    decode_processes: bool = _f(
+        False,
+        "decode in worker processes instead of threads: past the interpreter lock, "
+        "for hosts with many cores (docs/DESIGN.md, 'Threads')",
+    )
     text_cache_bytes: int = _f(64 << 20, "text-embedding cache size in bytes (per prompt; 0 disables)")
     image_cache_bytes: int = _f(0, "image-embedding cache size in bytes (per image content hash; 0 disables)")
     stream_window: int = _f(8, "requests of one ScoreStream computed at the same time")
@@ -83,7 +94,14 @@ class Settings:
                 raise ValueError(
                     f"{name} must be at least 1, got {getattr(self, name)} ({flag_name(name)} or {env_name(name)})"
                 )
-        for name in ("decode_workers", "text_cache_bytes", "image_cache_bytes", "max_queue_delay_ms", "grace_period_s"):
+        for name in (
+            "compute_threads",
+            "decode_workers",
+            "text_cache_bytes",
+            "image_cache_bytes",
+            "max_queue_delay_ms",
+            "grace_period_s",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(
                     f"{name} must not be negative, got {getattr(self, name)} ({flag_name(name)} or {env_name(name)})"
@@ -98,7 +116,7 @@ class Settings:
 
     @property
     def workers(self) -> int:
-        return self.decode_workers or os.cpu_count() or 1
+        return self.decode_workers or usable_cores()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -20,6 +20,7 @@ import numpy as np
 
 from pickscore.backends import Backend
 from pickscore.model import scoring
+from pickscore.resources import usable_cores
 from pickscore.training import metrics
 from pickscore.training.data import PreferencePair, SkipCounter, iter_decoded, iter_pairs
 
@@ -58,7 +59,7 @@ def evaluate(backend: Backend, data: str | os.PathLike, limit: int = 0, workers:
 
     ``workers`` threads decode images (default one per core); ``limit`` caps the pairs per split (0: all).
     """
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1, thread_name_prefix="decode") as pool:
+    with ThreadPoolExecutor(max_workers=workers or usable_cores(), thread_name_prefix="decode") as pool:
         val = split_probabilities(backend, data, "validation_unique", pool, limit)
         test = split_probabilities(backend, data, "test_unique", pool, limit)
     result = metrics.evaluate_protocol(val[:3], test[:3])

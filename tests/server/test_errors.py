@@ -17,7 +17,7 @@ from pickscore.backends.torch_backend import TorchBackend
 from pickscore.client import Client
 from pickscore.errors import DeadlineExceeded, Internal, Overloaded, Unauthenticated, Unavailable
 from pickscore.model.checkpoint import resolve
-from pickscore.model.preprocess import load_pixels
+from pickscore.model.preprocess import load_uint8
 from pickscore.scorer import Scorer
 from pickscore.server.app import ServerThread
 from pickscore.v1 import scoring_pb2 as pb
@@ -162,10 +162,10 @@ class FlakyBackend(TorchBackend):
 
     def __init__(self, ref: str):
         super().__init__(resolve(ref))
-        self.poison = load_pixels(solid((255, 0, 255)), self.preprocess)[:, 0, 0]  # (3,) normalised magenta
+        self.poison = load_uint8(solid((255, 0, 255)), self.preprocess)[0, 0]  # (3,) magenta, as the crop holds it
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
-        if any(np.allclose(p[:, 0, 0], self.poison) for p in pixels):
+        if any(np.array_equal(p[0, 0], self.poison) for p in pixels):  # (B, H, W, 3) uint8 crops
             raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
         return super().encode_image(pixels)
 

@@ -1,0 +1,75 @@
+"""Decoding in worker processes: the same crops as threads, bad images named, and a dead worker costs only the
+images it held."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pickscore.client import Client
+from pickscore.errors import Internal, InvalidInput
+from pickscore.scorer import Scorer
+from pickscore.server.app import ServerThread
+from tests.conftest import varied_images
+from tests.server.conftest import PROMPT, settings_for
+
+IMAGES = [data for _, data, _ in varied_images()[:8]]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_hf_dir):
+    with ServerThread(settings_for(tiny_hf_dir, decode_processes=True, decode_workers=2)) as s:
+        yield s
+
+
+def big_jpeg(side: int = 5000) -> bytes:
+    """A JPEG that takes a worker a good fraction of a second to decode: time to kill it mid-image."""
+    noise = np.random.default_rng(0).integers(0, 256, (side // 10, side // 10, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).resize((side, side), Image.Resampling.NEAREST).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_processes_score_as_the_in_process_scorer(server, tiny_hf_dir):
+    expected = Scorer.from_pretrained(tiny_hf_dir, device="cpu", dtype="fp32").score(PROMPT, IMAGES)
+    with Client(server.address) as client:
+        np.testing.assert_allclose(client.score(PROMPT, IMAGES), expected, atol=1e-5)
+
+
+def test_a_bad_image_is_named_from_the_worker(server):
+    with Client(server.address) as client, pytest.raises(InvalidInput, match=r"image 1: not a decodable image"):
+        client.score(PROMPT, [IMAGES[0], b"not an image at all"])
+
+
+def test_a_killed_worker_fails_only_what_it_held_and_is_replaced(server):
+    decoder = server.server.engine.decoder
+    before = decoder.replaced
+    outcomes: list[object] = []
+
+    def call(images: list[bytes]) -> None:
+        with Client(server.address) as client:
+            try:
+                outcomes.append(client.score(PROMPT, images))
+            except Exception as e:  # what the caller sees, kept for the assertions below
+                outcomes.append(e)
+
+    slow = threading.Thread(target=call, args=([big_jpeg()],))
+    slow.start()
+    workers = list(decoder._executor._processes.values())  # the live pool's processes
+    threading.Event().wait(0.3)  # the big image is being decoded now
+    for process in workers:
+        process.kill()
+    slow.join(60)
+    call(IMAGES[:2])  # a request right after the death: fails cleanly or lands on the new pool
+    failures = [o for o in outcomes if isinstance(o, Exception)]
+    assert failures, "killing every worker mid-image must fail that image's request"
+    assert all(isinstance(e, Internal) and "decode worker" in str(e) for e in failures), failures
+    assert decoder.replaced == before + 1
+    # The server goes on: the replacement pool decodes as before.
+    call(IMAGES)
+    assert isinstance(outcomes[-1], list) and len(outcomes[-1]) == len(IMAGES)
+    assert server.server.state.ready and not server.server.state.draining
