@@ -10,10 +10,11 @@
 
 ``address`` is any gRPC target: ``host:port``, ``dns:///name:port`` (every address the name resolves to,
 round robin), ``ipv4:10.0.0.1:8001,10.0.0.2:8001``. A call refused with UNAVAILABLE (a replica warming up
-or draining) is retried on the next replica, up to 3 attempts. Images are paths (read here) or encoded
-bytes. Large calls are split into requests of at most the server's ``max_images_per_request``. Server
-errors come back as this package's domain errors (InvalidInput, Overloaded, DeadlineExceeded,
-Unavailable, ...) with the server's message.
+or draining) is retried on the next replica, up to 3 attempts. Images are paths (read here), encoded
+bytes, or uint8 pixel arrays (H, W, 3) a generator already holds (sent raw: no encode, no decode; the
+same score as a lossless PNG of them). Large calls are split into requests of at most the server's
+``max_images_per_request``. Server errors come back as this package's domain errors (InvalidInput,
+Overloaded, DeadlineExceeded, Unavailable, ...) with the server's message.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pickscore.status import error_for
 from pickscore.v1 import scoring_pb2 as pb
 from pickscore.v1 import scoring_pb2_grpc
 
-ImageRef = bytes | str | os.PathLike
+ImageRef = bytes | str | os.PathLike | np.ndarray  # encoded bytes, a file, or uint8 pixels (H, W[, 3 or 4])
 DEFAULT_MESSAGE_BYTES = 64 << 20
 
 
@@ -73,6 +74,12 @@ def _options(max_message_bytes: int) -> list[tuple[str, int | str]]:
 
 
 def _image(ref: ImageRef, id: str | None) -> pb.Image:
+    if isinstance(ref, np.ndarray):  # sent as they are: no encoding here, no decoding there
+        if ref.dtype != np.uint8 or ref.ndim not in (2, 3):
+            raise InvalidInput(f"pixels must be uint8 (height, width[, channels]); got {ref.dtype} {ref.shape}")
+        channels = 1 if ref.ndim == 2 else ref.shape[2]
+        pixels = pb.Pixels(height=ref.shape[0], width=ref.shape[1], channels=channels, data=ref.tobytes())
+        return pb.Image(pixels=pixels, id=id or "")
     if isinstance(ref, (bytes, bytearray, memoryview)):
         return pb.Image(data=bytes(ref), id=id or "")
     return pb.Image(data=Path(ref).read_bytes(), id=str(ref) if id is None else id)
@@ -121,7 +128,7 @@ def _stream_requests(prompt: str, refs: Iterable[ImageRef], per_request: int) ->
     batch: list[pb.Image] = []
     start = 0
     for i, ref in enumerate(refs):
-        batch.append(_image(ref, f"#{i}" if isinstance(ref, (bytes, bytearray, memoryview)) else None))
+        batch.append(_image(ref, None if isinstance(ref, (str, os.PathLike)) else f"#{i}"))
         if len(batch) == per_request:
             yield pb.ScoreStreamRequest(tag=str(start), request=pb.ScoreRequest(prompt=prompt, images=batch))
             batch, start = [], i + 1

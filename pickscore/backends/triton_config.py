@@ -34,7 +34,10 @@ def model_configs(
     max_batch_size: int,
     max_images_per_request: int,
     max_queue_delay_us: int,
+    pixels: bool = False,
 ) -> dict[str, mc.ModelConfig]:
+    """The three models. ``pixels`` (this server, not a Triton repository): ``pickscore`` also takes PIXELS,
+    UINT8 [N, H, W, 3] decoded images of one size, instead of IMAGE; both become optional, one is required."""
     h, w = image_size
     batching = mc.ModelDynamicBatching(max_queue_delay_microseconds=max_queue_delay_us)
     image = mc.ModelConfig(
@@ -62,8 +65,9 @@ def model_configs(
         max_batch_size=max_images_per_request,
         input=[
             tensor(mc.ModelInput, "PROMPT", mc.TYPE_STRING, [1]),
-            tensor(mc.ModelInput, "IMAGE", mc.TYPE_STRING, [1]),
-        ],
+            mc.ModelInput(name="IMAGE", data_type=mc.TYPE_STRING, dims=[1], optional=pixels),
+        ]
+        + ([mc.ModelInput(name="PIXELS", data_type=mc.TYPE_UINT8, dims=[-1, -1, 3], optional=True)] if pixels else []),
         output=[tensor(mc.ModelOutput, "SCORE", mc.TYPE_FP32, [1])],
         ensemble_scheduling=mc.ModelEnsembling(
             step=[
@@ -98,4 +102,10 @@ def model_configs(
 
 
 # KServe v2 datatype names of Triton's TYPE_* values.
-DATATYPES = {mc.TYPE_FP32: "FP32", mc.TYPE_FP16: "FP16", mc.TYPE_INT64: "INT64", mc.TYPE_STRING: "BYTES"}
+DATATYPES = {
+    mc.TYPE_FP32: "FP32",
+    mc.TYPE_FP16: "FP16",
+    mc.TYPE_INT64: "INT64",
+    mc.TYPE_UINT8: "UINT8",
+    mc.TYPE_STRING: "BYTES",
+}

@@ -34,7 +34,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pickscore.errors import InvalidInput
 
-ImageInput = bytes | bytearray | memoryview | str | os.PathLike | Image.Image
+ImageInput = bytes | bytearray | memoryview | str | os.PathLike | Image.Image | np.ndarray
 
 # Formats we decode; anything else (EPS, PDF, ...) is refused before a decoder runs.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -138,15 +138,34 @@ class PreprocessConfig:
 
 
 def read_image_bytes(item: ImageInput) -> bytes | Image.Image:
-    """Bytes of a path or buffer (PIL images pass through). Raises InvalidInput."""
+    """Bytes of a path or buffer; PIL images pass through and pixel arrays become images. Raises InvalidInput."""
     if isinstance(item, Image.Image):
         return item
+    if isinstance(item, np.ndarray):
+        return from_pixels(item)
     if isinstance(item, (bytes, bytearray, memoryview)):
         return bytes(item)
     try:
         return Path(item).read_bytes()
     except OSError as e:
         raise InvalidInput(f"cannot read file ({e.strerror or e})") from e
+
+
+def from_pixels(pixels: np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decoded pixels a caller already holds -> the image a lossless PNG of them decodes to.
+
+    uint8, (H, W, 3) RGB, (H, W, 4) RGBA (composited onto white like any transparent image) or (H, W) gray.
+    """
+    if pixels.dtype != np.uint8:
+        raise InvalidInput(f"pixels must be uint8, got {pixels.dtype}")
+    if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in (3, 4))):
+        raise InvalidInput(f"pixels must be (height, width, 3 or 4) or (height, width), got shape {pixels.shape}")
+    height, width = pixels.shape[:2]
+    if height < 1 or width < 1:
+        raise InvalidInput(f"pixels are {width}x{height}: empty")
+    if width * height > max_pixels:
+        raise InvalidInput(f"pixels are {width}x{height} = {width * height}, over the limit of {max_pixels}")
+    return Image.fromarray(np.ascontiguousarray(pixels))
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -273,6 +292,8 @@ def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
 
 def load_uint8(item: ImageInput, cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """A path, encoded bytes or PIL image -> uint8 crop (H, W, 3). Raises InvalidInput with the reason."""
+    if isinstance(item, np.ndarray):
+        return crop_uint8(from_pixels(item, max_pixels), cfg)
     data = read_image_bytes(item)
     img = data if isinstance(data, Image.Image) else decode_image(data, max_pixels)
     return crop_uint8(img, cfg)

@@ -38,7 +38,7 @@ def _init_worker(preprocess: PreprocessConfig, max_pixels: int) -> None:
     _worker_crop = partial(load_uint8, cfg=preprocess, max_pixels=max_pixels)
 
 
-def _crop_in_worker(data: bytes) -> np.ndarray:
+def _crop_in_worker(data: bytes | np.ndarray) -> np.ndarray:
     return _worker_crop(data)
 
 
@@ -61,8 +61,8 @@ class DecodePool:
             initargs=(self.preprocess, self.max_pixels),
         )
 
-    async def crop(self, data: bytes) -> np.ndarray:
-        """Encoded image -> uint8 crop (H, W, 3). InvalidInput says what is wrong with the image."""
+    async def crop(self, data: bytes | np.ndarray) -> np.ndarray:
+        """Encoded image, or decoded pixels (H, W, C) -> uint8 crop (H, W, 3). InvalidInput says what is wrong."""
         loop = asyncio.get_running_loop()
         if not self.processes:
             return await loop.run_in_executor(self._executor, load_uint8, data, self.preprocess, self.max_pixels)

@@ -31,15 +31,26 @@ from pickscore.server.metrics import Metrics
 from pickscore.server.settings import Settings
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ImageItem:
-    """One encoded image of a request and the caller's optional id for it."""
+    """One image of a request: encoded ``data`` or decoded ``pixels`` (H, W, C) uint8, and the caller's id."""
 
-    data: bytes
+    data: bytes = b""
     id: str = ""
+    pixels: np.ndarray | None = None
 
     def describe(self, index: int) -> str:
         return f"image {index} (id {self.id!r})" if self.id else f"image {index}"
+
+    @property
+    def content(self) -> bytes | np.ndarray:
+        return self.data if self.pixels is None else self.pixels
+
+    def digest(self) -> str:
+        """Content hash: the image cache's key (pixels hash with their shape)."""
+        if self.pixels is None:
+            return hashlib.sha256(self.data).hexdigest()
+        return hashlib.sha256(repr(self.pixels.shape).encode() + self.pixels.tobytes()).hexdigest()
 
 
 class Engine:
@@ -135,6 +146,10 @@ class Engine:
             if not prompt.strip():
                 raise InvalidInput("prompt is empty" if len(prompts) == 1 else f"prompt {i} is empty")
         for i, item in enumerate(images):
+            if item.pixels is not None:
+                if item.data:
+                    raise InvalidInput(f"{item.describe(i)}: set either data or pixels, not both")
+                continue  # their size is checked against max_pixels where they become an image
             if not item.data:
                 raise InvalidInput(f"{item.describe(i)}: empty image data")
             if len(item.data) > s.max_image_bytes:
@@ -160,12 +175,12 @@ class Engine:
 
         if not self.image_cache.capacity:
             return await compute()
-        return await self.image_cache.get_or_compute(hashlib.sha256(item.data).hexdigest(), compute)
+        return await self.image_cache.get_or_compute(item.digest(), compute)
 
     async def _crop(self, index: int, item: ImageItem) -> np.ndarray:
         start = time.perf_counter()
         try:
-            return await self.decoder.crop(item.data)  # (H, W, 3) uint8
+            return await self.decoder.crop(item.content)  # (H, W, 3) uint8
         except InvalidInput as e:
             raise InvalidInput(f"{item.describe(index)}: {e}") from e
         finally:

@@ -33,8 +33,9 @@ from pickscore.version import __version__
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 VERSION = "1"
-NUMPY = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64}
-TYPED = {"FP32": "fp32_contents", "INT64": "int64_contents", "BYTES": "bytes_contents"}  # FP16 comes raw only
+NUMPY = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "UINT8": np.uint8}
+# FP16 comes raw only
+TYPED = {"FP32": "fp32_contents", "INT64": "int64_contents", "UINT8": "uint_contents", "BYTES": "bytes_contents"}
 
 
 @dataclass
@@ -60,6 +61,7 @@ class KServeV2Service(service_pb2_grpc.GRPCInferenceServiceServicer):
             s.max_batch_size,
             s.max_images_per_request,
             int(s.max_queue_delay_ms * 1000),
+            pixels=True,
         )
         self.stats = {name: _Stats() for name in self.configs}
 
@@ -179,12 +181,17 @@ class KServeV2Service(service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> tuple[dict[str, np.ndarray], int]:
         engine = self.engine
         if model == ENSEMBLE:
-            prompts, images = list(inputs["PROMPT"].reshape(-1)), list(inputs["IMAGE"].reshape(-1))
+            if ("IMAGE" in inputs) == ("PIXELS" in inputs):
+                raise InvalidInput("give the images as IMAGE (encoded, BYTES) or PIXELS (UINT8 [N, H, W, 3]): one")
+            if "IMAGE" in inputs:
+                images = [ImageItem(bytes(b)) for b in inputs["IMAGE"].reshape(-1)]
+            else:
+                images = [ImageItem(pixels=p) for p in inputs["PIXELS"]]  # each (H, W, 3)
             try:
-                texts = [p.decode("utf-8") for p in prompts]
+                texts = [p.decode("utf-8") for p in inputs["PROMPT"].reshape(-1)]
             except UnicodeDecodeError as e:
                 raise InvalidInput(f"input 'PROMPT': element is not UTF-8 text ({e})") from None
-            scores = await engine.score(texts, [ImageItem(bytes(b)) for b in images], deadline, priority)
+            scores = await engine.score(texts, images, deadline, priority)
             return {"SCORE": scores.reshape(-1, 1)}, len(images)
         if model == IMAGE:
             pixels = inputs["pixel_values"].astype(np.float32, copy=False)
@@ -214,8 +221,8 @@ def read_inputs(request: pb.ModelInferRequest, cfg: mc.ModelConfig) -> dict[str,
             raise InvalidInput(f"input {name!r}: model {cfg.name!r} has no such input (it takes {', '.join(declared)})")
         if names.count(name) > 1:
             raise InvalidInput(f"input {name!r}: given more than once")
-    for name in declared:
-        if name not in names:
+    for name, spec in declared.items():
+        if name not in names and not spec.optional:
             raise InvalidInput(f"input {name!r}: missing (model {cfg.name!r} takes {', '.join(declared)})")
     if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
         raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} inputs")
@@ -238,9 +245,10 @@ def read_inputs(request: pb.ModelInferRequest, cfg: mc.ModelConfig) -> dict[str,
 
 def _check_shape(name: str, shape: tuple[int, ...], dims: tuple[int, ...], flat_ok: bool) -> None:
     expected = f"[-1, {', '.join(map(str, dims))}]"
-    if flat_ok and len(shape) == 1:  # [N] is accepted for [N, 1]
+    if flat_ok and len(shape) == 1 and dims == (1,):  # [N] is accepted for [N, 1]
         shape = (*shape, 1)
-    if len(shape) != len(dims) + 1 or tuple(shape[1:]) != dims or shape[0] < 1:
+    fits = all(d == -1 and s >= 1 or s == d for s, d in zip(shape[1:], dims))  # -1: any size of at least 1
+    if len(shape) != len(dims) + 1 or not fits or shape[0] < 1:
         raise InvalidInput(f"input {name!r}: shape {list(shape)}; expected {expected} (batch first, at least 1)")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import numpy as np
+
 from pickscore.errors import InvalidInput, PickScoreError
 from pickscore.server.boundary import ServerState, boundary
 from pickscore.server.engine import Engine, ImageItem
@@ -85,4 +87,23 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
 
 
 def _items(images) -> list[ImageItem]:
-    return [ImageItem(image.data, image.id) for image in images]
+    return [
+        ImageItem(image.data, image.id, _pixels(i, image) if image.HasField("pixels") else None)
+        for i, image in enumerate(images)
+    ]
+
+
+def _pixels(index: int, image: pb.Image) -> np.ndarray:
+    """An Image's raw pixels as (height, width, channels) uint8; InvalidInput naming the image when they do not fit."""
+    p = image.pixels
+    channels = p.channels or 3
+    name = ImageItem(id=image.id).describe(index)
+    if channels not in (1, 3, 4):
+        raise InvalidInput(f"{name}: pixels have {channels} channels; 1 (gray), 3 (RGB) or 4 (RGBA)")
+    if len(p.data) != p.height * p.width * channels:
+        raise InvalidInput(
+            f"{name}: {len(p.data)} bytes of pixels for {p.height}x{p.width}x{channels} "
+            f"({p.height * p.width * channels} expected)"
+        )
+    pixels = np.frombuffer(p.data, np.uint8).reshape(p.height, p.width, channels)
+    return pixels[..., 0] if channels == 1 else pixels

@@ -123,13 +123,17 @@ def test_typed_contents_are_accepted(server, expected):
 
 
 def test_metadata_config_and_statistics(tc, server):
-    configs = model_configs(16, (224, 224), 77, 32, 256, 5000)
+    configs = model_configs(16, (224, 224), 77, 32, 256, 5000, pixels=True)
+    exported = model_configs(16, (224, 224), 77, 32, 256, 5000)  # what the Triton export declares
     for name, config in configs.items():
-        assert tc.get_model_config(name).config == config  # what the Triton export declares
+        assert tc.get_model_config(name).config == config
         meta = tc.get_model_metadata(name)
         assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
-            (t.name, {11: "FP32", 9: "INT64", 13: "BYTES"}[t.data_type], [-1, *t.dims]) for t in config.input
+            (t.name, {11: "FP32", 9: "INT64", 2: "UINT8", 13: "BYTES"}[t.data_type], [-1, *t.dims])
+            for t in config.input
         ]
+        # The export's models are these, but for the ensemble's PIXELS extension (IMAGE required there).
+        assert [t.name for t in exported[name].input] == [t.name for t in config.input if t.name != "PIXELS"]
         assert [t.name for t in meta.outputs] == [t.name for t in config.output]
     assert tc.get_server_metadata().name == "pickscore"
     assert tc.is_server_live() and tc.is_server_ready()
@@ -255,3 +259,30 @@ def test_unknown_requested_output_fails_before_compute_and_counts_as_failure(ser
     after = tc.get_inference_statistics("pickscore").model_stats[0].inference_stats
     assert (after.success.count, after.fail.count) == (before.success.count, before.fail.count + 1)
     assert metric(server, "pickscore_inference_seconds_count", tower="image") == passes
+
+
+def test_pixels_input_scores_as_the_encoded_images(tc, server):
+    """PIXELS (UINT8 [N, H, W, 3]) instead of IMAGE: the same scores as PNGs of those pixels."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, (3, 240, 320, 3), dtype=np.uint8)
+    pngs = []
+    for p in pixels:
+        buf = io.BytesIO()
+        Image.fromarray(p).save(buf, "PNG")
+        pngs.append(buf.getvalue())
+    prompt = triton.InferInput("PROMPT", [1, 1], "BYTES")
+    prompt.set_data_from_numpy(np.array([[PROMPT.encode()]], dtype=object))
+    raw = triton.InferInput("PIXELS", list(pixels.shape), "UINT8")
+    raw.set_data_from_numpy(pixels)
+    scores = tc.infer("pickscore", [prompt, raw]).as_numpy("SCORE")[:, 0]
+    with Client(server.address) as client:
+        np.testing.assert_allclose(scores, client.score(PROMPT, pngs), atol=1e-5)
+    both = [*score_inputs([PROMPT], IMAGES[:3]), raw]
+    with pytest.raises(InferenceServerException, match="IMAGE .* or PIXELS"):
+        tc.infer("pickscore", both)
+    with pytest.raises(InferenceServerException, match="IMAGE .* or PIXELS"):
+        tc.infer("pickscore", [prompt])
