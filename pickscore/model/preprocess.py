@@ -224,13 +224,13 @@ def crop_uint8(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
         raise InvalidInput(f"image mode {img.mode} is not RGB and the model's preprocessing does not convert")
     width, height = _resize_size(*img.size, cfg) if cfg.do_resize else img.size
     if not cfg.do_center_crop:
-        return np.asarray(img.resize((width, height), resample=cfg.resample) if cfg.do_resize else img)
+        return np.array(img.resize((width, height), resample=cfg.resample) if cfg.do_resize else img)
     crop_h, crop_w = cfg.crop_size
     top, left = (height - crop_h) // 2, (width - crop_w) // 2
     if not cfg.do_resize or width * height <= FULL_RESIZE_AREA * crop_h * crop_w:
         if cfg.do_resize:
             img = img.resize((width, height), resample=cfg.resample)
-        return np.asarray(img.crop((left, top, left + crop_w, top + crop_h)))  # out-of-bounds area fills with 0
+        return np.array(img.crop((left, top, left + crop_w, top + crop_h)))  # owned, writable; out of bounds: 0
     # Only the part of the resized image inside the crop window: x0..x1, y0..y1 in resized coordinates.
     x0, y0, x1, y1 = max(left, 0), max(top, 0), min(left + crop_w, width), min(top + crop_h, height)
     region = _resize_region(img, (width, height), (x0, y0, x1, y1), cfg.resample)
