@@ -37,9 +37,18 @@ class Backend(Protocol):
 
     def encode_text(self, tokens: np.ndarray) -> np.ndarray: ...
 
+    def warm(self, max_batch_size: int, text_max_batch_size: int) -> None:
+        """Do whatever the first batches of each size would do slowly (compilation), before serving."""
+
 
 def load_backend(
-    ref: str, kind: str = "auto", device: str = "auto", dtype: str = "auto", max_batch_size: int = 32, threads: int = 0
+    ref: str,
+    kind: str = "auto",
+    device: str = "auto",
+    dtype: str = "auto",
+    max_batch_size: int = 32,
+    threads: int = 0,
+    compile: bool = False,
 ) -> Backend:
     """Resolve a model reference and load it on ``kind`` ("auto": onnxruntime for an ONNX export, else torch).
 
@@ -51,6 +60,11 @@ def load_backend(
     if is_export(ref):
         if kind == "torch":
             raise ValueError(f"{ref} is an ONNX export; load it with --backend onnxruntime (or auto)")
+        if compile:
+            raise ValueError(
+                f"{ref} is an ONNX export: --compile is for the torch backend (ONNX Runtime optimises "
+                "its graphs itself)"
+            )
         from pickscore.backends.onnx_backend import OnnxBackend
 
         return OnnxBackend(ref, max_batch_size=max_batch_size, threads=threads)
@@ -61,7 +75,7 @@ def load_backend(
         )
     from pickscore.backends.torch_backend import TorchBackend
 
-    return TorchBackend.from_ref(ref, device=device, dtype=dtype, threads=threads)
+    return TorchBackend.from_ref(ref, device=device, dtype=dtype, threads=threads, compile=compile)
 
 
 def add_backend_flags(parser: argparse.ArgumentParser, dtype_default: str = "auto") -> None:

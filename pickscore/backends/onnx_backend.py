@@ -84,3 +84,6 @@ class OnnxBackend:
 
     def encode_text(self, tokens: np.ndarray) -> np.ndarray:
         return self._sessions["text"].run(None, {"input_ids": np.ascontiguousarray(tokens, np.int64)})[0]
+
+    def warm(self, max_batch_size: int, text_max_batch_size: int) -> None:
+        """Nothing to do ahead: ONNX Runtime needs no per-shape compilation (the server still runs one batch)."""

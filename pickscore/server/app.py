@@ -75,7 +75,15 @@ class Server:
         if self.backend is None:
             loop = asyncio.get_running_loop()
             self.backend = await loop.run_in_executor(
-                None, load_backend, s.model, s.backend, s.device, s.dtype, s.max_batch_size, s.compute_threads
+                None,
+                load_backend,
+                s.model,
+                s.backend,
+                s.device,
+                s.dtype,
+                s.max_batch_size,
+                s.compute_threads,
+                s.compile,
             )
         self.engine = Engine(self.backend, s, self.metrics)
         scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(self.engine, self.state), self._grpc)

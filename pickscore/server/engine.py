@@ -78,7 +78,12 @@ class Engine:
             await self.warmup()
 
     async def warmup(self) -> None:
-        """One batch through each tower (first calls allocate and pick kernels), bypassing the caches."""
+        """Every batch size a backend compiles, then one batch through each tower through the batchers (first
+        calls allocate and pick kernels), bypassing the caches."""
+        s = self.settings
+        await asyncio.get_running_loop().run_in_executor(
+            None, self.backend.warm, s.max_batch_size, s.text_max_batch_size
+        )
         size = self.backend.preprocess.output_size
         pixels = np.zeros((*size, 3), np.uint8)
         tokens = self.backend.tokenizer(["warm-up"])[0]

@@ -34,6 +34,11 @@ class Settings:
     backend: str = _f("auto", "inference backend; auto is onnxruntime for an ONNX export, torch otherwise", KINDS)
     device: str = _f("auto", "torch device: auto (CUDA when present), cpu, cuda, cuda:1, ...")
     dtype: str = _f("auto", "compute precision of the torch backend; auto is bf16 on CUDA, fp32 on CPU", DTYPES)
+    compile: bool = _f(
+        False,
+        "torch backend: compile the towers (torch.compile; CUDA graphs on a GPU), batches "
+        "padded to powers of two, every size compiled during warm-up (minutes on a CPU)",
+    )
     host: str = _f("0.0.0.0", "address the gRPC server binds (127.0.0.1 for loopback only)")
     port: int = _f(8001, "gRPC port (scoring.v1, KServe v2, health, reflection); 0 picks a free port")
     metrics_port: int = _f(9090, "Prometheus /metrics port on the same host; -1 disables, 0 picks a free port")
