@@ -26,7 +26,12 @@ SHAPES = {
         projection_dim=16,
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
         vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=32, image_size=224
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            patch_size=32,
+            image_size=224,
         ),
     ),
     "vit-b-32": dict(
