@@ -346,7 +346,8 @@ def markdown(results: dict) -> str:
         "",
         f"- (f) overhead ceiling: tiny-tower server at concurrency 8 **{f['images_per_s']:.0f} images/s** = "
         f"**{f['ratio']:.2f}×** ({f['cores']} cores × one-thread `load_pixels` "
-        f"{f['decode_one_thread_images_per_s']:.0f} images/s) (target ≥ 0.8×) — {'met' if f['ratio'] >= 0.8 else 'NOT met'}",
+        f"{f['decode_one_thread_images_per_s']:.0f} images/s) (target ≥ 0.8×) — "
+        f"{'met' if f['ratio'] >= 0.8 else 'NOT met'}",
         f"- concurrency 1: server p50 / transformers' one call for 8 p50: **{t['c1_over_b']:.2f}×** (target ≤ 1.1×) — "
         f"{'met' if t['c1_over_b'] <= 1.1 else 'NOT met'}",
         f"- (d) best / (a): **{t['d_over_a']:.2f}×** (target ≥ 2.5×) — {'met' if t['d_over_a'] >= 2.5 else 'NOT met'}",
