@@ -1,6 +1,7 @@
 """What this process may use of the machine: the core count every thread budget is sized from.
 
-usable_cores()   # CPUs in this process's affinity mask, capped by a cgroup (container) CPU quota
+usable_cores()                           # CPUs in the affinity mask, capped by a cgroup (container) quota
+compute_threads(0, accelerated=False)    # a forward pass's intra-op threads: all usable cores; 1 on a GPU
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     quota = _quota(cgroup)
     return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def compute_threads(requested: int, accelerated: bool) -> int:
+    """Intra-op threads of a forward pass: ``requested``, or by default every usable core on a CPU (the model is
+    the bottleneck there) and one when an accelerator computes (the host only launches its kernels)."""
+    return requested or (1 if accelerated else usable_cores())
 
 
 def _quota(cgroup: Path) -> float | None:

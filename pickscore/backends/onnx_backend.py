@@ -16,7 +16,7 @@ import numpy as np
 from pickscore.backends.manifest import load_manifest
 from pickscore.model.preprocess import PreprocessConfig, normalize, normalize_table
 from pickscore.model.tokenizer import Tokenizer
-from pickscore.resources import usable_cores
+from pickscore.resources import compute_threads
 
 
 class OnnxBackend:
@@ -46,7 +46,7 @@ class OnnxBackend:
         h, w = self.preprocess.output_size
         shapes = {"image": ("pixel_values", f"3x{h}x{w}"), "text": ("input_ids", str(self.tokenizer.context_length))}
         session_options = ort.SessionOptions()
-        session_options.intra_op_num_threads = threads or (1 if chosen[0] != "CPUExecutionProvider" else usable_cores())
+        session_options.intra_op_num_threads = compute_threads(threads, accelerated=chosen[0] != "CPUExecutionProvider")
         if manifest.get("precision") == "fp16" and chosen == ["CPUExecutionProvider"]:
             # onnxruntime 1.31's extended CPU fusions crash on fp16 CLIP graphs; the basic level runs them.
             session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from pickscore.model.checkpoint import LoadedModel, resolve
 from pickscore.model.preprocess import normalize_table
-from pickscore.resources import usable_cores
+from pickscore.resources import compute_threads
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
@@ -83,7 +83,7 @@ class TorchBackend:
         """Load a model reference; ``threads`` (0: every usable core on CPU, 1 on CUDA) sets torch's intra-op
         threads for the process: torch has one pool, whoever sets it last wins."""
         dev, dt = resolve_device(device, dtype)
-        torch.set_num_threads(threads or (1 if dev.type == "cuda" else usable_cores()))
+        torch.set_num_threads(compute_threads(threads, accelerated=dev.type == "cuda"))
         return cls(resolve(ref), device=dev, dtype=dt, compile=compile)
 
     @torch.inference_mode()

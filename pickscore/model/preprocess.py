@@ -137,12 +137,10 @@ class PreprocessConfig:
         }
 
 
-def read_image_bytes(item: ImageInput) -> bytes | Image.Image:
-    """Bytes of a path or buffer; PIL images pass through and pixel arrays become images. Raises InvalidInput."""
+def read_image_bytes(item: bytes | bytearray | memoryview | str | os.PathLike | Image.Image) -> bytes | Image.Image:
+    """Bytes of a path or buffer (PIL images pass through). Raises InvalidInput."""
     if isinstance(item, Image.Image):
         return item
-    if isinstance(item, np.ndarray):
-        return from_pixels(item)
     if isinstance(item, (bytes, bytearray, memoryview)):
         return bytes(item)
     try:
