@@ -8,6 +8,9 @@
     async with AsyncClient("localhost:8001") as client:
         await client.score("a cat", images)
 
+    Client("scorer:8001", tls_ca="ca.pem", token="s3cret")                       # TLS, bearer token
+    Client("scorer:8001", tls_ca="ca.pem", tls_cert="me.pem", tls_key="me.key")  # mutual TLS
+
 ``address`` is any gRPC target: ``host:port``, ``dns:///name:port`` (every address the name resolves to,
 round robin), ``ipv4:10.0.0.1:8001,10.0.0.2:8001``. A call refused with UNAVAILABLE (a replica warming up
 or draining) is retried on the next replica, up to 3 attempts. Images are paths (read here), encoded
@@ -39,7 +42,7 @@ DEFAULT_MESSAGE_BYTES = 64 << 20
 
 def domain_error(e: grpc.RpcError) -> PickScoreError:
     """A gRPC failure as the domain error the server mapped it from."""
-    return error_for(e.code(), f"server: {e.code().name}: {e.details()}")
+    return error_for(e.code(), f"server: {e.code().name}: {e.details()}", e.trailing_metadata() or ())
 
 
 # Spread calls over every address the target resolves to (a headless Kubernetes Service answers with all
@@ -150,10 +153,40 @@ def _collect(
         scores[start + r.index] = r.score
 
 
-class _Connection:
-    """What both clients hold: a channel to ``address``, the stub, the default deadline and call metadata."""
+def _read(path: str | os.PathLike, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise OSError(f"{what} {path}: cannot read it ({e.strerror or e})") from e
 
-    _open = staticmethod(grpc.insecure_channel)  # the asyncio client opens a grpc.aio channel
+
+def channel_credentials(
+    tls_ca: str | os.PathLike | None = None,
+    tls_cert: str | os.PathLike | None = None,
+    tls_key: str | os.PathLike | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS from PEM files: ``tls_ca`` the roots to trust (the system's when None); ``tls_cert`` and ``tls_key``
+    a client certificate, for a server that requires one (mutual TLS)."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key go together: give both for a client certificate, or neither")
+    return grpc.ssl_channel_credentials(
+        root_certificates=None if tls_ca is None else _read(tls_ca, "TLS CA file"),
+        private_key=None if tls_key is None else _read(tls_key, "TLS key file"),
+        certificate_chain=None if tls_cert is None else _read(tls_cert, "TLS certificate file"),
+    )
+
+
+class _Connection:
+    """What both clients hold: a channel to ``address``, the stub, the default deadline and call metadata.
+
+    TLS when ``tls`` is true or any of ``tls_ca`` (PEM roots to trust instead of the system's), ``tls_cert`` and
+    ``tls_key`` (a client certificate and its key, for mutual TLS) is given; ``tls_server_name`` checks the
+    server's certificate for that name instead of the address's host. ``token``: sent as
+    ``authorization: Bearer TOKEN`` on every call.
+    """
+
+    _open = staticmethod(grpc.insecure_channel)  # the asyncio client opens grpc.aio channels
+    _open_secure = staticmethod(grpc.secure_channel)
 
     def __init__(
         self,
@@ -161,11 +194,25 @@ class _Connection:
         timeout: float | None = 60.0,
         max_message_bytes: int = DEFAULT_MESSAGE_BYTES,
         metadata: Sequence[tuple[str, str]] = (),
+        *,
+        tls: bool = False,
+        tls_ca: str | os.PathLike | None = None,
+        tls_cert: str | os.PathLike | None = None,
+        tls_key: str | os.PathLike | None = None,
+        tls_server_name: str | None = None,
+        token: str | None = None,
     ):
-        self.channel = self._open(address, options=_options(max_message_bytes))
+        options = _options(max_message_bytes)
+        if tls or tls_ca is not None or tls_cert is not None or tls_key is not None:
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            credentials = channel_credentials(tls_ca, tls_cert, tls_key)
+            self.channel = self._open_secure(address, credentials, options=options)
+        else:
+            self.channel = self._open(address, options=options)
         self.stub = scoring_pb2_grpc.ScoringServiceStub(self.channel)
         self.timeout = timeout
-        self.metadata = tuple(metadata)
+        self.metadata = tuple(metadata) + ((("authorization", f"Bearer {token}"),) if token else ())
         self._info: pb.GetModelInfoResponse | None = None
 
 
@@ -245,6 +292,7 @@ class AsyncClient(_Connection):
     """The asyncio twin of ``Client`` (same methods, awaited)."""
 
     _open = staticmethod(grpc.aio.insecure_channel)
+    _open_secure = staticmethod(grpc.aio.secure_channel)
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -94,6 +94,47 @@ def _scoring_flags(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="deadline of each server request (default 600; with --server only)",
     )
+    _server_flags(p)
+
+
+def _server_flags(p: argparse.ArgumentParser) -> None:
+    """How to reach a server that serves TLS (mutual TLS) and wants a bearer token; with --server only."""
+    tls = p.add_argument_group("server security (with --server only)")
+    tls.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's root certificates")
+    tls.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="connect with TLS and trust the server certificates this PEM CA bundle signed "
+        "(without it, --tls uses the system's roots)",
+    )
+    tls.add_argument(
+        "--tls-cert", metavar="FILE", help="PEM client certificate (chain) for a server that requires one (mutual TLS)"
+    )
+    tls.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    tls.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="check the server certificate for this name instead of the --server host (e.g. when connecting by IP)",
+    )
+    tls.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="send the first token in FILE (blank lines and # comments skipped) as `authorization: Bearer TOKEN`",
+    )
+    tls.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="send `authorization: Bearer TOKEN` (visible in the process list: prefer --token-file)",
+    )
+
+
+def _server_token(args: argparse.Namespace) -> str | None:
+    if args.token_file:
+        for line in Path(args.token_file).read_text().splitlines():
+            if line.strip() and not line.strip().startswith("#"):
+                return line.strip()
+        raise ValueError(f"--token-file {args.token_file} holds no token")
+    return args.token
 
 
 def _expand(paths: Sequence[str]) -> list[Path]:
@@ -133,7 +174,18 @@ def _score_files(args: argparse.Namespace) -> tuple[list[Path], np.ndarray, dict
 def _score_on_server(args: argparse.Namespace, files: list[Path]) -> tuple[np.ndarray, dict[int, PickScoreError]]:
     from pickscore.client import Client
 
-    with Client(args.server, timeout=args.timeout) as client:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together: give both for a client certificate, or neither")
+    with Client(
+        args.server,
+        timeout=args.timeout,
+        tls=args.tls,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_server_name=args.tls_server_name,
+        token=_server_token(args),
+    ) as client:
         args.model = client.model_info().source  # the JSON names the model, as a local run does
         if args.skip_invalid:
             scores, errors = client.score_many(args.prompt, files, skip_invalid=True)

@@ -17,7 +17,14 @@ class InvalidInput(PickScoreError):
 
 
 class Overloaded(PickScoreError):
-    """The queue is full; retry later."""
+    """Refused before any work: the queue is full, or would not be reached in time; retry later.
+
+    ``retry_after_s``: the server's estimate of when a retry could be admitted, when it has one.
+    """
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceeded(PickScoreError):

@@ -8,6 +8,8 @@ Neutral ground: it imports grpc and the domain errors only, so a client-only ins
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 
 from pickscore.errors import (
@@ -31,6 +33,9 @@ STATUS: dict[type[PickScoreError], grpc.StatusCode] = {
     Internal: grpc.StatusCode.INTERNAL,
 }
 _ERRORS = {code: cls for cls, code in STATUS.items()}
+# gRPC's standard server pushback trailer: a refusal's retry hint in milliseconds. A channel whose retry
+# policy covers the code waits that long before retrying; our client also hands it on as retry_after_s.
+RETRY_PUSHBACK = "grpc-retry-pushback-ms"
 _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -44,8 +49,21 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
 
 
-def error_for(code: grpc.StatusCode | int | None, message: str) -> PickScoreError:
-    """The domain error a status code (enum or its number, as in-band stream errors carry it) stands for."""
+def trailing_metadata(error: BaseException) -> tuple[tuple[str, str], ...]:
+    """The trailers that go with ``error``'s status: an Overloaded refusal's retry hint, if it has one."""
+    retry = getattr(error, "retry_after_s", None)
+    return () if retry is None else ((RETRY_PUSHBACK, str(max(1, round(retry * 1000)))),)
+
+
+def error_for(
+    code: grpc.StatusCode | int | None, message: str, trailers: Sequence[tuple[str, str | bytes]] = ()
+) -> PickScoreError:
+    """The domain error a status code (enum or its number, as in-band stream errors carry it) and its
+    trailers stand for."""
     if isinstance(code, int):
         code = _BY_NUMBER.get(code)
-    return _ERRORS.get(code, PickScoreError)(message)
+    cls = _ERRORS.get(code, PickScoreError)
+    if cls is Overloaded:
+        hint = dict(trailers).get(RETRY_PUSHBACK)
+        return Overloaded(message, None if hint is None else int(hint) / 1000)
+    return cls(message)

@@ -24,6 +24,7 @@ whole-image path and is bit-identical to the reference.
 from __future__ import annotations
 
 import io
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +150,26 @@ def read_image_bytes(item: bytes | bytearray | memoryview | str | os.PathLike | 
         raise InvalidInput(f"cannot read file ({e.strerror or e})") from e
 
 
-def from_pixels(pixels: np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def check_size(width: int, height: int, max_pixels: int, max_aspect_ratio: float = math.inf) -> None:
+    """InvalidInput unless width x height is within the pixel limit and the aspect-ratio limit (both sides >= 1)."""
+    if width < 1 or height < 1:
+        raise InvalidInput(f"image is {width}x{height}: empty")
+    if width * height > max_pixels:
+        raise InvalidInput(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
+            "(a decompression bomb or an oversized image)"
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > max_aspect_ratio:
+        raise InvalidInput(
+            f"image is {width}x{height}, an aspect ratio of {ratio:.4g}:1, over the limit of {max_aspect_ratio:g}:1 "
+            "(its centre crop would keep almost nothing of it)"
+        )
+
+
+def from_pixels(
+    pixels: np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect_ratio: float = math.inf
+) -> Image.Image:
     """Decoded pixels a caller already holds -> the image a lossless PNG of them decodes to.
 
     uint8, (H, W, 3) RGB, (H, W, 4) RGBA (composited onto white like any transparent image) or (H, W) gray.
@@ -159,25 +179,17 @@ def from_pixels(pixels: np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in (3, 4))):
         raise InvalidInput(f"pixels must be (height, width, 3 or 4) or (height, width), got shape {pixels.shape}")
     height, width = pixels.shape[:2]
-    if height < 1 or width < 1:
-        raise InvalidInput(f"pixels are {width}x{height}: empty")
-    if width * height > max_pixels:
-        raise InvalidInput(f"pixels are {width}x{height} = {width * height}, over the limit of {max_pixels}")
+    check_size(width, height, max_pixels, max_aspect_ratio)
     return Image.fromarray(np.ascontiguousarray(pixels))
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode the first frame of an encoded image, refusing over-limit sizes before decoding."""
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect_ratio: float = math.inf) -> Image.Image:
+    """Decode the first frame of an encoded image, refusing over-limit sizes (from the header) before decoding."""
     if not data:
         raise InvalidInput("empty file")
     try:
         img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-        width, height = img.size
-        if width * height > max_pixels:
-            raise InvalidInput(
-                f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
-                "(a decompression bomb or an oversized image)"
-            )
+        check_size(*img.size, max_pixels, max_aspect_ratio)
         img.load()  # first frame only for GIF/WebP/TIFF stacks
     except InvalidInput:
         raise
@@ -288,12 +300,14 @@ def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     return normalize(crop_uint8(img, cfg), cfg)
 
 
-def load_uint8(item: ImageInput, cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_uint8(
+    item: ImageInput, cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect_ratio: float = math.inf
+) -> np.ndarray:
     """A path, encoded bytes or PIL image -> uint8 crop (H, W, 3). Raises InvalidInput with the reason."""
     if isinstance(item, np.ndarray):
-        return crop_uint8(from_pixels(item, max_pixels), cfg)
+        return crop_uint8(from_pixels(item, max_pixels, max_aspect_ratio), cfg)
     data = read_image_bytes(item)
-    img = data if isinstance(data, Image.Image) else decode_image(data, max_pixels)
+    img = data if isinstance(data, Image.Image) else decode_image(data, max_pixels, max_aspect_ratio)
     return crop_uint8(img, cfg)
 
 

@@ -29,6 +29,7 @@ from pickscore.server.kserve_v2 import SERVICE_NAME as KSERVE_SERVICE_NAME
 from pickscore.server.kserve_v2 import KServeV2Service
 from pickscore.server.metrics import Metrics
 from pickscore.server.scoring_v1 import SERVICE_NAME, ScoringService
+from pickscore.server.security import ServerTls, TokenSet
 from pickscore.server.settings import Settings
 from pickscore.v1 import scoring_pb2_grpc
 from pickscore.version import __version__
@@ -46,7 +47,10 @@ class Server:
         settings.validate()
         self.settings = settings
         self.metrics = Metrics()
-        self.state = ServerState(self.metrics, settings.auth_token)
+        # Credentials are read here: a bad certificate, key or token file stops the start, naming the file.
+        self.state = ServerState(self.metrics, TokenSet.from_settings(settings))
+        self.tls = ServerTls.from_settings(settings)  # None: plaintext
+        self.state.max_per_client = settings.max_inflight_per_client
         self.backend = backend
         self.engine: Engine | None = None
         self.health = health.aio.HealthServicer()
@@ -54,6 +58,7 @@ class Server:
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         s = self.settings
@@ -62,7 +67,11 @@ class Server:
             ("grpc.max_send_message_length", s.max_message_bytes),
         ]
         self._grpc = grpc.aio.server(options=options)
-        self.port = self._grpc.add_insecure_port(f"{s.host}:{s.port}")
+        address = f"{s.host}:{s.port}"
+        if self.tls:  # the certificate files are re-read when they change, before each new connection
+            self.port = self._grpc.add_secure_port(address, self.tls.credentials())
+        else:
+            self.port = self._grpc.add_insecure_port(address)
         if not self.port:
             raise OSError(f"cannot bind {s.host}:{s.port}")
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
@@ -85,7 +94,7 @@ class Server:
                 s.compute_threads,
                 s.compile,
             )
-        self.engine = Engine(self.backend, s, self.metrics)
+        self.engine = Engine(self.backend, s, self.metrics, on_hung=self._on_hung)
         scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(self.engine, self.state), self._grpc)
         kserve = KServeV2Service(self.engine, self.state)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, self._grpc)
@@ -132,13 +141,28 @@ class Server:
     async def wait(self) -> None:
         await self._stopped.wait()
 
+    def reload_credentials(self) -> None:
+        """SIGHUP: re-read the TLS files and the token file now rather than when they are next seen to change."""
+        log.info("reloading credentials")
+        if self.tls:
+            self.tls.reload()
+        self.state.tokens.reload()
+
+    def _on_hung(self, reason: str) -> None:
+        """A tower's watchdog fired: refuse work and report NOT_SERVING on readiness and liveness alike, so
+        the orchestrator takes this replica out of rotation and replaces it (its stuck thread cannot be freed)."""
+        self.state.unhealthy = reason
+        self._tasks.add(task := asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)))
+        task.add_done_callback(self._tasks.discard)
+
     async def _set_health(self, status) -> None:
-        for service in ("", SERVICE_NAME):
+        services = ("", SERVICE_NAME, LIVENESS_SERVICE) if self.state.unhealthy else ("", SERVICE_NAME)
+        for service in services:
             await self.health.set(service, status)
 
 
 def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT, then drain; the process's exit status."""
+    """Run until SIGTERM/SIGINT, then drain; the process's exit status. SIGHUP re-reads the credentials."""
     configure_logging(settings)
 
     async def main() -> None:
@@ -146,6 +170,7 @@ def serve(settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.drain()))
+        loop.add_signal_handler(signal.SIGHUP, server.reload_credentials)  # re-read certificates and tokens now
         await server.start()
         await server.wait()
 

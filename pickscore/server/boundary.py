@@ -8,18 +8,19 @@ the one log line, the request metrics, and the mapping of domain errors to a sta
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import grpc
 
-from pickscore.errors import PickScoreError, Unauthenticated, Unavailable
+from pickscore.errors import Overloaded, PickScoreError, Unauthenticated, Unavailable
 from pickscore.server.metrics import Metrics
-from pickscore.status import status_of
+from pickscore.server.security import TokenSet
+from pickscore.status import status_of, trailing_metadata
 
 log = logging.getLogger("pickscore.server")
 
@@ -27,26 +28,32 @@ log = logging.getLogger("pickscore.server")
 class ServerState:
     """Whether new work is accepted, and how much is in flight (drain waits for it to reach 0)."""
 
-    def __init__(self, metrics: Metrics, auth_token: str = ""):
+    def __init__(self, metrics: Metrics, tokens: TokenSet | None = None):
         self.metrics = metrics
-        self.auth_token = auth_token
+        self.tokens = TokenSet() if tokens is None else tokens  # by default none required
         self.ready = False
         self.draining = False
+        self.unhealthy = ""  # why this replica can no longer serve (a hung tower), once it cannot
         self.inflight = 0
+        self.max_per_client = 0  # requests in flight per caller; 0: unlimited
+        self.per_client: Counter[str] = Counter()
 
     def check_accepting(self) -> None:
+        if self.unhealthy:
+            raise Unavailable(self.unhealthy)
         if self.draining:
             raise Unavailable("server is draining (shutting down); retry on another replica")
         if not self.ready:
             raise Unavailable("server is warming up; retry shortly")
 
     def check_credentials(self, context: grpc.aio.ServicerContext) -> None:
-        if not self.auth_token:
+        if not self.tokens.required:
             return
         given = _metadata(context, "authorization")
         if given is None:
             raise Unauthenticated("missing credentials: send the metadata `authorization: Bearer TOKEN`")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.auth_token}".encode()):
+        scheme, _, token = given.partition(" ")
+        if not (self.tokens.accepts(token.strip()) and scheme.lower() == "bearer"):  # always compared: no early exit
             raise Unauthenticated("wrong credentials in the `authorization` metadata")
 
     def enter(self) -> None:
@@ -57,12 +64,41 @@ class ServerState:
         self.inflight -= 1
         self.metrics.inflight.set(self.inflight)
 
+    @contextmanager
+    def caller_slot(self, caller: str) -> Iterator[None]:
+        """Hold one of ``caller``'s in-flight slots; Overloaded when it has none left (one caller cannot
+        fill the queues and starve the others)."""
+        if not self.max_per_client:
+            yield
+            return
+        if self.per_client[caller] >= self.max_per_client:
+            self.metrics.refusals.labels("client_limit").inc()
+            raise Overloaded(
+                f"caller {caller!r} already has {self.per_client[caller]} requests in flight, at most "
+                f"{self.max_per_client} (--max-inflight-per-client); wait for one to finish"
+            )
+        self.per_client[caller] += 1
+        try:
+            yield
+        finally:
+            self.per_client[caller] -= 1
+            if not self.per_client[caller]:
+                del self.per_client[caller]
+
 
 def _metadata(context: grpc.aio.ServicerContext, name: str) -> str | None:
     for key, value in context.invocation_metadata() or ():
         if key == name and value:
             return str(value)
     return None
+
+
+def caller_of(context: grpc.aio.ServicerContext) -> str:
+    """Who is calling, for per-caller limits: the ``x-client-id`` metadata, else the peer's address (no port)."""
+    if given := _metadata(context, "x-client-id"):
+        return given[:128]
+    peer = context.peer() or "unknown"  # "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555", "unix:/path"
+    return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
 
 
 def request_id(context: grpc.aio.ServicerContext) -> str:
@@ -83,7 +119,10 @@ async def boundary(
         state.check_credentials(context)
         if admit:
             state.check_accepting()
-        yield rid
+            with state.caller_slot(caller_of(context)):
+                yield rid
+        else:
+            yield rid
     except asyncio.CancelledError:  # the client left
         code = grpc.StatusCode.CANCELLED
         raise
@@ -96,7 +135,7 @@ async def boundary(
             exc_info=code == grpc.StatusCode.INTERNAL and not isinstance(e, PickScoreError),
             extra={"request_id": rid, "rpc": rpc, "code": code.name},
         )
-        await context.abort(code, message)
+        await context.abort(code, message, trailing_metadata(e))
     finally:
         state.leave()
         elapsed = time.perf_counter() - start

@@ -1,6 +1,6 @@
 """Decoding and cropping images off the event loop: in worker processes, or in threads.
 
-    pool = DecodePool(preprocess, max_pixels=..., workers=2, processes=True)
+    pool = DecodePool(preprocess, max_pixels=..., max_aspect_ratio=50, workers=2, processes=True)
     crop = await pool.crop(jpeg_bytes)     # (H, W, 3) uint8; InvalidInput for a bad image
     pool.close()
 
@@ -33,9 +33,9 @@ log = logging.getLogger("pickscore.server")
 _worker_crop = None  # in a worker process: load_uint8 bound to the server's preprocessing and pixel limit
 
 
-def _init_worker(preprocess: PreprocessConfig, max_pixels: int) -> None:
+def _init_worker(preprocess: PreprocessConfig, max_pixels: int, max_aspect_ratio: float) -> None:
     global _worker_crop
-    _worker_crop = partial(load_uint8, cfg=preprocess, max_pixels=max_pixels)
+    _worker_crop = partial(load_uint8, cfg=preprocess, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
 
 
 def _crop_in_worker(data: bytes | np.ndarray) -> np.ndarray:
@@ -43,9 +43,12 @@ def _crop_in_worker(data: bytes | np.ndarray) -> np.ndarray:
 
 
 class DecodePool:
-    def __init__(self, preprocess: PreprocessConfig, max_pixels: int, workers: int, processes: bool):
+    def __init__(
+        self, preprocess: PreprocessConfig, max_pixels: int, max_aspect_ratio: float, workers: int, processes: bool
+    ):
         self.preprocess = preprocess
         self.max_pixels = max_pixels
+        self.max_aspect_ratio = max_aspect_ratio
         self.workers = workers
         self.processes = processes
         self.replaced = 0  # process pools replaced after a worker died
@@ -58,14 +61,16 @@ class DecodePool:
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(self.preprocess, self.max_pixels),
+            initargs=(self.preprocess, self.max_pixels, self.max_aspect_ratio),
         )
 
     async def crop(self, data: bytes | np.ndarray) -> np.ndarray:
         """Encoded image, or decoded pixels (H, W, C) -> uint8 crop (H, W, 3). InvalidInput says what is wrong."""
         loop = asyncio.get_running_loop()
         if not self.processes:
-            return await loop.run_in_executor(self._executor, load_uint8, data, self.preprocess, self.max_pixels)
+            return await loop.run_in_executor(
+                self._executor, load_uint8, data, self.preprocess, self.max_pixels, self.max_aspect_ratio
+            )
         executor = self._executor
         try:
             return await loop.run_in_executor(executor, _crop_in_worker, data)

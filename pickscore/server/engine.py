@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -54,20 +54,32 @@ class ImageItem:
 
 
 class Engine:
-    def __init__(self, backend: Backend, settings: Settings, metrics: Metrics):
+    """``on_hung(reason)`` is called once when a tower's watchdog fires (the server then reports NOT_SERVING)."""
+
+    def __init__(
+        self, backend: Backend, settings: Settings, metrics: Metrics, on_hung: Callable[[str], None] | None = None
+    ):
         self.backend = backend
         self.settings = settings
         self.metrics = metrics
-        delay = settings.max_queue_delay_ms / 1000
+        s = settings
+        limits = dict(max_wait_s=s.max_queue_wait_s, timeout_s=s.batch_timeout_s, on_hung=on_hung)
+        delay = s.max_queue_delay_ms / 1000
         self.image_batcher = Batcher(
-            "image", backend.encode_image, settings.max_batch_size, delay, settings.max_queue_size, metrics
+            "image", backend.encode_image, s.max_batch_size, delay, s.max_queue_size, metrics, **limits
         )
         self.text_batcher = Batcher(
-            "text", backend.encode_text, settings.text_max_batch_size, delay, settings.max_queue_size, metrics
+            "text", backend.encode_text, s.text_max_batch_size, delay, s.max_queue_size, metrics, **limits
         )
         self.text_cache = EmbeddingCache("text", settings.text_cache_bytes, metrics)
         self.image_cache = EmbeddingCache("image", settings.image_cache_bytes, metrics)
-        self.decoder = DecodePool(backend.preprocess, settings.max_pixels, settings.workers, settings.decode_processes)
+        self.decoder = DecodePool(
+            backend.preprocess,
+            settings.max_pixels,
+            settings.max_aspect_ratio,
+            settings.workers,
+            settings.decode_processes,
+        )
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")  # prompts: short, and cached
 
     async def start(self) -> None:
@@ -102,7 +114,7 @@ class Engine:
         """One prompt for all images, or one prompt per image -> scores (N,) float32 in image order."""
         self.validate(prompts, images)
         unique = list(dict.fromkeys(prompts))
-        with self.image_batcher.admit(len(images)):
+        with self.image_batcher.admit(len(images), deadline, priority):  # refused here costs nothing
             texts, pixels_embeds = await _all(
                 self._embed_prompts(unique, deadline, priority),
                 _all(*(self._embed_image(i, item, deadline, priority) for i, item in enumerate(images))),
@@ -126,12 +138,12 @@ class Engine:
 
     async def embed_pixels(self, pixels: np.ndarray, deadline: float | None, priority: int = 0) -> np.ndarray:
         """Preprocessed pixels (N, 3, H, W) -> image embeddings (N, D), through the image batcher."""
-        with self.image_batcher.admit(len(pixels)):
+        with self.image_batcher.admit(len(pixels), deadline, priority):
             return np.stack(await _all(*(self.image_batcher.submit(p, deadline, priority) for p in pixels)))
 
     async def embed_tokens(self, tokens: np.ndarray, deadline: float | None, priority: int = 0) -> np.ndarray:
         """Token ids (N, 77) -> text embeddings (N, D), through the text batcher."""
-        with self.text_batcher.admit(len(tokens)):
+        with self.text_batcher.admit(len(tokens), deadline, priority):
             return np.stack(await _all(*(self.text_batcher.submit(t, deadline, priority) for t in tokens)))
 
     def validate(self, prompts: Sequence[str], images: Sequence[ImageItem]) -> None:
@@ -166,7 +178,7 @@ class Engine:
         async def one(prompt: str) -> np.ndarray:
             async def compute() -> np.ndarray:
                 tokens = await self._in_pool("tokenize", self.backend.tokenizer, [prompt])
-                with self.text_batcher.admit(1):
+                with self.text_batcher.admit(1, deadline, priority):
                     return await self.text_batcher.submit(tokens[0], deadline, priority)
 
             return await self.text_cache.get_or_compute(prompt, compute)

@@ -64,6 +64,26 @@ class Metrics:
         self.queue_capacity = Gauge(
             "pickscore_queue_capacity", "Most items a tower admits (max_queue_size)", ["tower"], registry=r
         )
+        self.estimated_wait = Gauge(
+            "pickscore_estimated_wait_seconds",
+            "Time a newly admitted item would wait: admitted work over the tower's measured throughput",
+            ["tower"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            "pickscore_admission_refusals",
+            "Requests refused with RESOURCE_EXHAUSTED before any work: queue_full (--max-queue-size), "
+            "queue_wait (--max-queue-wait-s), deadline (wait over the caller's deadline), "
+            "client_limit (--max-inflight-per-client)",
+            ["reason"],
+            registry=r,
+        )
+        self.tower_hung = Gauge(
+            "pickscore_tower_hung",
+            "1 once a forward pass outlived --batch-timeout-s (the replica reports NOT_SERVING)",
+            ["tower"],
+            registry=r,
+        )
         self.inflight = Gauge("pickscore_inflight_requests", "Requests being handled", registry=r)
         self.model_info = Gauge(
             "pickscore_model_info",
@@ -76,6 +96,10 @@ class Metrics:
             self.batch_size.labels(tower)
             self.inference.labels(tower)
             self.queue_wait.labels(tower)
+            self.estimated_wait.labels(tower)
+            self.tower_hung.labels(tower)
+        for reason in ("queue_full", "queue_wait", "deadline", "client_limit"):
+            self.refusals.labels(reason)
         for cache in ("text", "image"):
             self.cache_hits.labels(cache)
             self.cache_misses.labels(cache)

@@ -50,12 +50,33 @@ class Settings:
         "images (and prompts) admitted but not yet computed, per tower; beyond it "
         "requests get RESOURCE_EXHAUSTED at once",
     )
+    max_queue_wait_s: float = _f(
+        5.0,
+        "admission by time: a request whose estimated wait for the towers (queued work over each tower's "
+        "measured throughput) exceeds this, or its own deadline, is refused at once with RESOURCE_EXHAUSTED "
+        "and a retry hint; 0 admits by --max-queue-size alone",
+    )
+    max_inflight_per_client: int = _f(
+        0,
+        "most requests one caller may have in flight (beyond it RESOURCE_EXHAUSTED); the caller is the "
+        "`x-client-id` metadata or header, else the peer's address; 0: no per-caller limit",
+    )
+    batch_timeout_s: float = _f(
+        120.0,
+        "watchdog: a forward pass that has not returned after this many seconds fails its batch with "
+        "INTERNAL and marks the replica NOT_SERVING (readiness and liveness) so it is replaced; 0 disables",
+    )
     max_images_per_request: int = _f(256, "most images one request may carry")
     max_image_bytes: int = _f(32 << 20, "largest encoded image accepted, in bytes")
     max_pixels: int = _f(
         DEFAULT_MAX_PIXELS,
         "largest image accepted, in pixels (width x height), checked before "
         "decoding: a guard against decompression bombs",
+    )
+    max_aspect_ratio: float = _f(
+        50.0,
+        "longest side over shortest side accepted (checked before decoding): the centre crop of a "
+        "thinner strip keeps under 1/50 of it",
     )
     max_message_bytes: int = _f(64 << 20, "largest gRPC message received or sent, in bytes")
     compute_threads: int = _f(
@@ -76,6 +97,18 @@ class Settings:
         "",
         "when set, requests must carry the metadata `authorization: Bearer TOKEN` (else "
         "UNAUTHENTICATED); health and reflection stay open. Prefer the variable to the flag",
+    )
+    auth_token_file: str = _f(
+        "",
+        "a file of accepted bearer tokens, one per line (blank lines and # comments ignored), re-read "
+        "when it changes: rotate tokens without a restart. Combines with --auth-token",
+    )
+    tls_cert: str = _f("", "PEM certificate chain of the server: serve TLS (with --tls-key); re-read when it changes")
+    tls_key: str = _f("", "PEM private key of --tls-cert")
+    tls_client_ca: str = _f(
+        "",
+        "PEM CA bundle: require client certificates signed by it (mutual TLS); needs --tls-cert; "
+        "re-read when it changes",
     )
     grace_period_s: float = _f(30.0, "on SIGTERM, how long admitted requests may take to finish before exit")
     warmup: bool = _f(True, "run one batch through each tower before reporting SERVING")
@@ -105,6 +138,9 @@ class Settings:
             "text_cache_bytes",
             "image_cache_bytes",
             "max_queue_delay_ms",
+            "max_queue_wait_s",
+            "max_inflight_per_client",
+            "batch_timeout_s",
             "grace_period_s",
         ):
             if getattr(self, name) < 0:
@@ -117,6 +153,12 @@ class Settings:
                 f"request (max_batch_size {self.max_batch_size}, max_images_per_request "
                 f"{self.max_images_per_request}); raise --max-queue-size"
             )
+        if self.max_aspect_ratio < 1:
+            raise ValueError(f"max_aspect_ratio must be at least 1, got {self.max_aspect_ratio} (--max-aspect-ratio)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together: give both to serve TLS, or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs the server's own --tls-cert and --tls-key")
         check_choices(self)
 
     @property

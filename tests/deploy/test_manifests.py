@@ -162,3 +162,61 @@ def test_compose_wires_the_repository_files():
     )
     mounted = {v.split(":")[1] for v in services["grafana"]["volumes"] if ":" in v}
     assert provider["providers"][0]["options"]["path"] in mounted
+
+
+def _json_patch(doc: dict, operations: list[dict]) -> dict:
+    """The RFC 6902 operations kustomize applies (add, replace), enough for the overlays here."""
+    import copy
+
+    doc = copy.deepcopy(doc)
+    for op in operations:
+        *parents, last = op["path"].lstrip("/").split("/")
+        target = doc
+        for key in parents:
+            target = target[int(key)] if isinstance(target, list) else target[key]
+        if op["op"] == "add" and last == "-":
+            target.append(op["value"])
+        elif op["op"] in ("add", "replace"):
+            assert op["op"] == "add" or last in target, op["path"]
+            target[last] = op["value"]
+        else:
+            raise AssertionError(f"unsupported op {op['op']}")
+    return doc
+
+
+def test_tls_overlay_validates_and_its_probes_speak_tls(tmp_path):
+    """deploy/kubernetes/tls: the base Deployment patched for TLS, mutual TLS and a token file."""
+    from pickscore.cli import build_parser
+
+    overlay = K8S / "tls"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../"]
+    (patch,) = kustomization["patches"]
+    assert (
+        patch["target"]["kind"] == "Deployment"
+        and patch["target"]["name"] == manifests()["Deployment"]["metadata"]["name"]
+    )
+    deployment = _json_patch(manifests()["Deployment"], yaml.safe_load((overlay / patch["path"]).read_text()))
+    patched = tmp_path / "deployment.yaml"
+    patched.write_text(yaml.safe_dump(deployment))
+    result = subprocess.run([bin_tool("kubernetes-validate"), "--strict", str(patched)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    settings = Settings.from_env({e["name"]: e["value"] for e in container["env"]})
+    settings.validate()
+    assert settings.tls_cert and settings.tls_key and settings.tls_client_ca and settings.auth_token_file
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    secrets = {v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+    assert {"tls", "tokens"} <= secrets and not any("subPath" in m for m in container["volumeMounts"])
+    for path in (settings.tls_cert, settings.tls_key, settings.tls_client_ca, settings.auth_token_file):
+        assert any(path.startswith(mounts[name] + "/") for name in secrets), path
+
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        command = container[probe]["exec"]["command"]
+        args = build_parser().parse_args(command[1:])
+        assert command[0] == "pickscore" and args.command == "health", probe
+        assert args.server.endswith(f":{settings.port}") and args.tls_ca == settings.tls_client_ca, probe
+        assert (args.tls_cert, args.tls_key) == (settings.tls_cert, settings.tls_key), probe  # mutual TLS
+        assert args.service == ("" if probe == "readinessProbe" else LIVENESS_SERVICE), probe
+        assert container[probe]["timeoutSeconds"] >= 5, probe
