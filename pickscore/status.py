@@ -1,4 +1,4 @@
-"""Domain errors <-> gRPC status codes: the one table the server and the client both read.
+"""Domain errors <-> gRPC status codes and HTTP statuses: the tables the server and the client both read.
 
     status_of(InvalidInput("image 3: ..."))           # (StatusCode.INVALID_ARGUMENT, "image 3: ...")
     error_for(StatusCode.RESOURCE_EXHAUSTED, "...")   # Overloaded("...")
@@ -33,6 +33,17 @@ STATUS: dict[type[PickScoreError], grpc.StatusCode] = {
     Internal: grpc.StatusCode.INTERNAL,
 }
 _ERRORS = {code: cls for cls, code in STATUS.items()}
+# The same errors as HTTP statuses (the HTTP front door and the reward client's HTTP path).
+HTTP_STATUS: dict[type[PickScoreError], int] = {
+    InvalidInput: 400,
+    Unauthenticated: 401,
+    NotFound: 404,
+    Overloaded: 429,
+    Internal: 500,
+    Unavailable: 503,
+    DeadlineExceeded: 504,
+}
+_HTTP_ERRORS = {status: cls for cls, status in HTTP_STATUS.items()}
 # gRPC's standard server pushback trailer: a refusal's retry hint in milliseconds. A channel whose retry
 # policy covers the code waits that long before retrying; our client also hands it on as retry_after_s.
 RETRY_PUSHBACK = "grpc-retry-pushback-ms"
@@ -47,6 +58,17 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, PickScoreError):
         return grpc.StatusCode.INTERNAL, str(error)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+
+
+def http_status_of(error: BaseException) -> int:
+    """The HTTP status ``error`` is answered with; anything unexpected is 500."""
+    return next((status for cls, status in HTTP_STATUS.items() if isinstance(error, cls)), 500)
+
+
+def error_for_http(status: int, message: str, retry_after_s: float | None = None) -> PickScoreError:
+    """The domain error an HTTP status stands for (``retry_after_s`` from a 429's headers)."""
+    cls = _HTTP_ERRORS.get(status, PickScoreError)
+    return Overloaded(message, retry_after_s) if cls is Overloaded else cls(message)
 
 
 def trailing_metadata(error: BaseException) -> tuple[tuple[str, str], ...]:

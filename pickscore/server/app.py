@@ -25,8 +25,9 @@ from tritonclient.grpc import service_pb2_grpc
 from pickscore.backends import Backend, load_backend
 from pickscore.server.boundary import ServerState
 from pickscore.server.engine import Engine
+from pickscore.server.http import HttpFrontDoor
 from pickscore.server.kserve_v2 import SERVICE_NAME as KSERVE_SERVICE_NAME
-from pickscore.server.kserve_v2 import KServeV2Service
+from pickscore.server.kserve_v2 import KServeModels, KServeV2Service
 from pickscore.server.metrics import Metrics
 from pickscore.server.scoring_v1 import SERVICE_NAME, ScoringService
 from pickscore.server.security import ServerTls, TokenSet
@@ -56,6 +57,8 @@ class Server:
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http: HttpFrontDoor | None = None
+        self.http_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -95,13 +98,18 @@ class Server:
                 s.compile,
             )
         self.engine = Engine(self.backend, s, self.metrics, on_hung=self._on_hung)
-        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(self.engine, self.state), self._grpc)
-        kserve = KServeV2Service(self.engine, self.state)
+        scoring = ScoringService(self.engine, self.state)
+        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(scoring, self._grpc)
+        self.models = KServeModels(self.engine, self.state)
+        kserve = KServeV2Service(self.models)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, self._grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, KSERVE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
         )
         await self._grpc.start()  # health answers NOT_SERVING while the model warms up
+        if s.http_port >= 0:  # the same engine, state and credentials behind a second transport
+            self.http = HttpFrontDoor(scoring, self.models, self.state, s.max_message_bytes)
+            self.http_port = await self.http.start(s.host, s.http_port, self.tls.ssl_context() if self.tls else None)
         await self.engine.start()
         self.metrics.model_info.labels(
             self.backend.source, self.backend.name, self.backend.description, __version__
@@ -112,6 +120,7 @@ class Server:
             "serving",
             extra={
                 "port": self.port,
+                "http_port": self.http_port,
                 "metrics_port": self.metrics_port,
                 "model": self.backend.source,
                 "backend": self.backend.name,
@@ -132,6 +141,8 @@ class Server:
             await asyncio.sleep(0.01)
         if self.state.inflight:
             log.warning("grace period over; cancelling what is left", extra={"inflight": self.state.inflight})
+        if self.http:
+            await self.http.stop()
         await self._grpc.stop(grace=max(0.0, give_up - time.monotonic()))
         if self.engine:
             await self.engine.stop()

@@ -1,8 +1,11 @@
-"""The gRPC boundary every RPC passes through: server state (ready, draining, in flight), auth, request ids,
-the one log line, the request metrics, and the mapping of domain errors to a status (``pickscore.status``).
+"""The boundary every request passes through, whatever its transport: server state (ready, draining, hung,
+in flight), auth, per-caller slots, request ids, the one log line and the request metrics (``scope``); and
+for gRPC, the mapping of domain errors to a status (``pickscore.status``).
 
-    async with boundary(state, "Score", context):   # refuses work while not ready or draining,
+    async with boundary(state, "Score", context):   # gRPC: refuses work while not ready or draining,
         ...                                          # maps errors, times and counts the request, logs once
+    async with scope(state, Call("http", "Score", rid, caller, authorization)):   # HTTP maps errors itself
+        ...
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 
 import grpc
 
@@ -46,15 +50,15 @@ class ServerState:
         if not self.ready:
             raise Unavailable("server is warming up; retry shortly")
 
-    def check_credentials(self, context: grpc.aio.ServicerContext) -> None:
+    def check_credentials(self, given: str | None) -> None:
+        """``given``: the request's ``authorization`` metadata (gRPC) or header (HTTP)."""
         if not self.tokens.required:
             return
-        given = _metadata(context, "authorization")
-        if given is None:
-            raise Unauthenticated("missing credentials: send the metadata `authorization: Bearer TOKEN`")
+        if not given:
+            raise Unauthenticated("missing credentials: send `authorization: Bearer TOKEN` (gRPC metadata or header)")
         scheme, _, token = given.partition(" ")
         if not (self.tokens.accepts(token.strip()) and scheme.lower() == "bearer"):  # always compared: no early exit
-            raise Unauthenticated("wrong credentials in the `authorization` metadata")
+            raise Unauthenticated("wrong credentials in `authorization`")
 
     def enter(self) -> None:
         self.inflight += 1
@@ -86,6 +90,62 @@ class ServerState:
                 del self.per_client[caller]
 
 
+@dataclass(frozen=True)
+class Call:
+    """What a transport knows of a request before running it."""
+
+    transport: str  # "grpc" or "http": a label of the request metrics
+    rpc: str  # Score, Rank, ModelInfer, ...: the same names on every transport
+    request_id: str
+    caller: str  # for per-caller limits
+    authorization: str | None  # the `authorization` metadata or header
+
+
+def new_request_id(given: str | None) -> str:
+    """The caller's ``x-request-id``, or a fresh id."""
+    return (given or uuid.uuid4().hex[:16])[:128]
+
+
+@asynccontextmanager
+async def scope(state: ServerState, call: Call, admit: bool = True) -> AsyncIterator[None]:
+    """What every transport does around a request: credentials; unless accepting (``admit``) refuse it; hold a
+    caller slot; count it in flight; time, count and log it once. Errors propagate: each transport maps them
+    to its own wire once (gRPC: ``boundary`` below; HTTP: ``server/http.py``)."""
+    start = time.perf_counter()
+    code = "OK"
+    state.enter()
+    try:
+        state.check_credentials(call.authorization)
+        if admit:
+            state.check_accepting()
+            with state.caller_slot(call.caller):
+                yield
+        else:
+            yield
+    except asyncio.CancelledError:  # the client left
+        code = "CANCELLED"
+        raise
+    except Exception as e:
+        status, message = status_of(e)
+        code = status.name
+        level = logging.ERROR if status == grpc.StatusCode.INTERNAL else logging.INFO
+        log.log(
+            level,
+            message,
+            exc_info=status == grpc.StatusCode.INTERNAL and not isinstance(e, PickScoreError),
+            extra={"request_id": call.request_id, "rpc": call.rpc, "transport": call.transport, "code": code},
+        )
+        raise
+    finally:
+        state.leave()
+        elapsed = time.perf_counter() - start
+        state.metrics.request_duration.labels(call.transport, call.rpc, code).observe(elapsed)
+        state.metrics.requests.labels(call.transport, call.rpc, code).inc()
+        if code == "OK":
+            extra = {"request_id": call.request_id, "rpc": call.rpc, "transport": call.transport, "code": code}
+            log.debug("ok", extra={**extra, "duration_s": round(elapsed, 6)})
+
+
 def _metadata(context: grpc.aio.ServicerContext, name: str) -> str | None:
     for key, value in context.invocation_metadata() or ():
         if key == name and value:
@@ -101,45 +161,23 @@ def caller_of(context: grpc.aio.ServicerContext) -> str:
     return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
 
 
-def request_id(context: grpc.aio.ServicerContext) -> str:
-    """The caller's ``x-request-id`` metadata, or a fresh id."""
-    return (_metadata(context, "x-request-id") or uuid.uuid4().hex[:16])[:128]
-
-
 @asynccontextmanager
 async def boundary(
     state: ServerState, rpc: str, context: grpc.aio.ServicerContext, admit: bool = True
 ) -> AsyncIterator[str]:
-    """Refuse work unless accepting (``admit``); time, count, log and map errors to a status. Yields the request id."""
-    rid = request_id(context)
-    start = time.perf_counter()
-    code = grpc.StatusCode.OK
-    state.enter()
+    """A gRPC request's ``scope``, its errors mapped to a status (``pickscore.status``). Yields the request id."""
+    call = Call(
+        "grpc",
+        rpc,
+        new_request_id(_metadata(context, "x-request-id")),
+        caller_of(context),
+        _metadata(context, "authorization"),
+    )
     try:
-        state.check_credentials(context)
-        if admit:
-            state.check_accepting()
-            with state.caller_slot(caller_of(context)):
-                yield rid
-        else:
-            yield rid
-    except asyncio.CancelledError:  # the client left
-        code = grpc.StatusCode.CANCELLED
+        async with scope(state, call, admit):
+            yield call.request_id
+    except asyncio.CancelledError:
         raise
     except Exception as e:
         code, message = status_of(e)
-        level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
-        log.log(
-            level,
-            message,
-            exc_info=code == grpc.StatusCode.INTERNAL and not isinstance(e, PickScoreError),
-            extra={"request_id": rid, "rpc": rpc, "code": code.name},
-        )
         await context.abort(code, message, trailing_metadata(e))
-    finally:
-        state.leave()
-        elapsed = time.perf_counter() - start
-        state.metrics.request_duration.labels(rpc, code.name).observe(elapsed)
-        state.metrics.requests.labels(rpc, code.name).inc()
-        if code == grpc.StatusCode.OK:
-            log.debug("ok", extra={"request_id": rid, "rpc": rpc, "code": code.name, "duration_s": round(elapsed, 6)})

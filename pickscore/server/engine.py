@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pickscore.backends import Backend
-from pickscore.errors import InvalidInput
+from pickscore.errors import DeadlineExceeded, InvalidInput
 from pickscore.model import scoring
 from pickscore.model.scoring import Ranking
 from pickscore.server.batcher import Batcher
@@ -115,9 +115,12 @@ class Engine:
         self.validate(prompts, images)
         unique = list(dict.fromkeys(prompts))
         with self.image_batcher.admit(len(images), deadline, priority):  # refused here costs nothing
-            texts, pixels_embeds = await _all(
-                self._embed_prompts(unique, deadline, priority),
-                _all(*(self._embed_image(i, item, deadline, priority) for i, item in enumerate(images))),
+            texts, pixels_embeds = await _within(
+                deadline,
+                _all(
+                    self._embed_prompts(unique, deadline, priority),
+                    _all(*(self._embed_image(i, item, deadline, priority) for i, item in enumerate(images))),
+                ),
             )
         by_prompt = dict(zip(unique, texts))
         text_embeds = np.stack([by_prompt[p] for p in prompts])  # (1 or N, D)
@@ -139,12 +142,16 @@ class Engine:
     async def embed_pixels(self, pixels: np.ndarray, deadline: float | None, priority: int = 0) -> np.ndarray:
         """Preprocessed pixels (N, 3, H, W) -> image embeddings (N, D), through the image batcher."""
         with self.image_batcher.admit(len(pixels), deadline, priority):
-            return np.stack(await _all(*(self.image_batcher.submit(p, deadline, priority) for p in pixels)))
+            return np.stack(
+                await _within(deadline, _all(*(self.image_batcher.submit(p, deadline, priority) for p in pixels)))
+            )
 
     async def embed_tokens(self, tokens: np.ndarray, deadline: float | None, priority: int = 0) -> np.ndarray:
         """Token ids (N, 77) -> text embeddings (N, D), through the text batcher."""
         with self.text_batcher.admit(len(tokens), deadline, priority):
-            return np.stack(await _all(*(self.text_batcher.submit(t, deadline, priority) for t in tokens)))
+            return np.stack(
+                await _within(deadline, _all(*(self.text_batcher.submit(t, deadline, priority) for t in tokens)))
+            )
 
     def validate(self, prompts: Sequence[str], images: Sequence[ImageItem]) -> None:
         s = self.settings
@@ -209,6 +216,19 @@ class Engine:
             return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
         finally:
             self.metrics.preprocess.labels(stage).observe(time.perf_counter() - start)
+
+
+async def _within(deadline: float | None, work: Awaitable):
+    """``work``, or DeadlineExceeded (and ``work`` cancelled, its items out of the queues) once ``deadline`` (loop
+    time) passes: the server keeps deadlines it was given as parameters or headers, not only the client."""
+    if deadline is None:
+        return await work
+    started = asyncio.get_running_loop().time()
+    try:
+        return await asyncio.wait_for(work, max(0.0, deadline - started))
+    except asyncio.TimeoutError:
+        waited = asyncio.get_running_loop().time() - started
+        raise DeadlineExceeded(f"deadline passed after {waited:.3f} s, before the towers answered") from None
 
 
 async def _all(*aws: Awaitable) -> list:

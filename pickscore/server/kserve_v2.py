@@ -49,7 +49,10 @@ class _Stats:
     last_inference_ms: int = 0
 
 
-class KServeV2Service(service_pb2_grpc.GRPCInferenceServiceServicer):
+class KServeModels:
+    """The three models of the protocol over the engine, transport-neutral: protobuf messages in and out (the
+    gRPC service answers with them; the HTTP front door converts them to and from JSON)."""
+
     def __init__(self, engine: Engine, state: ServerState):
         self.engine = engine
         self.state = state
@@ -65,90 +68,59 @@ class KServeV2Service(service_pb2_grpc.GRPCInferenceServiceServicer):
         )
         self.stats = {name: _Stats() for name in self.configs}
 
-    # Health and metadata ------------------------------------------------------------------------------------
+    def ready(self) -> bool:
+        return self.state.ready and not self.state.draining and not self.state.unhealthy
 
-    async def ServerLive(self, request, context):
-        return pb.ServerLiveResponse(live=True)
+    def server_metadata(self) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name="pickscore", version=__version__, extensions=["model_configuration", "statistics"]
+        )
 
-    async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.state.ready and not self.state.draining)
+    def metadata(self, name: str, version: str) -> pb.ModelMetadataResponse:
+        cfg = self.config(name, version)
 
-    async def ModelReady(self, request, context):
-        async with boundary(self.state, "ModelReady", context, admit=False):
-            self._config(request.name, request.version)
-            return pb.ModelReadyResponse(ready=self.state.ready and not self.state.draining)
-
-    async def ServerMetadata(self, request, context):
-        async with boundary(self.state, "ServerMetadata", context, admit=False):
-            return pb.ServerMetadataResponse(
-                name="pickscore", version=__version__, extensions=["model_configuration", "statistics"]
+        def meta(t):
+            return pb.ModelMetadataResponse.TensorMetadata(
+                name=t.name, datatype=DATATYPES[t.data_type], shape=[-1, *t.dims]
             )
 
-    async def ModelMetadata(self, request, context):
-        async with boundary(self.state, "ModelMetadata", context, admit=False):
-            cfg = self._config(request.name, request.version)
+        return pb.ModelMetadataResponse(
+            name=cfg.name,
+            versions=[VERSION],
+            platform=cfg.platform,
+            inputs=[meta(t) for t in cfg.input],
+            outputs=[meta(t) for t in cfg.output],
+        )
 
-            def meta(t):
-                return pb.ModelMetadataResponse.TensorMetadata(
-                    name=t.name, datatype=DATATYPES[t.data_type], shape=[-1, *t.dims]
+    def statistics(self, name: str, version: str) -> pb.ModelStatisticsResponse:
+        names = [self.config(name, version).name] if name else list(self.configs)
+        out = []
+        for model in names:
+            st = self.stats[model]
+            out.append(
+                pb.ModelStatistics(
+                    name=model,
+                    version=VERSION,
+                    last_inference=st.last_inference_ms,
+                    inference_count=st.inference_count,
+                    execution_count=st.execution_count,
+                    inference_stats=pb.InferStatistics(
+                        success=pb.StatisticDuration(count=st.success[0], ns=st.success[1]),
+                        fail=pb.StatisticDuration(count=st.fail[0], ns=st.fail[1]),
+                    ),
                 )
-
-            return pb.ModelMetadataResponse(
-                name=cfg.name,
-                versions=[VERSION],
-                platform=cfg.platform,
-                inputs=[meta(t) for t in cfg.input],
-                outputs=[meta(t) for t in cfg.output],
             )
+        return pb.ModelStatisticsResponse(model_stats=out)
 
-    async def ModelConfig(self, request, context):
-        async with boundary(self.state, "ModelConfig", context, admit=False):
-            return pb.ModelConfigResponse(config=self._config(request.name, request.version))
+    def config(self, name: str, version: str) -> mc.ModelConfig:
+        if name not in self.configs:
+            raise NotFound(f"unknown model {name!r}; this server has {', '.join(self.configs)}")
+        if version not in ("", VERSION):
+            raise NotFound(f"model {name!r} has no version {version!r}; it has version {VERSION}")
+        return self.configs[name]
 
-    async def ModelStatistics(self, request, context):
-        async with boundary(self.state, "ModelStatistics", context, admit=False):
-            names = [self._config(request.name, request.version).name] if request.name else list(self.configs)
-            out = []
-            for name in names:
-                st = self.stats[name]
-                out.append(
-                    pb.ModelStatistics(
-                        name=name,
-                        version=VERSION,
-                        last_inference=st.last_inference_ms,
-                        inference_count=st.inference_count,
-                        execution_count=st.execution_count,
-                        inference_stats=pb.InferStatistics(
-                            success=pb.StatisticDuration(count=st.success[0], ns=st.success[1]),
-                            fail=pb.StatisticDuration(count=st.fail[0], ns=st.fail[1]),
-                        ),
-                    )
-                )
-            return pb.ModelStatisticsResponse(model_stats=out)
-
-    # Inference ----------------------------------------------------------------------------------------------
-
-    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        async with boundary(self.state, "ModelInfer", context):
-            return await self._infer(request, deadline_of(context))
-
-    async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest], context) -> AsyncIterator:
-        async def one(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
-            try:
-                return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline_of(context)))
-            except PickScoreError as e:  # in-band, as Triton does: the stream goes on
-                code, message = status_of(e)
-                return pb.ModelStreamInferResponse(
-                    error_message=f"{code.name}: {message}",
-                    infer_response=pb.ModelInferResponse(id=request.id, model_name=request.model_name),
-                )
-
-        async with boundary(self.state, "ModelStreamInfer", context):
-            async for response in windowed(requests, one, self.engine.settings.stream_window):
-                yield response
-
-    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
-        cfg = self._config(request.model_name, request.model_version)
+    async def infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+        cfg = self.config(request.model_name, request.model_version)
         stats = self.stats[cfg.name]
         start = time.perf_counter_ns()
         try:
@@ -204,12 +176,62 @@ class KServeV2Service(service_pb2_grpc.GRPCInferenceServiceServicer):
             )
         return {"text_embeds": await engine.embed_tokens(tokens, deadline, priority)}, len(tokens)
 
-    def _config(self, name: str, version: str) -> mc.ModelConfig:
-        if name not in self.configs:
-            raise NotFound(f"unknown model {name!r}; this server has {', '.join(self.configs)}")
-        if version not in ("", VERSION):
-            raise NotFound(f"model {name!r} has no version {version!r}; it has version {VERSION}")
-        return self.configs[name]
+
+class KServeV2Service(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """``inference.GRPCInferenceService``: each RPC is ``KServeModels`` inside the gRPC boundary."""
+
+    def __init__(self, models: KServeModels):
+        self.models = models
+        self.state = models.state
+        self.engine = models.engine
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.models.ready())
+
+    async def ModelReady(self, request, context):
+        async with boundary(self.state, "ModelReady", context, admit=False):
+            self.models.config(request.name, request.version)
+            return pb.ModelReadyResponse(ready=self.models.ready())
+
+    async def ServerMetadata(self, request, context):
+        async with boundary(self.state, "ServerMetadata", context, admit=False):
+            return self.models.server_metadata()
+
+    async def ModelMetadata(self, request, context):
+        async with boundary(self.state, "ModelMetadata", context, admit=False):
+            return self.models.metadata(request.name, request.version)
+
+    async def ModelConfig(self, request, context):
+        async with boundary(self.state, "ModelConfig", context, admit=False):
+            return pb.ModelConfigResponse(config=self.models.config(request.name, request.version))
+
+    async def ModelStatistics(self, request, context):
+        async with boundary(self.state, "ModelStatistics", context, admit=False):
+            return self.models.statistics(request.name, request.version)
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        async with boundary(self.state, "ModelInfer", context):
+            return await self.models.infer(request, deadline_of(context))
+
+    async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest], context) -> AsyncIterator:
+        async def one(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            try:
+                return pb.ModelStreamInferResponse(
+                    infer_response=await self.models.infer(request, deadline_of(context))
+                )
+            except PickScoreError as e:  # in-band, as Triton does: the stream goes on
+                code, message = status_of(e)
+                return pb.ModelStreamInferResponse(
+                    error_message=f"{code.name}: {message}",
+                    infer_response=pb.ModelInferResponse(id=request.id, model_name=request.model_name),
+                )
+
+        async with boundary(self.state, "ModelStreamInfer", context):
+            async for response in windowed(requests, one, self.engine.settings.stream_window):
+                yield response
 
 
 def read_inputs(request: pb.ModelInferRequest, cfg: mc.ModelConfig) -> dict[str, np.ndarray]:

@@ -23,11 +23,16 @@ class Metrics:
         self.request_duration = Histogram(
             "pickscore_request_duration_seconds",
             "Time from receiving a request to answering it",
-            ["rpc", "code"],
+            ["transport", "rpc", "code"],
             buckets=SECONDS,
             registry=r,
         )
-        self.requests = Counter("pickscore_requests", "Requests answered", ["rpc", "code"], registry=r)
+        self.requests = Counter(
+            "pickscore_requests",
+            "Requests answered, by transport (grpc, http), RPC (the same names on both) and status code",
+            ["transport", "rpc", "code"],
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "pickscore_queue_wait_seconds",
             "Time an item waited in a tower's queue before its batch started",

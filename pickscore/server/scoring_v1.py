@@ -25,20 +25,11 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         async with boundary(self.state, "Score", context):
-            return await self._score(request, deadline_of(context))
+            return await self.score(request, deadline_of(context))
 
     async def Rank(self, request: pb.RankRequest, context) -> pb.RankResponse:
         async with boundary(self.state, "Rank", context):
-            items = _items(request.images)
-            ranking = await self.engine.rank(request.prompt, items, request.top_k or None, deadline_of(context))
-            return pb.RankResponse(
-                ranking=[
-                    pb.RankedImage(
-                        index=i, id=items[i].id, score=ranking.scores[i], probability=ranking.probabilities[i]
-                    )
-                    for i in ranking.order
-                ]
-            )
+            return await self.rank(request, deadline_of(context))
 
     async def ScoreStream(
         self, requests: AsyncIterator[pb.ScoreStreamRequest], context
@@ -46,7 +37,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         async def one(message: pb.ScoreStreamRequest) -> pb.ScoreStreamResponse:
             try:
                 return pb.ScoreStreamResponse(
-                    tag=message.tag, response=await self._score(message.request, deadline_of(context))
+                    tag=message.tag, response=await self.score(message.request, deadline_of(context))
                 )
             except PickScoreError as e:  # in-band: this request failed, the stream goes on
                 code, text = status_of(e)
@@ -58,22 +49,37 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.GetModelInfoResponse:
         async with boundary(self.state, "GetModelInfo", context, admit=False):
-            backend, s = self.engine.backend, self.engine.settings
-            return pb.GetModelInfoResponse(
-                source=backend.source,
-                backend=backend.name,
-                device=backend.description,
-                embed_dim=backend.embed_dim,
-                logit_scale=backend.logit_scale,
-                image_size=backend.preprocess.output_size[0],
-                context_length=backend.tokenizer.context_length,
-                max_batch_size=s.max_batch_size,
-                max_images_per_request=s.max_images_per_request,
-                max_image_bytes=s.max_image_bytes,
-                version=__version__,
-            )
+            return self.model_info()
 
-    async def _score(self, request: pb.ScoreRequest, deadline: float | None) -> pb.ScoreResponse:
+    # Transport-neutral: the gRPC methods above and the HTTP front door (/v1/...) call these.
+
+    def model_info(self) -> pb.GetModelInfoResponse:
+        backend, s = self.engine.backend, self.engine.settings
+        return pb.GetModelInfoResponse(
+            source=backend.source,
+            backend=backend.name,
+            device=backend.description,
+            embed_dim=backend.embed_dim,
+            logit_scale=backend.logit_scale,
+            image_size=backend.preprocess.output_size[0],
+            context_length=backend.tokenizer.context_length,
+            max_batch_size=s.max_batch_size,
+            max_images_per_request=s.max_images_per_request,
+            max_image_bytes=s.max_image_bytes,
+            version=__version__,
+        )
+
+    async def rank(self, request: pb.RankRequest, deadline: float | None) -> pb.RankResponse:
+        items = _items(request.images)
+        ranking = await self.engine.rank(request.prompt, items, request.top_k or None, deadline)
+        return pb.RankResponse(
+            ranking=[
+                pb.RankedImage(index=i, id=items[i].id, score=ranking.scores[i], probability=ranking.probabilities[i])
+                for i in ranking.order
+            ]
+        )
+
+    async def score(self, request: pb.ScoreRequest, deadline: float | None) -> pb.ScoreResponse:
         if request.prompt and request.prompts:
             raise InvalidInput("set either prompt (one for all images) or prompts (one per image), not both")
         prompts = list(request.prompts) or [request.prompt]

@@ -74,6 +74,8 @@ class ServerTls:
         self._initial = self._configuration(self._files)
         self._pending: grpc.ServerCertificateConfiguration | None = None
         self._retry_at = 0.0
+        self._generation = 0  # files loaded since start: the HTTP port rebuilds its context when it moves
+        self._http: tuple[int, ssl.SSLContext] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServerTls | None:
@@ -88,6 +90,34 @@ class ServerTls:
         return grpc.dynamic_ssl_server_credentials(
             self._initial, self._fetch, require_client_authentication=self.mutual
         )
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """For the HTTP port: the files as an SSLContext whose handshakes pick up rotated files too (a new
+        certificate from the next connection on; a new client CA bundle needs a restart on this port)."""
+        outer = self._ssl(self._files)
+        self._http = (self._generation, outer)
+        outer.sni_callback = self._swap  # called on every ClientHello, with or without a server name
+        return outer
+
+    def _swap(self, sock: ssl.SSLObject, server_name: str | None, outer: ssl.SSLContext) -> None:
+        try:
+            with self._lock:
+                if time.monotonic() >= self._retry_at and _signature(self._paths) != self._signature:
+                    self._load()
+                generation, files = self._generation, self._files
+            if self._http is None or self._http[0] != generation:
+                self._http = (generation, self._ssl(files))
+            sock.context = self._http[1]
+        except Exception:  # never fail a handshake over a reload: keep the current certificate
+            log.exception("TLS reload failed; serving the previous certificate")
+
+    def _ssl(self, files: tuple[bytes, bytes, bytes | None]) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, self.key, password=_encrypted_key)
+        if files[2] is not None:
+            context.load_verify_locations(cadata=files[2].decode("ascii"))
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
 
     def reload(self) -> bool:
         """Re-read the files now (SIGHUP); True when they changed. Bad files are logged and the old ones kept."""
@@ -125,6 +155,7 @@ class ServerTls:
         if files == self._files:
             return False
         self._files = files
+        self._generation += 1
         self._pending = self._configuration(files)
         log.info("TLS certificate reloaded; new connections use it", extra={"tls_cert": self.cert})
         return True

@@ -41,6 +41,11 @@ class Settings:
     )
     host: str = _f("0.0.0.0", "address the gRPC server binds (127.0.0.1 for loopback only)")
     port: int = _f(8001, "gRPC port (scoring.v1, KServe v2, health, reflection); 0 picks a free port")
+    http_port: int = _f(
+        8000,
+        "HTTP port (KServe v2 REST for tritonclient.http, /v1/score and /v1/rank in JSON, multipart or msgpack, "
+        "/openapi.json) on the same host, engine and settings; -1 disables, 0 picks a free port",
+    )
     metrics_port: int = _f(9090, "Prometheus /metrics port on the same host; -1 disables, 0 picks a free port")
     max_batch_size: int = _f(32, "most images per forward pass of the image tower")
     text_max_batch_size: int = _f(64, "most prompts per forward pass of the text tower")

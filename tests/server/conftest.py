@@ -26,6 +26,7 @@ def settings_for(model, **overrides) -> Settings:
         max_queue_delay_ms=5.0,
         log_format="text",
         grace_period_s=10.0,
+        http_port=0,
     )
     return Settings(**{**base, **overrides})
 
