@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-serve: install  ## start the server on the bundled demo model (gRPC :8001, metrics :9090); settings via PICKSCORE_*
+serve: install  ## start the server on the bundled demo model (gRPC :8001, HTTP :8000, metrics :9090); settings via PICKSCORE_*
 	$(BIN)/pickscore serve $(SERVE_FLAGS)
 
 lint: install  ## ruff: lint rules and formatting (pyproject.toml [tool.ruff]); `make format` applies both

@@ -116,6 +116,23 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
+def serve(model_dir: Path, *flags: str) -> tuple[subprocess.Popen, dict[str, Any]]:
+    """Start `pickscore serve` on loopback (free ports) -> the process and its "serving" log entry (port,
+    http_port, metrics_port, ...). The caller terminates the process."""
+    import sys
+    import threading
+
+    cmd = [sys.executable, "-m", "pickscore.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1"]
+    cmd += ["--port", "0", "--http-port", "0", "--metrics-port", "0", "--log-format", "json", *flags]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        entry = json.loads(line) if line.startswith("{") else {}
+        if entry.get("message") == "serving":
+            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep draining the pipe
+            return proc, entry
+    raise RuntimeError(f"server exited with {proc.wait()} before serving")
+
+
 def git_revision() -> str:
     try:
         return subprocess.run(

@@ -94,8 +94,9 @@ async def load(port: int, body: bytes | None, requests: int, concurrency: int) -
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--requests", type=int, default=600, help="requests per measurement (default 600)")
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
     args = p.parse_args(argv)
@@ -123,8 +124,10 @@ def main(argv=None) -> int:
     print(f"{machine()}; body {len(body)} bytes, {args.concurrency} in flight")
     for name, r in results.items():
         for kind, m in r.items():
-            print(f"{name:18s} {kind:10s} {m['requests_per_s']:8.0f} requests/s  p50 {m['p50_ms']:6.2f} ms  "
-                  f"p99 {m['p99_ms']:6.2f} ms")
+            print(
+                f"{name:18s} {kind:10s} {m['requests_per_s']:8.0f} requests/s  p50 {m['p50_ms']:6.2f} ms  "
+                f"p99 {m['p99_ms']:6.2f} ms"
+            )
     a, s = results["aiohttp"], results["starlette+uvicorn"]
     for kind in ("score_body", "health_get"):
         print(f"aiohttp / starlette+uvicorn, {kind}: {a[kind]['requests_per_s'] / s[kind]['requests_per_s']:.2f}x")

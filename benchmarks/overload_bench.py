@@ -24,7 +24,6 @@ import random
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -32,25 +31,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, jpegs, machine, write_model  # noqa: E402
+from common import append_results, jpegs, machine, serve, write_model  # noqa: E402
 
 PER_REQUEST = 8
 POLICIES = {"count": "0"}  # --max-queue-wait-s of each policy; "time" takes the benchmark's --max-queue-wait-s
 
 
 def start_server(model_dir: Path, args, extra: tuple[str, ...]) -> tuple[subprocess.Popen, str, int]:
-    cmd = [
-        *(sys.executable, "-m", "pickscore.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1"),
-        *("--port", "0", "--metrics-port", "0", "--device", args.device, "--log-format", "json"),
-        *("--max-batch-size", str(args.max_batch_size), *extra),
-    ]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:
-        entry = json.loads(line) if line.startswith("{") else {}
-        if entry.get("message") == "serving":
-            threading.Thread(target=proc.stderr.read, daemon=True).start()
-            return proc, f"127.0.0.1:{entry['port']}", entry["metrics_port"]
-    raise RuntimeError(f"server exited with {proc.wait()}")
+    flags = ("--device", args.device, "--max-batch-size", str(args.max_batch_size), *extra)
+    proc, entry = serve(model_dir, *flags)
+    return proc, f"127.0.0.1:{entry['port']}", entry["metrics_port"]
 
 
 def computed_images(metrics_port: int) -> float:

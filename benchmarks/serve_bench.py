@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, jpegs, latency_stats, machine, write_model  # noqa: E402
+from common import append_results, jpegs, latency_stats, machine, serve, write_model  # noqa: E402
 
 PER_REQUEST = 8
 
@@ -179,39 +179,12 @@ async def bench_server(address: str, images, levels, base) -> tuple[dict[int, di
 
 
 def start_server(model_dir: Path, args, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pickscore.cli",
-        "serve",
-        "--model",
-        str(model_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--metrics-port",
-        "-1",
-        "--device",
-        args.device,
-        "--dtype",
-        args.dtype,
-        "--max-batch-size",
-        str(args.max_batch_size),
-        "--max-queue-delay-ms",
-        str(args.max_queue_delay_ms),
-        "--log-format",
-        "json",
-        *extra,
-    ]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:
-        if line.startswith("{") and json.loads(line).get("message") == "serving":
-            import threading
-
-            threading.Thread(target=proc.stderr.read, daemon=True).start()
-            return proc, f"127.0.0.1:{json.loads(line)['port']}"
-    raise RuntimeError(f"server exited with {proc.wait()}")
+    proc, entry = serve(
+        model_dir,
+        *("--device", args.device, "--dtype", args.dtype, "--max-batch-size", str(args.max_batch_size)),
+        *("--max-queue-delay-ms", str(args.max_queue_delay_ms), *extra),
+    )
+    return proc, f"127.0.0.1:{entry['port']}"
 
 
 def decode_rate(images: list[bytes], seconds: float = 5.0) -> float:

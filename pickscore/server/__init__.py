@@ -1,1 +1,1 @@
-"""The gRPC scoring server: settings, batcher, backends, caches, metrics, services and app wiring."""
+"""The scoring server: settings, engine, batchers, caches, metrics, the gRPC services, the HTTP front door, app."""

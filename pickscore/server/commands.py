@@ -11,9 +11,10 @@ from pickscore.server.settings import Settings
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser(
         "serve",
-        help="run the gRPC scoring server",
+        help="run the scoring server (gRPC and HTTP)",
         description="Serve pickscore.v1.ScoringService, the KServe v2 (Triton) inference protocol, gRPC health "
-        "and reflection on --port, and Prometheus metrics on --metrics-port. Every flag can also be set "
+        "and reflection on --port; KServe v2 REST, /v1/score, /v1/rank and /openapi.json on --http-port; and "
+        "Prometheus metrics on --metrics-port. Every flag can also be set "
         "by the PICKSCORE_* environment variable named in its help; flags win. SIGTERM drains: "
         "NOT_SERVING, new requests refused with UNAVAILABLE, admitted ones finished, exit 0.",
     )

@@ -96,7 +96,7 @@ def test_selectors_ports_and_probes_agree():
     # Kubernetes would otherwise add PICKSCORE_PORT=tcp://... etc. once any Service named pickscore has a
     # cluster IP, and the server refuses to start on variables it does not know or cannot parse.
     assert deployment["spec"]["template"]["spec"]["enableServiceLinks"] is False
-    assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
+    assert ports == {"grpc": settings.port, "http": settings.http_port, "metrics": settings.metrics_port}
 
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == settings.port, probe

@@ -361,3 +361,20 @@ def test_openapi_documents_every_route(server):
     assert set(score) == {
         f.name for f in json_format.descriptor_pool.Default().FindMessageTypeByName("pickscore.v1.ScoreRequest").fields
     }
+
+
+def test_a_failed_batch_is_500(tiny_hf_dir):
+    from tests.server.test_errors import FlakyBackend
+
+    with ServerThread(settings_for(tiny_hf_dir), backend=FlakyBackend(str(tiny_hf_dir))) as server:
+        body = msgpack.packb({"prompt": PROMPT, "images": [{"data": solid((255, 0, 255))}]})
+        status, _, answer = post(server, "/v1/score", body, "application/msgpack")
+        assert status == 500 and msgpack.unpackb(answer)["code"] == "INTERNAL"
+        assert "image tower failed on a batch of 1" in msgpack.unpackb(answer)["error"]
+        ok = post(
+            server,
+            "/v1/score",
+            msgpack.packb({"prompt": PROMPT, "images": [{"data": IMAGES[0]}]}),
+            "application/msgpack",
+        )
+        assert ok[0] == 200  # only that batch failed

@@ -391,3 +391,43 @@ def test_score_command_over_tls_and_with_a_token_file(tls_server, token_server, 
     assert json.loads(out)["results"][0]["score"] == pytest.approx(secure, abs=1e-6)
     code, _, err = run(capsys, *common, "--server", token_server.address, "--token", "nope")
     assert code == 1 and "UNAUTHENTICATED" in err
+
+
+# ---- the HTTP port: same certificates, same rotation ----
+
+
+def _https_ready(port: int, ca: str, cert: tuple[str, str] | None = None) -> int:
+    import ssl
+    import urllib.request
+
+    context = ssl.create_default_context(cafile=ca)
+    if cert:
+        context.load_cert_chain(*cert)
+    with urllib.request.urlopen(f"https://localhost:{port}/v2/health/ready", context=context, timeout=10) as r:
+        return r.status
+
+
+def test_http_port_serves_tls_mutual_tls_and_rotation(tiny_hf_dir, pki, tmp_path):
+    import ssl
+    import urllib.error
+
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_bytes(Path(pki["server1.pem"]).read_bytes())
+    key.write_bytes(Path(pki["server1.key"]).read_bytes())
+    with ServerThread(settings_for(tiny_hf_dir, tls_cert=str(cert), tls_key=str(key))) as server:
+        port = server.server.http_port
+        assert _https_ready(port, pki["ca1.pem"]) == 200
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            _https_ready(port, pki["ca2.pem"])
+        cert.write_bytes(Path(pki["server2.pem"]).read_bytes())  # rotated in place: the next connection has it
+        key.write_bytes(Path(pki["server2.key"]).read_bytes())
+        assert _https_ready(port, pki["ca2.pem"]) == 200
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            _https_ready(port, pki["ca1.pem"])
+    with ServerThread(tls_settings(tiny_hf_dir, pki, tls_client_ca=pki["ca1.pem"])) as server:
+        port = server.server.http_port
+        assert _https_ready(port, pki["ca1.pem"], (pki["client1.pem"], pki["client1.key"])) == 200
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            _https_ready(port, pki["ca1.pem"])  # no client certificate
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            _https_ready(port, pki["ca1.pem"], (pki["stranger.pem"], pki["stranger.key"]))
