@@ -33,6 +33,7 @@ import numpy as np
 from pickscore.errors import InvalidInput, PickScoreError
 from pickscore.model.scoring import Ranking, check_top_k, rank_scores
 from pickscore.status import error_for
+from pickscore.tls import channel_credentials
 from pickscore.v1 import scoring_pb2 as pb
 from pickscore.v1 import scoring_pb2_grpc
 
@@ -151,29 +152,6 @@ def _collect(
         return
     for r in response.response.results:
         scores[start + r.index] = r.score
-
-
-def _read(path: str | os.PathLike, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise OSError(f"{what} {path}: cannot read it ({e.strerror or e})") from e
-
-
-def channel_credentials(
-    tls_ca: str | os.PathLike | None = None,
-    tls_cert: str | os.PathLike | None = None,
-    tls_key: str | os.PathLike | None = None,
-) -> grpc.ChannelCredentials:
-    """TLS from PEM files: ``tls_ca`` the roots to trust (the system's when None); ``tls_cert`` and ``tls_key``
-    a client certificate, for a server that requires one (mutual TLS)."""
-    if (tls_cert is None) != (tls_key is None):
-        raise ValueError("tls_cert and tls_key go together: give both for a client certificate, or neither")
-    return grpc.ssl_channel_credentials(
-        root_certificates=None if tls_ca is None else _read(tls_ca, "TLS CA file"),
-        private_key=None if tls_key is None else _read(tls_key, "TLS key file"),
-        certificate_chain=None if tls_cert is None else _read(tls_cert, "TLS certificate file"),
-    )
 
 
 class _Connection:

@@ -17,6 +17,7 @@ from pickscore.backends import add_backend_flags
 from pickscore.errors import InvalidInput, PickScoreError
 from pickscore.flags import int_at_least
 from pickscore.model.preprocess import DEFAULT_MAX_PIXELS
+from pickscore.tls import add_client_tls_flags
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 MODEL_HELP = (
@@ -100,22 +101,7 @@ def _scoring_flags(p: argparse.ArgumentParser) -> None:
 def _server_flags(p: argparse.ArgumentParser) -> None:
     """How to reach a server that serves TLS (mutual TLS) and wants a bearer token; with --server only."""
     tls = p.add_argument_group("server security (with --server only)")
-    tls.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's root certificates")
-    tls.add_argument(
-        "--tls-ca",
-        metavar="FILE",
-        help="connect with TLS and trust the server certificates this PEM CA bundle signed "
-        "(without it, --tls uses the system's roots)",
-    )
-    tls.add_argument(
-        "--tls-cert", metavar="FILE", help="PEM client certificate (chain) for a server that requires one (mutual TLS)"
-    )
-    tls.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
-    tls.add_argument(
-        "--tls-server-name",
-        metavar="NAME",
-        help="check the server certificate for this name instead of the --server host (e.g. when connecting by IP)",
-    )
+    add_client_tls_flags(tls)
     tls.add_argument(
         "--token-file",
         metavar="FILE",

@@ -24,6 +24,7 @@ LAYERS = [
         "pickscore.scenes",
         "pickscore.flags",
         "pickscore.resources",
+        "pickscore.tls",
     ],
     ["pickscore.status"],
     ["pickscore.model"],

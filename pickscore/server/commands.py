@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from pickscore.server.settings import Settings
+from pickscore.tls import add_client_tls_flags, channel_credentials, wants_tls
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -38,23 +39,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         'taken; "liveness" is SERVING whenever the process answers, through warm-up and drain',
     )
     health.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="deadline (default 5)")
-    tls = health.add_argument_group("TLS (a server started with --tls-cert)")
-    tls.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's root certificates")
-    tls.add_argument(
-        "--tls-ca", metavar="FILE", help="connect with TLS and trust the server certificates this PEM CA bundle signed"
-    )
-    tls.add_argument(
-        "--tls-cert",
-        metavar="FILE",
-        help="PEM client certificate (chain), for a server started with --tls-client-ca (mutual TLS)",
-    )
-    tls.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
-    tls.add_argument(
-        "--tls-server-name",
-        metavar="NAME",
-        help="check the server certificate for this name instead of the --server host (a probe inside the pod "
-        "connects to localhost; give a name the certificate holds)",
-    )
+    add_client_tls_flags(health.add_argument_group("TLS (a server started with --tls-cert)"))
     health.set_defaults(func=_cmd_health)
 
 
@@ -68,10 +53,8 @@ def _cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
-        from pickscore.server.security import channel_credentials
-
-        credentials = channel_credentials(args.tls_ca or "", args.tls_cert or "", args.tls_key or "")
+    if wants_tls(args):
+        credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
         options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
         channel = grpc.secure_channel(args.server, credentials, options=options)
     else:

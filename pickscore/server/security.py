@@ -266,15 +266,3 @@ class TokenSet:
 
     def _with_token(self, tokens: frozenset[bytes]) -> frozenset[bytes]:
         return tokens | {self.token.encode()} if self.token else tokens
-
-
-def channel_credentials(ca: str = "", cert: str = "", key: str = "") -> grpc.ChannelCredentials:
-    """A client's TLS credentials from files: ``ca`` the roots to trust (system roots when empty), ``cert`` and
-    ``key`` a client certificate for mutual TLS (``pickscore health``; the clients have their own)."""
-    if bool(cert) != bool(key):
-        raise ValueError("--tls-cert and --tls-key go together: give both for a client certificate, or neither")
-    return grpc.ssl_channel_credentials(
-        root_certificates=_read(ca, "--tls-ca") if ca else None,
-        private_key=_read(key, "--tls-key") if key else None,
-        certificate_chain=_read(cert, "--tls-cert") if cert else None,
-    )
