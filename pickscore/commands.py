@@ -160,8 +160,6 @@ def _score_files(args: argparse.Namespace) -> tuple[list[Path], np.ndarray, dict
 def _score_on_server(args: argparse.Namespace, files: list[Path]) -> tuple[np.ndarray, dict[int, PickScoreError]]:
     from pickscore.client import Client
 
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise ValueError("--tls-cert and --tls-key go together: give both for a client certificate, or neither")
     with Client(
         args.server,
         timeout=args.timeout,
