@@ -6,8 +6,10 @@
     pickscore train --data DIR --out DIR [--model REF] [--preset NAME] [--init-only] [settings]
     pickscore eval --model REF --data DIR [--baseline REF] [--backend B] [--json]
     pickscore export onnx|tensorrt|triton --model REF ...
-    pickscore serve [--model REF] [--port 8001] [--metrics-port 9090] [settings]
+    pickscore serve [--model REF] [--port 8001] [--http-port 8000] [--metrics-port 9090] [settings]
     pickscore health [--server HOST:PORT]
+    pickscore batch --input PATH... --output DIR (--model REF | --server ADDR[,ADDR...]) [--resume]
+    pickscore evaluate-models --prompts FILE --images NAME=PATH... (--model REF | --server HOST:PORT)
 
 Exit status: 0 on success, 1 when the model, an input or a setting was bad (the message names it), 2 on usage
 errors.
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 from pickscore import commands
 from pickscore.errors import PickScoreError
 from pickscore.exporter import commands as exporter_commands
+from pickscore.jobs import commands as jobs_commands
 from pickscore.server import commands as server_commands
 from pickscore.training import commands as training_commands
 from pickscore.version import __version__
@@ -38,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     training_commands.add_parsers(sub)
     exporter_commands.add_parsers(sub)
     server_commands.add_parsers(sub)
+    jobs_commands.add_parsers(sub)
     return parser
 
 

@@ -30,7 +30,7 @@ LAYERS = [
     ["pickscore.model"],
     ["pickscore.backends"],
     ["pickscore.scorer", "pickscore.client", "pickscore.server", "pickscore.exporter", "pickscore.training"],
-    ["pickscore.commands"],
+    ["pickscore.commands", "pickscore.jobs"],
     ["pickscore.cli", "pickscore"],
 ]
 LAYER = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}

@@ -12,8 +12,16 @@ from pathlib import Path
 from pickscore.backends import add_backend_flags
 from pickscore.flags import add_flags, given, int_at_least
 from pickscore.training.config import TrainConfig, preset_names
+from pickscore.training.synthetic import (
+    BEST_CHANGE,
+    GENERATOR_NAMES,
+    HELD_OUT_FRACTION,
+    MAX_MODEL_PROMPTS,
+    WORST_CHANGE,
+)
 
 INIT = "init"  # OUT/init: the untrained starting point written by `train --init-only`
+DEFAULT_MODEL_PROMPTS, DEFAULT_IMAGES_PER_PROMPT = 40, 4  # `data synthetic --models`
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -29,19 +37,30 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     p = data_sub.add_parser(
         "synthetic",
-        help="write a synthetic Pick-a-Pic dataset of drawn shapes",
-        description="Write DIR/<split>/part-00000.parquet for train, validation, test, validation_unique and "
-        "test_unique: prompts describe drawn scenes, and the image matching more of its prompt is "
-        "preferred (about 10% of pairs are ties). The same seed writes identical files.",
+        help="write a synthetic Pick-a-Pic dataset of drawn shapes, or fake text-to-image models' images",
+        description="With --pairs: write DIR/<split>/part-00000.parquet for train, validation, test, "
+        "validation_unique and test_unique: prompts describe drawn scenes, and the image matching more of its "
+        "prompt is preferred (about 10% of pairs are ties). With --models: write DIR/prompts.txt and "
+        "DIR/<model>/<prompt index>/<k>.png, the images of fake text-to-image models of known quality, for "
+        "`pickscore evaluate-models` (DIR/models.json lists them best first). The same seed writes identical files.",
     )
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="dataset directory to write")
-    p.add_argument(
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="directory to write")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument(
         "--pairs",
-        required=True,
         type=int_at_least(1),
         metavar="N",
-        help="pairs in train + validation + test (80/10/10 by prompt with the default --held-out); "
-        "the *_unique splits repeat one pair per prompt of validation and test",
+        help="write preference pairs: N pairs in train + validation + test (80/10/10 by prompt with the default "
+        "--held-out); the *_unique splits repeat one pair per prompt of validation and test",
+    )
+    what.add_argument(
+        "--models",
+        type=_model_count,
+        metavar="M",
+        help=f"write the images of M fake text-to-image models (1 to {max(GENERATOR_NAMES)}), named by quality "
+        "best first (3: generator-good, generator-fair, generator-poor): each image changes each of its prompt's "
+        f"five scene attributes with the model's probability, {BEST_CHANGE} for the best to {WORST_CHANGE} for the "
+        "worst, so the right ranking is known",
     )
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     p.add_argument(
@@ -54,20 +73,30 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--row-group-size",
         type=int_at_least(1),
-        default=256,
         metavar="ROWS",
-        help="rows per parquet row group (default 256)",
+        help="rows per parquet row group (default 256; with --pairs)",
     )
     p.add_argument(
         "--held-out",
         type=_held_out_fraction,
-        default=0.1,
         metavar="FRACTION",
-        help="fraction of pairs for each of validation and test, in (0, 0.5] (default 0.1); only "
+        help="fraction of pairs for each of validation and test, in (0, 0.5] (default 0.1; with --pairs); only "
         "~2,600 distinct prompts exist, so a set made only to evaluate on should use 0.5 to get "
         "~1,300 prompts in each *_unique split",
     )
-    p.set_defaults(func=_cmd_data_synthetic)
+    p.add_argument(
+        "--prompts",
+        type=int_at_least(1),
+        metavar="N",
+        help=f"distinct prompts, at most {MAX_MODEL_PROMPTS} (default {DEFAULT_MODEL_PROMPTS}; with --models)",
+    )
+    p.add_argument(
+        "--images-per-prompt",
+        type=int_at_least(1),
+        metavar="K",
+        help=f"images each model draws per prompt (default {DEFAULT_IMAGES_PER_PROMPT}; with --models)",
+    )
+    p.set_defaults(func=_cmd_data_synthetic, usage_error=p.error)
 
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -158,16 +187,44 @@ def _held_out_fraction(text: str) -> float:
     return value
 
 
-def _cmd_data_synthetic(args: argparse.Namespace) -> int:
-    from pickscore.training.synthetic import write_synthetic
+def _model_count(text: str) -> int:
+    """An argparse type: how many fake generators ``data synthetic --models`` can name (1 to 5)."""
+    value = int(text)
+    if value not in GENERATOR_NAMES:
+        raise argparse.ArgumentTypeError(f"must be 1 to {max(GENERATOR_NAMES)}, got {value}")
+    return value
 
+
+def _cmd_data_synthetic(args: argparse.Namespace) -> int:
+    from pickscore.training.synthetic import write_synthetic, write_synthetic_models
+
+    if args.models is not None:
+        if args.held_out is not None or args.row_group_size is not None:
+            args.usage_error("--held-out and --row-group-size write preference pairs: use them with --pairs")
+        prompts = DEFAULT_MODEL_PROMPTS if args.prompts is None else args.prompts
+        if prompts > MAX_MODEL_PROMPTS:
+            args.usage_error(f"argument --prompts: must be at most {MAX_MODEL_PROMPTS}, got {prompts}")
+        gens = write_synthetic_models(
+            args.out,
+            models=args.models,
+            prompts=prompts,
+            images_per_prompt=DEFAULT_IMAGES_PER_PROMPT if args.images_per_prompt is None else args.images_per_prompt,
+            seed=args.seed,
+            image_size=args.image_size,
+            progress=True,
+        )
+        names = ", ".join(g.name for g in gens)
+        print(f"wrote {names} (best first), {prompts} prompts, to {args.out}", file=sys.stderr)
+        return 0
+    if args.prompts is not None or args.images_per_prompt is not None:
+        args.usage_error("--prompts and --images-per-prompt write models' images: use them with --models")
     written = write_synthetic(
         args.out,
         pairs=args.pairs,
         seed=args.seed,
         image_size=args.image_size,
-        row_group_size=args.row_group_size,
-        held_out=args.held_out,
+        row_group_size=256 if args.row_group_size is None else args.row_group_size,
+        held_out=HELD_OUT_FRACTION if args.held_out is None else args.held_out,
         progress=True,
     )
     print(f"wrote {len(written)} splits to {args.out}", file=sys.stderr)

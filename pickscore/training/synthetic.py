@@ -1,17 +1,23 @@
 """Synthetic Pick-a-Pic: procedurally drawn scenes whose preferred image is known.
 
     write_synthetic("data/synthetic", pairs=2000, seed=0)  # DIR/<split>/part-00000.parquet, five splits
+    write_synthetic_models("gens", models=3, prompts=40, images_per_prompt=4, seed=0)  # fake generators
 
 A prompt describes a scene (``pickscore.scenes``: "two red circles on the left, blue background"). Each image of a pair
 draws that scene with some of its five attributes changed; the image that keeps more of them is
 preferred (1.0 against 0.0, on a random side), and about 10% of pairs are ties (both keep equally
 many, 0.5/0.5). A model can learn the preference from pixels, and tests know the right answer.
 Same seed, byte-identical files.
+
+``write_synthetic_models`` writes what ``pickscore evaluate-models`` reads instead: prompts and, per fake
+text-to-image generator, several images per prompt. Generators differ only in how many of the prompt's five
+attributes an image keeps (each is changed with the generator's own probability), so their true ranking is known.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import sys
@@ -28,7 +34,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from pickscore.scenes import Scene, random_scene, render, vary
+from pickscore.scenes import ATTRIBUTES, Scene, random_scene, render, vary
 from pickscore.training.data import SCHEMA, SPLITS
 
 MODELS = ("synthetic-a", "synthetic-b", "synthetic-c")
@@ -36,6 +42,17 @@ TIE_FRACTION = 0.1
 HELD_OUT_FRACTION = 0.1  # of pairs, for each of validation and test (default)
 PAIRS_PER_PROMPT = (1, 2, 3, 4)
 START = datetime(2023, 4, 1)
+# Fake generators, best first, for 1 to 5 models: the name says the rank. Each image changes every attribute of
+# its prompt's scene independently with the generator's probability, spaced from BEST_CHANGE to WORST_CHANGE.
+GENERATOR_NAMES = {
+    1: ("good",),
+    2: ("good", "poor"),
+    3: ("good", "fair", "poor"),
+    4: ("excellent", "good", "fair", "poor"),
+    5: ("excellent", "good", "fair", "poor", "bad"),
+}
+BEST_CHANGE, WORST_CHANGE = 0.05, 0.65
+MAX_MODEL_PROMPTS = 1000  # distinct captions drawn from the ~2,600 the scenes can say
 
 
 @dataclass(frozen=True)
@@ -177,3 +194,76 @@ def _png(img: Image.Image) -> bytes:
     # Flat colours compress well at any level; level 1 encodes ~2x faster than the default 6.
     img.save(buf, "PNG", compress_level=1)
     return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Generator:
+    """A fake text-to-image model: its name and the probability it changes each of a prompt's five attributes."""
+
+    name: str
+    change: float
+
+    @property
+    def expected_kept(self) -> float:
+        return len(ATTRIBUTES) * (1 - self.change)
+
+
+def generators(models: int) -> list[Generator]:
+    """``models`` fake generators, best first (generator-good keeps the most of its prompt)."""
+    if models not in GENERATOR_NAMES:
+        raise ValueError(f"models must be 1 to {max(GENERATOR_NAMES)}, got {models}")
+    step = (WORST_CHANGE - BEST_CHANGE) / max(models - 1, 1)
+    return [
+        Generator(f"generator-{name}", round(BEST_CHANGE + i * step, 4))
+        for i, name in enumerate(GENERATOR_NAMES[models])
+    ]
+
+
+def write_synthetic_models(
+    out_dir: str | os.PathLike,
+    models: int,
+    prompts: int,
+    images_per_prompt: int,
+    seed: int,
+    image_size: int = 64,
+    progress: bool = False,
+) -> list[Generator]:
+    """Write ``out_dir/prompts.txt`` and ``out_dir/<generator>/<prompt index>/<k>.png``; return the generators.
+
+    ``prompts`` distinct captions, one a line; every generator draws ``images_per_prompt`` images of each, each
+    image keeping every attribute of the prompt's scene with probability ``1 - change`` (so the best generator
+    draws the scene exactly or nearly, the worst changes most of it). Also ``out_dir/models.json``: the
+    generators best first with their expected attributes kept. Same seed, byte-identical files.
+    """
+    if not 1 <= prompts <= MAX_MODEL_PROMPTS:
+        raise ValueError(f"prompts must be 1 to {MAX_MODEL_PROMPTS}, got {prompts}")
+    if images_per_prompt < 1:
+        raise ValueError(f"images_per_prompt must be at least 1, got {images_per_prompt}")
+    if image_size < 8:
+        raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")
+    gens = generators(models)
+    rng = random.Random(seed)
+    scenes: dict[str, Scene] = {}
+    while len(scenes) < prompts:
+        scene = random_scene(rng)
+        scenes.setdefault(scene.caption, scene)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prompts.txt").write_text("".join(f"{caption}\n" for caption in scenes))
+    # One seed per (generator, prompt): a generator's images do not depend on how many others are drawn.
+    seeds = [[rng.getrandbits(64) for _ in scenes] for _ in gens]
+    total = len(gens) * prompts * images_per_prompt
+    with tqdm(total=total, unit="img", disable=not progress or None, file=sys.stderr) as bar:
+        for gen, gen_seeds in zip(gens, seeds):
+            for index, (scene, image_seed) in enumerate(zip(scenes.values(), gen_seeds)):
+                folder = out / gen.name / str(index)
+                folder.mkdir(parents=True, exist_ok=True)
+                image_rng = random.Random(image_seed)
+                for k in range(images_per_prompt):
+                    changes = sum(image_rng.random() < gen.change for _ in ATTRIBUTES)
+                    drawn = vary(scene, changes, image_rng)
+                    (folder / f"{k}.png").write_bytes(_png(render(drawn, image_size, image_rng)))
+                    bar.update(1)
+    summary = [{"name": g.name, "change": g.change, "expected_attributes_kept": g.expected_kept} for g in gens]
+    (out / "models.json").write_text(json.dumps({"best_first": summary}, indent=2) + "\n")
+    return gens

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -16,7 +17,7 @@ from PIL import Image
 from pickscore.cli import build_parser, main
 from pickscore.scenes import PALETTE, POSITIONS, REGIONS, Scene, render
 from pickscore.training.data import SCHEMA, SPLITS, iter_pairs
-from pickscore.training.synthetic import plan_pairs, write_synthetic
+from pickscore.training.synthetic import generators, plan_pairs, write_synthetic, write_synthetic_models
 
 PAIRS = 400
 
@@ -203,10 +204,13 @@ def test_cli_help_documents_every_flag(capsys):
     assert {a.option_strings[0] for a in flags} == {
         "--out",
         "--pairs",
+        "--models",
         "--seed",
         "--image-size",
         "--row-group-size",
         "--held-out",
+        "--prompts",
+        "--images-per-prompt",
     }
     assert all(a.help for a in flags)
     with pytest.raises(SystemExit) as e:
@@ -219,3 +223,52 @@ def test_cli_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit) as e:
         main(["data", "synthetic", "--out", "x", "--pairs", "5", "--held-out", "0.7"])
     assert e.value.code == 2 and "--held-out: must be in (0, 0.5]" in capsys.readouterr().err
+    usage = {
+        ("--pairs", "5", "--models", "2"): "argument --models: not allowed with argument --pairs",
+        ("--seed", "1"): "one of the arguments --pairs --models is required",
+        ("--models", "6"): "--models: must be 1 to 5",
+        ("--models", "2", "--held-out", "0.2"): "--held-out and --row-group-size write preference pairs",
+        ("--pairs", "5", "--prompts", "3"): "--prompts and --images-per-prompt write models' images",
+        ("--models", "2", "--prompts", "1001"): "--prompts: must be at most 1000",
+    }
+    for argv, message in usage.items():
+        with pytest.raises(SystemExit) as e:
+            main(["data", "synthetic", "--out", "x", *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_models_layout_same_seed_same_files(tmp_path, capsys):
+    argv = ["data", "synthetic", "--models", "2", "--prompts", "3", "--images-per-prompt", "2", "--image-size", "32"]
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        assert main([*argv, "--out", str(tmp_path / name), "--seed", seed]) == 0
+    assert "wrote generator-good, generator-poor (best first), 3 prompts" in capsys.readouterr().err
+    files = sorted(str(p.relative_to(tmp_path / "a")) for p in (tmp_path / "a").rglob("*") if p.is_file())
+    images = [f"generator-{g}/{i}/{k}.png" for g in ("good", "poor") for i in range(3) for k in range(2)]
+    assert files == sorted(["prompts.txt", "models.json", *images])
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert (tmp_path / "a" / "prompts.txt").read_bytes() != (tmp_path / "c" / "prompts.txt").read_bytes()
+    assert len(set((tmp_path / "a" / "prompts.txt").read_text().splitlines())) == 3  # distinct prompts
+    with Image.open(tmp_path / "a" / images[0]) as image:
+        assert image.size == (32, 32)
+    listed = json.loads((tmp_path / "a" / "models.json").read_text())["best_first"]
+    assert [m["name"] for m in listed] == ["generator-good", "generator-poor"]
+
+
+def test_better_generators_draw_more_of_their_prompt(tmp_path):
+    """Generators are named best first and change each attribute with a rising probability; the pixels agree."""
+    gens = generators(3)
+    assert [g.name for g in gens] == ["generator-good", "generator-fair", "generator-poor"]
+    assert [g.expected_kept for g in gens] == pytest.approx([4.75, 3.25, 1.75])
+    assert [g.name for g in generators(5)][0] == "generator-excellent"
+    write_synthetic_models(tmp_path, models=3, prompts=30, images_per_prompt=3, seed=2)
+    captions = (tmp_path / "prompts.txt").read_text().splitlines()
+    kept = {
+        g.name: np.mean(
+            [_kept(c, f.read_bytes()) for i, c in enumerate(captions) for f in (tmp_path / g.name / str(i)).iterdir()]
+        )
+        for g in gens
+    }  # of colour, position and background: 3 when the image shows what its prompt says
+    assert kept["generator-good"] > 2.7 and kept["generator-good"] > kept["generator-fair"] + 0.3
+    assert kept["generator-fair"] > kept["generator-poor"] + 0.3
+    with pytest.raises(ValueError, match="models must be 1 to 5"):
+        generators(6)

@@ -1,0 +1,501 @@
+"""``pickscore batch``: score and rank a dataset of (prompt, image) rows, resumably, in bounded memory.
+
+    run_batch(["data/*.parquet"], "out/", model="demo")                   # in-process
+    run_batch(["shards/"], "out/", servers=["10.0.0.1:8001", "10.0.0.2:8001"])   # on running servers
+
+Inputs (``read_rows``), in a fixed order: Parquet files (columns ``prompt`` and ``image`` (encoded bytes) or
+``image_path``; optional ``group`` and ``id``; Pick-a-Pic's ``caption``/``jpg_0``/``jpg_1`` rows give two
+candidates each, ranked together), WebDataset tar shards (``KEY.jpg|png|webp`` with ``KEY.txt`` or
+``KEY.json`` holding the prompt), and directories holding ``manifest.jsonl`` (``{"image": relative path,
+"prompt": ..., "group"?: ..., "id"?: ...}`` per line). Rows of one group (default: one group per prompt)
+are ranked together.
+
+Two phases, each restartable. Scoring: rows are cut into shards of ``shard_size`` in input order; each
+shard is decoded, scored and written to ``OUT/_scores/shard-NNNNN.parquet`` in one atomic rename, so a
+job killed at any moment (SIGKILL included) and started again with ``--resume`` skips the shards it
+finished and recomputes the rest, with the same batches and so the same scores. Finalising: ranks and
+probabilities within each group need every score of the group, so they are computed from the shard files'
+(row, group, score) columns alone, and written as ``OUT/part-NNNNN.parquet`` (one per shard) with
+``errors.jsonl`` (rows that could not be scored, with the reason) and ``_SUCCESS`` (counts) last. Memory:
+one shard's images at a time while scoring; a few dozen bytes a row while finalising.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import tarfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pickscore.errors import InvalidInput
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+PICKAPIC = ("caption", "jpg_0", "jpg_1")
+SCORES = "_scores"
+
+
+@dataclass
+class Row:
+    """One candidate: its place in the job, the caller's id, its group and prompt, and the image (bytes or a path);
+    ``error`` when the row itself is unusable (it is reported, not scored)."""
+
+    index: int
+    id: str
+    group: str
+    prompt: str
+    image: bytes | None = None
+    path: str | None = None
+    error: str = ""
+
+
+# Reading ------------------------------------------------------------------------------------------------
+
+
+def input_files(inputs: Sequence[str]) -> list[Path]:
+    """Every file the inputs name, in a fixed order: globs expanded, directories listed (a directory with
+    manifest.jsonl is one input)."""
+    out: list[Path] = []
+    for spec in inputs:
+        matches = sorted(glob.glob(spec)) or [spec]
+        for match in matches:
+            path = Path(match)
+            if path.is_dir():
+                if (path / "manifest.jsonl").exists():
+                    out.append(path / "manifest.jsonl")
+                else:
+                    out.extend(sorted(p for p in path.rglob("*") if p.suffix in (".parquet", ".tar")))
+            elif path.exists():
+                out.append(path)
+            else:
+                raise InvalidInput(f"--input {spec}: no such file or directory")
+    if not out:
+        raise InvalidInput(f"--input {' '.join(inputs)}: no Parquet, WebDataset (.tar) or manifest.jsonl found")
+    return out
+
+
+def read_rows(inputs: Sequence[str]) -> Iterator[Row]:
+    index = 0
+    for path in input_files(inputs):
+        if path.suffix == ".parquet":
+            rows = _parquet_rows(path)
+        elif path.suffix == ".tar":
+            rows = _webdataset_rows(path)
+        elif path.name == "manifest.jsonl":
+            rows = _manifest_rows(path)
+        else:
+            raise InvalidInput(f"{path}: not Parquet, a WebDataset .tar or a manifest.jsonl")
+        for row in rows:
+            row.index = index
+            index += 1
+            yield row
+
+
+def count_rows(inputs: Sequence[str]) -> int | None:
+    """Rows the inputs hold when that is cheap to know (Parquet metadata, manifest lines), else None."""
+    total = 0
+    for path in input_files(inputs):
+        if path.suffix == ".parquet":
+            meta = pq.ParquetFile(path)
+            rows = meta.metadata.num_rows
+            total += 2 * rows if set(PICKAPIC) <= set(meta.schema_arrow.names) else rows
+        elif path.name == "manifest.jsonl":
+            total += sum(1 for line in path.open() if line.strip())
+        else:
+            return None
+    return total
+
+
+def _parquet_rows(path: Path) -> Iterator[Row]:
+    source = pq.ParquetFile(path)
+    names = set(source.schema_arrow.names)
+    pickapic = set(PICKAPIC) <= names and "prompt" not in names
+    if not pickapic and ("prompt" not in names or not names & {"image", "image_path"}):
+        raise InvalidInput(
+            f"{path}: needs a column prompt and one of image (bytes) or image_path (or Pick-a-Pic's "
+            f"caption, jpg_0, jpg_1); it has {', '.join(sorted(names))}"
+        )
+    wanted = [c for c in ("prompt", "image", "image_path", "group", "id", *PICKAPIC, "ranking_id") if c in names]
+    at = 0
+    for batch in source.iter_batches(batch_size=64, columns=wanted):
+        for record in batch.to_pylist():
+            name = f"{path.name}:{at}"
+            if pickapic:
+                key = str(record["ranking_id"]) if record.get("ranking_id") is not None else name
+                for side in (0, 1):
+                    yield _row(f"{key}:{side}", key, record["caption"], record[f"jpg_{side}"], None, name)
+            else:
+                group = record.get("group")
+                ident = record.get("id")
+                image_path = record.get("image_path")
+                if image_path is not None and not os.path.isabs(image_path):
+                    image_path = str(path.parent / image_path)
+                yield _row(
+                    name if ident is None else str(ident),
+                    None if group is None else str(group),
+                    record["prompt"],
+                    record.get("image"),
+                    image_path,
+                    name,
+                )
+            at += 1
+
+
+def _row(ident: str, group: str | None, prompt: Any, image: bytes | None, path: str | None, where: str) -> Row:
+    row = Row(0, ident, "" if group is None else group, prompt if isinstance(prompt, str) else "", image, path)
+    if not row.prompt.strip():
+        row.error = f"{where}: no prompt"
+    elif not image and not path:
+        row.error = f"{where}: no image (neither image bytes nor image_path)"
+    if not row.group:
+        row.group = row.prompt  # one group per prompt
+    return row
+
+
+def _webdataset_rows(path: Path) -> Iterator[Row]:
+    def sample(key: str, parts: dict[str, bytes]) -> Row:
+        image = next((parts[s] for s in IMAGE_SUFFIXES if s in parts), None)
+        prompt, group, where = "", None, f"{path.name}:{key}"
+        if ".json" in parts:
+            try:
+                meta = json.loads(parts[".json"])
+                prompt = meta.get("prompt") or meta.get("caption") or ""
+                group = None if meta.get("group") is None else str(meta["group"])
+            except (ValueError, AttributeError) as e:
+                row = Row(0, key, key, "", error=f"{where}: .json is not a JSON object ({e})")
+                return row
+        elif ".txt" in parts:
+            prompt = parts[".txt"].decode("utf-8", "replace").strip()
+        return _row(key, group, prompt, image, None, where)
+
+    with tarfile.open(path, "r|*") as tar:  # streamed: members in order, one sample's files at a time
+        key, parts = None, {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            stem, dot, suffix = member.name.rpartition(".")
+            if not dot:
+                continue
+            if stem != key and key is not None:
+                yield sample(key, parts)
+                parts = {}
+            key = stem
+            data = tar.extractfile(member)
+            parts["." + suffix.lower()] = data.read() if data else b""
+        if key is not None:
+            yield sample(key, parts)
+
+
+def _manifest_rows(path: Path) -> Iterator[Row]:
+    for number, line in enumerate(path.open(encoding="utf-8"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            entry = json.loads(line)
+            image = entry["image"]
+        except (ValueError, KeyError, TypeError) as e:
+            yield Row(0, where, where, "", error=f"{where}: not a JSON object with an image ({e})")
+            continue
+        ident = str(entry.get("id", image))
+        full = image if os.path.isabs(image) else str(path.parent / image)
+        group = entry.get("group")
+        yield _row(ident, None if group is None else str(group), entry.get("prompt"), None, full, where)
+
+
+def shards(rows: Iterator[Row], size: int) -> Iterator[tuple[int, list[Row]]]:
+    shard, number = [], 0
+    for row in rows:
+        shard.append(row)
+        if len(shard) == size:
+            yield number, shard
+            shard, number = [], number + 1
+    if shard:
+        yield number, shard
+
+
+# Scoring ------------------------------------------------------------------------------------------------
+
+
+class LocalScorer:
+    """Scores a shard in-process: images decoded on every core, prompts and images encoded in batches."""
+
+    def __init__(self, model: str, device: str, dtype: str, backend: str, batch_size: int, embeddings: bool):
+        from pickscore.scorer import Scorer
+
+        self.scorer = Scorer.from_pretrained(model, device=device, dtype=dtype, backend=backend, batch_size=batch_size)
+        self.embeddings = embeddings
+
+    def score(self, rows: list[Row]) -> tuple[np.ndarray, dict[int, str], dict[str, np.ndarray]]:
+        """-> scores (n,) (NaN where failed), errors by position, and embeddings by column when asked."""
+        from pickscore.model import scoring
+
+        errors = {i: r.error for i, r in enumerate(rows) if r.error}
+        todo = [i for i in range(len(rows)) if i not in errors]
+
+        def load(i: int):
+            row = rows[i]
+            try:
+                return self.scorer.load_image(row.index, row.image if row.image is not None else row.path)
+            except (InvalidInput, OSError) as e:
+                return e
+
+        crops = list(self.scorer.pool.map(load, todo))
+        for i, crop in zip(todo, crops):
+            if isinstance(crop, Exception):
+                errors[i] = f"{rows[i].id}: {crop}"
+        ok = [i for i in todo if i not in errors]
+        scores = np.full(len(rows), np.nan, np.float32)
+        extra: dict[str, np.ndarray] = {}
+        if ok:
+            good = {i: c for i, c in zip(todo, crops) if not isinstance(c, Exception)}
+            image_embeds = self.scorer.encode_pixels(np.stack([good[i] for i in ok]))
+            prompts = list(dict.fromkeys(rows[i].prompt for i in ok))
+            text = np.concatenate([self.scorer.encode_text(prompts[s : s + 64]) for s in range(0, len(prompts), 64)])
+            by_prompt = {p: k for k, p in enumerate(prompts)}
+            text_embeds = text[[by_prompt[rows[i].prompt] for i in ok]]
+            scores[ok] = scoring.paired_scores(text_embeds, image_embeds, self.scorer.logit_scale)
+            if self.embeddings:
+                dim = image_embeds.shape[1]
+                extra["image_embedding"] = np.full((len(rows), dim), np.nan, np.float32)
+                extra["text_embedding"] = np.full((len(rows), dim), np.nan, np.float32)
+                extra["image_embedding"][ok] = image_embeds
+                extra["text_embedding"][ok] = text_embeds
+        return scores, errors, extra
+
+    def close(self) -> None:
+        self.scorer.close()
+
+
+class ServerScorer:
+    """Scores a shard on running servers: rows spread over the addresses, bounded in flight, refusals and
+    unavailability retried (``RewardClient``); a bad image fails only its row."""
+
+    def __init__(self, servers: Sequence[str], timeout: float, **connection):
+        from pickscore.client import RewardClient
+
+        _model_source(servers[0], timeout, connection)  # fail early, naming the address, when it does not answer
+        self.clients = [RewardClient(a, max_batch=32, max_inflight=4, timeout=timeout, **connection) for a in servers]
+
+    def score(self, rows: list[Row]) -> tuple[np.ndarray, dict[int, str], dict[str, np.ndarray]]:
+        errors = {i: r.error for i, r in enumerate(rows) if r.error}
+        futures = {}
+        for n, i in enumerate(i for i in range(len(rows)) if i not in errors):
+            row = rows[i]
+            futures[i] = self.clients[n % len(self.clients)].submit(row.prompt, row.image or row.path)
+        scores = np.full(len(rows), np.nan, np.float32)
+        for i, future in futures.items():
+            try:
+                scores[i] = future.result()
+            except InvalidInput as e:  # this row's image; anything else (an outage) stops the job, resumably
+                errors[i] = f"{rows[i].id}: {e}"
+        return scores, errors, {}
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
+def _model_source(address: str, timeout: float, connection: dict[str, Any]) -> str:
+    """The served model's reference, over gRPC (host:port) or HTTP (http[s]://host:port)."""
+    if address.startswith(("http://", "https://")):
+        import ssl
+        import urllib.request
+
+        context = None
+        if address.startswith("https://"):
+            context = ssl.create_default_context(cafile=connection.get("tls_ca"))
+            if connection.get("tls_cert"):
+                context.load_cert_chain(connection["tls_cert"], connection.get("tls_key"))
+        try:
+            with urllib.request.urlopen(address.rstrip("/") + "/v1/model", timeout=timeout, context=context) as r:
+                return json.loads(r.read())["source"]
+        except OSError as e:
+            from pickscore.errors import Unavailable
+
+            raise Unavailable(f"{address}: {e}") from e
+    from pickscore.client import Client
+
+    with Client(address, timeout=timeout, **connection) as client:
+        return client.model_info().source
+
+
+# The job ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What makes two runs the same job (checked on --resume)."""
+
+    inputs: list[str]
+    model: str
+    shard_size: int
+    embeddings: bool
+
+
+def _write_atomically(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _write_text_atomically(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def shard_table(rows: list[Row], scores: np.ndarray, errors: dict[int, str], extra: dict[str, np.ndarray]) -> pa.Table:
+    columns: dict[str, Any] = {
+        "row": pa.array([r.index for r in rows], pa.int64()),
+        "id": pa.array([r.id for r in rows], pa.string()),
+        "group": pa.array([r.group for r in rows], pa.string()),
+        "prompt": pa.array([r.prompt for r in rows], pa.string()),
+        "score": pa.array([None if i in errors else float(s) for i, s in enumerate(scores)], pa.float32()),
+        "error": pa.array([errors.get(i) for i in range(len(rows))], pa.string()),
+    }
+    for name, values in extra.items():
+        columns[name] = pa.array(
+            [None if i in errors else values[i].tolist() for i in range(len(rows))], pa.list_(pa.float32())
+        )
+    return pa.table(columns)
+
+
+def run_batch(
+    inputs: Sequence[str],
+    output: str | os.PathLike,
+    *,
+    model: str | None = None,
+    servers: Sequence[str] = (),
+    resume: bool = False,
+    shard_size: int = 1024,
+    embeddings: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
+    backend: str = "auto",
+    batch_size: int = 32,
+    timeout: float = 600.0,
+    progress: bool = True,
+    **connection,
+) -> dict[str, Any]:
+    """Run (or resume) the job; returns the _SUCCESS manifest."""
+    if bool(model) == bool(servers):
+        raise ValueError("give either --model (score here) or --server (score on running servers)")
+    if embeddings and servers:
+        raise ValueError("--embeddings needs --model: the servers answer scores, not embeddings")
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
+    out = Path(output)
+    spec = JobSpec(list(inputs), model or ",".join(servers), shard_size, embeddings)
+    _claim(out, spec, resume)
+    scores_dir = out / SCORES
+    done = {p.name for p in scores_dir.glob("shard-*.parquet")}
+    total = count_rows(inputs)
+    scorer = None
+    start, scored = time.perf_counter(), 0
+    try:
+        with tqdm(total=total, unit="img", disable=not progress or None, file=sys.stderr, desc="scoring") as bar:
+            for number, rows in shards(read_rows(inputs), shard_size):
+                name = f"shard-{number:05d}.parquet"
+                if name in done:
+                    bar.update(len(rows))
+                    continue
+                if scorer is None:
+                    scorer = (
+                        LocalScorer(model, device, dtype, backend, batch_size, embeddings)
+                        if model
+                        else ServerScorer(servers, timeout, **connection)
+                    )
+                scores, errors, extra = scorer.score(rows)
+                _write_atomically(shard_table(rows, scores, errors, extra), scores_dir / name)
+                scored += len(rows)
+                bar.update(len(rows))
+    finally:
+        if scorer is not None:
+            scorer.close()
+    manifest = finalise(out, spec)
+    manifest["images_per_s_this_run"] = scored / max(time.perf_counter() - start, 1e-9)
+    return manifest
+
+
+def _claim(out: Path, spec: JobSpec, resume: bool) -> None:
+    """Create OUT for this job, or check that --resume continues the same job there."""
+    job = out / "_job.json"
+    if out.exists() and any(out.iterdir()):
+        if not resume:
+            raise ValueError(f"--output {out} is not empty; pass --resume to continue the job there, or pick a new one")
+        if not job.exists():
+            raise ValueError(f"--output {out} holds no batch job (no _job.json); pick a new --output")
+        if json.loads(job.read_text()) != asdict(spec):
+            raise ValueError(
+                f"--output {out} holds a different job ({job.read_text().strip()}); resume it with the same "
+                "arguments, or pick a new --output"
+            )
+    (out / SCORES).mkdir(parents=True, exist_ok=True)
+    if not job.exists():
+        _write_text_atomically(json.dumps(asdict(spec)), job)
+
+
+def finalise(out: Path, spec: JobSpec) -> dict[str, Any]:
+    """Ranks and probabilities within groups, from the shard files; the output parts, errors.jsonl, _SUCCESS."""
+    files = sorted((out / SCORES).glob("shard-*.parquet"))
+    keys = pa.concat_tables([pq.read_table(f, columns=["row", "group", "score"]) for f in files])
+    rows = keys.column("row").to_numpy()
+    groups = keys.column("group").to_pylist()
+    score = keys.column("score").to_numpy(zero_copy_only=False).astype(np.float64)  # NaN for failed rows
+    rank, probability = group_ranks(groups, score)
+    by_row = {int(r): k for k, r in enumerate(rows)}
+    errors, n_ok = [], 0
+    for f in files:
+        table = pq.read_table(f)
+        positions = np.array([by_row[int(r)] for r in table.column("row").to_pylist()], np.int64)
+        failed = np.array([e is not None for e in table.column("error").to_pylist()], bool)
+        for row_id, message in zip(table.column("id").to_pylist(), table.column("error").to_pylist()):
+            if message is not None:
+                errors.append({"id": row_id, "error": message})
+        kept = table.filter(pa.array(~failed)).drop(["error"])
+        positions = positions[~failed]
+        kept = kept.append_column("rank", pa.array(rank[positions], pa.int32()))
+        kept = kept.append_column("probability", pa.array(probability[positions], pa.float32()))
+        n_ok += kept.num_rows
+        _write_atomically(kept, out / f.name.replace("shard-", "part-"))
+    _write_text_atomically("".join(json.dumps(e) + "\n" for e in errors), out / "errors.jsonl")
+    manifest = {
+        "rows": int(len(rows)),
+        "scored": n_ok,
+        "errors": len(errors),
+        "groups": len(set(g for g, s in zip(groups, score) if not np.isnan(s))),
+        "parts": len(files),
+        "model": spec.model,
+    }
+    _write_text_atomically(json.dumps(manifest, indent=2) + "\n", out / "_SUCCESS")
+    return manifest
+
+
+def group_ranks(groups: list[str], scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rank within each group (1 = best; equal scores by input order) and the softmax over the group's scores.
+    NaN scores (failed rows) get rank 0 and probability NaN and take no part."""
+    rank = np.zeros(len(scores), np.int64)
+    probability = np.full(len(scores), np.nan, np.float64)
+    members: dict[str, list[int]] = {}
+    for i, (g, s) in enumerate(zip(groups, scores)):
+        if not np.isnan(s):
+            members.setdefault(g, []).append(i)
+    for idx in members.values():
+        idx = np.asarray(idx)
+        s = scores[idx]
+        order = idx[np.argsort(-s, kind="stable")]
+        rank[order] = np.arange(1, len(order) + 1)
+        z = np.exp(s - s.max())
+        probability[idx] = z / z.sum()
+    return rank, probability
