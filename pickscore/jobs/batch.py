@@ -239,6 +239,7 @@ class LocalScorer:
     def score(self, rows: list[Row]) -> tuple[np.ndarray, dict[int, str], dict[str, np.ndarray]]:
         """-> scores (n,) (NaN where failed), errors by position, and embeddings by column when asked."""
         from pickscore.model import scoring
+        from pickscore.model.preprocess import load_uint8
 
         errors = {i: r.error for i, r in enumerate(rows) if r.error}
         todo = [i for i in range(len(rows)) if i not in errors]
@@ -246,7 +247,8 @@ class LocalScorer:
         def load(i: int):
             row = rows[i]
             try:
-                return self.scorer.load_image(row.index, row.image if row.image is not None else row.path)
+                source = row.image if row.image is not None else row.path
+                return load_uint8(source, self.scorer.preprocess_config, self.scorer.max_pixels)
             except (InvalidInput, OSError) as e:
                 return e
 

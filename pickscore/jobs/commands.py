@@ -42,6 +42,22 @@ def _add_batch_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue the job already in --output (same arguments)")
     p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run on Ray (pip install 'pickscore[ray]'): reading and decoding in CPU tasks, scoring in an actor "
+        "pool (one scorer per GPU, else per --cpus-per-scorer CPUs); ADDRESS of a running cluster (e.g. auto, "
+        "ray://head:10001), or none for a local instance. Same output as in-process; with --model only",
+    )
+    p.add_argument(
+        "--cpus-per-scorer",
+        type=int_at_least(1),
+        default=1,
+        metavar="N",
+        help="with --ray on CPUs: CPUs each scoring actor takes (default 1)",
+    )
+    p.add_argument(
         "--shard-size",
         type=int_at_least(1),
         default=1024,
@@ -71,6 +87,26 @@ def _add_batch_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
+    if args.ray:
+        if not args.model:
+            raise ValueError("--ray scores with --model on the cluster's own workers, not on --server")
+        from pickscore.jobs.ray_batch import run_batch_on_ray
+
+        manifest = run_batch_on_ray(
+            args.input,
+            args.output,
+            model=args.model,
+            address=None if args.ray == "local" else args.ray,
+            resume=args.resume,
+            shard_size=args.shard_size,
+            embeddings=args.embeddings,
+            device=args.device,
+            dtype=args.dtype,
+            backend=args.backend,
+            batch_size=args.batch_size,
+            cpus_per_scorer=args.cpus_per_scorer,
+        )
+        return _report(args, manifest)
     from pickscore.jobs.batch import run_batch
 
     connection = {}
@@ -91,6 +127,10 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         **connection,
     )
+    return _report(args, manifest)
+
+
+def _report(args: argparse.Namespace, manifest: dict) -> int:
     if args.json:
         print(json.dumps(manifest))
     else:
