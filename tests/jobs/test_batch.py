@@ -272,3 +272,28 @@ def test_group_ranks_by_hand():
     np.testing.assert_allclose(probability[[0, 2]], [1 / (1 + np.e**2), np.e**2 / (1 + np.e**2)])
     np.testing.assert_allclose(probability[[1, 4]], [0.5, 0.5])
     assert np.isnan(probability[3])
+
+
+def test_embeddings_rescore_without_the_images(tmp_path, tiny_hf_dir, dataset):
+    pq.write_table(pa.Table.from_pylist(dataset), tmp_path / "data.parquet")
+    run_batch(
+        [str(tmp_path / "data.parquet")],
+        tmp_path / "out",
+        model=str(tiny_hf_dir),
+        device="cpu",
+        embeddings=True,
+        progress=False,
+    )
+    got = rows_of(tmp_path / "out")
+    scorer = Scorer.from_pretrained(tiny_hf_dir, device="cpu", dtype="fp32")
+    image = np.array([r["image_embedding"] for r in got], np.float32)
+    text = np.array([r["text_embedding"] for r in got], np.float32)
+    np.testing.assert_allclose(np.exp(scorer.logit_scale) * (image * text).sum(1), [r["score"] for r in got], atol=1e-4)
+    new_prompt = scorer.encode_text(["a completely different prompt"])[0]  # re-scored, no image decoded
+    np.testing.assert_allclose(
+        np.exp(scorer.logit_scale) * image @ new_prompt,
+        scorer.score("a completely different prompt", [d["image"] for d in dataset]),
+        atol=1e-4,
+    )
+    with pytest.raises(ValueError, match="--embeddings needs --model"):
+        run_batch([str(tmp_path / "data.parquet")], tmp_path / "out2", servers=["127.0.0.1:1"], embeddings=True)
