@@ -84,18 +84,21 @@ def input_files(inputs: Sequence[str]) -> list[Path]:
     return out
 
 
+def file_rows(path: Path) -> Iterator[Row]:
+    """One input file's rows, in order (their ``index`` not yet set)."""
+    if path.suffix == ".parquet":
+        return _parquet_rows(path)
+    if path.suffix == ".tar":
+        return _webdataset_rows(path)
+    if path.name == "manifest.jsonl":
+        return _manifest_rows(path)
+    raise InvalidInput(f"{path}: not Parquet, a WebDataset .tar or a manifest.jsonl")
+
+
 def read_rows(inputs: Sequence[str]) -> Iterator[Row]:
     index = 0
     for path in input_files(inputs):
-        if path.suffix == ".parquet":
-            rows = _parquet_rows(path)
-        elif path.suffix == ".tar":
-            rows = _webdataset_rows(path)
-        elif path.name == "manifest.jsonl":
-            rows = _manifest_rows(path)
-        else:
-            raise InvalidInput(f"{path}: not Parquet, a WebDataset .tar or a manifest.jsonl")
-        for row in rows:
+        for row in file_rows(path):
             row.index = index
             index += 1
             yield row
@@ -238,7 +241,6 @@ class LocalScorer:
 
     def score(self, rows: list[Row]) -> tuple[np.ndarray, dict[int, str], dict[str, np.ndarray]]:
         """-> scores (n,) (NaN where failed), errors by position, and embeddings by column when asked."""
-        from pickscore.model import scoring
         from pickscore.model.preprocess import load_uint8
 
         errors = {i: r.error for i, r in enumerate(rows) if r.error}
@@ -257,26 +259,37 @@ class LocalScorer:
             if isinstance(crop, Exception):
                 errors[i] = f"{rows[i].id}: {crop}"
         ok = [i for i in todo if i not in errors]
-        scores = np.full(len(rows), np.nan, np.float32)
-        extra: dict[str, np.ndarray] = {}
-        if ok:
-            good = {i: c for i, c in zip(todo, crops) if not isinstance(c, Exception)}
-            image_embeds = self.scorer.encode_pixels(np.stack([good[i] for i in ok]))
-            prompts = list(dict.fromkeys(rows[i].prompt for i in ok))
-            text = np.concatenate([self.scorer.encode_text(prompts[s : s + 64]) for s in range(0, len(prompts), 64)])
-            by_prompt = {p: k for k, p in enumerate(prompts)}
-            text_embeds = text[[by_prompt[rows[i].prompt] for i in ok]]
-            scores[ok] = scoring.paired_scores(text_embeds, image_embeds, self.scorer.logit_scale)
-            if self.embeddings:
-                dim = image_embeds.shape[1]
-                extra["image_embedding"] = np.full((len(rows), dim), np.nan, np.float32)
-                extra["text_embedding"] = np.full((len(rows), dim), np.nan, np.float32)
-                extra["image_embedding"][ok] = image_embeds
-                extra["text_embedding"][ok] = text_embeds
+        good = {i: c for i, c in zip(todo, crops) if not isinstance(c, Exception)}
+        scores, extra = score_crops(
+            self.scorer, len(rows), ok, [rows[i].prompt for i in ok], [good[i] for i in ok], self.embeddings
+        )
         return scores, errors, extra
 
     def close(self) -> None:
         self.scorer.close()
+
+
+def score_crops(
+    scorer, n: int, ok: list[int], prompts: list[str], crops: list[np.ndarray], embeddings: bool
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Rows ``ok`` of ``n`` (their prompts and uint8 crops) -> scores (n,) with NaN elsewhere, and the image and
+    text embeddings by column when ``embeddings`` (NaN rows elsewhere). Each distinct prompt is encoded once."""
+    from pickscore.model import scoring
+
+    scores = np.full(n, np.nan, np.float32)
+    names = ("image_embedding", "text_embedding") if embeddings else ()
+    extra = {name: np.full((n, scorer.embed_dim), np.nan, np.float32) for name in names}
+    if not ok:
+        return scores, extra
+    image_embeds = scorer.encode_pixels(np.stack(crops))
+    distinct = list(dict.fromkeys(prompts))
+    text = np.concatenate([scorer.encode_text(distinct[s : s + 64]) for s in range(0, len(distinct), 64)])
+    position = {p: k for k, p in enumerate(distinct)}
+    text_embeds = text[[position[p] for p in prompts]]
+    scores[ok] = scoring.paired_scores(text_embeds, image_embeds, scorer.logit_scale)
+    for name, values in zip(names, (image_embeds, text_embeds)):
+        extra[name][ok] = values
+    return scores, extra
 
 
 class ServerScorer:

@@ -30,10 +30,11 @@ from pickscore.jobs.batch import (
     JobSpec,
     Row,
     _claim,
-    _parquet_rows,
     _write_atomically,
+    file_rows,
     finalise,
     input_files,
+    score_crops,
     shard_table,
 )
 
@@ -45,18 +46,8 @@ def _message(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _file_rows(path: Path) -> Iterator[Row]:
-    from pickscore.jobs.batch import _manifest_rows, _webdataset_rows
-
-    if path.suffix == ".parquet":
-        return _parquet_rows(path)
-    if path.suffix == ".tar":
-        return _webdataset_rows(path)
-    return _manifest_rows(path)
-
-
 def _count(path: Path) -> int:
-    return sum(1 for _ in _file_rows(path))
+    return sum(1 for _ in file_rows(path))
 
 
 def _read_task(batch: dict[str, np.ndarray]) -> Iterator[dict[str, list]]:
@@ -64,7 +55,7 @@ def _read_task(batch: dict[str, np.ndarray]) -> Iterator[dict[str, list]]:
     for file, first, shard_size, done in zip(batch["file"], batch["first"], batch["shard_size"], batch["done"]):
         skip = set(json.loads(done))
         block: dict[str, list] = {c: [] for c in ROW_COLUMNS}
-        for k, row in enumerate(_file_rows(Path(file))):
+        for k, row in enumerate(file_rows(Path(file))):
             index = int(first) + k
             if index // int(shard_size) in skip:  # --resume: its shard is on disk already
                 continue
@@ -125,28 +116,14 @@ class _Score:
         self.size = self.scorer.preprocess_config.output_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from pickscore.model import scoring
-
         n = len(batch["row"])
         ok = [i for i in range(n) if _message(batch["error"][i]) is None]
-        scores = np.full(n, np.nan, np.float32)
-        dim = self.scorer.embed_dim
-        image_out = np.full((n, dim), np.nan, np.float32)
-        text_out = np.full((n, dim), np.nan, np.float32)
-        if ok:
-            h, w = self.size
-            pixels = np.stack([np.asarray(batch["crop"][i], np.uint8).reshape(h, w, 3) for i in ok])
-            image_embeds = self.scorer.encode_pixels(pixels)
-            prompts = list(dict.fromkeys(batch["prompt"][i] for i in ok))
-            text = np.concatenate([self.scorer.encode_text(prompts[s : s + 64]) for s in range(0, len(prompts), 64)])
-            position = {p: k for k, p in enumerate(prompts)}
-            text_embeds = text[[position[batch["prompt"][i]] for i in ok]]
-            scores[ok] = scoring.paired_scores(text_embeds, image_embeds, self.scorer.logit_scale)
-            image_out[ok], text_out[ok] = image_embeds, text_embeds
+        h, w = self.size
+        crops = [np.asarray(batch["crop"][i], np.uint8).reshape(h, w, 3) for i in ok]
+        scores, extra = score_crops(self.scorer, n, ok, [batch["prompt"][i] for i in ok], crops, self.embeddings)
         out = {c: batch[c] for c in ("row", "id", "group", "prompt", "error")}
         out["score"] = scores
-        if self.embeddings:
-            out["image_embedding"], out["text_embedding"] = image_out, text_out
+        out.update(extra)
         return out
 
 
