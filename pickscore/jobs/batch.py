@@ -17,7 +17,8 @@ finished and recomputes the rest, with the same batches and so the same scores. 
 probabilities within each group need every score of the group, so they are computed from the shard files'
 (row, group, score) columns alone, and written as ``OUT/part-NNNNN.parquet`` (one per shard) with
 ``errors.jsonl`` (rows that could not be scored, with the reason) and ``_SUCCESS`` (counts) last. Memory:
-one shard's images at a time while scoring; a few dozen bytes a row while finalising.
+two shards' images at a time while scoring (the next one is decoded, or sent to the servers, while the
+current one is encoded or collected); a few dozen bytes a row while finalising.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import sys
 import tarfile
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -239,8 +241,8 @@ class LocalScorer:
         self.scorer = Scorer.from_pretrained(model, device=device, dtype=dtype, backend=backend, batch_size=batch_size)
         self.embeddings = embeddings
 
-    def score(self, rows: list[Row]) -> tuple[np.ndarray, dict[int, str], dict[str, np.ndarray]]:
-        """-> scores (n,) (NaN where failed), errors by position, and embeddings by column when asked."""
+    def prepare(self, rows: list[Row]) -> tuple[dict[int, str], list[int], list[np.ndarray]]:
+        """Decode and crop on every core -> (errors by position, the positions that decoded, their crops)."""
         from pickscore.model.preprocess import load_uint8
 
         errors = {i: r.error for i, r in enumerate(rows) if r.error}
@@ -254,15 +256,20 @@ class LocalScorer:
             except (InvalidInput, OSError) as e:
                 return e
 
-        crops = list(self.scorer.pool.map(load, todo))
-        for i, crop in zip(todo, crops):
+        ok, crops = [], []
+        for i, crop in zip(todo, self.scorer.pool.map(load, todo)):
             if isinstance(crop, Exception):
                 errors[i] = f"{rows[i].id}: {crop}"
-        ok = [i for i in todo if i not in errors]
-        good = {i: c for i, c in zip(todo, crops) if not isinstance(c, Exception)}
-        scores, extra = score_crops(
-            self.scorer, len(rows), ok, [rows[i].prompt for i in ok], [good[i] for i in ok], self.embeddings
-        )
+            else:
+                ok.append(i)
+                crops.append(crop)
+        return errors, ok, crops
+
+    def complete(self, rows: list[Row], prepared) -> tuple[np.ndarray, dict[int, str], dict[str, np.ndarray]]:
+        """-> scores (n,) (NaN where failed), errors by position, and embeddings by column when asked."""
+        errors, ok, crops = prepared
+        prompts = [rows[i].prompt for i in ok]
+        scores, extra = score_crops(self.scorer, len(rows), ok, prompts, crops, self.embeddings)
         return scores, errors, extra
 
     def close(self) -> None:
@@ -302,12 +309,17 @@ class ServerScorer:
         _model_source(servers[0], timeout, connection)  # fail early, naming the address, when it does not answer
         self.clients = [RewardClient(a, max_batch=32, max_inflight=4, timeout=timeout, **connection) for a in servers]
 
-    def score(self, rows: list[Row]) -> tuple[np.ndarray, dict[int, str], dict[str, np.ndarray]]:
+    def prepare(self, rows: list[Row]) -> tuple[dict[int, str], dict[int, Any]]:
+        """Submit the shard's rows (they are sent while the previous shard is collected)."""
         errors = {i: r.error for i, r in enumerate(rows) if r.error}
         futures = {}
         for n, i in enumerate(i for i in range(len(rows)) if i not in errors):
             row = rows[i]
             futures[i] = self.clients[n % len(self.clients)].submit(row.prompt, row.image or row.path)
+        return errors, futures
+
+    def complete(self, rows: list[Row], prepared) -> tuple[np.ndarray, dict[int, str], dict[str, np.ndarray]]:
+        errors, futures = prepared
         scores = np.full(len(rows), np.nan, np.float32)
         for i, future in futures.items():
             try:
@@ -418,6 +430,16 @@ def run_batch(
     total = count_rows(inputs)
     scorer = None
     start, scored = time.perf_counter(), 0
+    ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")  # the next shard's decode or sends
+    pending = None  # (name, rows, future of prepare): prepared while the shard before it is completed
+
+    def complete(name: str, rows: list[Row], prepared) -> None:
+        nonlocal scored
+        scores, errors, extra = scorer.complete(rows, prepared.result())
+        _write_atomically(shard_table(rows, scores, errors, extra), scores_dir / name)
+        scored += len(rows)
+        bar.update(len(rows))
+
     try:
         with tqdm(total=total, unit="img", disable=not progress or None, file=sys.stderr, desc="scoring") as bar:
             for number, rows in shards(read_rows(inputs), shard_size):
@@ -431,11 +453,14 @@ def run_batch(
                         if model
                         else ServerScorer(servers, timeout, **connection)
                     )
-                scores, errors, extra = scorer.score(rows)
-                _write_atomically(shard_table(rows, scores, errors, extra), scores_dir / name)
-                scored += len(rows)
-                bar.update(len(rows))
+                following = (name, rows, ahead.submit(scorer.prepare, rows))
+                if pending is not None:
+                    complete(*pending)
+                pending = following
+            if pending is not None:
+                complete(*pending)
     finally:
+        ahead.shutdown(wait=True, cancel_futures=True)
         if scorer is not None:
             scorer.close()
     manifest = finalise(out, spec)
