@@ -294,6 +294,10 @@ def to_json(message: Message) -> dict[str, Any]:
 
 
 def _numbers(desc: Descriptor, d: dict[str, Any]) -> dict[str, Any]:
+    """64-bit integers as numbers, and the fields in their declared order (as a reader expects them)."""
+    d = {f.name: d[f.name] for f in desc.fields if f.name in d} | {
+        k: v for k, v in d.items() if k not in desc.fields_by_name
+    }
     for key, value in d.items():
         fd = desc.fields_by_name.get(key)
         if fd is None:
