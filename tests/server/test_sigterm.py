@@ -35,6 +35,8 @@ def start_server(model, *flags: str) -> tuple[subprocess.Popen, dict, list[dict]
             "0",
             "--metrics-port",
             "0",
+            "--http-port",
+            "0",
             "--device",
             "cpu",
             *flags,
