@@ -17,7 +17,7 @@ from pickscore.backends import add_backend_flags
 from pickscore.errors import InvalidInput, PickScoreError
 from pickscore.flags import int_at_least
 from pickscore.model.preprocess import DEFAULT_MAX_PIXELS
-from pickscore.tls import add_client_tls_flags
+from pickscore.tls import add_client_flags, connection
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 MODEL_HELP = (
@@ -95,32 +95,7 @@ def _scoring_flags(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="deadline of each server request (default 600; with --server only)",
     )
-    _server_flags(p)
-
-
-def _server_flags(p: argparse.ArgumentParser) -> None:
-    """How to reach a server that serves TLS (mutual TLS) and wants a bearer token; with --server only."""
-    tls = p.add_argument_group("server security (with --server only)")
-    add_client_tls_flags(tls)
-    tls.add_argument(
-        "--token-file",
-        metavar="FILE",
-        help="send the first token in FILE (blank lines and # comments skipped) as `authorization: Bearer TOKEN`",
-    )
-    tls.add_argument(
-        "--token",
-        metavar="TOKEN",
-        help="send `authorization: Bearer TOKEN` (visible in the process list: prefer --token-file)",
-    )
-
-
-def _server_token(args: argparse.Namespace) -> str | None:
-    if args.token_file:
-        for line in Path(args.token_file).read_text().splitlines():
-            if line.strip() and not line.strip().startswith("#"):
-                return line.strip()
-        raise ValueError(f"--token-file {args.token_file} holds no token")
-    return args.token
+    add_client_flags(p.add_argument_group("server security (with --server only)"))
 
 
 def _expand(paths: Sequence[str]) -> list[Path]:
@@ -163,12 +138,7 @@ def _score_on_server(args: argparse.Namespace, files: list[Path]) -> tuple[np.nd
     with Client(
         args.server,
         timeout=args.timeout,
-        tls=args.tls,
-        tls_ca=args.tls_ca,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_server_name=args.tls_server_name,
-        token=_server_token(args),
+        **connection(args),
     ) as client:
         args.model = client.model_info().source  # the JSON names the model, as a local run does
         if args.skip_invalid:

@@ -1,7 +1,9 @@
-"""A client's side of TLS, shared by the Python clients, `pickscore score|rank --server` and `pickscore health`.
+"""A client's credentials (TLS and bearer tokens), shared by the Python clients and every command that talks to a
+server (`score|rank --server`, `batch --server`, `evaluate-models --server`, `health`).
 
     credentials = channel_credentials(ca="ca.pem", cert="me.pem", key="me.key")   # grpc.ChannelCredentials
-    add_client_tls_flags(parser.add_argument_group("TLS"))                         # --tls, --tls-ca, ...
+    add_client_flags(parser.add_argument_group("server security"))               # --tls*, --token-file, --token
+    connection(args)    # the keyword arguments the clients take: tls, tls_ca, tls_cert, tls_key, tls_server_name, token
 
 Neutral ground (grpc and the standard library only): the client and the server's health command both use it
 without importing each other.
@@ -41,6 +43,41 @@ def channel_credentials(
 
 def wants_tls(args: argparse.Namespace) -> bool:
     return bool(args.tls or args.tls_ca or args.tls_cert or args.tls_key)
+
+
+def read_token_file(path: PathLike) -> str:
+    """The first token in a file (blank lines and # comments skipped)."""
+    for line in Path(path).read_text().splitlines():
+        if line.strip() and not line.strip().startswith("#"):
+            return line.strip()
+    raise ValueError(f"--token-file {path} holds no token")
+
+
+def add_client_flags(group: argparse._ArgumentGroup) -> None:
+    """The TLS flags and --token-file / --token."""
+    add_client_tls_flags(group)
+    group.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="send the first token in FILE (blank lines and # comments skipped) as `authorization: Bearer TOKEN`",
+    )
+    group.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="send `authorization: Bearer TOKEN` (visible in the process list: prefer --token-file)",
+    )
+
+
+def connection(args: argparse.Namespace) -> dict:
+    """The clients' keyword arguments from the flags of ``add_client_flags``."""
+    return {
+        "tls": args.tls,
+        "tls_ca": args.tls_ca,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_server_name": args.tls_server_name,
+        "token": read_token_file(args.token_file) if args.token_file else args.token,
+    }
 
 
 def add_client_tls_flags(group: argparse._ArgumentGroup, target: str = "--server host") -> None:

@@ -337,6 +337,7 @@ def _model_source(address: str, timeout: float, connection: dict[str, Any]) -> s
     """The served model's reference, over gRPC (host:port) or HTTP (http[s]://host:port)."""
     if address.startswith(("http://", "https://")):
         import ssl
+        import urllib.error
         import urllib.request
 
         context = None
@@ -344,12 +345,21 @@ def _model_source(address: str, timeout: float, connection: dict[str, Any]) -> s
             context = ssl.create_default_context(cafile=connection.get("tls_ca"))
             if connection.get("tls_cert"):
                 context.load_cert_chain(connection["tls_cert"], connection.get("tls_key"))
-        try:
-            with urllib.request.urlopen(address.rstrip("/") + "/v1/model", timeout=timeout, context=context) as r:
-                return json.loads(r.read())["source"]
-        except OSError as e:
-            from pickscore.errors import Unavailable
+        headers = {"authorization": f"Bearer {connection['token']}"} if connection.get("token") else {}
+        request = urllib.request.Request(address.rstrip("/") + "/v1/model", headers=headers)
+        from pickscore.errors import Unavailable
+        from pickscore.status import error_for_http
 
+        try:
+            with urllib.request.urlopen(request, timeout=timeout, context=context) as r:
+                return json.loads(r.read())["source"]
+        except urllib.error.HTTPError as e:  # the server answered: its error, mapped as the clients map it
+            try:
+                message = json.loads(e.read()).get("error", e.reason)
+            except ValueError:
+                message = e.reason
+            raise error_for_http(e.code, f"{address}: HTTP {e.code}: {message}") from None
+        except OSError as e:
             raise Unavailable(f"{address}: {e}") from e
     from pickscore.client import Client
 

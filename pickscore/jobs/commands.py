@@ -8,7 +8,7 @@ import sys
 
 from pickscore.backends import add_backend_flags
 from pickscore.flags import int_at_least
-from pickscore.tls import add_client_tls_flags, wants_tls
+from pickscore.tls import add_client_flags, connection
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -82,7 +82,7 @@ def _add_batch_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the _SUCCESS manifest as JSON")
     add_backend_flags(p)
-    add_client_tls_flags(p.add_argument_group("server security (with --server only)"))
+    add_client_flags(p.add_argument_group("server security (with --server only)"))
     p.set_defaults(func=_cmd_batch)
 
 
@@ -109,9 +109,6 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         return _report(args, manifest)
     from pickscore.jobs.batch import run_batch
 
-    connection = {}
-    if wants_tls(args):
-        connection = {k: getattr(args, k) for k in ("tls_ca", "tls_cert", "tls_key") if getattr(args, k)}
     manifest = run_batch(
         args.input,
         args.output,
@@ -125,7 +122,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         backend=args.backend,
         batch_size=args.batch_size,
         timeout=args.timeout,
-        **connection,
+        **(connection(args) if args.server else {}),
     )
     return _report(args, manifest)
 

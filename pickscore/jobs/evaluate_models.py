@@ -39,7 +39,7 @@ from pickscore.backends import add_backend_flags
 from pickscore.errors import InvalidInput, PickScoreError
 from pickscore.flags import int_at_least
 from pickscore.model.preprocess import DEFAULT_MAX_PIXELS
-from pickscore.tls import add_client_tls_flags, wants_tls
+from pickscore.tls import add_client_flags, connection
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -570,13 +570,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="deadline of each server request (default 600; with --server)",
     )
     add_backend_flags(p)
-    security = p.add_argument_group("server security (with --server only)")
-    add_client_tls_flags(security)
-    security.add_argument(
-        "--token-file",
-        metavar="FILE",
-        help="send the first token in FILE (blank lines and # comments skipped) as `authorization: Bearer TOKEN`",
-    )
+    add_client_flags(p.add_argument_group("server security (with --server only)"))
     p.set_defaults(func=_cmd_evaluate_models)
 
 
@@ -657,26 +651,12 @@ def _score_on_server(
 ) -> tuple[dict[str, list[list[float]]], list[dict[str, Any]], str]:
     from pickscore.client import Client
 
-    security: dict[str, Any] = {}
-    if wants_tls(args):
-        security = {"tls": True, "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
-    with Client(
-        args.server, timeout=args.timeout, tls_server_name=args.tls_server_name, token=_token(args), **security
-    ) as client:
+    with Client(args.server, timeout=args.timeout, **connection(args)) as client:
         source = client.model_info().source
         scores, skipped = score_image_sets(
             prompts, sets, lambda text, images: client.score_many(text, images, skip_invalid=True)
         )
     return scores, skipped, f"{source} on {args.server}"
-
-
-def _token(args: argparse.Namespace) -> str | None:
-    if not args.token_file:
-        return None
-    for line in Path(args.token_file).read_text().splitlines():
-        if line.strip() and not line.strip().startswith("#"):
-            return line.strip()
-    raise ValueError(f"--token-file {args.token_file} holds no token")
 
 
 # ---------------------------------------------------------------- the report

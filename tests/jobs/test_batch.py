@@ -297,3 +297,18 @@ def test_embeddings_rescore_without_the_images(tmp_path, tiny_hf_dir, dataset):
     )
     with pytest.raises(ValueError, match="--embeddings needs --model"):
         run_batch([str(tmp_path / "data.parquet")], tmp_path / "out2", servers=["127.0.0.1:1"], embeddings=True)
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_on_a_server_that_wants_a_token(tmp_path, tiny_hf_dir, dataset, transport):
+    from pickscore.errors import Unauthenticated
+
+    pq.write_table(pa.Table.from_pylist(dataset[:3]), tmp_path / "data.parquet")
+    with ServerThread(settings_for(tiny_hf_dir, auth_token="s3cret")) as server:
+        address = server.address if transport == "grpc" else f"http://127.0.0.1:{server.server.http_port}"
+        with pytest.raises(Unauthenticated):
+            run_batch([str(tmp_path / "data.parquet")], tmp_path / "no", servers=[address], progress=False)
+        manifest = run_batch(
+            [str(tmp_path / "data.parquet")], tmp_path / "yes", servers=[address], token="s3cret", progress=False
+        )
+    assert manifest["scored"] == 3
