@@ -18,14 +18,13 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, jpegs, latency_stats, machine, serve, write_model  # noqa: E402
+from common import append_results, closed_loop, jpegs, machine, serve, write_model  # noqa: E402
 
 
 def batch(data: Path, out: Path, *where: str) -> float:
@@ -39,20 +38,8 @@ async def serving(address: str, images: list[bytes], requests: int) -> dict:
     from pickscore.client import AsyncClient
 
     async with AsyncClient(address, timeout=600) as client:
-        todo = iter(range(requests))
-        latencies: list[float] = []
-
-        async def caller():
-            for i in todo:
-                blobs = [images[(i * 8 + k) % len(images)] for k in range(8)]
-                start = time.perf_counter()
-                await client.score(f"prompt number {i}", blobs)
-                latencies.append(time.perf_counter() - start)
-
         await client.score("warm-up", images[:8])
-        start = time.perf_counter()
-        await asyncio.gather(*(caller() for _ in range(8)))
-        return latency_stats(latencies, requests * 8, time.perf_counter() - start)
+        return await closed_loop(client.score, images, 8, requests)
 
 
 def main(argv=None) -> int:

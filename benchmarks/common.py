@@ -104,6 +104,35 @@ def latency_stats(latencies_s: list[float], images: int, wall_s: float) -> dict[
     }
 
 
+PER_REQUEST = 8  # best-of-8: the images of one request in every serving benchmark
+
+
+def prompts(n: int) -> list[str]:
+    """``n`` distinct prompts (so no cache helps)."""
+    return [f"prompt {i}: a watercolor painting of a fox in a snowy forest, detailed" for i in range(n)]
+
+
+async def closed_loop(call, images: list[bytes], concurrency: int, requests: int) -> dict:
+    """``concurrency`` callers, each sending its next best-of-8 request (``await call(prompt, blobs)``) as soon
+    as the last one answered; images/s over the window, latency percentiles over requests."""
+    import asyncio
+
+    todo = iter(range(requests))
+    latencies: list[float] = []
+    names = prompts(requests)
+
+    async def caller():
+        for i in todo:
+            blobs = [images[(i * PER_REQUEST + k) % len(images)] for k in range(PER_REQUEST)]
+            t = time.perf_counter()
+            await call(names[i], blobs)
+            latencies.append(time.perf_counter() - t)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return latency_stats(latencies, requests * PER_REQUEST, time.perf_counter() - start)
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

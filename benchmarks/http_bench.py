@@ -18,29 +18,10 @@ import base64
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, jpegs, latency_stats, machine, serve, write_model  # noqa: E402
-
-PER_REQUEST = 8
-
-
-async def closed_loop(call, images: list[bytes], concurrency: int, requests: int) -> dict:
-    todo = iter(range(requests))
-    latencies: list[float] = []
-
-    async def caller():
-        for i in todo:
-            blobs = [images[(i * PER_REQUEST + k) % len(images)] for k in range(PER_REQUEST)]
-            start = time.perf_counter()
-            await call(f"prompt number {i}", blobs)
-            latencies.append(time.perf_counter() - start)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
-    return latency_stats(latencies, requests * PER_REQUEST, time.perf_counter() - start)
+from common import append_results, closed_loop, jpegs, machine, serve, write_model  # noqa: E402
 
 
 async def measure(entry: dict, images: list[bytes], levels: list[int], requests: int) -> dict:

@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, jpegs, machine, serve, write_model  # noqa: E402
+from common import PER_REQUEST, append_results, jpegs, machine, serve, write_model  # noqa: E402
 
-PER_REQUEST = 8
 POLICIES = {"count": "0"}  # --max-queue-wait-s of each policy; "time" takes the benchmark's --max-queue-wait-s
 
 

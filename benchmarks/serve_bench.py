@@ -33,13 +33,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, jpegs, latency_stats, machine, serve, write_model  # noqa: E402
-
-PER_REQUEST = 8
-
-
-def prompts(n: int) -> list[str]:
-    return [f"prompt {i}: a watercolor painting of a fox in a snowy forest, detailed" for i in range(n)]
+from common import (  # noqa: E402
+    PER_REQUEST,
+    append_results,
+    closed_loop,
+    jpegs,
+    latency_stats,
+    machine,
+    prompts,
+    serve,
+    write_model,
+)
 
 
 def bench_transformers(model_dir: Path, images: list[bytes], requests: int, one_per_call: bool, device: str) -> dict:
@@ -82,24 +86,6 @@ def bench_transformers(model_dir: Path, images: list[bytes], requests: int, one_
         t = time.perf_counter()
         request(i, p)
         latencies.append(time.perf_counter() - t)
-    return latency_stats(latencies, requests * PER_REQUEST, time.perf_counter() - start)
-
-
-async def closed_loop(call, images: list[bytes], concurrency: int, requests: int) -> dict:
-    """``concurrency`` callers, each sending its next request as soon as the last one answered."""
-    todo = iter(range(requests))
-    latencies: list[float] = []
-    names = prompts(requests)
-
-    async def caller():
-        for i in todo:
-            blobs = [images[(i * PER_REQUEST + k) % len(images)] for k in range(PER_REQUEST)]
-            t = time.perf_counter()
-            await call(names[i], blobs)
-            latencies.append(time.perf_counter() - t)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
     return latency_stats(latencies, requests * PER_REQUEST, time.perf_counter() - start)
 
 

@@ -22,18 +22,23 @@ Overloaded, DeadlineExceeded, Unavailable, ...) with the server's message.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import random
+import threading
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 
 import grpc
 import numpy as np
 
-from pickscore.errors import InvalidInput, PickScoreError
+from pickscore.errors import InvalidInput, Overloaded, PickScoreError, Unavailable
 from pickscore.model.scoring import Ranking, check_top_k, rank_scores
-from pickscore.status import error_for
-from pickscore.tls import channel_credentials
+from pickscore.status import error_for, error_for_http
+from pickscore.tls import channel_credentials, ssl_context
 from pickscore.v1 import scoring_pb2 as pb
 from pickscore.v1 import scoring_pb2_grpc
 
@@ -370,9 +375,6 @@ class RewardClient:
         metadata: Sequence[tuple[str, str]] = (),
         **tls,
     ):
-        import asyncio
-        import threading
-
         if scale not in self.SCALES:
             raise ValueError(f"scale {scale!r}; one of {', '.join(self.SCALES)}")
         if max_batch < 1 or max_inflight < 1:
@@ -398,8 +400,6 @@ class RewardClient:
 
     def submit(self, prompt: str, image: ImageRef | object):
         """The reward of ``image`` for ``prompt``: a concurrent.futures.Future of a float."""
-        from concurrent.futures import Future
-
         if self._closed:
             raise RuntimeError("RewardClient is closed")
         future: Future = Future()
@@ -410,8 +410,6 @@ class RewardClient:
     def submit_group(self, prompt: str, images: Sequence, softmax: bool = False):
         """One prompt's group (GRPO): a Future of the (N,) rewards, or of the softmax of their raw scores (the
         probability that each image is preferred) when ``softmax``."""
-        from concurrent.futures import Future
-
         parts = [self.submit(prompt, image) for image in images]
         group: Future = Future()
         left = [len(parts)]
@@ -453,8 +451,6 @@ class RewardClient:
         self._arrived.set()
 
     async def _batches(self) -> None:
-        import asyncio
-
         sender = _HttpScorer(self) if self._http else _GrpcScorer(self)
         slots = asyncio.Semaphore(self.max_inflight)
         tasks: set[asyncio.Task] = set()
@@ -481,12 +477,6 @@ class RewardClient:
             await sender.close()
 
     async def _send(self, sender, batch: list) -> None:
-        import asyncio
-        import random
-        import warnings
-
-        from pickscore.errors import Overloaded, Unavailable
-
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.timeout
         attempt = 0
@@ -548,21 +538,12 @@ class _HttpScorer:
         self.headers = {"Content-Type": "application/msgpack", **dict(owner._metadata)}
         if owner._token:
             self.headers["authorization"] = f"Bearer {owner._token}"
-        self.ssl = None
-        if owner._tls.get("tls_ca") or owner._tls.get("tls_cert"):
-            import ssl
-
-            self.ssl = ssl.create_default_context(cafile=owner._tls.get("tls_ca"))
-            if owner._tls.get("tls_cert"):
-                self.ssl.load_cert_chain(owner._tls["tls_cert"], owner._tls.get("tls_key"))
+        self.ssl = ssl_context(owner._tls.get("tls_ca"), owner._tls.get("tls_cert"), owner._tls.get("tls_key"))
         self.session = None
 
     async def score(self, prompts: list[str], images: list[ImageRef], timeout: float) -> list[float]:
         import aiohttp
         import msgpack
-
-        from pickscore.errors import Unavailable
-        from pickscore.status import error_for_http
 
         if self.session is None:
             self.session = aiohttp.ClientSession()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 from pathlib import Path
 
 import grpc
@@ -39,6 +40,21 @@ def channel_credentials(
         private_key=read_pem(key, "--tls-key") if key else None,
         certificate_chain=read_pem(cert, "--tls-cert") if cert else None,
     )
+
+
+def ssl_context(
+    ca: PathLike | None = None, cert: PathLike | None = None, key: PathLike | None = None
+) -> ssl.SSLContext | None:
+    """The same files for an HTTPS client (the reward client, ``batch --server https://...``); None when neither a
+    CA nor a client certificate is given (the system's roots, as any HTTPS client)."""
+    if not ca and not cert:
+        return None
+    if bool(cert) != bool(key):
+        raise ValueError("--tls-cert and --tls-key go together: give both for a client certificate, or neither")
+    context = ssl.create_default_context(cafile=str(ca) if ca else None)
+    if cert:
+        context.load_cert_chain(str(cert), str(key))
+    return context
 
 
 def wants_tls(args: argparse.Namespace) -> bool:

@@ -97,34 +97,42 @@ def file_rows(path: Path) -> Iterator[Row]:
     raise InvalidInput(f"{path}: not Parquet, a WebDataset .tar or a manifest.jsonl")
 
 
-def read_rows(inputs: Sequence[str]) -> Iterator[Row]:
+def read_rows(files: Sequence[Path]) -> Iterator[Row]:
+    """Every row of ``files`` (``input_files``), numbered in order."""
     index = 0
-    for path in input_files(inputs):
+    for path in files:
         for row in file_rows(path):
             row.index = index
             index += 1
             yield row
 
 
-def count_rows(inputs: Sequence[str]) -> int | None:
-    """Rows the inputs hold when that is cheap to know (Parquet metadata, manifest lines), else None."""
-    total = 0
-    for path in input_files(inputs):
-        if path.suffix == ".parquet":
-            meta = pq.ParquetFile(path)
-            rows = meta.metadata.num_rows
-            total += 2 * rows if set(PICKAPIC) <= set(meta.schema_arrow.names) else rows
-        elif path.name == "manifest.jsonl":
-            total += sum(1 for line in path.open() if line.strip())
-        else:
-            return None
-    return total
+def file_count(path: Path) -> int | None:
+    """The rows of one input file when that is cheap to know (Parquet metadata, manifest lines), else None."""
+    if path.suffix == ".parquet":
+        source = pq.ParquetFile(path)
+        rows = source.metadata.num_rows
+        return 2 * rows if _is_pickapic(source.schema_arrow.names) else rows
+    if path.name == "manifest.jsonl":
+        return sum(1 for line in path.open() if line.strip())
+    return None
+
+
+def count_rows(files: Sequence[Path]) -> int | None:
+    """All the rows ``files`` hold when every file's count is cheap to know, else None."""
+    counts = [file_count(path) for path in files]
+    return None if None in counts else sum(counts)
+
+
+def _is_pickapic(names: Sequence[str]) -> bool:
+    """Pick-a-Pic's layout (two candidates a row), unless the file has our own prompt column."""
+    return set(PICKAPIC) <= set(names) and "prompt" not in names
 
 
 def _parquet_rows(path: Path) -> Iterator[Row]:
     source = pq.ParquetFile(path)
     names = set(source.schema_arrow.names)
-    pickapic = set(PICKAPIC) <= names and "prompt" not in names
+    pickapic = _is_pickapic(source.schema_arrow.names)
     if not pickapic and ("prompt" not in names or not names & {"image", "image_path"}):
         raise InvalidInput(
             f"{path}: needs a column prompt and one of image (bytes) or image_path (or Pick-a-Pic's "
@@ -336,15 +344,12 @@ class ServerScorer:
 def _model_source(address: str, timeout: float, connection: dict[str, Any]) -> str:
     """The served model's reference, over gRPC (host:port) or HTTP (http[s]://host:port)."""
     if address.startswith(("http://", "https://")):
-        import ssl
         import urllib.error
         import urllib.request
 
-        context = None
-        if address.startswith("https://"):
-            context = ssl.create_default_context(cafile=connection.get("tls_ca"))
-            if connection.get("tls_cert"):
-                context.load_cert_chain(connection["tls_cert"], connection.get("tls_key"))
+        from pickscore.tls import ssl_context
+
+        context = ssl_context(connection.get("tls_ca"), connection.get("tls_cert"), connection.get("tls_key"))
         headers = {"authorization": f"Bearer {connection['token']}"} if connection.get("token") else {}
         request = urllib.request.Request(address.rstrip("/") + "/v1/model", headers=headers)
         from pickscore.errors import Unavailable
@@ -437,7 +442,8 @@ def run_batch(
     _claim(out, spec, resume)
     scores_dir = out / SCORES
     done = {p.name for p in scores_dir.glob("shard-*.parquet")}
-    total = count_rows(inputs)
+    files = input_files(inputs)
+    total = count_rows(files)
     scorer = None
     start, scored = time.perf_counter(), 0
     ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")  # the next shard's decode or sends
@@ -452,7 +458,7 @@ def run_batch(
 
     try:
         with tqdm(total=total, unit="img", disable=not progress or None, file=sys.stderr, desc="scoring") as bar:
-            for number, rows in shards(read_rows(inputs), shard_size):
+            for number, rows in shards(read_rows(files), shard_size):
                 name = f"shard-{number:05d}.parquet"
                 if name in done:
                     bar.update(len(rows))

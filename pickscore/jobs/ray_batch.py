@@ -31,6 +31,7 @@ from pickscore.jobs.batch import (
     Row,
     _claim,
     _write_atomically,
+    file_count,
     file_rows,
     finalise,
     input_files,
@@ -47,7 +48,9 @@ def _message(value: Any) -> str | None:
 
 
 def _count(path: Path) -> int:
-    return sum(1 for _ in file_rows(path))
+    """One file's rows: from its metadata when it has them, else by reading it (a tar's headers and members)."""
+    known = file_count(path)
+    return known if known is not None else sum(1 for _ in file_rows(path))
 
 
 def _read_task(batch: dict[str, np.ndarray]) -> Iterator[dict[str, list]]:
@@ -197,12 +200,13 @@ def run_batch_on_ray(
         num_gpus=1 if on_gpu else 0,
         num_cpus=0 if on_gpu else cpus_per_scorer,
     )
-    _write_shards(ds, out, shard_size, set(done), embeddings)
+    _write_shards(ds, out, shard_size, embeddings)
     return finalise(out, spec)
 
 
-def _write_shards(ds, out: Path, shard_size: int, done: set[int], embeddings: bool) -> None:
-    """Scored rows, streamed in order, into the in-process path's shard files (same rows per shard)."""
+def _write_shards(ds, out: Path, shard_size: int, embeddings: bool) -> None:
+    """Scored rows, streamed in order, into the in-process path's shard files (same rows per shard; the rows
+    of shards already on disk were left out by the read tasks)."""
     pending: list[Row] = []
     scores: list[float] = []
     errors: list[str | None] = []
@@ -216,16 +220,13 @@ def _write_shards(ds, out: Path, shard_size: int, done: set[int], embeddings: bo
         columns = {k: np.stack(v) for k, v in extra.items()} if embeddings else {}
         table = shard_table(pending, np.asarray(scores, np.float32), err, columns)
         _write_atomically(table, out / SCORES / f"shard-{current:05d}.parquet")
-        pending.clear(), scores.clear(), errors.clear()
-        for v in extra.values():
-            v.clear()
+        for values in (pending, scores, errors, *extra.values()):
+            values.clear()
 
     for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
         for i in range(len(batch["row"])):
             row = int(batch["row"][i])
             shard = row // shard_size
-            if shard in done:
-                continue
             if shard != current:
                 flush()
                 current = shard

@@ -44,6 +44,7 @@ from pickscore.v1 import scoring_pb2 as pb
 
 MSGPACK = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor extension
+MAX_BODY = web.AppKey("max_body_bytes", int)
 
 
 class HttpFrontDoor:
@@ -54,6 +55,7 @@ class HttpFrontDoor:
         self.models = models
         self.state = state
         self.app = web.Application(client_max_size=max_body_bytes)
+        self.app[MAX_BODY] = max_body_bytes
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
         kserve = [
@@ -85,7 +87,7 @@ class HttpFrontDoor:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context, reuse_address=True)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = self._runner.addresses[0][1]
         return self.port
 
     async def stop(self) -> None:
@@ -204,7 +206,11 @@ async def _body(request: web.Request) -> bytes:
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge as e:
-        raise InvalidInput(f"request body over {request.app._client_max_size} bytes (--max-message-bytes)") from e
+        raise _too_large(request) from e
+
+
+def _too_large(request: web.Request) -> InvalidInput:
+    return InvalidInput(f"request body over {request.app[MAX_BODY]} bytes (--max-message-bytes)")
 
 
 def _deadline(request: web.Request) -> float | None:
@@ -249,7 +255,7 @@ async def _multipart(request: web.Request, cls: type[Message]) -> Message:
     try:
         form = await request.post()
     except web.HTTPRequestEntityTooLarge as e:
-        raise InvalidInput(f"request body over {request.app._client_max_size} bytes (--max-message-bytes)") from e
+        raise _too_large(request) from e
     except ValueError as e:
         raise InvalidInput(f"request body: not multipart/form-data ({e})") from None
     message = cls()

@@ -102,8 +102,7 @@ class ServerTls:
     def _swap(self, sock: ssl.SSLObject, server_name: str | None, outer: ssl.SSLContext) -> None:
         try:
             with self._lock:
-                if time.monotonic() >= self._retry_at and _signature(self._paths) != self._signature:
-                    self._load()
+                self._load_if_changed()
                 generation, files = self._generation, self._files
             if self._http is None or self._http[0] != generation:
                 self._http = (generation, self._ssl(files))
@@ -130,17 +129,19 @@ class ServerTls:
         """gRPC's callback, on its own threads, before every new connection: a new configuration, or None."""
         try:
             with self._lock:
-                if (
-                    self._pending is None
-                    and time.monotonic() >= self._retry_at
-                    and _signature(self._paths) != self._signature
-                ):
-                    self._load()
+                if self._pending is None:  # else a reload already has one waiting for this connection
+                    self._load_if_changed()
                 pending, self._pending = self._pending, None
             return pending
         except Exception:  # never fail a handshake over a reload: keep the current certificate
             log.exception("TLS reload failed; serving the previous certificate")
             return None
+
+    def _load_if_changed(self) -> None:
+        """With the lock held: re-read the files when their stat says they changed (not sooner than RETRY_S after a
+        failed read); both ports' handshakes call this."""
+        if time.monotonic() >= self._retry_at and _signature(self._paths) != self._signature:
+            self._load()
 
     def _load(self) -> bool:
         signature = _signature(self._paths)  # before reading: a write after this is seen at the next connection

@@ -378,3 +378,13 @@ def test_a_failed_batch_is_500(tiny_hf_dir):
             "application/msgpack",
         )
         assert ok[0] == 200  # only that batch failed
+
+
+def test_a_body_over_the_message_limit_is_400_naming_the_limit(tiny_hf_dir):
+    with ServerThread(settings_for(tiny_hf_dir, max_message_bytes=4096)) as server:
+        big = json.dumps({"prompt": PROMPT, "images": [{"data": base64.b64encode(IMAGES[0] * 2).decode()}]})
+        status, _, answer = post(server, "/v1/score", big.encode(), "application/json")
+        assert status == 400 and "request body over 4096 bytes (--max-message-bytes)" in json.loads(answer)["error"]
+        form, kind = multipart([("prompt", PROMPT)], [("a.jpg", IMAGES[0] * 2)])
+        status, _, answer = post(server, "/v1/rank", form, kind)
+        assert status == 400 and "request body over 4096 bytes" in json.loads(answer)["error"]
