@@ -12,8 +12,9 @@ PROM_BIN := $(CURDIR)/$(PROM_DIR)/usr/bin
 
 install: $(STAMP)
 
-tools:
+tools:  ## system tools the tests drive: Prometheus (tests/deploy), chromium + chromedriver and PostgreSQL (tests/collect)
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || deploy/prometheus/fetch-prometheus.sh $(PROM_DIR)
+	@scripts/install-test-tools.sh
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

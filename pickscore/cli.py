@@ -10,6 +10,9 @@
     pickscore health [--server HOST:PORT]
     pickscore batch --input PATH... --output DIR (--model REF | --server ADDR[,ADDR...]) [--resume]
     pickscore evaluate-models --prompts FILE --images NAME=PATH... (--model REF | --server HOST:PORT)
+    pickscore collect [--db URL] [--candidates synthetic|pool:PATH|http://...] [--port 8080]
+    pickscore collect export --db URL --out DIR
+    pickscore collect invite --db URL [--count N]
 
 Exit status: 0 on success, 1 when the model, an input or a setting was bad (the message names it), 2 on usage
 errors.
@@ -22,6 +25,7 @@ import sys
 from collections.abc import Sequence
 
 from pickscore import commands
+from pickscore.collect import commands as collect_commands
 from pickscore.errors import PickScoreError
 from pickscore.exporter import commands as exporter_commands
 from pickscore.jobs import commands as jobs_commands
@@ -42,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     exporter_commands.add_parsers(sub)
     server_commands.add_parsers(sub)
     jobs_commands.add_parsers(sub)
+    collect_commands.add_parsers(sub)
     return parser
 
 

@@ -43,6 +43,14 @@ class Unauthenticated(PickScoreError):
     """Missing or wrong credentials."""
 
 
+class Forbidden(PickScoreError):
+    """Known caller, but not allowed to do this (not an admin, no consent, a forged form)."""
+
+
+class Conflict(PickScoreError):
+    """The request no longer fits the current state: a choice already made, a pair no longer shown."""
+
+
 class Internal(PickScoreError):
     """A backend failure."""
 

@@ -13,7 +13,9 @@ from collections.abc import Sequence
 import grpc
 
 from pickscore.errors import (
+    Conflict,
     DeadlineExceeded,
+    Forbidden,
     Internal,
     InvalidInput,
     NotFound,
@@ -30,6 +32,8 @@ STATUS: dict[type[PickScoreError], grpc.StatusCode] = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     NotFound: grpc.StatusCode.NOT_FOUND,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    Forbidden: grpc.StatusCode.PERMISSION_DENIED,
+    Conflict: grpc.StatusCode.ABORTED,
     Internal: grpc.StatusCode.INTERNAL,
 }
 _ERRORS = {code: cls for cls, code in STATUS.items()}
@@ -37,7 +41,9 @@ _ERRORS = {code: cls for cls, code in STATUS.items()}
 HTTP_STATUS: dict[type[PickScoreError], int] = {
     InvalidInput: 400,
     Unauthenticated: 401,
+    Forbidden: 403,
     NotFound: 404,
+    Conflict: 409,
     Overloaded: 429,
     Internal: 500,
     Unavailable: 503,

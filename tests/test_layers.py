@@ -31,6 +31,7 @@ LAYERS = [
     ["pickscore.backends"],
     ["pickscore.scorer", "pickscore.client", "pickscore.server", "pickscore.exporter", "pickscore.training"],
     ["pickscore.commands", "pickscore.jobs"],
+    ["pickscore.collect"],  # its pool source reads inputs with pickscore.jobs' readers
     ["pickscore.cli", "pickscore"],
 ]
 LAYER = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}

@@ -50,7 +50,7 @@ SCORES = "_scores"
 @dataclass
 class Row:
     """One candidate: its place in the job, the caller's id, its group and prompt, and the image (bytes or a path);
-    ``error`` when the row itself is unusable (it is reported, not scored)."""
+    ``error`` when the row itself is unusable (it is reported, not scored); ``model`` from an optional column."""
 
     index: int
     id: str
@@ -59,6 +59,7 @@ class Row:
     image: bytes | None = None
     path: str | None = None
     error: str = ""
+    model: str = ""  # the generator that made the image, when the input says (the collection app's pools)
 
 
 # Reading ------------------------------------------------------------------------------------------------
@@ -138,7 +139,22 @@ def _parquet_rows(path: Path) -> Iterator[Row]:
             f"{path}: needs a column prompt and one of image (bytes) or image_path (or Pick-a-Pic's "
             f"caption, jpg_0, jpg_1); it has {', '.join(sorted(names))}"
         )
-    wanted = [c for c in ("prompt", "image", "image_path", "group", "id", *PICKAPIC, "ranking_id") if c in names]
+    wanted = [
+        c
+        for c in (
+            "prompt",
+            "image",
+            "image_path",
+            "group",
+            "id",
+            "model",
+            *PICKAPIC,
+            "ranking_id",
+            "model_0",
+            "model_1",
+        )
+        if c in names
+    ]
     at = 0
     for batch in source.iter_batches(batch_size=64, columns=wanted):
         for record in batch.to_pylist():
@@ -146,14 +162,16 @@ def _parquet_rows(path: Path) -> Iterator[Row]:
             if pickapic:
                 key = str(record["ranking_id"]) if record.get("ranking_id") is not None else name
                 for side in (0, 1):
-                    yield _row(f"{key}:{side}", key, record["caption"], record[f"jpg_{side}"], None, name)
+                    row = _row(f"{key}:{side}", key, record["caption"], record[f"jpg_{side}"], None, name)
+                    row.model = str(record.get(f"model_{side}") or "")
+                    yield row
             else:
                 group = record.get("group")
                 ident = record.get("id")
                 image_path = record.get("image_path")
                 if image_path is not None and not os.path.isabs(image_path):
                     image_path = str(path.parent / image_path)
-                yield _row(
+                row = _row(
                     name if ident is None else str(ident),
                     None if group is None else str(group),
                     record["prompt"],
@@ -161,6 +179,8 @@ def _parquet_rows(path: Path) -> Iterator[Row]:
                     image_path,
                     name,
                 )
+                row.model = str(record.get("model") or "")
+                yield row
             at += 1
 
 
@@ -223,7 +243,9 @@ def _manifest_rows(path: Path) -> Iterator[Row]:
         ident = str(entry.get("id", image))
         full = image if os.path.isabs(image) else str(path.parent / image)
         group = entry.get("group")
-        yield _row(ident, None if group is None else str(group), entry.get("prompt"), None, full, where)
+        row = _row(ident, None if group is None else str(group), entry.get("prompt"), None, full, where)
+        row.model = str(entry.get("model") or "")
+        yield row
 
 
 def shards(rows: Iterator[Row], size: int) -> Iterator[tuple[int, list[Row]]]:

@@ -171,8 +171,8 @@ def _columns(row: SyntheticPair, image_size: int, per_prompt: Counter[str]) -> d
     best = {(1.0, 0.0): uid_0, (0.0, 1.0): uid_1}.get((row.label_0, row.label_1))  # null for a tie
     return {
         "caption": row.prompt.caption,
-        "jpg_0": _png(render(row.scene_0, image_size, rng)),
-        "jpg_1": _png(render(row.scene_1, image_size, rng)),
+        "jpg_0": png(render(row.scene_0, image_size, rng)),
+        "jpg_1": png(render(row.scene_1, image_size, rng)),
         "label_0": row.label_0,
         "label_1": row.label_1,
         "has_label": True,
@@ -189,7 +189,7 @@ def _columns(row: SyntheticPair, image_size: int, per_prompt: Counter[str]) -> d
     }
 
 
-def _png(img: Image.Image) -> bytes:
+def png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     # Flat colours compress well at any level; level 1 encodes ~2x faster than the default 6.
     img.save(buf, "PNG", compress_level=1)
@@ -262,7 +262,7 @@ def write_synthetic_models(
                 for k in range(images_per_prompt):
                     changes = sum(image_rng.random() < gen.change for _ in ATTRIBUTES)
                     drawn = vary(scene, changes, image_rng)
-                    (folder / f"{k}.png").write_bytes(_png(render(drawn, image_size, image_rng)))
+                    (folder / f"{k}.png").write_bytes(png(render(drawn, image_size, image_rng)))
                     bar.update(1)
     summary = [{"name": g.name, "change": g.change, "expected_attributes_kept": g.expected_kept} for g in gens]
     (out / "models.json").write_text(json.dumps({"best_first": summary}, indent=2) + "\n")
