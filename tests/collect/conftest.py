@@ -172,3 +172,130 @@ def browser(tmp_path, monkeypatch):
         yield chrome
     finally:
         chrome.quit()
+
+
+# The app itself, on loopback --------------------------------------------------------------------------------
+
+
+class AppThread:
+    """A ``CollectApp`` serving on 127.0.0.1 from its own event loop in a thread (as `pickscore collect` does)."""
+
+    def __init__(self, settings, source=None):
+        import asyncio
+        import threading
+
+        from pickscore.collect.app import CollectApp
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.app = self.run(_build(CollectApp, settings, source))
+        self.run(self.app.start())
+        self.url = f"http://127.0.0.1:{self.app.port}"
+        self.store = self.app.store
+
+    def run(self, coroutine):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=120)
+
+    def close(self) -> None:
+        if not self.thread.is_alive():
+            return
+        self.run(self.app.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+async def _build(cls, settings, source):
+    return cls(settings, source=source)
+
+
+@pytest.fixture
+def start_app():
+    """start_app(db=URL, candidates=..., **settings) -> AppThread; every app started is stopped afterwards."""
+    from pickscore.collect.app import CollectSettings
+
+    started: list[AppThread] = []
+
+    def start(source=None, **settings) -> AppThread:
+        settings.setdefault("port", 0)
+        app = AppThread(CollectSettings(**settings), source)
+        started.append(app)
+        return app
+
+    yield start
+    for app in started:
+        app.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    """A fresh database of each kind: a SQLite file, and a new database on the test PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'collect.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+class Visitor:
+    """One person's browser without the browser: a cookie jar, forms posted as the pages would post them."""
+
+    def __init__(self, base: str):
+        import http.cookiejar
+        import urllib.request
+
+        self.base = base
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        self.status, self.body = 0, ""
+
+    def get(self, path: str = "/") -> str:
+        return self._open(path, None)
+
+    def post(self, path: str, **form) -> str:
+        import urllib.parse
+
+        if "csrf" not in form and self.csrf:
+            form["csrf"] = self.csrf
+        return self._open(path, urllib.parse.urlencode(form).encode())
+
+    def _open(self, path: str, data: bytes | None) -> str:
+        import urllib.error
+
+        try:
+            with self.opener.open(self.base + path, data, timeout=60) as response:
+                self.status, self.body = response.status, response.read().decode()
+        except urllib.error.HTTPError as e:
+            self.status, self.body = e.code, e.read().decode()
+        return self.body
+
+    def _field(self, name: str) -> str | None:
+        import re
+
+        found = re.search(rf'name="{name}" value="([^"]*)"', self.body)
+        return found and found.group(1)
+
+    @property
+    def csrf(self) -> str | None:
+        return self._field("csrf")
+
+    @property
+    def error(self) -> str | None:
+        import html
+        import re
+
+        found = re.search(r'id="error"[^>]*>([^<]*)<', self.body)
+        return found and html.unescape(found.group(1))
+
+    @property
+    def pair(self) -> dict | None:
+        """The pair on the page: its id and the two image ids, as the choice form holds them."""
+        if self._field("pair") is None:
+            return None
+        return {"pair": int(self._field("pair")), "image_0": self._field("image_0"), "image_1": self._field("image_1")}
+
+    def sign_in(self, name: str, consent: bool = True, **form) -> str:
+        self.get("/signin")
+        return self.post("/signin", name=name, **({"consent": "yes"} if consent else {}), **form)
+
+    def choose(self, label: str, **override) -> str:
+        return self.post("/choose", **{**(self.pair or {}), "choice": label, **override})
