@@ -33,7 +33,7 @@ import jinja2
 from aiohttp import web
 
 from pickscore.collect import report
-from pickscore.collect.sources import PickScoreOrdered, Source, open_source
+from pickscore.collect.sources import PickScoreOrdered, Source, distinct, open_source
 from pickscore.collect.store import MAX_PROMPT_CHARS, Candidate, Choice, Store, User, clean_prompt
 from pickscore.errors import Forbidden, InvalidInput, PickScoreError, Unauthenticated
 from pickscore.flags import option
@@ -274,6 +274,7 @@ class CollectApp:
             drawn, ordering = await self.ordered.order(prompt, kept, exclude)
         else:
             drawn, ordering = await self.source.draw(prompt, need, exclude), None
+        drawn = [c for c in distinct(drawn) if kept is None or c.id != kept.id]  # never one image against itself
         if len(drawn) < need:
             raise InvalidInput(f"prompt {prompt!r}: the source has too few images for it")
         return drawn[0], (drawn[1] if need == 2 else None), ordering

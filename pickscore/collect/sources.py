@@ -221,7 +221,7 @@ class PickScoreOrdered:
 
     async def order(self, prompt: str, kept: Candidate | None, exclude: set[str]) -> tuple[list[Candidate], dict]:
         """Two candidates (``kept`` is given: one, to go beside it) and how they were chosen."""
-        drawn = _distinct(await self.source.draw(prompt, self.pool, exclude))
+        drawn = distinct(await self.source.draw(prompt, self.pool, exclude))
         if len(drawn) < (1 if kept else 2):
             return drawn[: 1 if kept else 2], {"by": "none", "reason": "too few distinct candidates to order"}
         scored = drawn + ([kept] if kept else [])
@@ -254,7 +254,8 @@ class PickScoreOrdered:
         await self.client.close()
 
 
-def _distinct(candidates: list[Candidate]) -> list[Candidate]:
+def distinct(candidates: list[Candidate]) -> list[Candidate]:
+    """``candidates`` without repeated images, first of each kept."""
     seen: dict[str, Candidate] = {}
     for c in candidates:
         seen.setdefault(c.id, c)

@@ -360,10 +360,9 @@ class Store:
                 )
             )
         try:
-            if after is not None:  # MUTATION: the choice commits on its own, before the next pair
-                with Session(self.engine) as s0, s0.begin():
-                    self._record(s0, user_id, after)
             with Session(self.engine) as s, s.begin():
+                if after is not None:
+                    self._record(s, user_id, after)
                 _insert_ignore(s, StoredImage.__table__, images)
                 pair = Pair(
                     user_id=user_id,
