@@ -120,6 +120,7 @@ class CollectApp:
         )
         self.runner: web.AppRunner | None = None
         self.port = settings.port
+        self._summarised: tuple[int | None, dict[str, Any]] | None = None
 
     async def start(self) -> None:
         self.runner = web.AppRunner(self.app, access_log=None)
@@ -301,15 +302,22 @@ class CollectApp:
 
     async def admin(self, request: web.Request) -> web.Response:
         user = await self._admin_user(request)
-        summary = await _db(report.summary, self.store)
+        summary = await _db(self._summary)
         return self._page("admin.html", user=user, summary=summary, source=self._description())
 
     async def admin_plot(self, request: web.Request) -> web.Response:
         await self._admin_user(request)
-        summary = await _db(report.summary, self.store)
+        summary = await _db(self._summary)
         draw = report.plot_hourly if request.match_info["plot"] == "hourly" else report.plot_models
         png = await asyncio.to_thread(draw, summary)
         return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "no-store"})
+
+    def _summary(self) -> dict[str, Any]:
+        """report.summary, computed again only when there are new choices (a page and its two plots read one)."""
+        newest = self.store.newest_choice()
+        if self._summarised is None or self._summarised[0] != newest:
+            self._summarised = (newest, report.summary(self.store))
+        return self._summarised[1]
 
     def _description(self) -> str:
         return (self.ordered or self.source).description

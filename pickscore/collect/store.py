@@ -456,6 +456,10 @@ class Store:
             for row in s.execute(query.execution_options(yield_per=batch)):
                 yield row._asdict()
 
+    def newest_choice(self) -> int | None:
+        with Session(self.engine) as s:
+            return s.scalar(select(func.max(ChoiceRow.id)))
+
     def images(self, ids: Sequence[str]) -> dict[str, bytes]:
         with Session(self.engine) as s:
             return dict(s.execute(select(StoredImage.id, StoredImage.data).where(StoredImage.id.in_(set(ids)))).all())

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 from PIL import Image
 from sqlalchemy import func, inspect, select
+from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import Session
 
 from pickscore.collect.store import ChoiceRow, Pair, StoredImage, User, migrate, open_engine
@@ -423,3 +424,29 @@ def test_migrations_build_exactly_the_models_schema(db_url):
             assert connection.execute(select(func.count()).select_from(User.__table__)).scalar() == 0
     finally:
         engine.dispose()
+
+
+def test_a_choice_is_never_stored_without_its_next_pair(db_url):
+    """Store.show writes the choice and the next pair in one transaction: when the pair cannot be written, the
+    choice is not there either (and the same choice can then be made again)."""
+    from pickscore.collect.store import Candidate, Choice, Store
+
+    def png(shade: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (shade, 0, 0)).save(buf, "PNG")
+        return buf.getvalue()
+
+    store = Store(db_url)
+    try:
+        user = store.sign_in("ada", consent="v1")
+        left, right = Candidate(png(1), "m", {}), Candidate(png(2), "m", {})
+        pair = store.show(user.id, PROMPT, left, right)
+        choice = Choice(pair.id, pair.image_0, pair.image_1, "left")
+        unwritable = Candidate(png(3), "m", {"not json": {1, 2}})  # fails when the pair row is written
+        with pytest.raises((TypeError, StatementError), match="not JSON serializable"):
+            store.show(user.id, PROMPT, left, unwritable, after=choice)
+        assert store.counts()["choices"] == 0 and store.current(user.id) == pair
+        store.show(user.id, PROMPT, left, Candidate(png(4), "m", {}), after=choice)
+        assert store.counts()["choices"] == 1 and store.current(user.id).id > pair.id
+    finally:
+        store.close()
