@@ -214,7 +214,9 @@ class CollectApp:
             httponly=True,
             samesite="Lax",
             max_age=180 * 24 * 3600,
-            secure=request.secure,
+            # Behind a TLS-terminating proxy the app sees plain HTTP; the proxy's X-Forwarded-Proto says https.
+            # (A forged header can only make the cookie stricter.)
+            secure=request.secure or request.headers.get("X-Forwarded-Proto", "").lower() == "https",
         )
         raise response
 

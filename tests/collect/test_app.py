@@ -450,3 +450,27 @@ def test_a_choice_is_never_stored_without_its_next_pair(db_url):
         assert store.counts()["choices"] == 1 and store.current(user.id).id > pair.id
     finally:
         store.close()
+
+
+def test_the_session_cookie_is_secure_behind_a_tls_proxy(app):
+    import urllib.parse
+    import urllib.request
+
+    def cookie(headers: dict) -> str:
+        data = urllib.parse.urlencode({"name": "ada", "consent": "yes"}).encode()
+        request = urllib.request.Request(f"{app.url}/signin", data, headers)
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args):
+                return None
+
+        try:
+            urllib.request.build_opener(NoRedirect).open(request)
+        except urllib.error.HTTPError as e:
+            assert e.code == 303
+            return e.headers["Set-Cookie"]
+        raise AssertionError("no redirect after sign-in")
+
+    plain = cookie({})
+    assert "HttpOnly" in plain and "SameSite=Lax" in plain and "Secure" not in plain
+    assert "Secure" in cookie({"X-Forwarded-Proto": "https"})
