@@ -12,13 +12,15 @@ Backends are called from one thread per tower (the batcher's executor), never co
 from __future__ import annotations
 
 import argparse
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from pickscore.backends.manifest import is_export
 from pickscore.model.preprocess import PreprocessConfig
-from pickscore.model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # importing the tokenizer loads open_clip and torch: seconds a parser-only import need not pay
+    from pickscore.model.tokenizer import Tokenizer
 
 KINDS = ("auto", "torch", "onnxruntime")
 DTYPES = ("auto", "fp32", "fp16", "bf16")  # the torch backend's compute precision; auto: bf16 on CUDA, fp32 on CPU

@@ -221,7 +221,7 @@ class PickScoreOrdered:
 
     async def order(self, prompt: str, kept: Candidate | None, exclude: set[str]) -> tuple[list[Candidate], dict]:
         """Two candidates (``kept`` is given: one, to go beside it) and how they were chosen."""
-        drawn = distinct(await self.source.draw(prompt, self.pool, exclude))
+        drawn = [c for c in distinct(await self.source.draw(prompt, self.pool, exclude)) if not kept or c.id != kept.id]
         if len(drawn) < (1 if kept else 2):
             return drawn[: 1 if kept else 2], {"by": "none", "reason": "too few distinct candidates to order"}
         scored = drawn + ([kept] if kept else [])
