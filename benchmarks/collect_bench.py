@@ -15,7 +15,6 @@ Appends a section to benchmarks/RESULTS.md with the machine.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import io
 import random
@@ -36,25 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import append_results, machine  # noqa: E402
 from pickscore.collect import report  # noqa: E402
-from pickscore.collect.app import CollectApp, CollectSettings  # noqa: E402
+from pickscore.collect.app import CollectSettings  # noqa: E402
 from pickscore.collect.export import export  # noqa: E402
 from pickscore.collect.store import ChoiceRow, Pair, Store, StoredImage, User  # noqa: E402
-from tests.collect.conftest import Visitor  # noqa: E402
+from tests.collect.conftest import AppThread, Visitor  # noqa: E402
 
 
 def choosing(db: str, users: int, seconds: float) -> dict[str, float]:
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-
-    def run(coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
-
-    async def build():
-        return CollectApp(CollectSettings(db=db, port=0, seed=0, image_size=256))
-
-    app = run(build())
-    run(app.start())
-    url = f"http://127.0.0.1:{app.port}"
+    app = AppThread(CollectSettings(db=db, port=0, seed=0, image_size=256))
+    url = app.url
     latencies: list[float] = []
     stop = time.perf_counter() + seconds
 
@@ -77,8 +66,7 @@ def choosing(db: str, users: int, seconds: float) -> dict[str, float]:
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
-    run(app.stop())
-    loop.call_soon_threadsafe(loop.stop)
+    app.close()
     latencies.sort()
     return {
         "choices": len(latencies),

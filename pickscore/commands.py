@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pickscore.backends import add_backend_flags
+from pickscore.backends import add_backend_flags, backend_options
 from pickscore.errors import InvalidInput, PickScoreError
 from pickscore.flags import int_at_least
 from pickscore.model.preprocess import DEFAULT_MAX_PIXELS
@@ -120,9 +120,7 @@ def _score_files(args: argparse.Namespace) -> tuple[list[Path], np.ndarray, dict
 
         scorer = Scorer.from_pretrained(
             args.model,
-            device=args.device,
-            dtype=args.dtype,
-            backend=args.backend,
+            **backend_options(args),
             batch_size=args.batch_size,
             max_pixels=args.max_pixels,
         )

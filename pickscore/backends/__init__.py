@@ -80,6 +80,11 @@ def load_backend(
     return TorchBackend.from_ref(ref, device=device, dtype=dtype, threads=threads, compile=compile)
 
 
+def backend_options(args: argparse.Namespace) -> dict[str, str]:
+    """The keyword arguments (backend, device, dtype) the flags of ``add_backend_flags`` set."""
+    return {"backend": args.backend, "device": args.device, "dtype": args.dtype}
+
+
 def add_backend_flags(parser: argparse.ArgumentParser, dtype_default: str = "auto") -> None:
     """--backend, --device and --dtype, for the commands that load a model in-process."""
     parser.add_argument(

@@ -22,7 +22,6 @@ together or not at all, so a server killed mid-request leaves either the old sta
 from __future__ import annotations
 
 import hashlib
-import io
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
 from sqlalchemy import (
     JSON,
     DateTime,
@@ -51,6 +49,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from pickscore.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated
+from pickscore.model.preprocess import decode_image
 
 MAX_PROMPT_CHARS = 1000
 MAX_NAME_CHARS = 64
@@ -157,25 +156,15 @@ def image_id(data: bytes) -> str:
 
 
 def check_image(data: bytes, what: str) -> tuple[str, int, int]:
-    """(mime type, width, height) of an encoded image, or InvalidInput naming ``what`` and the reason."""
-    if not data:
-        raise InvalidInput(f"{what}: empty image")
+    """(mime type, width, height) of an encoded image, or InvalidInput naming ``what`` and the reason: the
+    scorer's own decoder (its formats, its pixel-limit check from the header), under this app's limits."""
     if len(data) > MAX_IMAGE_BYTES:
         raise InvalidInput(f"{what}: {len(data)} bytes, over the {MAX_IMAGE_BYTES}-byte limit")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            mime = Image.MIME.get(img.format or "", "")
-            if width * height > MAX_IMAGE_PIXELS:
-                raise InvalidInput(f"{what}: {width}x{height} pixels, over the {MAX_IMAGE_PIXELS}-pixel limit")
-            img.verify()
-    except InvalidInput:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise InvalidInput(f"{what}: not a decodable image ({e})") from None
-    if not mime.startswith("image/"):
-        raise InvalidInput(f"{what}: unsupported image format")
-    return mime, width, height
+        img = decode_image(data, MAX_IMAGE_PIXELS)
+    except InvalidInput as e:
+        raise InvalidInput(f"{what}: {e}") from None
+    return img.get_format_mimetype(), img.width, img.height
 
 
 def clean_prompt(text: str) -> str:

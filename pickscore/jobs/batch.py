@@ -162,30 +162,31 @@ def _parquet_rows(path: Path) -> Iterator[Row]:
             if pickapic:
                 key = str(record["ranking_id"]) if record.get("ranking_id") is not None else name
                 for side in (0, 1):
-                    row = _row(f"{key}:{side}", key, record["caption"], record[f"jpg_{side}"], None, name)
-                    row.model = str(record.get(f"model_{side}") or "")
-                    yield row
+                    image = record[f"jpg_{side}"]
+                    yield _row(f"{key}:{side}", key, record["caption"], image, None, name, record.get(f"model_{side}"))
             else:
                 group = record.get("group")
                 ident = record.get("id")
                 image_path = record.get("image_path")
                 if image_path is not None and not os.path.isabs(image_path):
                     image_path = str(path.parent / image_path)
-                row = _row(
+                yield _row(
                     name if ident is None else str(ident),
                     None if group is None else str(group),
                     record["prompt"],
                     record.get("image"),
                     image_path,
                     name,
+                    record.get("model"),
                 )
-                row.model = str(record.get("model") or "")
-                yield row
             at += 1
 
 
-def _row(ident: str, group: str | None, prompt: Any, image: bytes | None, path: str | None, where: str) -> Row:
-    row = Row(0, ident, "" if group is None else group, prompt if isinstance(prompt, str) else "", image, path)
+def _row(
+    ident: str, group: str | None, prompt: Any, image: bytes | None, path: str | None, where: str, model: Any = None
+) -> Row:
+    prompt = prompt if isinstance(prompt, str) else ""
+    row = Row(0, ident, "" if group is None else group, prompt, image, path, model=str(model or ""))
     if not row.prompt.strip():
         row.error = f"{where}: no prompt"
     elif not image and not path:
@@ -243,9 +244,9 @@ def _manifest_rows(path: Path) -> Iterator[Row]:
         ident = str(entry.get("id", image))
         full = image if os.path.isabs(image) else str(path.parent / image)
         group = entry.get("group")
-        row = _row(ident, None if group is None else str(group), entry.get("prompt"), None, full, where)
-        row.model = str(entry.get("model") or "")
-        yield row
+        yield _row(
+            ident, None if group is None else str(group), entry.get("prompt"), None, full, where, entry.get("model")
+        )
 
 
 def shards(rows: Iterator[Row], size: int) -> Iterator[tuple[int, list[Row]]]:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from pickscore.backends import add_backend_flags
+from pickscore.backends import add_backend_flags, backend_options
 from pickscore.flags import int_at_least
 from pickscore.tls import add_client_flags, connection
 
@@ -100,9 +100,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             resume=args.resume,
             shard_size=args.shard_size,
             embeddings=args.embeddings,
-            device=args.device,
-            dtype=args.dtype,
-            backend=args.backend,
+            **backend_options(args),
             batch_size=args.batch_size,
             cpus_per_scorer=args.cpus_per_scorer,
         )
@@ -117,9 +115,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         resume=args.resume,
         shard_size=args.shard_size,
         embeddings=args.embeddings,
-        device=args.device,
-        dtype=args.dtype,
-        backend=args.backend,
+        **backend_options(args),
         batch_size=args.batch_size,
         timeout=args.timeout,
         **(connection(args) if args.server else {}),

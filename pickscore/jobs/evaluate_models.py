@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from pickscore.backends import add_backend_flags
+from pickscore.backends import add_backend_flags, backend_options
 from pickscore.errors import InvalidInput, PickScoreError
 from pickscore.flags import int_at_least
 from pickscore.model.preprocess import DEFAULT_MAX_PIXELS
@@ -600,9 +600,7 @@ def _cmd_evaluate_models(args: argparse.Namespace) -> int:
 
         local = Scorer.from_pretrained(
             args.model,
-            device=args.device,
-            dtype=args.dtype,
-            backend=args.backend,
+            **backend_options(args),
             batch_size=args.batch_size,
             max_pixels=args.max_pixels,
         )

@@ -6,18 +6,28 @@ that use these fixtures are skipped. Nothing here touches a system PostgreSQL se
 
 from __future__ import annotations
 
+import asyncio
 import glob
+import html
+import http.cookiejar
 import os
+import re
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from pickscore.collect.app import CollectApp, CollectSettings
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -181,22 +191,15 @@ class AppThread:
     """A ``CollectApp`` serving on 127.0.0.1 from its own event loop in a thread (as `pickscore collect` does)."""
 
     def __init__(self, settings, source=None):
-        import asyncio
-        import threading
-
-        from pickscore.collect.app import CollectApp
-
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.app = self.run(_build(CollectApp, settings, source))
+        self.app = self.run(_build(settings, source))
         self.run(self.app.start())
         self.url = f"http://127.0.0.1:{self.app.port}"
         self.store = self.app.store
 
     def run(self, coroutine):
-        import asyncio
-
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=120)
 
     def close(self) -> None:
@@ -207,15 +210,13 @@ class AppThread:
         self.thread.join(timeout=10)
 
 
-async def _build(cls, settings, source):
-    return cls(settings, source=source)
+async def _build(settings, source) -> CollectApp:
+    return CollectApp(settings, source=source)  # on the loop: an --order-server client's channel belongs to it
 
 
 @pytest.fixture
 def start_app():
     """start_app(db=URL, candidates=..., **settings) -> AppThread; every app started is stopped afterwards."""
-    from pickscore.collect.app import CollectSettings
-
     started: list[AppThread] = []
 
     def start(source=None, **settings) -> AppThread:
@@ -241,9 +242,6 @@ class Visitor:
     """One person's browser without the browser: a cookie jar, forms posted as the pages would post them."""
 
     def __init__(self, base: str):
-        import http.cookiejar
-        import urllib.request
-
         self.base = base
         self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
         self.status, self.body = 0, ""
@@ -252,15 +250,11 @@ class Visitor:
         return self._open(path, None)
 
     def post(self, path: str, **form) -> str:
-        import urllib.parse
-
         if "csrf" not in form and self.csrf:
             form["csrf"] = self.csrf
         return self._open(path, urllib.parse.urlencode(form).encode())
 
     def _open(self, path: str, data: bytes | None) -> str:
-        import urllib.error
-
         try:
             with self.opener.open(self.base + path, data, timeout=60) as response:
                 self.status, self.body = response.status, response.read().decode()
@@ -269,8 +263,6 @@ class Visitor:
         return self.body
 
     def _field(self, name: str) -> str | None:
-        import re
-
         found = re.search(rf'name="{name}" value="([^"]*)"', self.body)
         return found and found.group(1)
 
@@ -280,9 +272,6 @@ class Visitor:
 
     @property
     def error(self) -> str | None:
-        import html
-        import re
-
         found = re.search(r'id="error"[^>]*>([^<]*)<', self.body)
         return found and html.unescape(found.group(1))
 
