@@ -30,6 +30,7 @@ class Backend(Protocol):
     name: str  # "torch" or "onnxruntime"
     source: str  # where the model came from
     description: str  # device and precision, e.g. "cpu fp32"
+    accelerated: bool  # a GPU computes (the host only launches kernels); False: the forward pass uses the CPU cores
     preprocess: PreprocessConfig
     tokenizer: Tokenizer
     logit_scale: float

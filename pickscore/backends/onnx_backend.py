@@ -47,6 +47,9 @@ class OnnxBackend:
         shapes = {"image": ("pixel_values", f"3x{h}x{w}"), "text": ("input_ids", str(self.tokenizer.context_length))}
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = compute_threads(threads, accelerated=chosen[0] != "CPUExecutionProvider")
+        # Idle compute threads sleep instead of spinning: the decode workers need those cores between passes
+        # (measured on 2 cores, ViT-B-32 fp32 served: c=1 p50 514 -> 459 ms; benchmarks/RESULTS.md).
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if manifest.get("precision") == "fp16" and chosen == ["CPUExecutionProvider"]:
             # onnxruntime 1.31's extended CPU fusions crash on fp16 CLIP graphs; the basic level runs them.
             session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -75,6 +78,7 @@ class OnnxBackend:
             )
         active = self._sessions["image"].get_providers()[0].removesuffix("ExecutionProvider")
         self.description = f"{active} {manifest.get('precision', 'fp32')}"
+        self.accelerated = active != "CPU"
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 crops (B, H, W, 3) or preprocessed float32 pixels (B, 3, H, W) -> (B, D) float32."""

@@ -4,6 +4,11 @@ Images arrive as uint8 crops (B, H, W, 3), a quarter of the bytes of float32 pix
 device (from pinned memory, asynchronously, on CUDA) and rescaled and normalised there through the
 preprocessing's lookup table, so the values equal the CPU path's bit for bit. Float32 pixels (B, 3, H, W),
 already preprocessed (KServe's ``pickscore_image``), are taken as they are.
+
+Prompts run over their own length, not the context's: token ids (B, 77) are cut after the batch's last
+non-padding column (a ten-token prompt costs a seventh of the full context). The text transformer is causal
+and pools at the end-of-text token, so the positions cut never reach the pooled features: the embedding is
+the full-length one to float rounding. Compiled towers keep the full length (one shape per batch bucket).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
 
 from pickscore.model.checkpoint import LoadedModel, resolve
 from pickscore.model.preprocess import normalize_table
@@ -65,12 +71,18 @@ class TorchBackend:
         self.source = loaded.source
         self.embed_dim = int(loaded.model_cfg["embed_dim"])
         self.description = f"{self.device} {DTYPE_NAMES[dtype]}"
+        self.accelerated = self.device.type != "cpu"
         # (3, 256) float32: row c holds what rescale + normalise make of each value in channel c.
         self._table = torch.from_numpy(normalize_table(self.preprocess)).to(self.device)
         self._pin = self.device.type == "cuda"
         self.compiled = compile
         self._image_tower, self._text_tower = self.model.encode_image, self.model.encode_text
+        # causal attention pooled at the end-of-text token: positions past the last real token change nothing
+        self._trim_text = self.model.attn_mask is not None and self.model.text_pool_type in ("argmax", "eos")
+        if self._trim_text:
+            self._text_tower = self._encode_text_prefix
         if compile:
+            self._trim_text = False  # one compiled shape per batch bucket, not one per prompt length too
             mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs per bucket shape
             self._image_tower = torch.compile(self.model.encode_image, mode=mode, dynamic=False)
             self._text_tower = torch.compile(self.model.encode_text, mode=mode, dynamic=False)
@@ -102,7 +114,22 @@ class TorchBackend:
 
     @torch.inference_mode()
     def encode_text(self, tokens: np.ndarray) -> np.ndarray:
-        return self._run(self._text_tower, self._to_device(tokens))  # (B, 77) int64
+        """Token ids (B, 77) int64 -> (B, D) float32."""
+        if self._trim_text:
+            used = np.flatnonzero((tokens != self.tokenizer.pad_id).any(axis=0))
+            tokens = tokens[:, : int(used[-1]) + 1 if len(used) else 1]
+        return self._run(self._text_tower, self._to_device(tokens))
+
+    def _encode_text_prefix(self, text: torch.Tensor) -> torch.Tensor:
+        """open_clip's ``CLIP.encode_text`` over the first ``text.shape[1]`` positions of the context."""
+        m, n = self.model, text.shape[1]
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(text).to(cast) + m.positional_embedding[:n].to(cast)
+        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:n, :n]))
+        x = text_global_pool(x, text, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+        if m.text_projection is None:
+            return x
+        return m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) else x @ m.text_projection
 
     def warm(self, max_batch_size: int, text_max_batch_size: int) -> None:
         """Compile every bucket up to the batcher's largest batches now, not on the first requests."""

@@ -1,18 +1,21 @@
 """Dynamic batching for one tower: many requests' items, one forward pass; admission by count and by time.
 
     batcher = Batcher("image", backend.encode_image, max_batch_size=32, max_delay_s=0.005, capacity=1024,
-                      metrics=m, max_wait_s=5.0, timeout_s=120.0, on_hung=print)
+                      metrics=m, max_wait_s=5.0, timeout_s=120.0, on_hung=print, max_gather_s=0.1)
     await batcher.start()
     with batcher.admit(n, deadline, priority):          # Overloaded at once: no room, or no time
-        emb = await batcher.submit(pixels, deadline, priority)   # (3, H, W) -> (D,)
+        with batcher.preparing():                        # the batch being gathered waits for this item
+            crop = await decode(jpeg)
+        emb = await batcher.submit(crop, deadline, priority)     # (H, W, 3) -> (D,)
 
-Two tasks own the queue and nobody else touches it: the collector takes items until ``max_batch_size``
-or until ``max_delay_s`` has passed since the oldest one, and hands the batch over a one-slot queue to
-the runner, which calls the backend on the tower's own thread. While the runner computes, the collector
-already holds the next batch: exactly one batch is prefetched. Items whose caller is gone or whose
-deadline has passed are dropped before they cost compute, at collection and again just before the run.
-A backend exception fails that batch's items (Internal) and nothing else. Items are taken by priority
-(KServe's ``priority`` parameter), then in arrival order.
+One task owns the queue and nobody else touches it: the runner. Whenever the tower is free it gathers the
+next batch -- up to ``max_batch_size`` items, by priority (KServe's ``priority`` parameter), then in arrival
+order -- and calls the backend on the tower's own thread. Items keep arriving while the tower computes, so
+the batch after a busy one is taken whole and at once. A batch stays open past its oldest item for
+``max_delay_s``, and for up to ``max_gather_s`` while items of admitted requests are still being prepared
+(decoded, tokenised: ``preparing``): a request's eight images go through one forward pass, not three
+uneven ones while its last images decode. Items whose caller is gone or whose deadline has passed are
+dropped before they cost compute. A backend exception fails that batch's items (Internal) and nothing else.
 
 Admission. ``admit`` reserves room for a request's items for as long as the request runs. It refuses at
 once (Overloaded, with a retry hint) when the items do not fit in ``capacity``, when the estimated queue
@@ -103,11 +106,14 @@ class Batcher:
         max_wait_s: float = 0.0,
         timeout_s: float = 0.0,
         on_hung: Callable[[str], None] | None = None,
+        max_gather_s: float = 0.0,
+        executor: ThreadPoolExecutor | None = None,
     ):
         self.tower = tower
         self.fn = fn
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
+        self.max_gather_s = max_gather_s  # how long a batch may wait for items still being prepared
         self.capacity = capacity
         self.metrics = metrics
         self.max_wait_s = max_wait_s  # 0: admission by count alone
@@ -116,13 +122,16 @@ class Batcher:
         self.hung = ""  # why the tower is out of service, once a forward pass outlived timeout_s
         self.throughput = Throughput()
         self.admitted = 0  # items reserved by requests and not yet computed (the queue-depth gauge)
+        self.preparing_now = 0  # items of admitted requests being prepared (decoded) for this tower right now
         self._by_level: Counter[int] = Counter()  # admitted items per priority level
         self._queue: asyncio.PriorityQueue[_Item] = asyncio.PriorityQueue()  # bounded by admission, not by maxsize
         self._arrivals = 0
         self._arrived = asyncio.Event()
-        self._ready: asyncio.Queue[list[_Item]] = asyncio.Queue(maxsize=1)  # the one prefetched batch
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{tower}-tower")
-        self._tasks: list[asyncio.Task] = []
+        # the thread forward passes run on: this tower's own, or one it shares with the other tower (on a CPU,
+        # where each pass already uses every core and two at once would only oversubscribe them)
+        self._owns_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{tower}-tower")
+        self._task: asyncio.Task | None = None
         metrics.queue_capacity.labels(tower).set(capacity)
         # this tower's series, looked up once rather than per item on the hot path
         self._queue_wait = metrics.queue_wait.labels(tower)
@@ -132,18 +141,16 @@ class Batcher:
         self._wait = metrics.estimated_wait.labels(tower)
 
     async def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._collect(), name=f"{self.tower}-collector"),
-            asyncio.create_task(self._run(), name=f"{self.tower}-runner"),
-        ]
+        self._task = asyncio.create_task(self._run(), name=f"{self.tower}-runner")
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
         while not self._queue.empty():
             self._fail(self._queue.get_nowait(), Unavailable("server stopped"))
-        self._executor.shutdown(wait=not self.hung)  # a hung thread is abandoned, not waited for
+        if self._owns_executor:
+            self._executor.shutdown(wait=not self.hung)  # a hung thread is abandoned, not waited for
 
     def estimated_wait(self, priority: int = 0) -> float | None:
         """Seconds a new item at ``priority`` would queue behind the work admitted at that level or above;
@@ -178,6 +185,17 @@ class Batcher:
             if not self._by_level[level]:
                 del self._by_level[level]
             self._set_admitted(self.admitted - n)
+
+    @contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Around the work that makes an admitted item (decoding an image): while it runs, the batch being
+        gathered waits for the item (up to ``max_gather_s``) instead of leaving it to a later forward pass."""
+        self.preparing_now += 1
+        try:
+            yield
+        finally:
+            self.preparing_now -= 1
+            self._arrived.set()  # the gathering batch stops waiting for an item that failed to come
 
     def _check_time(self, n: int, deadline: float | None, priority: int) -> None:
         """Refuse when the queue wait exceeds ``max_wait_s``, or when the wait plus the request's own items would
@@ -222,31 +240,30 @@ class Batcher:
         self.admitted = n
         self._depth.set(n)
 
-    async def _collect(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self._queue.get()]
-            close_at = batch[0].enqueued + self.max_delay_s
-            while len(batch) < self.max_batch_size:
-                if not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                    continue
-                wait = close_at - loop.time()
-                if wait <= 0:
-                    break
-                self._arrived.clear()  # waiting on an event, not on get(): a timed-out get() could lose an item
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), wait)
-                except asyncio.TimeoutError:
-                    pass
-            batch = self._live(batch, loop.time())
-            if batch:
-                await self._ready.put(batch)  # blocks while the runner still holds the previous one
+    async def _gather(self, loop: asyncio.AbstractEventLoop) -> list[_Item]:
+        """The next batch, taken when the tower is free: whatever is queued, up to ``max_batch_size``; open for
+        ``max_delay_s`` past its oldest item, and up to ``max_gather_s`` past it while items are being prepared."""
+        batch = [await self._queue.get()]
+        delay_end = batch[0].enqueued + self.max_delay_s
+        gather_end = batch[0].enqueued + max(self.max_gather_s, self.max_delay_s)
+        while len(batch) < self.max_batch_size:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            wait = (gather_end if self.preparing_now else delay_end) - loop.time()
+            if wait <= 0:
+                break
+            self._arrived.clear()  # waiting on an event, not on get(): a timed-out get() could lose an item
+            try:
+                await asyncio.wait_for(self._arrived.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+        return self._live(batch, loop.time())
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = self._live(await self._ready.get(), loop.time())
+            batch = await self._gather(loop)
             if not batch:
                 continue
             if self.hung:  # the tower's thread is stuck: nothing more can be computed here

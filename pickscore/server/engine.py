@@ -63,7 +63,16 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         s = settings
-        limits = dict(max_wait_s=s.max_queue_wait_s, timeout_s=s.batch_timeout_s, on_hung=on_hung)
+        # On a CPU each forward pass already uses every core (--compute-threads): the towers take turns on one
+        # thread rather than oversubscribe the cores. On a GPU each tower has its own thread launching kernels.
+        self._compute = None if backend.accelerated else ThreadPoolExecutor(1, thread_name_prefix="towers")
+        limits = dict(
+            max_wait_s=s.max_queue_wait_s,
+            timeout_s=s.batch_timeout_s,
+            on_hung=on_hung,
+            max_gather_s=s.max_gather_ms / 1000,
+            executor=self._compute,
+        )
         delay = s.max_queue_delay_ms / 1000
         self.image_batcher = Batcher(
             "image", backend.encode_image, s.max_batch_size, delay, s.max_queue_size, metrics, **limits
@@ -105,6 +114,8 @@ class Engine:
     async def stop(self) -> None:
         await self.image_batcher.stop()
         await self.text_batcher.stop()
+        if self._compute is not None:  # a hung forward pass is abandoned, not waited for
+            self._compute.shutdown(wait=not (self.image_batcher.hung or self.text_batcher.hung))
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.decoder.close()
 
@@ -184,8 +195,9 @@ class Engine:
     async def _embed_prompts(self, prompts: list[str], deadline: float | None, priority: int) -> list[np.ndarray]:
         async def one(prompt: str) -> np.ndarray:
             async def compute() -> np.ndarray:
-                tokens = await self._in_pool("tokenize", self.backend.tokenizer, [prompt])
                 with self.text_batcher.admit(1, deadline, priority):
+                    with self.text_batcher.preparing():
+                        tokens = await self._in_pool("tokenize", self.backend.tokenizer, [prompt])
                     return await self.text_batcher.submit(tokens[0], deadline, priority)
 
             return await self.text_cache.get_or_compute(prompt, compute)
@@ -194,7 +206,8 @@ class Engine:
 
     async def _embed_image(self, index: int, item: ImageItem, deadline: float | None, priority: int) -> np.ndarray:
         async def compute() -> np.ndarray:
-            pixels = await self._crop(index, item)
+            with self.image_batcher.preparing():
+                pixels = await self._crop(index, item)
             return await self.image_batcher.submit(pixels, deadline, priority)
 
         if not self.image_cache.capacity:

@@ -50,6 +50,11 @@ class Settings:
     max_batch_size: int = _f(32, "most images per forward pass of the image tower")
     text_max_batch_size: int = _f(64, "most prompts per forward pass of the text tower")
     max_queue_delay_ms: float = _f(5.0, "longest a queued item waits for its batch to fill, in milliseconds")
+    max_gather_ms: float = _f(
+        100.0,
+        "longest a batch stays open, past its oldest item, for images of admitted requests still being decoded "
+        "(so a request's images share one forward pass); 0: only --max-queue-delay-ms",
+    )
     max_queue_size: int = _f(
         1024,
         "images (and prompts) admitted but not yet computed, per tower; beyond it "
@@ -143,6 +148,7 @@ class Settings:
             "text_cache_bytes",
             "image_cache_bytes",
             "max_queue_delay_ms",
+            "max_gather_ms",
             "max_queue_wait_s",
             "max_inflight_per_client",
             "batch_timeout_s",

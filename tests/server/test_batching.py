@@ -1,0 +1,95 @@
+"""How batches form and where forward passes run, against a real server on loopback (tiny model): a request's
+images share one forward pass even while some of them still decode, and on a CPU the two towers take turns on
+one thread instead of oversubscribing the cores."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pickscore.backends.torch_backend import TorchBackend
+from pickscore.client import Client
+from pickscore.model.checkpoint import resolve
+from pickscore.server.app import ServerThread
+from tests.server.conftest import PROMPT, jpeg, metric, settings_for
+
+
+def slow_png(seed: int, side: int = 1200) -> bytes:
+    """Noise that compresses badly: tens of milliseconds to decode and resize, as a large generated image."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side, 3), np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def batches(server: ServerThread) -> tuple[float, float]:
+    """(forward passes, images) the image tower has run so far."""
+    return (
+        metric(server, "pickscore_batch_size_count", tower="image"),
+        metric(server, "pickscore_batch_size_sum", tower="image"),
+    )
+
+
+@pytest.mark.parametrize("gather_ms, one_pass", [(2000.0, True), (0.0, False)])
+def test_a_requests_images_share_one_forward_pass_while_the_last_still_decode(tiny_hf_dir, gather_ms, one_pass):
+    """One decode worker hands six slow images over one by one, tens of milliseconds apart, far past the 1 ms
+    queue delay: the batch waits for the images still decoding (--max-gather-ms) and runs them in one pass.
+    Without that wait (0) the same request is split over several passes."""
+    images = [slow_png(i) for i in range(6)]
+    settings = settings_for(tiny_hf_dir, decode_workers=1, max_queue_delay_ms=1.0, max_gather_ms=gather_ms)
+    with ServerThread(settings) as server, Client(server.address) as client:
+        before_passes, before_images = batches(server)
+        assert len(client.score(PROMPT, images)) == 6
+        passes, items = batches(server)
+    assert items - before_images == 6
+    if one_pass:
+        assert passes - before_passes == 1
+    else:
+        assert passes - before_passes > 1
+
+
+class TurnTakingBackend(TorchBackend):
+    """The real tiny torch backend that records how many forward passes (either tower) run at once."""
+
+    def __init__(self, ref: str, accelerated: bool):
+        super().__init__(resolve(ref))
+        self.accelerated = accelerated  # what the engine sizes its tower threads from
+        self._lock = threading.Lock()
+        self.running = 0
+        self.most_at_once = 0
+
+    def _pass(self, fn, x):
+        with self._lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            time.sleep(0.05)  # long enough for the other tower's work to arrive meanwhile
+            return fn(x)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    def encode_image(self, pixels):
+        return self._pass(super().encode_image, pixels)
+
+    def encode_text(self, tokens):
+        return self._pass(super().encode_text, tokens)
+
+
+@pytest.mark.parametrize("accelerated, most", [(False, 1), (True, 2)])
+def test_cpu_towers_take_turns_on_one_thread_and_gpu_towers_each_have_one(tiny_hf_dir, accelerated, most):
+    """Many distinct prompts and images at once keep both towers busy. On a CPU (each pass already uses every
+    core) no two forward passes overlap; on a GPU each tower has its own launching thread, and they do."""
+    backend = TurnTakingBackend(str(tiny_hf_dir), accelerated)
+    settings = settings_for(tiny_hf_dir, max_batch_size=2, text_max_batch_size=1, text_cache_bytes=0)
+    with ServerThread(settings, backend=backend) as server, Client(server.address) as client:
+        backend.most_at_once = 0  # after warm-up
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda i: client.score(f"{PROMPT} {i}", [jpeg(i), jpeg(i + 50)]), range(16)))
+    assert all(len(r) == 2 for r in results)
+    assert backend.most_at_once == most
