@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from pickscore.backends.manifest import load_manifest
-from pickscore.model.preprocess import PreprocessConfig, normalize, normalize_table
+from pickscore.model.preprocess import PreprocessConfig, normalize
 from pickscore.model.tokenizer import Tokenizer
 from pickscore.resources import compute_threads
 
@@ -39,7 +39,6 @@ class OnnxBackend:
         self.embed_dim = int(manifest["embed_dim"])
         self.tokenizer = Tokenizer(context_length=int(manifest["context_length"]))
         self.preprocess = PreprocessConfig.from_hf(json.loads((directory / "preprocessor_config.json").read_text()))
-        self._table = normalize_table(self.preprocess)
         available = ort.get_available_providers()
         chosen = providers or [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
         chosen = [*chosen, "CPUExecutionProvider"] if "CPUExecutionProvider" not in chosen else chosen
@@ -83,7 +82,7 @@ class OnnxBackend:
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 crops (B, H, W, 3) or preprocessed float32 pixels (B, 3, H, W) -> (B, D) float32."""
         if pixels.dtype == np.uint8:
-            pixels = normalize(pixels, self.preprocess, self._table)
+            pixels = normalize(pixels, self.preprocess)
         return self._sessions["image"].run(None, {"pixel_values": np.ascontiguousarray(pixels, np.float32)})[0]
 
     def encode_text(self, tokens: np.ndarray) -> np.ndarray:

@@ -1,9 +1,9 @@
 """The PyTorch backend: the open_clip model on CPU or CUDA (fp32, fp16 or bf16), eager or compiled.
 
 Images arrive as uint8 crops (B, H, W, 3), a quarter of the bytes of float32 pixels: they are copied to the
-device (from pinned memory, asynchronously, on CUDA) and rescaled and normalised there through the
-preprocessing's lookup table, so the values equal the CPU path's bit for bit. Float32 pixels (B, 3, H, W),
-already preprocessed (KServe's ``pickscore_image``), are taken as they are.
+device (from pinned memory, asynchronously, on CUDA) and rescaled and normalised there (``DeviceNormalizer``),
+bit for bit the CPU path's values. Float32 pixels (B, 3, H, W), already preprocessed (KServe's
+``pickscore_image``), are taken as they are.
 
 Prompts run over their own length, not the context's: token ids (B, 77) are cut after the batch's last
 non-padding column (a ten-token prompt costs a seventh of the full context). The text transformer is causal
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 
 from pickscore.model.checkpoint import LoadedModel, resolve
-from pickscore.model.preprocess import normalize_table
+from pickscore.model.preprocess import PreprocessConfig, exact_divisor, normalize_constants, normalize_table
 from pickscore.resources import compute_threads
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -42,6 +42,27 @@ def bucket(n: int) -> int:
     """The batch size a batch of ``n`` is padded to when compiled: the next power of two, so a server compiles
     (and on CUDA captures as graphs) at most log2(max batch) shapes per tower instead of one per size."""
     return 1 << max(0, n - 1).bit_length()
+
+
+class DeviceNormalizer:
+    """uint8 crops (B, H, W, 3) on ``device`` -> float32 pixels (B, 3, H, W) there, bit for bit the values of
+    ``preprocess.normalize``: x / divisor - mean, over std, in float32 where ``exact_divisor`` proved that exact
+    (CLIP's configs), else one table lookup per channel."""
+
+    def __init__(self, cfg: PreprocessConfig, device: torch.device | str = "cpu"):
+        self.divisor = exact_divisor(cfg)
+        mean, std = normalize_constants(cfg)
+        self.mean = torch.from_numpy(mean).view(1, 3, 1, 1).to(device)
+        self.std = torch.from_numpy(std).view(1, 3, 1, 1).to(device)
+        self.table = torch.from_numpy(normalize_table(cfg).copy()).to(device)  # (3, 256)
+
+    def __call__(self, crops: torch.Tensor) -> torch.Tensor:
+        if self.divisor is None:
+            return torch.stack([self.table[c][crops[..., c].long()] for c in range(3)], dim=1)
+        b, h, w, _ = crops.shape
+        x = torch.empty((b, 3, h, w), dtype=torch.float32, device=crops.device)
+        x.copy_(crops.permute(0, 3, 1, 2))  # uint8 -> float32 into channels-first memory, exact
+        return x.div_(self.divisor).sub_(self.mean).div_(self.std)
 
 
 class TorchBackend:
@@ -72,8 +93,7 @@ class TorchBackend:
         self.embed_dim = int(loaded.model_cfg["embed_dim"])
         self.description = f"{self.device} {DTYPE_NAMES[dtype]}"
         self.accelerated = self.device.type != "cpu"
-        # (3, 256) float32: row c holds what rescale + normalise make of each value in channel c.
-        self._table = torch.from_numpy(normalize_table(self.preprocess)).to(self.device)
+        self._normalize = DeviceNormalizer(self.preprocess, self.device)
         self._pin = self.device.type == "cuda"
         self.compiled = compile
         self._image_tower, self._text_tower = self.model.encode_image, self.model.encode_text
@@ -102,8 +122,8 @@ class TorchBackend:
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 crops (B, H, W, 3) or preprocessed float32 pixels (B, 3, H, W) -> (B, D) float32."""
         x = self._to_device(pixels)
-        if x.dtype == torch.uint8:  # (B, H, W, 3) -> (B, 3, H, W) float32, one lookup per channel
-            x = torch.stack([self._table[c][x[..., c].long()] for c in range(3)], dim=1)
+        if x.dtype == torch.uint8:
+            x = self._normalize(x)
         return self._run(self._image_tower, x.to(self.dtype))
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:

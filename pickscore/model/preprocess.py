@@ -5,8 +5,12 @@ decode (bounded, first frame) -> RGB (transparency composited onto white)
 -> rescale (x/255) -> normalise ((x - mean) / std) -> float32 (3, H, W)            = ``normalize``
 
 The two halves are separate so the expensive, exact part (decode, resize, crop) hands 3 x 224 x 224 bytes to
-whoever runs the model, and the cheap part runs where the model is (a backend normalises on its device with
-``normalize_table``, bit for bit what ``normalize`` computes here).
+whoever runs the model, and the cheap part runs where the model is (a backend normalises on its device, bit for
+bit what ``normalize`` computes here). ``normalize_table`` defines the values: what the reference's float64
+rescale then float32 normalise make of each uint8 value. Three float32 operations reproduce it exactly for
+CLIP's configs -- x / 255, minus the mean, over the std -- and since they act on each sample alone, checking the
+256 values of each channel (``exact_divisor``) proves it for every image; a config where they do not is looked
+up in the table instead.
 
 Every step follows ``transformers``' ``CLIPImageProcessorPil`` for the checkpoint's
 ``preprocessor_config.json`` so that scores equal the reference. One deliberate
@@ -23,6 +27,7 @@ whole-image path and is bit-identical to the reference.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -277,21 +282,50 @@ def _window(in_size: int, out_size: int, lo: int, hi: int, support: float) -> tu
     return first, last
 
 
+@functools.lru_cache(maxsize=16)
 def normalize_table(cfg: PreprocessConfig) -> np.ndarray:
-    """(3, 256) float32: what rescale + normalise make of each uint8 value in each channel."""
+    """(3, 256) float32, read-only: what rescale + normalise make of each uint8 value in each channel."""
     values = np.arange(256, dtype=np.float64)[:, None].repeat(3, axis=1)  # (256, 3)
     x = (values * cfg.rescale_factor).astype(np.float32) if cfg.do_rescale else values.astype(np.float32)
     if cfg.do_normalize:
         x = (x - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
-    return np.ascontiguousarray(x.T)
+    table = np.ascontiguousarray(x.T)
+    table.flags.writeable = False
+    return table
 
 
-def normalize(crops: np.ndarray, cfg: PreprocessConfig, table: np.ndarray | None = None) -> np.ndarray:
-    """uint8 crops (..., H, W, 3) -> float32 pixel values (..., 3, H, W), through ``normalize_table``."""
-    table = normalize_table(cfg) if table is None else table
+def normalize_constants(cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std), float32 (3,): the normalisation's constants (0 and 1 when the config does not normalise)."""
+    if not cfg.do_normalize:
+        return np.zeros(3, np.float32), np.ones(3, np.float32)
+    return np.asarray(cfg.image_mean, np.float32), np.asarray(cfg.image_std, np.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def exact_divisor(cfg: PreprocessConfig) -> float | None:
+    """d such that ((float32(v) / d) - mean) / std in float32 equals ``normalize_table`` bit for bit for every
+    uint8 v in every channel, else None. Each step acts on one sample, so the 256 values cover every input."""
+    d = float(np.float32(1 / cfg.rescale_factor)) if cfg.do_rescale else 1.0
+    mean, std = normalize_constants(cfg)
+    values = np.arange(256, dtype=np.float32)[None, :]  # (1, 256)
+    computed = (values / np.float32(d) - mean[:, None]) / std[:, None]
+    return d if np.array_equal(computed, normalize_table(cfg)) else None
+
+
+def normalize(crops: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """uint8 crops (..., H, W, 3) -> float32 pixel values (..., 3, H, W): the values of ``normalize_table``."""
     out = np.empty((*crops.shape[:-3], 3, *crops.shape[-3:-1]), np.float32)
-    for c in range(3):  # row c of the table for channel c: one lookup per sample
-        out[..., c, :, :] = table[c][crops[..., c]]
+    d = exact_divisor(cfg)
+    if d is None:  # one lookup per sample, row c of the table for channel c
+        table = normalize_table(cfg)
+        for c in range(3):
+            out[..., c, :, :] = table[c][crops[..., c]]
+        return out
+    mean, std = normalize_constants(cfg)
+    out[...] = np.moveaxis(crops, -1, -3)  # uint8 -> float32, exact
+    out /= np.float32(d)
+    out -= mean[:, None, None]
+    out /= std[:, None, None]
     return out
 
 

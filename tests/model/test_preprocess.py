@@ -6,13 +6,16 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from pickscore.backends.torch_backend import DeviceNormalizer
 from pickscore.errors import InvalidInput
 from pickscore.model.preprocess import (
     PreprocessConfig,
     crop_uint8,
     decode_image,
+    exact_divisor,
     load_pixels,
     normalize,
     preprocess,
@@ -135,15 +138,28 @@ def test_ordinary_images_take_the_whole_image_path_bit_for_bit():
         np.testing.assert_array_equal(crop_uint8(img, cfg), _resize_then_crop(img, cfg))
 
 
-def test_normalize_table_is_the_reference_arithmetic():
-    """rescale in float64 then float32, normalise in float32: exactly what CLIPImageProcessorPil computes."""
-    cfg = PreprocessConfig()
-    crops = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
-    expected = (crops.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
-    expected = (expected - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
-    np.testing.assert_array_equal(normalize(crops, cfg), expected.transpose(0, 3, 1, 2))
-    plain = PreprocessConfig(do_rescale=False, do_normalize=False)
-    np.testing.assert_array_equal(normalize(crops, plain), crops.transpose(0, 3, 1, 2).astype(np.float32))
+@pytest.mark.parametrize(
+    "cfg, arithmetic",
+    [
+        (PreprocessConfig(), True),  # CLIP's: x / 255, minus mean, over std in float32 is exact
+        (PreprocessConfig(rescale_factor=0.00392), False),  # no float32 divisor reproduces it: the table
+        (PreprocessConfig(do_rescale=False, do_normalize=False), True),
+    ],
+)
+def test_normalize_is_the_reference_arithmetic_bit_for_bit(cfg, arithmetic):
+    """rescale in float64 then float32, normalise in float32: exactly what CLIPImageProcessorPil computes, on
+    every uint8 value of every channel, through the float32 steps where they are exact and the table elsewhere;
+    the torch backend's on-device version gives the same bits."""
+    assert (exact_divisor(cfg) is not None) == arithmetic
+    values = np.arange(256)
+    crops = np.stack([values, np.roll(values, 85), values[::-1]], -1).reshape(4, 8, 8, 3).astype(np.uint8)
+    expected = crops.astype(np.float64) * cfg.rescale_factor if cfg.do_rescale else crops.astype(np.float64)
+    expected = expected.astype(np.float32)
+    if cfg.do_normalize:
+        expected = (expected - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
+    expected = expected.transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(normalize(crops, cfg), expected)
+    np.testing.assert_array_equal(DeviceNormalizer(cfg)(torch.from_numpy(crops)).numpy(), expected)
 
 
 @pytest.mark.parametrize("size", [(60000, 1), (1, 60000), (30000, 2)])
