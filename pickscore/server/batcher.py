@@ -288,8 +288,8 @@ class Batcher:
                     self._wait.set(self.admitted * per_item)
 
     async def _forward(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
-        x = np.stack([item.x for item in batch])  # (B, ...)
-        call = loop.run_in_executor(self._executor, self.fn, x)
+        rows = [item.x for item in batch]  # stacked on the tower's thread: megabytes of copying, off the event loop
+        call = loop.run_in_executor(self._executor, lambda: self.fn(np.stack(rows)))
         done, _ = await asyncio.wait({call}, timeout=self.timeout_s or None)
         if not done:
             self._hang(len(batch))
