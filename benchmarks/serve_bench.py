@@ -9,10 +9,12 @@ One run measures, on the same JPEG bytes and prompts (every request has its own 
   (c) our engine in-process (batcher + worker pool, no gRPC), closed loop at each concurrency
   (d) `pickscore serve` in its own process through gRPC, closed loop at each concurrency, then open loop
       (Poisson arrivals) at 70% of (d)'s saturation throughput
-  (e) with --int8: the model exported to ONNX int8 and served, at the highest concurrency, with its rank
-      agreement with fp32 (the exporter's verification)
+  (e) with --onnx: the model exported to ONNX fp32 and int8 and each served at the highest concurrency, int8
+      with its rank agreement with fp32 (the exporter's verification); beside them, what an int8 GEMM gains
+      over an fp32 one in ONNX Runtime on this CPU (the most int8 can give the towers here)
   (f) the overhead ceiling: a tiny-tower model served at concurrency 8 against cores x the one-thread rate of
-      `load_pixels` (decode + preprocess) on the same JPEGs: what the request path itself sustains
+      `load_pixels` (decode + preprocess) on the same JPEGs: what the request path itself sustains; beside it,
+      what `cores` threads of `load_pixels` alone sustain at once (what the cores really give together)
 and writes JSON, a markdown table, a latency-against-throughput plot, and a section of benchmarks/RESULTS.md.
 Medians of latency over requests; images/s over the whole measured window; warm-up excluded.
 """
@@ -37,6 +39,7 @@ from common import (  # noqa: E402
     PER_REQUEST,
     append_results,
     closed_loop,
+    git_revision,
     jpegs,
     latency_stats,
     machine,
@@ -165,23 +168,32 @@ async def bench_server(address: str, images, levels, base) -> tuple[dict[int, di
 
 
 def start_server(model_dir: Path, args, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    # closed loops measure saturation: admission by time (--max-queue-wait-s) would refuse the deepest ones
     proc, entry = serve(
         model_dir,
         *("--device", args.device, "--dtype", args.dtype, "--max-batch-size", str(args.max_batch_size)),
-        *("--max-queue-delay-ms", str(args.max_queue_delay_ms), *extra),
+        *("--max-queue-delay-ms", str(args.max_queue_delay_ms), "--max-queue-wait-s", "0", *extra),
     )
     return proc, f"127.0.0.1:{entry['port']}"
 
 
-def decode_rate(images: list[bytes], seconds: float = 5.0) -> float:
+def decode_rate(images: list[bytes], seconds: float = 5.0, offset: int = 0) -> float:
     """Images/s of one thread running load_pixels (decode + resize + crop + normalise) over ``images``."""
     from pickscore.model.preprocess import PreprocessConfig, load_pixels
 
     cfg, n, start = PreprocessConfig(), 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        load_pixels(images[n % len(images)], cfg)
+        load_pixels(images[(n + offset) % len(images)], cfg)
         n += 1
     return n / (time.perf_counter() - start)
+
+
+def parallel_decode_rate(images: list[bytes], threads: int) -> float:
+    """Images/s of ``threads`` threads each running load_pixels at once (Pillow releases the interpreter lock)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        return sum(pool.map(lambda k: decode_rate(images, offset=7 * k), range(threads)))
 
 
 def serve_and_measure(model_dir: Path, args, images, concurrency: int, requests: int, extra=()) -> dict:
@@ -210,31 +222,74 @@ def bench_ceiling(images, args, tmp: Path) -> dict:
     from pickscore.resources import usable_cores
 
     tiny = write_model("tiny", tmp / "tiny")
-    rate = decode_rate(images)
-    served = serve_and_measure(tiny, args, images, 8, 8 * args.requests)
     cores = usable_cores()
+    rate = decode_rate(images)
+    together = parallel_decode_rate(images, cores)
+    served = serve_and_measure(tiny, args, images, 8, 8 * args.requests)
     return {
         "decode_one_thread_images_per_s": rate,
+        "decode_all_cores_images_per_s": together,
         "cores": cores,
         **served,
         "ratio": served["images_per_s"] / (cores * rate),
+        "ratio_to_all_cores": served["images_per_s"] / together,
     }
 
 
-def bench_int8(model_dir: Path, images, args, tmp: Path, concurrency: int) -> dict:
-    """(e): export int8, serve it, and report its rank agreement with fp32 from the export's verification."""
+def bench_export(model_dir: Path, precision: str, images, args, tmp: Path, concurrency: int) -> dict:
+    """(e): export at ``precision``, serve it, and report its rank agreement with fp32 from the export's check."""
     from pickscore.exporter.onnx import export_onnx
 
-    manifest = export_onnx(str(model_dir), tmp / "int8", precision="int8", min_agreement=0.0)
+    manifest = export_onnx(str(model_dir), tmp / precision, precision=precision, min_agreement=0.0)
     served = serve_and_measure(
-        tmp / "int8",
+        tmp / precision,
         args,
         images,
         concurrency,
         requests_for(concurrency, args.requests),
         extra=("--backend", "onnxruntime"),
     )
-    return {**served, "rank_agreement": manifest["verification"]["rank_agreement"]}
+    return {**served, "rank_agreement": manifest["verification"].get("rank_agreement")}
+
+
+def gemm_int8_over_fp32(m: int = 800, k: int = 768, n: int = 3072) -> float:
+    """How much faster ONNX Runtime multiplies uint8 x int8 (MatMulInteger, what the int8 export runs) than
+    float32 on this CPU, for a ViT-B-32 MLP-sized product on every usable core: the most int8 can give here."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pickscore.resources import usable_cores
+
+    def seconds(op: str, x: np.ndarray, w: np.ndarray, out_type: int) -> float:
+        graph = helper.make_graph(
+            [helper.make_node(op, ["x", "w"], ["y"])],
+            op,
+            [helper.make_tensor_value_info("x", helper.np_dtype_to_tensor_dtype(x.dtype), [m, k])],
+            [helper.make_tensor_value_info("y", out_type, [m, n])],
+            [numpy_helper.from_array(w, "w")],
+        )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = usable_cores()
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session.run(None, {"x": x})
+        times = []
+        for _ in range(15):
+            start = time.perf_counter()
+            session.run(None, {"x": x})
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
+
+    rng = np.random.default_rng(0)
+    fp32 = seconds("MatMul", rng.random((m, k), np.float32), rng.random((k, n), np.float32), TensorProto.FLOAT)
+    int8 = seconds(
+        "MatMulInteger",
+        rng.integers(0, 256, (m, k), dtype=np.uint8),
+        rng.integers(-127, 128, (k, n), dtype=np.int8),
+        TensorProto.INT32,
+    )
+    return fp32 / int8
 
 
 def plot(results: dict, png: Path) -> None:
@@ -285,12 +340,14 @@ def markdown(results: dict) -> str:
     rows += [(f"(d) gRPC server, concurrency {c}", r) for c, r in sorted(results["server"].items())]
     r70 = results["server_at_70pct"]
     rows.append((f"(d) gRPC server, open loop at 70% saturation ({r70['rate_requests_per_s']:.2f} req/s)", r70))
-    if "int8" in results:
+    if "onnx" in results:
+        c = max(results["server"])
+        rows.append((f"(e) gRPC server, ONNX fp32 export, concurrency {c}", results["onnx"]["fp32"]))
         rows.append(
             (
-                f"(e) gRPC server, ONNX int8 export, concurrency {max(results['server'])} "
-                f"(rank agreement with fp32 {results['int8']['rank_agreement']:.3f})",
-                results["int8"],
+                f"(e) gRPC server, ONNX int8 export, concurrency {c} "
+                f"(rank agreement with fp32 {results['onnx']['int8']['rank_agreement']:.3f})",
+                results["onnx"]["int8"],
             )
         )
     base = results["transformers_one_per_call"]["images_per_s"]
@@ -306,7 +363,8 @@ def markdown(results: dict) -> str:
         f"- (f) overhead ceiling: tiny-tower server at concurrency 8 **{f['images_per_s']:.0f} images/s** = "
         f"**{f['ratio']:.2f}×** ({f['cores']} cores × one-thread `load_pixels` "
         f"{f['decode_one_thread_images_per_s']:.0f} images/s) (target ≥ 0.8×) — "
-        f"{'met' if f['ratio'] >= 0.8 else 'NOT met'}",
+        f"{'met' if f['ratio'] >= 0.8 else 'NOT met'}; {f['cores']} threads of `load_pixels` alone at once: "
+        f"{f['decode_all_cores_images_per_s']:.0f} images/s, the server {f['ratio_to_all_cores']:.2f}× that",
         f"- concurrency 1: server p50 / transformers' one call for 8 p50: **{t['c1_over_b']:.2f}×** (target ≤ 1.1×) — "
         f"{'met' if t['c1_over_b'] <= 1.1 else 'NOT met'}",
         f"- (d) best / (a): **{t['d_over_a']:.2f}×** (target ≥ 2.5×) — {'met' if t['d_over_a'] >= 2.5 else 'NOT met'}",
@@ -314,10 +372,14 @@ def markdown(results: dict) -> str:
         f"{'met' if t['d_over_c'] >= 0.95 else 'NOT met'}",
         *(
             [
-                f"- (e) int8 / fp32 server: **{t['int8_over_fp32']:.2f}×** (target ≥ 2×) — "
-                f"{'met' if t['int8_over_fp32'] >= 2 else 'NOT met'}"
+                f"- (e) ONNX fp32 export served / (a): **{t['onnx_fp32_over_a']:.2f}×** (target ≥ 2.5×) — "
+                f"{'met' if t['onnx_fp32_over_a'] >= 2.5 else 'NOT met'}; / (c): {t['onnx_fp32_over_c']:.2f}×",
+                f"- (e) int8 served / fp32 server (torch): **{t['int8_over_fp32']:.2f}×**, / ONNX fp32 export served: "
+                f"**{t['int8_over_onnx_fp32']:.2f}×** (target ≥ 2×) — "
+                f"{'met' if t['int8_over_fp32'] >= 2 else 'NOT met'}; an int8 GEMM is "
+                f"{results['onnx']['gemm_int8_over_fp32']:.2f}× an fp32 one in ONNX Runtime on this CPU",
             ]
-            if "int8_over_fp32" in t
+            if "onnx" in results
             else []
         ),
         f"- p99 at 70% saturation / unloaded p50: **{t['p99_70_over_p50']:.2f}×** (target ≤ 3×) — "
@@ -345,9 +407,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="directory for JSON, markdown and PNG")
     p.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
     p.add_argument(
-        "--int8",
+        "--onnx",
         action="store_true",
-        help="also export the model to ONNX int8 and serve it at the highest concurrency (e)",
+        help="also export the model to ONNX fp32 and int8 and serve each at the highest concurrency (e)",
     )
     args = p.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -382,9 +444,13 @@ def main(argv=None) -> int:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-        if args.int8:
-            print("(e) gRPC server, ONNX int8 export", file=sys.stderr)
-            results["int8"] = bench_int8(model_dir, images, args, Path(tmp), max(levels))
+        if args.onnx:
+            print("(e) gRPC server, ONNX fp32 and int8 exports", file=sys.stderr)
+            results["onnx"] = {
+                precision: bench_export(model_dir, precision, images, args, Path(tmp), max(levels))
+                for precision in ("fp32", "int8")
+            }
+            results["onnx"]["gemm_int8_over_fp32"] = gemm_int8_over_fp32()
         print("(f) overhead ceiling", file=sys.stderr)
         results["ceiling"] = bench_ceiling(images, args, Path(tmp))
 
@@ -396,9 +462,17 @@ def main(argv=None) -> int:
         "p99_70_over_p50": results["server_at_70pct"]["p99_over_unloaded_p50"],
         "c1_over_b": results["server"][min(levels)]["p50_ms"] / results["transformers_batched"]["p50_ms"],
     }
-    if "int8" in results:
-        results["targets"]["int8_over_fp32"] = results["int8"]["images_per_s"] / best_d
-    stem = args.out / f"serve-{results['shape'].replace('/', '_')}-{args.device.replace(':', '')}-{args.dtype}"
+    if "onnx" in results:
+        onnx_fp32, int8 = results["onnx"]["fp32"]["images_per_s"], results["onnx"]["int8"]["images_per_s"]
+        results["targets"].update(
+            onnx_fp32_over_a=onnx_fp32 / results["transformers_one_per_call"]["images_per_s"],
+            onnx_fp32_over_c=onnx_fp32 / best_c,
+            int8_over_fp32=int8 / best_d,
+            int8_over_onnx_fp32=int8 / onnx_fp32,
+        )
+    # one set of files per run (shape, device, precision, commit): a later run does not overwrite this one's plot
+    name = f"serve-{results['shape'].replace('/', '_')}-{args.device.replace(':', '')}-{args.dtype}-{git_revision()}"
+    stem = args.out / name
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
     table = markdown(results)
     stem.with_suffix(".md").write_text(table + "\n")

@@ -31,6 +31,7 @@ class Backend(Protocol):
     source: str  # where the model came from
     description: str  # device and precision, e.g. "cpu fp32"
     accelerated: bool  # a GPU computes (the host only launches kernels); False: the forward pass uses the CPU cores
+    pipeline_depth: int  # batches of one tower it runs at once: 2 where a copy overlaps the other's compute, else 1
     preprocess: PreprocessConfig
     tokenizer: Tokenizer
     logit_scale: float

@@ -78,6 +78,7 @@ class OnnxBackend:
         active = self._sessions["image"].get_providers()[0].removesuffix("ExecutionProvider")
         self.description = f"{active} {manifest.get('precision', 'fp32')}"
         self.accelerated = active != "CPU"
+        self.pipeline_depth = 1  # one run at a time per session
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 crops (B, H, W, 3) or preprocessed float32 pixels (B, 3, H, W) -> (B, D) float32."""

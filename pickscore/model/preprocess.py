@@ -222,7 +222,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _resize_size(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, int]:
+def resize_size(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, int]:
     """Target (width, height), as ``get_resize_output_image_size(default_to_square=False)``."""
     if cfg.resize_to is not None:
         return cfg.resize_to[1], cfg.resize_to[0]
@@ -237,7 +237,7 @@ def crop_uint8(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
         img = to_rgb(img)
     elif img.mode != "RGB":
         raise InvalidInput(f"image mode {img.mode} is not RGB and the model's preprocessing does not convert")
-    width, height = _resize_size(*img.size, cfg) if cfg.do_resize else img.size
+    width, height = resize_size(*img.size, cfg) if cfg.do_resize else img.size
     if not cfg.do_center_crop:
         return np.array(img.resize((width, height), resample=cfg.resample) if cfg.do_resize else img)
     crop_h, crop_w = cfg.crop_size

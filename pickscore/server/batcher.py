@@ -16,6 +16,8 @@ the batch after a busy one is taken whole and at once. A batch stays open past i
 (decoded, tokenised: ``preparing``): a request's eight images go through one forward pass, not three
 uneven ones while its last images decode. Items whose caller is gone or whose deadline has passed are
 dropped before they cost compute. A backend exception fails that batch's items (Internal) and nothing else.
+With ``depth`` 2 (an accelerator) the runner gathers and starts the next batch while one is in flight, so one
+batch's copy to the device overlaps the other's compute.
 
 Admission. ``admit`` reserves room for a request's items for as long as the request runs. It refuses at
 once (Overloaded, with a retry hint) when the items do not fit in ``capacity``, when the estimated queue
@@ -108,6 +110,7 @@ class Batcher:
         on_hung: Callable[[str], None] | None = None,
         max_gather_s: float = 0.0,
         executor: ThreadPoolExecutor | None = None,
+        depth: int = 1,
     ):
         self.tower = tower
         self.fn = fn
@@ -127,10 +130,14 @@ class Batcher:
         self._queue: asyncio.PriorityQueue[_Item] = asyncio.PriorityQueue()  # bounded by admission, not by maxsize
         self._arrivals = 0
         self._arrived = asyncio.Event()
-        # the thread forward passes run on: this tower's own, or one it shares with the other tower (on a CPU,
-        # where each pass already uses every core and two at once would only oversubscribe them)
+        # Batches in flight at once: 1, or 2 on an accelerator, where one batch's copy to the device overlaps the
+        # other's compute (each thread on its own stream). Their threads: this tower's own, or one it shares with
+        # the other tower (on a CPU, where a pass already uses every core and two would oversubscribe them).
+        self.depth = depth
+        self._slots = asyncio.Semaphore(depth)
         self._owns_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{tower}-tower")
+        self._executor = executor or ThreadPoolExecutor(max_workers=depth, thread_name_prefix=f"{tower}-tower")
+        self._computing: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
         metrics.queue_capacity.labels(tower).set(capacity)
         # this tower's series, looked up once rather than per item on the hot path
@@ -144,9 +151,10 @@ class Batcher:
         self._task = asyncio.create_task(self._run(), name=f"{self.tower}-runner")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [t for t in (self._task, *self._computing) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         while not self._queue.empty():
             self._fail(self._queue.get_nowait(), Unavailable("server stopped"))
         if self._owns_executor:
@@ -263,13 +271,25 @@ class Batcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._gather(loop)
+            await self._slots.acquire()  # a batch is gathered only when it can start at once
+            try:
+                batch = await self._gather(loop)
+            except BaseException:
+                self._slots.release()
+                raise
             if not batch:
+                self._slots.release()
                 continue
+            task = asyncio.create_task(self._compute(loop, batch))
+            self._computing.add(task)
+            task.add_done_callback(self._computing.discard)
+
+    async def _compute(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+        try:
             if self.hung:  # the tower's thread is stuck: nothing more can be computed here
                 for item in batch:
                     self._fail(item, Unavailable(self.hung))
-                continue
+                return
             start = loop.time()
             for item in batch:
                 self._queue_wait.observe(start - item.enqueued)
@@ -286,6 +306,8 @@ class Batcher:
                 self.throughput.completed(loop.time(), len(batch))
                 if (per_item := self.throughput.per_item) is not None:
                     self._wait.set(self.admitted * per_item)
+        finally:
+            self._slots.release()
 
     async def _forward(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         rows = [item.x for item in batch]  # stacked on the tower's thread: megabytes of copying, off the event loop

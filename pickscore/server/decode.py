@@ -12,6 +12,9 @@ nothing but the preprocessing, never the model.
 A worker that dies (killed, out of memory) fails only the images it and its pool-mates had in hand, with
 Internal; the pool is replaced at once and the server goes on. Threads are the choice where processes
 cannot help: one core, or a caller that cannot spawn.
+
+With ``device`` set (``--decode-on-device``), the threads decode JPEGs and resize them on the model's device
+(``model.device_decode``: approximate samples); every other image takes the exact path.
 """
 
 from __future__ import annotations
@@ -44,14 +47,29 @@ def _crop_in_worker(data: bytes | np.ndarray) -> np.ndarray:
 
 class DecodePool:
     def __init__(
-        self, preprocess: PreprocessConfig, max_pixels: int, max_aspect_ratio: float, workers: int, processes: bool
+        self,
+        preprocess: PreprocessConfig,
+        max_pixels: int,
+        max_aspect_ratio: float,
+        workers: int,
+        processes: bool,
+        device: str | None = None,
     ):
+        if device is not None and processes:
+            raise ValueError("decoding on the device runs in threads: it cannot be combined with worker processes")
         self.preprocess = preprocess
         self.max_pixels = max_pixels
         self.max_aspect_ratio = max_aspect_ratio
         self.workers = workers
         self.processes = processes
         self.replaced = 0  # process pools replaced after a worker died
+        self._crop = partial(load_uint8, cfg=preprocess, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
+        if device is not None:
+            from pickscore.model.device_decode import crop_on_device
+
+            self._crop = partial(
+                crop_on_device, cfg=preprocess, device=device, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio
+            )
         self._executor = self._start()
 
     def _start(self) -> Executor:
@@ -68,9 +86,7 @@ class DecodePool:
         """Encoded image, or decoded pixels (H, W, C) -> uint8 crop (H, W, 3). InvalidInput says what is wrong."""
         loop = asyncio.get_running_loop()
         if not self.processes:
-            return await loop.run_in_executor(
-                self._executor, load_uint8, data, self.preprocess, self.max_pixels, self.max_aspect_ratio
-            )
+            return await loop.run_in_executor(self._executor, self._crop, data)
         executor = self._executor
         try:
             return await loop.run_in_executor(executor, _crop_in_worker, data)

@@ -64,7 +64,8 @@ class Engine:
         self.metrics = metrics
         s = settings
         # On a CPU each forward pass already uses every core (--compute-threads): the towers take turns on one
-        # thread rather than oversubscribe the cores. On a GPU each tower has its own thread launching kernels.
+        # thread rather than oversubscribe the cores. On a GPU each tower has its own threads launching kernels,
+        # as many as the backend runs batches at once (2: one batch's copy overlaps the other's compute).
         self._compute = None if backend.accelerated else ThreadPoolExecutor(1, thread_name_prefix="towers")
         limits = dict(
             max_wait_s=s.max_queue_wait_s,
@@ -72,6 +73,7 @@ class Engine:
             on_hung=on_hung,
             max_gather_s=s.max_gather_ms / 1000,
             executor=self._compute,
+            depth=backend.pipeline_depth if backend.accelerated else 1,
         )
         delay = s.max_queue_delay_ms / 1000
         self.image_batcher = Batcher(
@@ -82,12 +84,15 @@ class Engine:
         )
         self.text_cache = EmbeddingCache("text", settings.text_cache_bytes, metrics)
         self.image_cache = EmbeddingCache("image", settings.image_cache_bytes, metrics)
+        if settings.decode_on_device and backend.name != "torch":
+            raise ValueError(f"--decode-on-device needs the torch backend; this model runs on {backend.name}")
         self.decoder = DecodePool(
             backend.preprocess,
             settings.max_pixels,
             settings.max_aspect_ratio,
             settings.workers,
             settings.decode_processes,
+            device=str(backend.device) if settings.decode_on_device else None,
         )
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")  # prompts: short, and cached
 

@@ -100,6 +100,12 @@ class Settings:
         "decode in worker processes instead of threads: past the interpreter lock, "
         "for hosts with many cores (docs/DESIGN.md, 'Threads')",
     )
+    decode_on_device: bool = _f(
+        False,
+        "torch backend: decode JPEGs (nvJPEG on a GPU) and resize them on the model's device, for hosts whose "
+        "CPUs cannot feed their GPU; close to, not equal to, the exact preprocessing (rank agreement in "
+        "benchmarks/RESULTS.md); other formats take the exact path. Threads only",
+    )
     text_cache_bytes: int = _f(64 << 20, "text-embedding cache size in bytes (per prompt; 0 disables)")
     image_cache_bytes: int = _f(0, "image-embedding cache size in bytes (per image content hash; 0 disables)")
     stream_window: int = _f(8, "requests of one ScoreStream computed at the same time")
@@ -164,6 +170,8 @@ class Settings:
                 f"request (max_batch_size {self.max_batch_size}, max_images_per_request "
                 f"{self.max_images_per_request}); raise --max-queue-size"
             )
+        if self.decode_on_device and self.decode_processes:
+            raise ValueError("--decode-on-device decodes in threads: drop --decode-processes")
         if self.max_aspect_ratio < 1:
             raise ValueError(f"max_aspect_ratio must be at least 1, got {self.max_aspect_ratio} (--max-aspect-ratio)")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -54,42 +54,55 @@ def test_a_requests_images_share_one_forward_pass_while_the_last_still_decode(ti
 
 
 class TurnTakingBackend(TorchBackend):
-    """The real tiny torch backend that records how many forward passes (either tower) run at once."""
+    """The real tiny torch backend that records how many forward passes run at once, in all and per tower."""
 
-    def __init__(self, ref: str, accelerated: bool):
+    def __init__(self, ref: str, accelerated: bool, pipeline_depth: int):
         super().__init__(resolve(ref))
         self.accelerated = accelerated  # what the engine sizes its tower threads from
+        self.pipeline_depth = pipeline_depth
         self._lock = threading.Lock()
-        self.running = 0
-        self.most_at_once = 0
+        self.running = {"image": 0, "text": 0}
+        self.most = {"image": 0, "text": 0, "both": 0}
 
-    def _pass(self, fn, x):
+    def _pass(self, tower: str, fn, x):
         with self._lock:
-            self.running += 1
-            self.most_at_once = max(self.most_at_once, self.running)
+            self.running[tower] += 1
+            self.most[tower] = max(self.most[tower], self.running[tower])
+            self.most["both"] = max(self.most["both"], sum(self.running.values()))
         try:
-            time.sleep(0.05)  # long enough for the other tower's work to arrive meanwhile
+            time.sleep(0.05)  # long enough for more work to arrive meanwhile
             return fn(x)
         finally:
             with self._lock:
-                self.running -= 1
+                self.running[tower] -= 1
 
     def encode_image(self, pixels):
-        return self._pass(super().encode_image, pixels)
+        return self._pass("image", super().encode_image, pixels)
 
     def encode_text(self, tokens):
-        return self._pass(super().encode_text, tokens)
+        return self._pass("text", super().encode_text, tokens)
 
 
-@pytest.mark.parametrize("accelerated, most", [(False, 1), (True, 2)])
-def test_cpu_towers_take_turns_on_one_thread_and_gpu_towers_each_have_one(tiny_hf_dir, accelerated, most):
+@pytest.mark.parametrize(
+    "accelerated, depth, most_both, most_image",
+    [
+        (False, 2, 1, 1),  # a CPU: one pass at a time in all, whatever the backend could pipeline
+        (True, 1, 2, 1),  # a GPU: each tower has its own thread
+        (True, 2, 4, 2),  # and two batches in flight per tower where the backend overlaps copy and compute
+    ],
+)
+def test_forward_passes_at_once_cpu_one_gpu_per_tower_and_pipelined(
+    tiny_hf_dir, accelerated, depth, most_both, most_image
+):
     """Many distinct prompts and images at once keep both towers busy. On a CPU (each pass already uses every
-    core) no two forward passes overlap; on a GPU each tower has its own launching thread, and they do."""
-    backend = TurnTakingBackend(str(tiny_hf_dir), accelerated)
+    core) no two forward passes overlap; on a GPU each tower has its own launching threads, one per batch the
+    backend keeps in flight."""
+    backend = TurnTakingBackend(str(tiny_hf_dir), accelerated, depth)
     settings = settings_for(tiny_hf_dir, max_batch_size=2, text_max_batch_size=1, text_cache_bytes=0)
     with ServerThread(settings, backend=backend) as server, Client(server.address) as client:
-        backend.most_at_once = 0  # after warm-up
+        backend.most = dict.fromkeys(backend.most, 0)  # after warm-up
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(lambda i: client.score(f"{PROMPT} {i}", [jpeg(i), jpeg(i + 50)]), range(16)))
     assert all(len(r) == 2 for r in results)
-    assert backend.most_at_once == most
+    assert backend.most["image"] == most_image and backend.most["text"] == most_image
+    assert backend.most["both"] == most_both

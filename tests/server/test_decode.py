@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import io
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from pickscore.backends.torch_backend import TorchBackend
 from pickscore.client import Client
 from pickscore.errors import Internal, InvalidInput
+from pickscore.model.checkpoint import resolve
 from pickscore.scorer import Scorer
 from pickscore.server.app import ServerThread
+from pickscore.server.engine import Engine
+from pickscore.server.metrics import Metrics
 from tests.conftest import varied_images
 from tests.server.conftest import PROMPT, settings_for
 
@@ -73,3 +78,29 @@ def test_a_killed_worker_fails_only_what_it_held_and_is_replaced(server):
     call(IMAGES)
     assert isinstance(outcomes[-1], list) and len(outcomes[-1]) == len(IMAGES)
     assert server.server.state.ready and not server.server.state.draining
+
+
+def test_decoding_on_the_device_scores_jpegs_closely_and_the_rest_exactly(tiny_hf_dir):
+    """--decode-on-device through a real server (the device is the CPU here; the same code runs nvJPEG on a GPU):
+    every fixture image scores within a hair of the exact path, non-JPEGs exactly, and the best image stays best."""
+    every = [data for _, data, _ in varied_images()]
+    jpegs = [i for i, data in enumerate(every) if data[:3] == b"\xff\xd8\xff"]
+    expected = np.asarray(Scorer.from_pretrained(tiny_hf_dir, device="cpu", dtype="fp32").score(PROMPT, every))
+    with ServerThread(settings_for(tiny_hf_dir, decode_on_device=True)) as server, Client(server.address) as client:
+        got = np.asarray(client.score(PROMPT, every))
+    others = [i for i in range(len(every)) if i not in jpegs]
+    assert len(jpegs) >= 8 and others
+    np.testing.assert_allclose(got[others], expected[others], atol=1e-5)
+    np.testing.assert_allclose(got[jpegs], expected[jpegs], atol=0.05)
+    assert np.abs(got[jpegs] - expected[jpegs]).max() > 0  # they did take the approximate path
+    assert int(np.argmax(got)) == int(np.argmax(expected))
+
+
+def test_decoding_on_the_device_is_refused_with_processes_or_another_backend(tiny_hf_dir):
+    settings = settings_for(tiny_hf_dir, decode_on_device=True)
+    with pytest.raises(ValueError, match="drop --decode-processes"):
+        replace(settings, decode_processes=True).validate()
+    backend = TorchBackend(resolve(tiny_hf_dir))
+    backend.name = "onnxruntime"  # as an ONNX export would load
+    with pytest.raises(ValueError, match="needs the torch backend; this model runs on onnxruntime"):
+        Engine(backend, settings, Metrics())
