@@ -16,7 +16,6 @@ import io
 import random
 import sys
 import time
-from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +64,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from pickscore.backends import load_backend
+    from pickscore.exporter.verify import pairs_ordered_alike
     from pickscore.model.device_decode import crop_on_device
     from pickscore.model.preprocess import DEFAULT_MAX_PIXELS, load_uint8
 
@@ -84,9 +84,8 @@ def main(argv=None) -> int:
         text = backend.encode_text(backend.tokenizer([caption]))[0]
         a = backend.logit_scale * backend.encode_image(np.stack([exact(b) for b in blobs])) @ text
         b = backend.logit_scale * backend.encode_image(np.stack([on_device(x) for x in blobs])) @ text
-        for i, j in combinations(range(PER_SET), 2):
-            agree += (a[i] > a[j]) == (b[i] > b[j])
-            pairs += 1
+        alike, n = pairs_ordered_alike(a, b)
+        agree, pairs = agree + alike, pairs + n
         same_best += int(np.argmax(a) == np.argmax(b))
         worst = max(worst, float(np.abs(a - b).max()))
     sample = [blob for _, blobs in data[:8] for blob in blobs]

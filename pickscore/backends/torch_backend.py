@@ -103,13 +103,13 @@ class TorchBackend:
         self._normalize = DeviceNormalizer(self.preprocess, self.device)
         self._pin = self.device.type == "cuda"
         self.compiled = compile
-        self._image_tower, self._text_tower = self.model.encode_image, self.model.encode_text
-        # causal attention pooled at the end-of-text token: positions past the last real token change nothing
-        self._trim_text = self.model.attn_mask is not None and self.model.text_pool_type in ("argmax", "eos")
-        if self._trim_text:
-            self._text_tower = self._encode_text_prefix
+        # Causal attention pooled at the end-of-text token: positions past the last real token change nothing.
+        # Compiled towers keep the whole context: one shape per batch bucket, not one per prompt length too.
+        causal = self.model.attn_mask is not None and self.model.text_pool_type in ("argmax", "eos")
+        self._trim_text = causal and not compile
+        self._image_tower = self.model.encode_image
+        self._text_tower = self._encode_text_prefix if self._trim_text else self.model.encode_text
         if compile:
-            self._trim_text = False  # one compiled shape per batch bucket, not one per prompt length too
             mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs per bucket shape
             self._image_tower = torch.compile(self.model.encode_image, mode=mode, dynamic=False)
             self._text_tower = torch.compile(self.model.encode_text, mode=mode, dynamic=False)

@@ -69,10 +69,15 @@ def rank_agreement(
         images = pixels[s * per_set : (s + 1) * per_set]
         a = candidate.encode_image(images) @ candidate.encode_text(tokens[s : s + 1])[0]
         b = reference.encode_image(images) @ reference.encode_text(tokens[s : s + 1])[0]
-        for i, j in combinations(range(per_set), 2):
-            agree += (a[i] > a[j]) == (b[i] > b[j])
-            total += 1
+        alike, pairs = pairs_ordered_alike(a, b)
+        agree, total = agree + alike, total + pairs
     return float(agree / total)
+
+
+def pairs_ordered_alike(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
+    """(pairs of candidates that two score vectors of one set order alike, pairs in all)."""
+    alike = sum(int((a[i] > a[j]) == (b[i] > b[j])) for i, j in combinations(range(len(a)), 2))
+    return alike, len(a) * (len(a) - 1) // 2
 
 
 def verification_inputs(

@@ -33,12 +33,12 @@ from pickscore.model.preprocess import PreprocessConfig, load_uint8
 
 log = logging.getLogger("pickscore.server")
 
-_worker_crop = None  # in a worker process: load_uint8 bound to the server's preprocessing and pixel limit
+_worker_crop = None  # in a worker process: the pool's crop function, bound to the server's preprocessing and limits
 
 
-def _init_worker(preprocess: PreprocessConfig, max_pixels: int, max_aspect_ratio: float) -> None:
+def _init_worker(crop: partial) -> None:
     global _worker_crop
-    _worker_crop = partial(load_uint8, cfg=preprocess, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
+    _worker_crop = crop
 
 
 def _crop_in_worker(data: bytes | np.ndarray) -> np.ndarray:
@@ -55,21 +55,15 @@ class DecodePool:
         processes: bool,
         device: str | None = None,
     ):
-        if device is not None and processes:
-            raise ValueError("decoding on the device runs in threads: it cannot be combined with worker processes")
-        self.preprocess = preprocess
-        self.max_pixels = max_pixels
-        self.max_aspect_ratio = max_aspect_ratio
         self.workers = workers
         self.processes = processes
         self.replaced = 0  # process pools replaced after a worker died
-        self._crop = partial(load_uint8, cfg=preprocess, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
+        crop = load_uint8
         if device is not None:
             from pickscore.model.device_decode import crop_on_device
 
-            self._crop = partial(
-                crop_on_device, cfg=preprocess, device=device, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio
-            )
+            crop = partial(crop_on_device, device=device)
+        self._crop = partial(crop, cfg=preprocess, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
         self._executor = self._start()
 
     def _start(self) -> Executor:
@@ -79,7 +73,7 @@ class DecodePool:
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(self.preprocess, self.max_pixels, self.max_aspect_ratio),
+            initargs=(self._crop,),  # sent once per worker, not with every image
         )
 
     async def crop(self, data: bytes | np.ndarray) -> np.ndarray:
