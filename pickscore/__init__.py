@@ -7,18 +7,25 @@ The facade: modules inside the package import from their own layer's modules, ne
 """
 
 from pickscore.errors import InvalidInput, ModelLoadError, PickScoreError
+from pickscore.extras import missing_extra
 from pickscore.version import __version__
 
 __all__ = ["InvalidInput", "ModelLoadError", "PickScoreError", "Ranking", "Scorer", "__version__"]
 
 
 def __getattr__(name):  # torch loads only when the scorer is used
-    if name == "Scorer":
-        from pickscore.scorer import Scorer
+    try:
+        if name == "Scorer":
+            from pickscore.scorer import Scorer
 
-        return Scorer
-    if name == "Ranking":
-        from pickscore.model.scoring import Ranking
+            return Scorer
+        if name == "Ranking":
+            from pickscore.model.scoring import Ranking
 
-        return Ranking
+            return Ranking
+    except ModuleNotFoundError as e:  # a client-only install: say which extra brings the scorer
+        message = missing_extra(e)
+        if message is None:
+            raise
+        raise ModuleNotFoundError(f"pickscore.{name}: {message}", name=e.name) from e
     raise AttributeError(f"module 'pickscore' has no attribute {name!r}")

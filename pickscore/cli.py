@@ -6,7 +6,7 @@
     pickscore train --data DIR --out DIR [--model REF] [--preset NAME] [--init-only] [settings]
     pickscore eval --model REF --data DIR [--baseline REF] [--backend B] [--json]
     pickscore export onnx|tensorrt|triton --model REF ...
-    pickscore serve [--model REF] [--port 8001] [--http-port 8000] [--metrics-port 9090] [settings]
+    pickscore serve [--model REF] [--port 8001] [--http-port 8000] [--metrics-port 8002] [settings]
     pickscore health [--server HOST:PORT]
     pickscore batch --input PATH... --output DIR (--model REF | --server ADDR[,ADDR...]) [--resume]
     pickscore evaluate-models --prompts FILE --images NAME=PATH... (--model REF | --server HOST:PORT)
@@ -28,6 +28,7 @@ from pickscore import commands
 from pickscore.collect import commands as collect_commands
 from pickscore.errors import PickScoreError
 from pickscore.exporter import commands as exporter_commands
+from pickscore.extras import missing_extra
 from pickscore.jobs import commands as jobs_commands
 from pickscore.server import commands as server_commands
 from pickscore.training import commands as training_commands
@@ -58,6 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (PickScoreError, OSError, ValueError) as e:  # bad model, input, data or settings: say which, exit 1
         print(f"pickscore: error: {e}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as e:  # an optional part not installed: name the extra that installs it
+        message = missing_extra(e)
+        if message is None:
+            raise
+        print(f"pickscore {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 

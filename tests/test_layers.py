@@ -23,6 +23,8 @@ LAYERS = [
         "pickscore.v1",
         "pickscore.scenes",
         "pickscore.flags",
+        "pickscore.limits",
+        "pickscore.extras",
         "pickscore.resources",
         "pickscore.tls",
     ],

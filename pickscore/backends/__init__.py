@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from pickscore.backends.manifest import is_export
-from pickscore.model.preprocess import PreprocessConfig
 
-if TYPE_CHECKING:  # importing the tokenizer loads open_clip and torch: seconds a parser-only import need not pay
+if TYPE_CHECKING:  # the tokenizer loads open_clip and torch, preprocessing Pillow: parsers and clients need neither
+    from pickscore.model.preprocess import PreprocessConfig
     from pickscore.model.tokenizer import Tokenizer
 
 KINDS = ("auto", "torch", "onnxruntime")

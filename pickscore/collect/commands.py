@@ -6,14 +6,13 @@ import argparse
 import asyncio
 import logging
 
+from pickscore.collect.settings import CollectSettings
 from pickscore.flags import add_flags, given
 
 DB_HELP = "the app's database URL (sqlite:///FILE, postgresql+psycopg://USER@HOST/DB) or a SQLite file path"
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    from pickscore.collect.app import CollectSettings
-
     p = sub.add_parser(
         "collect",
         help="a web app where people choose the better of two images for their prompt (Pick-a-Pic's loop)",
@@ -54,7 +53,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_collect(args: argparse.Namespace) -> int:
-    from pickscore.collect.app import CollectSettings, serve
+    from pickscore.collect.app import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -69,7 +68,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from pickscore.collect.export import export, markdown
     from pickscore.collect.store import Store
 
-    store = Store(args.db)
+    store = Store(args.db, create=False)  # a mistyped --db must not export an empty database made on the spot
     try:
         manifest = export(store, args.out, args.validation, args.test, args.seed, progress=True)
         agreed = json.loads((Path(args.out) / "agreement.json").read_text())

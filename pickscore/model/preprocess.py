@@ -39,12 +39,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pickscore.errors import InvalidInput
+from pickscore.limits import DEFAULT_MAX_PIXELS
 
 ImageInput = bytes | bytearray | memoryview | str | os.PathLike | Image.Image | np.ndarray
 
 # Formats we decode; anything else (EPS, PDF, ...) is refused before a decoder runs.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-DEFAULT_MAX_PIXELS = 8192 * 8192
 # Resize the whole image (bit-identical to the reference) while that makes at most this many crops' worth of
 # pixels; beyond it, only the region the crop keeps (cost bounded by the output).
 FULL_RESIZE_AREA = 4

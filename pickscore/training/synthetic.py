@@ -36,23 +36,12 @@ from tqdm import tqdm
 
 from pickscore.scenes import ATTRIBUTES, Scene, random_scene, render, vary
 from pickscore.training.data import SCHEMA, SPLITS
+from pickscore.training.dials import BEST_CHANGE, GENERATOR_NAMES, HELD_OUT_FRACTION, MAX_MODEL_PROMPTS, WORST_CHANGE
 
 MODELS = ("synthetic-a", "synthetic-b", "synthetic-c")
 TIE_FRACTION = 0.1
-HELD_OUT_FRACTION = 0.1  # of pairs, for each of validation and test (default)
 PAIRS_PER_PROMPT = (1, 2, 3, 4)
 START = datetime(2023, 4, 1)
-# Fake generators, best first, for 1 to 5 models: the name says the rank. Each image changes every attribute of
-# its prompt's scene independently with the generator's probability, spaced from BEST_CHANGE to WORST_CHANGE.
-GENERATOR_NAMES = {
-    1: ("good",),
-    2: ("good", "poor"),
-    3: ("good", "fair", "poor"),
-    4: ("excellent", "good", "fair", "poor"),
-    5: ("excellent", "good", "fair", "poor", "bad"),
-}
-BEST_CHANGE, WORST_CHANGE = 0.05, 0.65
-MAX_MODEL_PROMPTS = 1000  # distinct captions drawn from the ~2,600 the scenes can say
 
 
 @dataclass(frozen=True)

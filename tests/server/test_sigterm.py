@@ -19,15 +19,15 @@ from pickscore.scorer import Scorer
 from tests.server.conftest import PROMPT, jpeg
 
 
-def start_server(model, *flags: str) -> tuple[subprocess.Popen, dict, list[dict]]:
-    """Start `pickscore serve` on free ports -> the process, its "serving" log entry, and a list that
-    collects its later JSON log entries."""
-    env = {**os.environ, "PICKSCORE_HOST": "127.0.0.1", "PICKSCORE_LOG_FORMAT": "json"}
+def start_server(
+    model, *flags: str, command: tuple[str, ...] = (sys.executable, "-m", "pickscore.cli"), **popen
+) -> tuple[subprocess.Popen, dict, list[dict]]:
+    """Start `pickscore serve` (``command`` + serve) on free ports -> the process, its "serving" log entry, and a
+    list that collects its later JSON log entries."""
+    env = {**popen.pop("env", os.environ), "PICKSCORE_HOST": "127.0.0.1", "PICKSCORE_LOG_FORMAT": "json"}
     proc = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "pickscore.cli",
+            *command,
             "serve",
             "--model",
             str(model),
@@ -44,8 +44,11 @@ def start_server(model, *flags: str) -> tuple[subprocess.Popen, dict, list[dict]
         env=env,
         stderr=subprocess.PIPE,
         text=True,
+        **popen,
     )
+    before = []
     for line in proc.stderr:
+        before.append(line)
         entry = json.loads(line) if line.startswith("{") else {}
         if entry.get("message") == "serving":
             later: list[dict] = []
@@ -57,7 +60,7 @@ def start_server(model, *flags: str) -> tuple[subprocess.Popen, dict, list[dict]
 
             threading.Thread(target=collect, daemon=True).start()
             return proc, entry, later
-    raise AssertionError(f"server exited with {proc.wait()} before serving")
+    raise AssertionError(f"server exited with {proc.wait()} before serving: {''.join(before[-20:])}")
 
 
 def test_sigterm_under_load_loses_no_admitted_request(tiny_hf_dir):
