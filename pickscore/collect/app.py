@@ -34,7 +34,7 @@ from aiohttp import web
 
 from pickscore.collect import report
 from pickscore.collect.sources import PickScoreOrdered, Source, distinct, open_source
-from pickscore.collect.store import MAX_PROMPT_CHARS, Candidate, Choice, Store, User, clean_prompt
+from pickscore.collect.store import MAX_PROMPT_CHARS, Candidate, Choice, ShownPair, Store, User, clean_prompt
 from pickscore.errors import Forbidden, InvalidInput, PickScoreError, Unauthenticated
 from pickscore.flags import option
 from pickscore.status import http_status_of
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 COOKIE = "pickscore_collect"
 MAX_FORM_BYTES = 64 * 1024
+DRAWS = 3  # tries at candidates that were not just shown before settling for what the source repeats
 CONSENT = """\
 This app records the choices you make between pairs of images: the prompt you write, the two images shown, which \
 one you prefer (or a tie), when, and the name you sign in with. The records are used to train and evaluate \
@@ -239,12 +240,16 @@ class CollectApp:
             prompt=last or "",
             suggestions=list(self.source.prompts())[:1000],
             max_prompt=MAX_PROMPT_CHARS,
+            round_ended=pair is None and request.query.get("round") == "ended",
         )
 
     async def prompt(self, request: web.Request) -> web.Response:
         user, form = await self._form(request)
         prompt = clean_prompt(str(form.get("prompt", "")))
-        left, right, ordering = await self._candidates(prompt, kept=None, exclude=set())
+        found = await self._candidates(prompt, kept=None, exclude=set())
+        if found is None:
+            raise InvalidInput(f"prompt {prompt!r}: the source has too few images for it")
+        (left, right), ordering = found
         await _db(self.store.show, user.id, prompt, left, right, ordering)
         raise web.HTTPSeeOther("/")
 
@@ -257,30 +262,54 @@ class CollectApp:
             int(pair_id), str(form.get("image_0", "")), str(form.get("image_1", "")), str(form.get("choice"))
         )
         pair = await _db(self.store.check, user.id, choice)
-        # The winner stays on its side; the rejected image (both, on a tie) is replaced.
-        if choice.label == "tie":
-            left, right, ordering = await self._candidates(pair.prompt, None, {pair.image_0, pair.image_1})
-        else:
-            side = 0 if choice.label == "left" else 1
-            kept = await _db(self.store.candidate, pair.id, side)
-            new, _, ordering = await self._candidates(pair.prompt, kept, {pair.image_0, pair.image_1})
-            left, right = (kept, new) if side == 0 else (new, kept)
+        following = await self._next_pair(pair, choice.label)
+        if following is None:  # the source has nothing to show next: the choice is kept and the round ends
+            await _db(self.store.choose, user.id, choice)
+            raise web.HTTPSeeOther("/?round=ended")
+        left, right, ordering = following
         await _db(self.store.show, user.id, pair.prompt, left, right, ordering, after=choice)
         raise web.HTTPSeeOther("/")
 
+    async def _next_pair(
+        self, pair: ShownPair, label: str
+    ) -> tuple[Candidate, Candidate, dict[str, Any] | None] | None:
+        """What follows a choice: the winner stays on its side and the rejected image (both, on a tie) is replaced;
+        a fresh pair when the source offers nothing beside the winner; None when it cannot offer two images."""
+        shown = {pair.image_0, pair.image_1}
+        if label != "tie":
+            side = 0 if label == "left" else 1
+            kept = await _db(self.store.candidate, pair.id, side)
+            found = await self._candidates(pair.prompt, kept, shown)
+            if found is not None:
+                (new,), ordering = found
+                return (kept, new, ordering) if side == 0 else (new, kept, ordering)
+        found = await self._candidates(pair.prompt, None, shown)
+        if found is None:
+            return None
+        (left, right), ordering = found
+        return left, right, ordering
+
     async def _candidates(
         self, prompt: str, kept: Candidate | None, exclude: set[str]
-    ) -> tuple[Candidate, Candidate | None, dict[str, Any] | None]:
-        """Two new candidates, or (with ``kept``) one to go beside it; and how a served PickScore ordered them."""
+    ) -> tuple[list[Candidate], dict[str, Any] | None] | None:
+        """Two new candidates, or (with ``kept``) one to go beside it, and how a served PickScore ordered them; None
+        when ``DRAWS`` draws bring too few. ``kept`` never comes back (one image against itself); images in
+        ``exclude`` only when no draw brings others (a source drawn with a fixed seed replays its draws on restart,
+        and a small pool has nothing else)."""
         need = 1 if kept else 2
-        if self.ordered is not None:
-            drawn, ordering = await self.ordered.order(prompt, kept, exclude)
-        else:
-            drawn, ordering = await self.source.draw(prompt, need, exclude), None
-        drawn = [c for c in distinct(drawn) if kept is None or c.id != kept.id]  # never one image against itself
-        if len(drawn) < need:
-            raise InvalidInput(f"prompt {prompt!r}: the source has too few images for it")
-        return drawn[0], (drawn[1] if need == 2 else None), ordering
+        repeated = None
+        for _ in range(DRAWS):
+            if self.ordered is not None:
+                drawn, ordering = await self.ordered.order(prompt, kept, exclude)
+            else:
+                drawn, ordering = await self.source.draw(prompt, need, exclude), None
+            usable = [c for c in distinct(drawn) if kept is None or c.id != kept.id]
+            new = [c for c in usable if c.id not in exclude]
+            if len(new) >= need:
+                return new[:need], ordering
+            if repeated is None and len(usable) >= need:
+                repeated = usable[:need], ordering
+        return repeated
 
     async def image(self, request: web.Request) -> web.Response:
         if await self._user(request) is None:

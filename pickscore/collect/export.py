@@ -8,7 +8,9 @@ for a tie), the models, the image ids (SHA-256), the user, the choice id as ``ra
 
 Splits are by prompt, so no prompt is in two of them: a prompt's SHA-256 (salted by ``seed``) places it in
 validation, test or train by fixed fractions, so a prompt stays in its split as more data arrives. With at least
-three prompts, validation and test each get one even when the fractions round to none. ``num_example_per_prompt``
+as many prompts as splits asked for (train, and validation and test unless their fraction is 0), each gets one even
+when the fractions round to none; with fewer, ``export`` refuses rather than write an empty split that training
+would validate on, or evaluation test on, without a word. ``num_example_per_prompt``
 counts a prompt's rows in its split; ``validation_unique`` and ``test_unique`` keep each prompt's first row.
 Same database contents, same files, whichever database they are in.
 """
@@ -28,6 +30,7 @@ from tqdm import tqdm
 
 from pickscore.collect.report import agreement
 from pickscore.collect.store import Store
+from pickscore.errors import InvalidInput
 from pickscore.training.data import SCHEMA, SPLITS
 
 ROW_GROUP = 256
@@ -39,20 +42,41 @@ def _position(prompt: str, seed: int) -> float:
 
 
 def assign_splits(prompts: set[str], validation: float, test: float, seed: int = 0) -> dict[str, str]:
-    """prompt -> "validation", "test" or "train", by each prompt's hash position."""
+    """prompt -> "validation", "test" or "train", by each prompt's hash position; with at least as many prompts as
+    ``asked_splits``, each of those gets one (the lowest-placed prompt of the largest split moves to an empty one)."""
     if not (0 <= validation and 0 <= test and validation + test < 1):
         raise ValueError(f"split fractions: validation {validation} and test {test} must be >= 0 and sum below 1")
     position = {p: _position(p, seed) for p in prompts}
     split = {
         p: "validation" if x < validation else "test" if x < validation + test else "train" for p, x in position.items()
     }
-    if len(prompts) >= 3:  # small collections still get something to validate and test on
-        for name, fraction in (("validation", validation), ("test", test)):
-            if fraction > 0 and name not in split.values():
-                train = [p for p in prompts if split[p] == "train"]
-                if len(train) > 1:
-                    split[min(train, key=position.__getitem__)] = name
+    for name in asked_splits(validation, test):  # small collections still get something in every split
+        if name not in split.values():
+            sizes = Counter(split.values())
+            donor = max(sizes, key=lambda s: (sizes[s], s), default=None)  # the largest; by name on a tie
+            if donor is not None and sizes[donor] > 1:
+                split[min((p for p in prompts if split[p] == donor), key=position.__getitem__)] = name
     return split
+
+
+def asked_splits(validation: float, test: float) -> list[str]:
+    """The splits that must not be empty: train, and validation and test unless their fraction is 0."""
+    return ["train"] + [name for name, fraction in (("validation", validation), ("test", test)) if fraction > 0]
+
+
+def check_splits(split_of: dict[str, str], validation: float, test: float) -> None:
+    """InvalidInput when an asked split got no prompt, naming how many prompts there are and how many it takes."""
+    asked = asked_splits(validation, test)
+    if not split_of:
+        raise InvalidInput("collect export: the database holds no choices yet; nothing to export")
+    if set(asked) <= set(split_of.values()):
+        return
+    names = ", ".join(asked[:-1]) + " and " + asked[-1]
+    prompts = f"{len(split_of)} prompt{'s' * (len(split_of) != 1)}"
+    raise InvalidInput(
+        f"collect export: {prompts}, but {names} need one each ({len(asked)} prompts); collect more, or give "
+        "--validation 0 --test 0 to export every prompt to train"
+    )
 
 
 def export(
@@ -62,6 +86,7 @@ def export(
     out = Path(out)
     choices = list(store.choices())
     split_of = assign_splits({c["prompt"] for c in choices}, validation, test, seed)
+    check_splits(split_of, validation, test)
     rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for c in choices:
         rows[split_of[c["prompt"]]].append(c)

@@ -15,8 +15,9 @@ class CollectSettings:
     candidates: str = option(
         "synthetic",
         "where candidate images come from: synthetic (drawn scenes, the demo), pool:PATH[,PATH...] (Parquet, a "
-        "directory with manifest.jsonl, or WebDataset shards: prompt, image, model), or an http(s):// "
-        "text-to-image backend (contract in pickscore/collect/sources.py)",
+        "directory with manifest.jsonl, or WebDataset shards: prompt, image, model; or a directory with "
+        "prompts.txt and <model>/<prompt index>/ image folders, as `pickscore data synthetic --models` writes), or "
+        "an http(s):// text-to-image backend (contract in pickscore/collect/sources.py)",
     )
     host: str = option("127.0.0.1", "address to bind (0.0.0.0 to accept other machines)")
     port: int = option(8080, "HTTP port; 0 picks a free one")

@@ -30,13 +30,14 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from pickscore.collect.store import Candidate, check_image
+from pickscore.collect.store import Candidate, check_image, clean_prompt
 from pickscore.errors import InvalidInput, PickScoreError, Unavailable
 from pickscore.jobs.batch import input_files, read_rows
 from pickscore.scenes import ATTRIBUTES, CHOICES, Scene, random_scene, render, vary
 from pickscore.training.synthetic import Generator, generators, png
 
 GENERATION_TIMEOUT_S = 120.0
+GENERATED_LAYOUT = "<model>/<prompt index>/ folders of images (`pickscore data synthetic --models` writes them)"
 
 
 class Source(Protocol):
@@ -115,22 +116,26 @@ class _PoolItem:
 class PoolSource:
     """Images made beforehand, read with ``pickscore batch``'s readers: Parquet (``prompt``, ``image`` bytes or
     ``image_path``, ``model``), a directory with ``manifest.jsonl`` (``{"prompt", "image": path, "model"}`` a
-    line), or WebDataset shards. A prompt needs at least two images; a pool's prompts are the only ones it can
-    show. Images inside Parquet files are held in memory; for a large pool, give paths (manifest or
-    ``image_path``), which are read only when drawn."""
+    line), or WebDataset shards; or with ``pickscore evaluate-models``' readers, a directory with ``prompts.txt``
+    beside ``<model>/<prompt index>/`` folders of images (searched recursively), as ``pickscore data synthetic
+    --models`` writes it: each image goes with the prompt on its index's line, and its model is its folder's name.
+    A prompt needs at least two images; a pool's prompts are the only ones it can show, and one the app would
+    refuse (a control character, too long) is left out. Images inside Parquet files are held in memory; for a
+    large pool, give paths (manifest, ``image_path`` or folders), which are read only when drawn."""
 
     def __init__(self, inputs: Sequence[str], seed: int | None = None):
         self.inputs = list(inputs)
         self.rng = random.Random(seed)
         by_prompt: dict[str, list[_PoolItem]] = defaultdict(list)
-        for row in read_rows(input_files(self.inputs)):
-            if row.error:
-                continue
-            item = _PoolItem(row.model or "unknown", row.id, row.image, row.path)
-            by_prompt[" ".join(row.prompt.split())].append(item)
+        for spec in self.inputs:
+            for prompt, item in _pool_items(spec):
+                try:
+                    by_prompt[clean_prompt(prompt)].append(item)
+                except InvalidInput:
+                    continue  # a prompt the app refuses cannot be shown
         self.pool = {prompt: items for prompt, items in by_prompt.items() if len(items) >= 2}
         if not self.pool:
-            raise InvalidInput(f"pool {' '.join(self.inputs)}: no prompt with at least two images")
+            raise InvalidInput(f"--candidates pool:{','.join(self.inputs)}: no prompt with at least two images")
         self.description = f"pool: {sum(map(len, self.pool.values()))} images for {len(self.pool)} prompts"
 
     def prompts(self) -> Sequence[str]:
@@ -152,6 +157,47 @@ class PoolSource:
             if len(fresh) == n:
                 return fresh
         return (fresh + seen)[:n]  # every image of the prompt has been shown: repeat some
+
+
+def _pool_items(spec: str) -> list[tuple[str, _PoolItem]]:
+    """(prompt, item) for each usable image under one pool path; refusals name ``--candidates``, the app's flag."""
+    folder = Path(spec)
+    try:
+        if (folder / "prompts.txt").is_file() and not (folder / "manifest.jsonl").exists():
+            return _generated_items(folder)
+        try:
+            files = input_files([spec])
+        except InvalidInput as e:
+            layouts = f"; nor prompts.txt beside {GENERATED_LAYOUT}" if folder.is_dir() else ""
+            raise InvalidInput(str(e).removeprefix(f"--input {spec}: ") + layouts) from None
+        rows = read_rows(files)
+        return [(r.prompt, _PoolItem(r.model or "unknown", r.id, r.image, r.path)) for r in rows if not r.error]
+    except InvalidInput as e:
+        raise InvalidInput(f"--candidates pool:{spec}: {e}") from None
+
+
+def _generated_items(folder: Path) -> list[tuple[str, _PoolItem]]:
+    """FOLDER/prompts.txt and FOLDER/<model>/<prompt index>/<images>, read as ``pickscore evaluate-models`` reads
+    them (the same checks: every prompt has images in every model's folder)."""
+    from pickscore.jobs.evaluate_models import load_image_set, read_prompts
+
+    try:
+        prompts = read_prompts(folder / "prompts.txt")
+    except InvalidInput as e:
+        raise InvalidInput(str(e).removeprefix("--prompts ")) from None
+    items = []
+    for model in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            images = load_image_set(model.name, model, prompts)
+        except InvalidInput as e:
+            raise InvalidInput(f"{model}: {str(e).removeprefix(f'--images {model.name}: ')}") from None
+        for prompt, found in zip(prompts, images.per_prompt):
+            for _, load in found:
+                path = load()
+                items.append((prompt.text, _PoolItem(model.name, str(path.relative_to(folder)), None, str(path))))
+    if not items:
+        raise InvalidInput(f"prompts.txt but no {GENERATED_LAYOUT}")
+    return items
 
 
 # A text-to-image backend over HTTP ----------------------------------------------------------------------
@@ -221,16 +267,18 @@ class PickScoreOrdered:
 
     async def order(self, prompt: str, kept: Candidate | None, exclude: set[str]) -> tuple[list[Candidate], dict]:
         """Two candidates (``kept`` is given: one, to go beside it) and how they were chosen."""
+        need = 1 if kept else 2
         drawn = [c for c in distinct(await self.source.draw(prompt, self.pool, exclude)) if not kept or c.id != kept.id]
-        if len(drawn) < (1 if kept else 2):
-            return drawn[: 1 if kept else 2], {"by": "none", "reason": "too few distinct candidates to order"}
+        fresh = [c for c in drawn if c.id not in exclude]
+        drawn = fresh if len(fresh) >= need else drawn  # images just shown only when there are too few others
+        if len(drawn) < need:
+            return drawn[:need], {"by": "none", "reason": "too few distinct candidates to order"}
         scored = drawn + ([kept] if kept else [])
         try:
             scores = await self.client.score(prompt, [c.image for c in scored])
             model = (await self.client.model_info()).source
         except PickScoreError as e:
             # Collecting goes on without ordering; the pair says why.
-            need = 1 if kept else 2
             return drawn[:need], {"by": "none", "reason": f"PickScore at {self.server}: {e}"}
         if kept is not None:
             target = scores[-1]

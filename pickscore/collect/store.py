@@ -3,7 +3,7 @@
     store = Store("sqlite:///collect.db")          # or postgresql+psycopg://user@host/db; migrated on open
     user = store.sign_in("ada", consent=CONSENT_VERSION)
     pair = store.show(user.id, "a red fox", left, right)          # Candidates: image bytes + provenance
-    store.choose(user.id, Choice(pair.id, pair.image_0, pair.image_1, "left"), replacement=[new_right])
+    store.show(user.id, "a red fox", left, new_right, after=Choice(pair.id, pair.image_0, pair.image_1, "left"))
 
 Tables (``pickscore/collect/migrations`` creates and upgrades them with Alembic):
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -44,7 +45,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -55,6 +56,8 @@ MAX_PROMPT_CHARS = 1000
 MAX_NAME_CHARS = 64
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096
+# Explicit bidi embeddings, overrides and isolates (and their ends): the "Trojan Source" characters.
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 LABELS = {"left": (1.0, 0.0), "right": (0.0, 1.0), "tie": (0.5, 0.5)}
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -168,11 +171,19 @@ def check_image(data: bytes, what: str) -> tuple[str, int, int]:
 
 
 def clean_prompt(text: str) -> str:
+    """``text`` with every run of whitespace (tabs and line breaks included) made one space, or InvalidInput: empty,
+    too long, or holding a control character (Unicode Cc: NUL, ESC, DEL, C1) or a bidi embedding, override or
+    isolate (U+202A-E, U+2066-9: they reorder how the prompt, and the dataset's captions, are shown), named by code
+    point and position. Other format characters (joiners in emoji and scripts, bidi marks) stay."""
     prompt = " ".join(text.split())
     if not prompt:
         raise InvalidInput("prompt: empty; write what the images should show")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise InvalidInput(f"prompt: {len(prompt)} characters, over the {MAX_PROMPT_CHARS}-character limit")
+    for at, char in enumerate(prompt, 1):
+        if unicodedata.category(char) == "Cc" or char in BIDI_CONTROLS:
+            kind = "a bidi control (it reorders how text is shown)" if char in BIDI_CONTROLS else "a control character"
+            raise InvalidInput(f"prompt: U+{ord(char):04X} at character {at} is {kind}; write the prompt without it")
     return prompt
 
 
@@ -193,10 +204,26 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def open_engine(url: str) -> Engine:
-    """An engine for ``url`` (a bare path is a SQLite file), its schema migrated to the newest revision."""
-    if "://" not in url:
-        url = f"sqlite:///{url}"
+def database_url(url: str) -> str:
+    """``url`` as SQLAlchemy takes it: a bare path is a SQLite file."""
+    return url if "://" in url else f"sqlite:///{url}"
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file a SQLite URL (or bare path) names; None for a database server or an in-memory database."""
+    parsed = make_url(database_url(url))
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def open_engine(url: str, create: bool = True) -> Engine:
+    """An engine for ``url`` (a bare path is a SQLite file), its schema migrated to the newest revision; without
+    ``create``, a SQLite file that does not exist is refused (NotFound names it) instead of made."""
+    url = database_url(url)
+    path = sqlite_file(url)
+    if not create and path is not None and not path.is_file():
+        raise NotFound(f"database {path}: no such SQLite file (`pickscore collect --db {path}` makes it)")
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -243,9 +270,10 @@ class ShownPair:
 class Store:
     """The app's one way into the database; each method is one transaction."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, create: bool = True):
+        """Open (and migrate) the database at ``url``; without ``create``, refuse a SQLite file that is not there."""
         self.url = url
-        self.engine = open_engine(url)
+        self.engine = open_engine(url, create)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -371,6 +399,14 @@ class Store:
         except IntegrityError:
             # Two submissions of one choice raced; the unique pair_id let one of them commit.
             raise Conflict(f"pair {after.pair_id if after else '?'}: already chosen") from None
+
+    def choose(self, user_id: int, choice: Choice) -> None:
+        """Record ``choice`` with no next pair (the source had nothing more to show); checked as ``show`` checks."""
+        try:
+            with Session(self.engine) as s, s.begin():
+                self._record(s, user_id, choice)
+        except IntegrityError:
+            raise Conflict(f"pair {choice.pair_id}: already chosen") from None
 
     def check(self, user_id: int, choice: Choice) -> ShownPair:
         """The pair ``choice`` answers, or the reason it cannot be recorded (read only; ``show`` checks again)."""

@@ -156,6 +156,29 @@ def test_bad_prompts_and_forged_choices_are_refused_and_store_nothing(app):
     assert bob.status == 404 and counts(app.store) == before | {"users": 2}
 
 
+def test_prompts_with_control_characters_are_refused_and_whitespace_is_one_space(app):
+    """Control characters (NUL, ESC, DEL, C1) and bidi embeddings, overrides and isolates are refused by code point
+    and position, on SQLite as on PostgreSQL (which cannot store NUL); tabs and line breaks become spaces."""
+    ada = signed_in(app)
+    for prompt, named in (
+        ("a red\x00 fox", "U+0000 at character 6"),
+        ("\x1b[31ma red fox", "U+001B at character 1"),
+        ("a red fox\x7f", "U+007F"),
+        ("a red fox \x9b", "U+009B"),
+        ("a fox \u202eelbuod", "U+202E at character 7"),
+        ("a fox \u2066isolated\u2069", "U+2066"),
+    ):
+        ada.post("/prompt", prompt=prompt)
+        assert ada.status == 400 and named in ada.error, (prompt, ada.status, ada.error)
+        assert "\x00" not in ada.body and "\u202e" not in ada.body  # the page never echoes the character
+    assert counts(app.store)["pairs_shown"] == 0
+    # Whitespace of any kind is one space; joiners that emoji and scripts need stay.
+    for prompt, stored in (("a red\tfox\r\nin the snow", "a red fox in the snow"), ("a coder 👩\u200d💻", None)):
+        ada.post("/prompt", prompt=prompt)
+        assert ada.status == 200, ada.error
+        assert rows(app.store, Pair)[-1].prompt == (stored or prompt)
+
+
 def test_a_replayed_or_stale_choice_is_refused(app):
     ada = signed_in(app)
     ada.post("/prompt", prompt=PROMPT)
@@ -264,6 +287,59 @@ def test_pool_sources_show_only_their_prompts_with_each_image_s_model(start_app,
     assert ada.status == 200 and ada.pair is not None
 
 
+def test_a_pool_of_generated_folders_as_data_synthetic_models_writes_them(start_app, tmp_path):
+    """`pickscore data synthetic --models 2 --out gens`: gens/prompts.txt and gens/<model>/<prompt index>/<k>.png.
+    Each image goes with the prompt on its index's line and is recorded with its folder's model."""
+    from pickscore.cli import main
+
+    gens = tmp_path / "gens"
+    assert main(["data", "synthetic", "--models", "2", "--out", str(gens), "--prompts", "3"]) == 0
+    prompts = (gens / "prompts.txt").read_text().splitlines()
+    files = {}  # image id -> (model, prompt, path under gens)
+    for path in gens.glob("*/*/*.png"):
+        model, index = path.parent.parent.name, int(path.parent.name)
+        files[hashlib.sha256(path.read_bytes()).hexdigest()] = (model, prompts[index], str(path.relative_to(gens)))
+    app = start_app(db=f"sqlite:///{tmp_path / 'c.db'}", candidates=f"pool:{gens}/", seed=1)
+    ada = signed_in(app)
+    assert all(f'<option value="{p}">' in ada.body for p in prompts)
+    for prompt in prompts:
+        ada.post("/prompt", prompt=prompt)
+        assert ada.status == 200, ada.error
+        ada.choose("left")
+        assert ada.status == 200, ada.error
+    for pair in rows(app.store, Pair):
+        for image, model, provenance in (
+            (pair.image_0, pair.model_0, pair.provenance_0),
+            (pair.image_1, pair.model_1, pair.provenance_1),
+        ):
+            assert files[image] == (model, pair.prompt, provenance["item"])
+    assert {m for m, _, _ in files.values()} == {"generator-good", "generator-poor"}
+
+
+def test_pool_refusals_name_the_candidates_flag(tmp_path, capsys):
+    from pickscore.cli import main
+
+    (tmp_path / "empty").mkdir()
+    gens = tmp_path / "gens"
+    (gens / "model-a" / "0").mkdir(parents=True)
+    (gens / "prompts.txt").write_text("a fox\nan owl\n")
+    (gens / "model-a" / "0" / "0.png").write_bytes(_png((1, 2, 3)))
+    (tmp_path / "gaps").mkdir()
+    (tmp_path / "gaps" / "prompts.txt").write_text("a fox\n\nan owl\n")
+    for spec, words in (
+        (f"pool:{tmp_path / 'nosuch'}", "no such file or directory"),
+        (f"pool:{tmp_path / 'empty'}", "prompts.txt"),
+        (f"pool:{gens}", "prompt 1 ('an owl')"),
+        (f"pool:{gens / 'model-a'}", "prompts.txt"),
+        (f"pool:{tmp_path / 'gaps'}", "prompts.txt line 2: empty"),
+    ):
+        db = f"sqlite:///{tmp_path / 'c.db'}"
+        assert main(["collect", "--db", db, "--candidates", spec, "--port", "0"]) == 1
+        error = capsys.readouterr().err
+        assert f"--candidates {spec}: " in error and words in error, error
+        assert not any(flag in error for flag in ("--input", "--images", "--prompts")), error
+
+
 class StubGenerator:
     """A text-to-image backend that follows the documented contract (or breaks it, on request), on loopback."""
 
@@ -276,6 +352,8 @@ class StubGenerator:
         self.requests.append(body)
         if self.mode == "down":
             return web.Response(status=503, text="warming up")
+        if self.mode == "one":
+            return web.json_response({"images": [{"image": base64.b64encode(_png((7, 7, 7))).decode()}] * body["n"]})
         if self.mode == "garbage":
             return web.json_response({"images": [{"image": base64.b64encode(b"not an image").decode()}] * body["n"]})
         images = [
@@ -289,11 +367,13 @@ class StubGenerator:
         return web.json_response({"images": images})
 
 
-def test_an_http_generator_by_the_documented_contract(start_app, tmp_path):
+@pytest.fixture
+def generator():
+    """A StubGenerator serving POST /generate on loopback from its own thread: (stub, its URL)."""
     from aiohttp.test_utils import unused_port
 
     stub = StubGenerator()
-    app_holder = {}
+    held = {}
     ready = threading.Event()
     port = unused_port()
 
@@ -306,7 +386,7 @@ def test_an_http_generator_by_the_documented_contract(start_app, tmp_path):
         runner = web.AppRunner(web_app)
         loop.run_until_complete(runner.setup())
         loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
-        app_holder["loop"], app_holder["runner"] = loop, runner
+        held["loop"] = loop
         ready.set()
         loop.run_forever()
         loop.run_until_complete(runner.cleanup())
@@ -314,31 +394,99 @@ def test_an_http_generator_by_the_documented_contract(start_app, tmp_path):
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     ready.wait(10)
-    try:
-        app = start_app(db=f"sqlite:///{tmp_path / 'c.db'}", candidates=f"http://127.0.0.1:{port}/generate")
-        ada = signed_in(app)
-        ada.post("/prompt", prompt="a castle at dawn")
-        assert ada.status == 200, ada.error
-        assert stub.requests[-1]["prompt"] == "a castle at dawn" and stub.requests[-1]["n"] == 2
-        ada.choose("right")
-        assert ada.status == 200 and stub.requests[-1]["n"] == 1  # only the rejected side is regenerated
-        pair = rows(app.store, Pair)[0]
-        assert pair.model_0 == "stub-xl" and pair.provenance_0["params"] == {"steps": 4}
-        assert pair.provenance_0["url"].endswith("/generate") and "seed" in pair.provenance_0
-        before = counts(app.store)
-        for mode, words in (("down", "HTTP 503"), ("garbage", "not a decodable image")):
-            stub.mode = mode
-            ada.get("/")
-            ada.choose("left")
-            assert ada.status == 503 and words in ada.error, ada.error
-            assert counts(app.store) == before  # a failed generation stores nothing; the choice can be retried
-        stub.mode = "ok"
+    yield stub, f"http://127.0.0.1:{port}/generate"
+    held["loop"].call_soon_threadsafe(held["loop"].stop)
+    thread.join(10)
+
+
+def test_an_http_generator_by_the_documented_contract(start_app, tmp_path, generator):
+    stub, url = generator
+    app = start_app(db=f"sqlite:///{tmp_path / 'c.db'}", candidates=url)
+    ada = signed_in(app)
+    ada.post("/prompt", prompt="a castle at dawn")
+    assert ada.status == 200, ada.error
+    assert stub.requests[-1]["prompt"] == "a castle at dawn" and stub.requests[-1]["n"] == 2
+    ada.choose("right")
+    assert ada.status == 200 and stub.requests[-1]["n"] == 1  # only the rejected side is regenerated
+    pair = rows(app.store, Pair)[0]
+    assert pair.model_0 == "stub-xl" and pair.provenance_0["params"] == {"steps": 4}
+    assert pair.provenance_0["url"].endswith("/generate") and "seed" in pair.provenance_0
+    before = counts(app.store)
+    for mode, words in (("down", "HTTP 503"), ("garbage", "not a decodable image")):
+        stub.mode = mode
         ada.get("/")
         ada.choose("left")
-        assert ada.status == 200 and counts(app.store)["choices"] == before["choices"] + 1
-    finally:
-        app_holder["loop"].call_soon_threadsafe(app_holder["loop"].stop)
-        thread.join(10)
+        assert ada.status == 503 and words in ada.error, ada.error
+        assert counts(app.store) == before  # a failed generation stores nothing; the choice can be retried
+    stub.mode = "ok"
+    ada.get("/")
+    ada.choose("left")
+    assert ada.status == 200 and counts(app.store)["choices"] == before["choices"] + 1
+
+
+# A choice is never lost to how candidates are drawn ------------------------------------------------------------
+
+
+def test_a_choice_after_a_restart_with_a_fixed_seed_is_stored_beside_a_new_image(start_app, db_url):
+    """A restarted app with the same --seed draws what it drew before: the kept image itself, then the one just
+    rejected. The choice is stored and the kept image gets a new one beside it."""
+    settings = dict(db=db_url, candidates="synthetic", seed=3, image_size=64)
+    first = start_app(**settings)
+    ada = signed_in(first)
+    ada.post("/prompt", prompt=PROMPT)
+    shown = ada.pair
+    first.close()
+    second = start_app(**settings)
+    ada.base = second.url  # the same session: its signing secret is in the database
+    for label, kept, other in (("left", "image_0", "image_1"), ("right", "image_1", "image_0")):
+        ada.get("/")
+        before = ada.pair
+        ada.choose(label)
+        assert ada.status == 200, ada.error
+        after = ada.pair
+        assert after[kept] == before[kept] and after[other] not in (before["image_0"], before["image_1"])
+    assert shown["pair"] < after["pair"] and counts(second.store)["choices"] == 2
+
+
+def test_a_pool_prompt_with_two_images_takes_every_choice(start_app, tmp_path):
+    """Keeping one of a prompt's only two images: the other is all the pool can offer beside it, so it comes back."""
+    table = pa.table({"prompt": ["a fox"] * 2, "image": [_png((200, 0, 0)), _png((0, 200, 0))], "model": ["a", "b"]})
+    pq.write_table(table, tmp_path / "fox.parquet")
+    settings = dict(db=f"sqlite:///{tmp_path / 'c.db'}", candidates=f"pool:{tmp_path / 'fox.parquet'}", seed=0)
+    ada = None
+    for start in range(2):  # and again after a restart, which replays the draws
+        app = start_app(**settings)
+        ada = ada or signed_in(app)
+        ada.base = app.url
+        if start == 0:
+            ada.post("/prompt", prompt="a fox")
+        for label in ["left", "right", "left", "left", "right", "right", "tie", "left"]:
+            ada.get("/")
+            before = ada.pair
+            ada.choose(label)
+            assert ada.status == 200, (label, ada.error)
+            assert {ada.pair["image_0"], ada.pair["image_1"]} == {before["image_0"], before["image_1"]}
+        assert counts(app.store)["choices"] == 8 * (start + 1)
+        app.close()
+
+
+def test_a_generator_that_can_only_repeat_the_kept_image_ends_the_round_with_the_choice_stored(
+    start_app, tmp_path, generator
+):
+    stub, url = generator
+    app = start_app(db=f"sqlite:///{tmp_path / 'c.db'}", candidates=url)
+    ada = signed_in(app)
+    ada.post("/prompt", prompt="a castle at dawn")
+    stub.mode = "one"  # every image it makes from now on is the same one
+    ada.choose("left")
+    assert ada.status == 200, ada.error
+    stuck = ada.pair["image_1"]
+    ada.choose("right")  # keep the only image the generator makes: nothing new can go beside it
+    assert ada.status == 200 and ada.pair is None and 'id="round-ended"' in ada.body, ada.error
+    assert counts(app.store)["choices"] == 2 and rows(app.store, ChoiceRow)[-1].label == "right"
+    assert rows(app.store, Pair)[-1].image_1 == stuck
+    ada.post("/prompt", prompt="a castle at dusk")  # a new prompt still needs two different images
+    assert ada.status == 400 and "too few" in ada.error and counts(app.store)["pairs_shown"] == 2
 
 
 def test_pickscore_ordering_shows_the_closest_pair_and_records_it(start_app, tmp_path, tiny_hf_dir):

@@ -184,5 +184,43 @@ def test_splits_are_by_prompt_stable_and_never_empty_with_three_prompts():
     assert assign_splits(prompts, 0.1, 0.2, seed=1) != split
     small = assign_splits({"a", "b", "c"}, 0.01, 0.01)
     assert sorted(small.values()) == ["test", "train", "validation"]
+    # As many prompts as splits asked for: one each, whatever the fractions.
+    assert sorted(assign_splits({"a", "b", "c"}, 0.45, 0.45).values()) == ["test", "train", "validation"]
+    assert sorted(assign_splits({"a", "b"}, 0.3, 0).values()) == ["train", "validation"]
     with pytest.raises(ValueError, match="sum below 1"):
         assign_splits(prompts, 0.6, 0.5)
+
+
+def test_export_refuses_a_collection_too_small_for_its_splits_and_says_what_each_got(start_app, tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'c.db'}"
+    app = start_app(db=db, seed=2, image_size=32)
+    ada = Visitor(app.url)
+    ada.sign_in("ada")
+    for prompt in PROMPTS[:2]:
+        ada.post("/prompt", prompt=prompt)
+        ada.choose("left")
+        assert ada.status == 200, ada.error
+    out = tmp_path / "data"
+    assert main(["collect", "export", "--db", db, "--out", str(out)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "2 prompts" in error and "3 prompts" in error and "--validation 0" in error
+    assert not out.exists()  # nothing half-written
+    # Asking for validation only needs two prompts; every split's rows and prompts are said.
+    assert main(["collect", "export", "--db", db, "--out", str(out), "--test", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "| train | 1 | 1 |" in printed and "| validation | 1 | 1 |" in printed and "| test | 0 | 0 |" in printed
+    assert json.loads((out / "export.json").read_text())["prompts"]["test"] == 0
+    # Everything to train is what --validation 0 --test 0 asks for.
+    everything = ["--validation", "0", "--test", "0"]
+    assert main(["collect", "export", "--db", db, "--out", str(tmp_path / "all"), *everything]) == 0
+    assert "| train | 2 | 2 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("given", ["{path}", "sqlite:///{path}"])
+def test_export_refuses_a_missing_sqlite_file_and_creates_nothing(tmp_path, capsys, given):
+    path = tmp_path / "nosuch.db"
+    out = tmp_path / "data"
+    assert main(["collect", "export", "--db", given.format(path=path), "--out", str(out)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and str(path) in error and "no such" in error
+    assert not path.exists() and not out.exists()
