@@ -25,7 +25,6 @@ import asyncio
 import hashlib
 import hmac
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +32,10 @@ import jinja2
 from aiohttp import web
 
 from pickscore.collect import report
+from pickscore.collect.settings import CollectSettings
 from pickscore.collect.sources import PickScoreOrdered, Source, distinct, open_source
 from pickscore.collect.store import MAX_PROMPT_CHARS, Candidate, Choice, ShownPair, Store, User, clean_prompt
 from pickscore.errors import Forbidden, InvalidInput, PickScoreError, Unauthenticated
-from pickscore.flags import option
 from pickscore.status import http_status_of
 
 log = logging.getLogger(__name__)
@@ -51,35 +50,6 @@ one you prefer (or a tie), when, and the name you sign in with. The records are 
 models that predict which images people prefer, and may be shared with the people running this study. Do not \
 write personal information into prompts. You can stop at any time; ask the people running this study to delete \
 your records."""
-
-
-@dataclass(frozen=True)
-class CollectSettings:
-    """Every knob of ``pickscore collect`` (its flags)."""
-
-    db: str = option("collect.db", "database URL (sqlite:///FILE, postgresql+psycopg://USER@HOST/DB) or a file path")
-    candidates: str = option(
-        "synthetic",
-        "where candidate images come from: synthetic (drawn scenes, the demo), pool:PATH[,PATH...] (Parquet, a "
-        "directory with manifest.jsonl, or WebDataset shards: prompt, image, model), or an http(s):// "
-        "text-to-image backend (contract in pickscore/collect/sources.py)",
-    )
-    host: str = option("127.0.0.1", "address to bind (0.0.0.0 to accept other machines)")
-    port: int = option(8080, "HTTP port; 0 picks a free one")
-    invited_only: bool = option(
-        False, "sign-in needs an invitation token (`pickscore collect invite`); otherwise a name is enough"
-    )
-    admins: str = option("", "comma-separated names allowed on /admin; empty: everyone signed in")
-    consent_file: str = option("", "a text file with the consent notice shown before sign-in (default: a generic one)")
-    order_server: str = option(
-        "",
-        "HOST:PORT of a served PickScore (`pickscore serve`, gRPC): draw --order-pool candidates and show the "
-        "two it scores closest (harder pairs); recorded with each pair",
-    )
-    order_pool: int = option(4, "candidates drawn per pair when --order-server is set")
-    image_size: int = option(256, "side of the synthetic source's images, in pixels")
-    seed: int = option(-1, "seed of the sources' random draws (-1: fresh each start)")
-    title: str = option("Which image is better?", "heading of the pages")
 
 
 def _consent(settings: CollectSettings) -> tuple[str, str]:
