@@ -117,7 +117,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         "--data",
         type=Path,
         metavar="DIR",
-        help="dataset directory with train and validation_unique splits (required unless --init-only)",
+        help="dataset directory with train and validation_unique splits (required unless --init-only); "
+        "validation_unique needs at least one labeled pair, as validation keeps OUT/best by its accuracy",
     )
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="run directory: checkpoints, log and plot")
     p.add_argument(
@@ -239,7 +240,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return _write_init(cfg, args)
     if args.data is None:
         args.usage_error("the following arguments are required: --data (unless --init-only)")
+    from pickscore.training.loop import check_run, train
+
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        check_run(cfg, args.data, args.out, args.nproc)  # what would fail in every process, said once, before any
         cmd = [
             sys.executable,
             "-m",
@@ -251,8 +255,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
             *_without_nproc(args.argv),
         ]
         return subprocess.call(cmd)
-    from pickscore.training.loop import train
-
     state = train(cfg, args.model, args.data, args.out)
     if int(os.environ.get("RANK", 0)) == 0:
         print(
@@ -262,7 +264,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                     "best_accuracy": state["best_accuracy"],
                     "skipped": state["skipped"],
                     "out": str(args.out),
-                }
+                },
+                allow_nan=False,
             )
         )
     return 0
@@ -299,7 +302,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             **{k: v for k, v in results["baseline"].items() if k != "curves"},
         }
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(summary, allow_nan=False))
         return 0
     rows = [("random", "0.5000", "-")]
     rows += [(args.baseline, f"{r['accuracy']:.4f}", f"{r['threshold']:.3f}") for r in [results.get("baseline")] if r]

@@ -46,11 +46,12 @@ class TrainConfig:
             raise ValueError("global_batch, micro_batch, max_steps, eval_every and save_every must be at least 1")
 
     def accumulation(self, world_size: int) -> int:
+        """Micro batches per optimizer step on each of ``world_size`` processes; ValueError saying what to change."""
         per_step = self.micro_batch * world_size
         if self.global_batch % per_step:
             raise ValueError(
-                f"global_batch {self.global_batch} is not a multiple of micro_batch x processes = {per_step}; "
-                "change --global-batch or --micro-batch"
+                f"global_batch {self.global_batch} is not a multiple of micro_batch {self.micro_batch} x "
+                f"{world_size} processes = {per_step}; change --global-batch, --micro-batch or --nproc"
             )
         return self.global_batch // per_step
 

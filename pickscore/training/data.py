@@ -58,6 +58,7 @@ SCHEMA = pa.schema(
     ]
 )
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
+IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 # Value a row gets where its file lacks the column or the cell is null.
 OPTIONAL_DEFAULTS = {"has_label": True, "num_example_per_prompt": 1}
 DEFAULT_BATCH_ROWS = 256
@@ -120,6 +121,18 @@ def iter_pairs(
         for columns in _read_batches(path, batch_rows):
             yield from _pairs(columns, str(path), row, labeled_only)
             row += len(columns["caption"])
+
+
+def has_pairs(source: Source, split: str | None = None, labeled_only: bool = False) -> bool:
+    """Whether ``iter_pairs(source, split, labeled_only)`` would yield a pair, reading no image column.
+
+    Raises as ``iter_pairs`` does for a missing split or a file that is not Pick-a-Pic parquet.
+    """
+    for path in find_split_files(source, split):
+        for columns in _read_batches(path, DEFAULT_BATCH_ROWS, images=False):
+            if any(not labeled_only or _labeled(columns, i) for i in range(len(columns["caption"]))):
+                return True
+    return False
 
 
 def decode_pair(
@@ -207,8 +220,9 @@ def _source_files(source: str) -> list[Path]:
     raise FileNotFoundError(f"{source}: no such file or directory")
 
 
-def _read_batches(path: Path, batch_rows: int) -> Iterator[dict[str, list[Any]]]:
-    """Column name -> values, ``batch_rows`` rows at a time, for the columns a pair needs."""
+def _read_batches(path: Path, batch_rows: int, images: bool = True) -> Iterator[dict[str, list[Any]]]:
+    """Column name -> values, ``batch_rows`` rows at a time, for the columns a pair needs (without jpg_0 and
+    jpg_1 unless ``images``)."""
     try:
         # pre_buffer would fetch every row group of the file up front: the whole file in memory.
         parquet = pq.ParquetFile(path, pre_buffer=False)
@@ -220,29 +234,37 @@ def _read_batches(path: Path, batch_rows: int) -> Iterator[dict[str, list[Any]]]
             raise ValueError(
                 f"{path}: missing column(s) {', '.join(missing)}; Pick-a-Pic files have {', '.join(SCHEMA.names)}"
             )
-        columns = [c for c in (*REQUIRED_COLUMNS, *OPTIONAL_DEFAULTS) if c in names]
+        columns = [
+            c for c in (*REQUIRED_COLUMNS, *OPTIONAL_DEFAULTS) if c in names and (images or c not in IMAGE_COLUMNS)
+        ]
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
             yield batch.to_pydict()
 
 
 def _pairs(columns: dict[str, list[Any]], file: str, first_row: int, labeled_only: bool) -> Iterator[PreferencePair]:
     for i, caption in enumerate(columns["caption"]):
-        label_0, label_1 = (
-            float(columns["label_0"][i] or 0.0),
-            float(columns["label_1"][i] or 0.0),
-        )  # null: nobody judged
-        if labeled_only and not (_optional(columns, "has_label", i) and label_0 + label_1 > 0):
+        if labeled_only and not _labeled(columns, i):
             continue
         yield PreferencePair(
             caption=caption or "",
             image_0=columns["jpg_0"][i] or b"",  # a null image fails decoding as "empty file"
             image_1=columns["jpg_1"][i] or b"",
-            label_0=label_0,
-            label_1=label_1,
+            label_0=_label(columns, "label_0", i),
+            label_1=_label(columns, "label_1", i),
             num_example_per_prompt=int(_optional(columns, "num_example_per_prompt", i)),
             file=file,
             row=first_row + i,
         )
+
+
+def _label(columns: dict[str, list[Any]], name: str, i: int) -> float:
+    return float(columns[name][i] or 0.0)  # null: nobody judged
+
+
+def _labeled(columns: dict[str, list[Any]], i: int) -> bool:
+    """Row ``i`` was judged: ``has_label`` (true when absent) and some label above 0."""
+    judged = _label(columns, "label_0", i) + _label(columns, "label_1", i) > 0
+    return bool(_optional(columns, "has_label", i)) and judged
 
 
 def _optional(columns: dict[str, list[Any]], name: str, i: int) -> Any:

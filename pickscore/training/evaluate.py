@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from pickscore.backends import Backend
+from pickscore.errors import InvalidInput
 from pickscore.model import scoring
 from pickscore.resources import usable_cores
 from pickscore.training import metrics
@@ -58,10 +59,11 @@ def evaluate(backend: Backend, data: str | os.PathLike, limit: int = 0, workers:
     """The paper's protocol on a dataset directory -> accuracy, threshold and what they came from.
 
     ``workers`` threads decode images (default one per core); ``limit`` caps the pairs per split (0: all).
+    InvalidInput names the split when one has no pair to score (none labeled, or every one undecodable).
     """
     with ThreadPoolExecutor(max_workers=workers or usable_cores(), thread_name_prefix="decode") as pool:
-        val = split_probabilities(backend, data, "validation_unique", pool, limit)
-        test = split_probabilities(backend, data, "test_unique", pool, limit)
+        val = _scored_split(backend, data, "validation_unique", pool, limit, "to choose the tie threshold")
+        test = _scored_split(backend, data, "test_unique", pool, limit, "to measure accuracy")
     result = metrics.evaluate_protocol(val[:3], test[:3])
     return {
         **result,
@@ -70,6 +72,20 @@ def evaluate(backend: Backend, data: str | os.PathLike, limit: int = 0, workers:
         "skipped": int(val[3] + test[3]),
         "curves": {"validation": val[:3], "test": test[:3]},
     }
+
+
+def _scored_split(
+    backend: Backend, data: str | os.PathLike, split: str, pool: Executor, limit: int, purpose: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """``split_probabilities``, refusing a split with no scored pair (its accuracy would be NaN)."""
+    result = split_probabilities(backend, data, split, pool, limit)
+    if not len(result[0]):
+        reason = f"each of its {result[3]} labeled pairs is undecodable" if result[3] else "it has no labeled pair"
+        raise InvalidInput(
+            f"nothing to evaluate in the {split} split of {data}: {reason}; eval needs at least one scored pair "
+            f"there {purpose}"
+        )
+    return result
 
 
 def plot_threshold_curves(results: dict[str, dict[str, Any]], png: Path) -> None:

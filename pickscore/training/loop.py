@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -34,9 +35,12 @@ from pickscore.model.checkpoint import LoadedModel, atomic_directory, recover_di
 from pickscore.model.preprocess import PreprocessConfig
 from pickscore.training import metrics
 from pickscore.training.config import TrainConfig
-from pickscore.training.data import PreferencePair, SkipCounter, decode_pair_or_error, iter_pairs
+from pickscore.training.data import PreferencePair, SkipCounter, decode_pair_or_error, has_pairs, iter_pairs
 from pickscore.training.evaluate import score_pairs
 from pickscore.training.loss import pickscore_loss
+
+log = logging.getLogger(__name__)
+VALIDATION = "validation_unique"  # the split validation runs on and OUT/best is chosen by
 
 
 def pair_stream(
@@ -72,6 +76,52 @@ def pair_stream(
         epoch += 1
 
 
+def check_run(
+    cfg: TrainConfig, data: str | os.PathLike, out: str | os.PathLike, world: int = 1, local: int | None = None
+) -> None:
+    """Refuse, before any process starts, a run that would fail later or could not be validated.
+
+    ``world`` processes in all, ``local`` of them on this machine (default all). ValueError (FileNotFoundError for
+    a missing split) says what to change: the batch sizes against the processes, more processes than GPUs, a
+    train split without rows, a validation split without labeled pairs, a resume with another process count.
+    """
+    cfg.accumulation(world)
+    check_gpus(world if local is None else local, torch.cuda.device_count())
+    if not has_pairs(data, "train"):
+        raise ValueError(f"the train split of {data} has no rows; training needs at least one pair")
+    if not has_pairs(data, VALIDATION, labeled_only=True):
+        raise ValueError(
+            f"the {VALIDATION} split of {data} has no labeled pairs; training validates on it to keep OUT/best and "
+            "needs at least one pair with a label (has_label true, label_0 + label_1 > 0)"
+        )
+    saved_state(Path(out), world)
+
+
+def check_gpus(processes: int, gpus: int) -> None:
+    """Each process on a machine with GPUs trains on its own one (cuda:LOCAL_RANK); ValueError when too few."""
+    if gpus and processes > gpus:
+        raise ValueError(
+            f"{processes} processes but {gpus} GPU(s) on this machine, and each process needs its own: use --nproc "
+            f"{gpus} or fewer, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on the CPU"
+        )
+
+
+def saved_state(out: Path, world: int) -> dict[str, Any] | None:
+    """The trainer state in OUT/last a run resumes from, or None; ValueError when other process counts wrote it."""
+    resume = out / "last"
+    recover_directory(resume)
+    path = resume / "trainer_state.json"
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text())
+    if len(state["positions"]) != world:
+        raise ValueError(
+            f"{resume} was written by {len(state['positions'])} processes; resume with as many (--nproc), "
+            "or pick a new --out"
+        )
+    return state
+
+
 def initial_model(cfg: TrainConfig, model_ref: str | None) -> LoadedModel:
     """Where a run starts: ``model_ref`` as loaded, or the preset's architecture with weights drawn from its seed."""
     if model_ref:
@@ -96,17 +146,10 @@ class Trainer:
         self.skipped = SkipCounter("train")
 
         resume = self.out / "last"
-        recover_directory(resume)
-        self.state: dict[str, Any] = {"step": 0, "positions": [0] * self.world, "best_accuracy": -1.0}
-        if (resume / "trainer_state.json").is_file():
-            loaded = resolve(resume)
-            self.state = json.loads((resume / "trainer_state.json").read_text())
-            if len(self.state["positions"]) != self.world:
-                raise ValueError(
-                    f"{resume} was written by {len(self.state['positions'])} processes; resume with as many"
-                )
-        else:
-            loaded = initial_model(cfg, model_ref)
+        saved = saved_state(self.out, self.world)
+        # best_accuracy: None until a validation scored a pair (older runs wrote -1.0, which any accuracy beats)
+        self.state: dict[str, Any] = saved or {"step": 0, "positions": [0] * self.world, "best_accuracy": None}
+        loaded = resolve(resume) if saved else initial_model(cfg, model_ref)
         self.loaded = loaded
         self.model = loaded.model.to(self.device).train()
         self.model.set_grad_checkpointing(cfg.grad_checkpointing)
@@ -225,16 +268,20 @@ class Trainer:
         self.state["step"] += 1
         return total
 
-    def validate(self) -> dict[str, float]:
-        """Tie-aware accuracy on validation_unique at its best threshold (rank 0 only)."""
+    def validate(self) -> dict[str, Any]:
+        """Tie-aware accuracy on validation_unique at its best threshold (rank 0 only); accuracy and threshold
+        are None when no pair could be scored (every one skipped as undecodable)."""
         self.model.eval()
-        pairs = iter_pairs(self.data, split="validation_unique", labeled_only=True)
+        pairs = iter_pairs(self.data, split=VALIDATION, labeled_only=True)
         if self.cfg.eval_pairs:
             pairs = itertools.islice(pairs, self.cfg.eval_pairs)
-        skipped = SkipCounter("validation_unique")
+        skipped = SkipCounter(VALIDATION)
         backend = TorchBackend(self.loaded, device=self.device)  # the model being trained, as served: fp32, eval
         s0, s1, l0, l1 = score_pairs(backend, pairs, self.pool, skipped)
         self.model.train()
+        if not len(s0):
+            log.warning("%s: no pair could be scored (%d skipped); no accuracy at this step", VALIDATION, skipped.count)
+            return {"accuracy": None, "threshold": None, "pairs": 0, "skipped": skipped.count}
         threshold, accuracy = metrics.best_threshold(metrics.preference_probabilities(s0, s1), l0, l1)
         return {"accuracy": accuracy, "threshold": threshold, "pairs": len(s0), "skipped": skipped.count}
 
@@ -258,12 +305,17 @@ class Trainer:
                     tmp / "optimizer.pt",
                 )
                 (tmp / "trainer_state.json").write_text(
-                    json.dumps({**self.state, "config": asdict(self.cfg)}, indent=2)
+                    json.dumps({**self.state, "config": asdict(self.cfg)}, indent=2, allow_nan=False)
                 )
 
 
 def train(cfg: TrainConfig, model_ref: str | None, data: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
-    """Run (or resume) training to cfg.max_steps; returns the final state. Call under torchrun for DDP."""
+    """Run (or resume) training to cfg.max_steps; returns the final state. Call under torchrun for DDP.
+
+    ``check_run`` first: data that cannot be validated, or settings that cannot run, are refused before any step.
+    """
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    check_run(cfg, data, out, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     _init_distributed()
     trainer = Trainer(cfg, model_ref, data, out)
     out = Path(out)
@@ -279,7 +331,7 @@ def train(cfg: TrainConfig, model_ref: str | None, data: str | os.PathLike, out:
         step = trainer.state["step"]
         record: dict[str, Any] = {
             "step": step,
-            "loss": loss,
+            "loss": loss if math.isfinite(loss) else None,  # a diverged run's NaN is logged as null
             "lr": trainer.scheduler.get_last_lr()[0],
             "samples_per_s": cfg.global_batch / (time.perf_counter() - started),
         }
@@ -290,17 +342,18 @@ def train(cfg: TrainConfig, model_ref: str | None, data: str | os.PathLike, out:
                 shared = [record.get("validation")]
                 dist.broadcast_object_list(shared, src=0)
                 record["validation"] = shared[0]
-            if record["validation"]["accuracy"] > trainer.state["best_accuracy"]:
+            if _improves(record["validation"]["accuracy"], trainer.state["best_accuracy"]):
                 trainer.state["best_accuracy"] = record["validation"]["accuracy"]
                 trainer.save("best", with_state=False)
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             trainer.save("last", with_state=True)
         if trainer.rank == 0:
             with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(record, allow_nan=False) + "\n")
+            best = trainer.state["best_accuracy"]
             bar.set_postfix(
                 loss=f"{loss:.4f}",
-                acc=f"{trainer.state['best_accuracy']:.3f}",
+                acc="-" if best is None else f"{best:.3f}",
                 samples_s=f"{record['samples_per_s']:.1f}",
             )
             bar.update(1)
@@ -311,6 +364,10 @@ def train(cfg: TrainConfig, model_ref: str | None, data: str | os.PathLike, out:
         dist.barrier()
         dist.destroy_process_group()
     return {**trainer.state, "skipped": trainer.skipped.count}
+
+
+def _improves(accuracy: float | None, best: float | None) -> bool:
+    return accuracy is not None and (best is None or accuracy > best)
 
 
 def _init_distributed() -> None:

@@ -254,5 +254,5 @@ def write_synthetic_models(
                     (folder / f"{k}.png").write_bytes(png(render(drawn, image_size, image_rng)))
                     bar.update(1)
     summary = [{"name": g.name, "change": g.change, "expected_attributes_kept": g.expected_kept} for g in gens]
-    (out / "models.json").write_text(json.dumps({"best_first": summary}, indent=2) + "\n")
+    (out / "models.json").write_text(json.dumps({"best_first": summary}, indent=2, allow_nan=False) + "\n")
     return gens

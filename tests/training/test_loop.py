@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from pickscore.cli import main
 from pickscore.model.checkpoint import resolve
 from pickscore.training.config import load_config
-from pickscore.training.loop import pair_stream, train
+from pickscore.training.loop import check_gpus, pair_stream, train
 from pickscore.training.synthetic import write_synthetic
 
 EXE = Path(sys.executable).with_name("pickscore")
@@ -203,3 +203,94 @@ def test_train_help_documents_every_setting(capsys):
         "--preset",
     ):
         assert flag in text
+
+
+def _strict_json(text: str):
+    """json.loads refusing NaN and Infinity, which are not JSON."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _fill(data: Path, split: str, column: str, value) -> None:
+    """Set ``column`` to ``value`` in every row of ``split``."""
+    for path in (data / split).glob("*.parquet"):
+        table = pq.read_table(path)
+        values = pa.array([value] * table.num_rows, table.schema.field(column).type)
+        pq.write_table(table.set_column(table.schema.get_field_index(column), column, values), path)
+
+
+def test_data_that_cannot_be_validated_is_refused_before_training(capsys, tmp_path):
+    small = tmp_path / "small"
+    write_synthetic(small, pairs=5, seed=1, image_size=32)  # too few pairs to hold any out: validation is empty
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--data", str(small), "--out", str(run), "--max-steps", "2"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, err
+    assert f"the validation_unique split of {small} has no labeled pairs" in err and "needs at least one" in err
+    assert not run.exists()
+    assert main(["eval", "--model", "demo", "--data", str(small), "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert f"nothing to evaluate in the validation_unique split of {small}: it has no labeled pair" in err
+
+    # Rows nobody judged are not validation pairs either.
+    unjudged = tmp_path / "unjudged"
+    write_synthetic(unjudged, pairs=60, seed=1, image_size=32)
+    _fill(unjudged, "validation_unique", "has_label", False)
+    assert main(["train", "--preset", "tiny", "--data", str(unjudged), "--out", str(run)]) == 1
+    assert "validation_unique split" in capsys.readouterr().err and not run.exists()
+
+
+def test_validation_with_only_undecodable_pairs_writes_null_not_nan(capsys, tmp_path):
+    data = tmp_path / "data"
+    write_synthetic(data, pairs=60, seed=2, image_size=32)
+    _fill(data, "validation_unique", "jpg_0", b"garbage")  # no validation pair decodes: there is no accuracy
+    run = tmp_path / "run"
+    argv = [
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        *"--max-steps 2 --eval-every 1".split(),
+    ]
+    assert main(argv) == 0
+    summary = _strict_json(capsys.readouterr().out)
+    assert summary["step"] == 2 and summary["best_accuracy"] is None
+    log = [_strict_json(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["validation"]["accuracy"] for r in log] == [None, None] and log[0]["validation"]["pairs"] == 0
+    assert log[0]["validation"]["skipped"] > 0 and not (run / "best").exists()
+    _strict_json((run / "last" / "trainer_state.json").read_text())
+    assert main(["eval", "--model", str(run / "last"), "--data", str(data), "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "nothing to evaluate in the validation_unique split" in err and "is undecodable" in err
+
+
+def test_a_run_that_cannot_start_on_nproc_processes_is_refused_before_any_starts(dataset, tmp_path):
+    run = tmp_path / "run"
+    common = [EXE, "train", "--preset", "tiny", "--data", dataset, "--out", run]
+    done = subprocess.run([*common, "--nproc", "2"], capture_output=True, text=True)  # tiny: global = micro = 8
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(
+        "pickscore: error: global_batch 8 is not a multiple of micro_batch 8 x 2 processes = 16; change"
+    )
+    assert not run.exists()  # no process started: nothing was written
+    # A run written by one process resumes only with one.
+    assert subprocess.run([*common, "--max-steps", "1"], capture_output=True).returncode == 0
+    done = subprocess.run(
+        [*common, "--max-steps", "2", "--micro-batch", "4", "--nproc", "2"], capture_output=True, text=True
+    )
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert f"{run / 'last'} was written by 1 processes; resume with as many" in done.stderr
+
+
+def test_more_processes_than_gpus_are_refused():
+    check_gpus(2, 0)  # no GPU: every process trains on the CPU (gloo)
+    check_gpus(2, 2)
+    with pytest.raises(ValueError, match=r"3 processes but 2 GPU\(s\) on this machine.*--nproc 2 or fewer"):
+        check_gpus(3, 2)
