@@ -26,6 +26,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -44,6 +45,8 @@ from pickscore.v1 import scoring_pb2_grpc
 
 ImageRef = bytes | str | os.PathLike | np.ndarray  # encoded bytes, a file, or uint8 pixels (H, W[, 3 or 4])
 DEFAULT_MESSAGE_BYTES = 64 << 20
+# How a server's refusal names the image of its request: "image 3", after "server: CODE: " or "server: HTTP 400: ".
+_ITEM = re.compile(r"^(server: (?:[A-Z_]+: |HTTP \d+: )?)?image (\d+)")
 
 
 def domain_error(e: grpc.RpcError) -> PickScoreError:
@@ -105,6 +108,14 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
+def _renumbered(error: PickScoreError, offset: int) -> PickScoreError:
+    """An InvalidInput naming image K of a request that began at the caller's image ``offset``, as image offset + K:
+    an image is named by its place in the caller's call, not in the request it was sent in."""
+    if not offset or not isinstance(error, InvalidInput):
+        return error
+    return InvalidInput(_ITEM.sub(lambda m: f"{m[1] or ''}image {offset + int(m[2])}", str(error), count=1))
+
+
 def _score_requests(
     images: Sequence[ImageRef],
     per_request: int,
@@ -150,7 +161,7 @@ def _collect(
 ) -> None:
     start = int(response.tag)
     if response.HasField("error"):
-        error = error_for(response.error.code, f"server: {response.error.message}")
+        error = _renumbered(error_for(response.error.code, f"server: {response.error.message}"), start)
         if not skip_invalid:
             raise error
         errors[start] = error
@@ -222,19 +233,29 @@ class Client(_Connection):
             self._info = self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest(), None)
         return self._info
 
+    def _scores(self, requests: list[pb.ScoreRequest], timeout: float | None) -> list[float]:
+        """The scores of every request's images, in order; a refusal names the image by its place in all of them."""
+        out: list[float] = []
+        for request in requests:
+            try:
+                out += [r.score for r in self._call(self.stub.Score, request, timeout).results]
+            except InvalidInput as e:
+                raise _renumbered(e, len(out)) from None
+        return out
+
     def score(
         self, prompt: str, images: Sequence[ImageRef], ids: Sequence[str] | None = None, timeout: float | None = None
     ) -> list[float]:
         """PickScore of each image for the prompt, in input order."""
         requests = _score_requests(images, self.model_info().max_images_per_request, prompt=prompt, ids=ids)
-        return [r.score for request in requests for r in self._call(self.stub.Score, request, timeout).results]
+        return self._scores(requests, timeout)
 
     def score_pairs(
         self, prompts: Sequence[str], images: Sequence[ImageRef], timeout: float | None = None
     ) -> list[float]:
         """prompts[i] against images[i]."""
         requests = _score_requests(images, self.model_info().max_images_per_request, prompts=prompts)
-        return [r.score for request in requests for r in self._call(self.stub.Score, request, timeout).results]
+        return self._scores(requests, timeout)
 
     def rank(
         self, prompt: str, images: Sequence[ImageRef], top_k: int | None = None, timeout: float | None = None
@@ -252,7 +273,8 @@ class Client(_Connection):
         skip_invalid: bool = False,
         timeout: float | None = None,
     ) -> tuple[np.ndarray, dict[int, PickScoreError]]:
-        """Many images over one ScoreStream -> (scores (N,), errors by first index of the failed request).
+        """Many images over one ScoreStream -> (scores (N,), errors by first index of the failed request; each
+        names its image by its place in ``images``, as in-process scoring does).
 
         ``per_request`` images per request (default 1 with ``skip_invalid``, so a bad image costs only itself;
         else the server's maximum). Without ``skip_invalid`` the first failed request raises.
@@ -297,17 +319,26 @@ class AsyncClient(_Connection):
             self._info = await self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest(), None)
         return self._info
 
+    async def _scores(self, requests: list[pb.ScoreRequest], timeout: float | None) -> list[float]:
+        out: list[float] = []
+        for request in requests:
+            try:
+                out += [r.score for r in (await self._call(self.stub.Score, request, timeout)).results]
+            except InvalidInput as e:
+                raise _renumbered(e, len(out)) from None
+        return out
+
     async def score(
         self, prompt: str, images: Sequence[ImageRef], ids: Sequence[str] | None = None, timeout: float | None = None
     ) -> list[float]:
         requests = _score_requests(images, (await self.model_info()).max_images_per_request, prompt=prompt, ids=ids)
-        return [r.score for request in requests for r in (await self._call(self.stub.Score, request, timeout)).results]
+        return await self._scores(requests, timeout)
 
     async def score_pairs(
         self, prompts: Sequence[str], images: Sequence[ImageRef], timeout: float | None = None
     ) -> list[float]:
         requests = _score_requests(images, (await self.model_info()).max_images_per_request, prompts=prompts)
-        return [r.score for request in requests for r in (await self._call(self.stub.Score, request, timeout)).results]
+        return await self._scores(requests, timeout)
 
     async def rank(
         self, prompt: str, images: Sequence[ImageRef], top_k: int | None = None, timeout: float | None = None
@@ -418,9 +449,9 @@ class RewardClient:
             left[0] -= 1
             if left[0]:
                 return
-            errors = [p.exception() for p in parts if p.exception() is not None]
-            if errors:
-                group.set_exception(errors[0])
+            failed = [k for k, p in enumerate(parts) if p.exception() is not None]
+            if failed:  # an image alone in its request was "image 0" there: name it by its place in the group
+                group.set_exception(_renumbered(parts[failed[0]].exception(), failed[0]))
                 return
             values = np.array([p.result() for p in parts], np.float64)
             if softmax:  # over the raw scores, whatever the scale: the paper's ranking probabilities

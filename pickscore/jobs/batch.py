@@ -16,7 +16,7 @@ job killed at any moment (SIGKILL included) and started again with ``--resume`` 
 finished and recomputes the rest, with the same batches and so the same scores. Finalising: ranks and
 probabilities within each group need every score of the group, so they are computed from the shard files'
 (row, group, score) columns alone, and written as ``OUT/part-NNNNN.parquet`` (one per shard) with
-``errors.jsonl`` (rows that could not be scored, with the reason) and ``_SUCCESS`` (counts) last. Memory:
+``errors.jsonl`` (rows that could not be scored: ``ERROR_FIELDS``) and ``_SUCCESS`` (counts) last. Memory:
 two shards' images at a time while scoring (the next one is decoded, or sent to the servers, while the
 current one is encoded or collected); a few dozen bytes a row while finalising.
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import sys
 import tarfile
 import time
@@ -45,12 +46,20 @@ from pickscore.errors import InvalidInput
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 PICKAPIC = ("caption", "jpg_0", "jpg_1")
 SCORES = "_scores"
+# An errors.jsonl line: ``row``, the row's number in the job (from 0 over the input files in the order they are read,
+# as the part files' ``row`` column), ``file``, the input file that holds it, ``position``, where in that file (from
+# 0: the Parquet row, both candidates of a Pick-a-Pic row sharing it; the WebDataset sample; the manifest.jsonl
+# line, blank lines counted), ``id``, and ``error``, the reason alone (the other fields name the row).
+ERROR_FIELDS = ("row", "file", "position", "id", "error")
+# How a scorer's message names its item: "image 3 (id 'x'): ", after "server: CODE: " or "server: HTTP 400: ".
+_ITEM_PREFIX = re.compile(r"^(?:server: (?:[A-Z_]+: |HTTP \d+: )?)?image \d+(?: \(.*?\))?: ")
 
 
 @dataclass
 class Row:
     """One candidate: its place in the job, the caller's id, its group and prompt, and the image (bytes or a path);
-    ``error`` when the row itself is unusable (it is reported, not scored); ``model`` from an optional column."""
+    ``error`` when the row itself is unusable (the reason: it is reported, not scored); ``model`` from an optional
+    column; ``file`` and ``position``, where the row is in its input (see ``ERROR_FIELDS``)."""
 
     index: int
     id: str
@@ -60,6 +69,13 @@ class Row:
     path: str | None = None
     error: str = ""
     model: str = ""  # the generator that made the image, when the input says (the collection app's pools)
+    file: str = ""
+    position: int = -1
+
+
+def item_reason(error: Exception | str) -> str:
+    """A message naming its item (``image 3 (id 'x'): reason``, perhaps after ``server: CODE: ``) -> the reason."""
+    return _ITEM_PREFIX.sub("", str(error), count=1)
 
 
 # Reading ------------------------------------------------------------------------------------------------
@@ -163,7 +179,9 @@ def _parquet_rows(path: Path) -> Iterator[Row]:
                 key = str(record["ranking_id"]) if record.get("ranking_id") is not None else name
                 for side in (0, 1):
                     image = record[f"jpg_{side}"]
-                    yield _row(f"{key}:{side}", key, record["caption"], image, None, name, record.get(f"model_{side}"))
+                    yield _row(
+                        f"{key}:{side}", key, record["caption"], image, None, (path, at), record.get(f"model_{side}")
+                    )
             else:
                 group = record.get("group")
                 ident = record.get("id")
@@ -176,44 +194,52 @@ def _parquet_rows(path: Path) -> Iterator[Row]:
                     record["prompt"],
                     record.get("image"),
                     image_path,
-                    name,
+                    (path, at),
                     record.get("model"),
                 )
             at += 1
 
 
 def _row(
-    ident: str, group: str | None, prompt: Any, image: bytes | None, path: str | None, where: str, model: Any = None
+    ident: str,
+    group: str | None,
+    prompt: Any,
+    image: bytes | None,
+    path: str | None,
+    at: tuple[Path, int],
+    model: Any = None,
 ) -> Row:
+    """A read row, ``at`` (file, position) in its input; its ``error`` says what makes it unusable, if anything."""
     prompt = prompt if isinstance(prompt, str) else ""
     row = Row(0, ident, "" if group is None else group, prompt, image, path, model=str(model or ""))
+    row.file, row.position = str(at[0]), at[1]  # where errors.jsonl says the row is
     if not row.prompt.strip():
-        row.error = f"{where}: no prompt"
+        row.error = "no prompt"
     elif not image and not path:
-        row.error = f"{where}: no image (neither image bytes nor image_path)"
+        row.error = "no image (neither image bytes nor image_path)"
     if not row.group:
         row.group = row.prompt  # one group per prompt
     return row
 
 
 def _webdataset_rows(path: Path) -> Iterator[Row]:
-    def sample(key: str, parts: dict[str, bytes]) -> Row:
+    def sample(key: str, parts: dict[str, bytes], position: int) -> Row:
         image = next((parts[s] for s in IMAGE_SUFFIXES if s in parts), None)
-        prompt, group, where = "", None, f"{path.name}:{key}"
+        prompt, group = "", None
         if ".json" in parts:
             try:
                 meta = json.loads(parts[".json"])
                 prompt = meta.get("prompt") or meta.get("caption") or ""
                 group = None if meta.get("group") is None else str(meta["group"])
             except (ValueError, AttributeError) as e:
-                row = Row(0, key, key, "", error=f"{where}: .json is not a JSON object ({e})")
-                return row
+                error = f".json is not a JSON object ({e})"
+                return Row(0, key, key, "", error=error, file=str(path), position=position)
         elif ".txt" in parts:
             prompt = parts[".txt"].decode("utf-8", "replace").strip()
-        return _row(key, group, prompt, image, None, where)
+        return _row(key, group, prompt, image, None, (path, position))
 
     with tarfile.open(path, "r|*") as tar:  # streamed: members in order, one sample's files at a time
-        key, parts = None, {}
+        key, parts, position = None, {}, 0
         for member in tar:
             if not member.isfile():
                 continue
@@ -221,31 +247,38 @@ def _webdataset_rows(path: Path) -> Iterator[Row]:
             if not dot:
                 continue
             if stem != key and key is not None:
-                yield sample(key, parts)
-                parts = {}
+                yield sample(key, parts, position)
+                parts, position = {}, position + 1
             key = stem
             data = tar.extractfile(member)
             parts["." + suffix.lower()] = data.read() if data else b""
         if key is not None:
-            yield sample(key, parts)
+            yield sample(key, parts, position)
 
 
 def _manifest_rows(path: Path) -> Iterator[Row]:
-    for number, line in enumerate(path.open(encoding="utf-8"), 1):
+    for position, line in enumerate(path.open(encoding="utf-8")):
         if not line.strip():
             continue
-        where = f"{path}:{number}"
         try:
             entry = json.loads(line)
             image = entry["image"]
         except (ValueError, KeyError, TypeError) as e:
-            yield Row(0, where, where, "", error=f"{where}: not a JSON object with an image ({e})")
+            where = f"{path}:{position + 1}"  # as an editor shows the line
+            error = f"not a JSON object with an image ({e})"
+            yield Row(0, where, where, "", error=error, file=str(path), position=position)
             continue
         ident = str(entry.get("id", image))
         full = image if os.path.isabs(image) else str(path.parent / image)
         group = entry.get("group")
         yield _row(
-            ident, None if group is None else str(group), entry.get("prompt"), None, full, where, entry.get("model")
+            ident,
+            None if group is None else str(group),
+            entry.get("prompt"),
+            None,
+            full,
+            (path, position),
+            entry.get("model"),
         )
 
 
@@ -290,7 +323,7 @@ class LocalScorer:
         ok, crops = [], []
         for i, crop in zip(todo, self.scorer.pool.map(load, todo)):
             if isinstance(crop, Exception):
-                errors[i] = f"{rows[i].id}: {crop}"
+                errors[i] = str(crop)
             else:
                 ok.append(i)
                 crops.append(crop)
@@ -341,12 +374,20 @@ class ServerScorer:
         self.clients = [RewardClient(a, max_batch=32, max_inflight=4, timeout=timeout, **connection) for a in servers]
 
     def prepare(self, rows: list[Row]) -> tuple[dict[int, str], dict[int, Any]]:
-        """Submit the shard's rows (they are sent while the previous shard is collected)."""
+        """Submit the shard's rows (they are sent while the previous shard is collected); a row's image file is
+        read here, by the reader the in-process path uses, so one that cannot be read fails its row alike."""
+        from pickscore.model.preprocess import read_image_bytes
+
         errors = {i: r.error for i, r in enumerate(rows) if r.error}
-        futures = {}
-        for n, i in enumerate(i for i in range(len(rows)) if i not in errors):
-            row = rows[i]
-            futures[i] = self.clients[n % len(self.clients)].submit(row.prompt, row.image or row.path)
+        futures, n = {}, 0
+        for i in (i for i in range(len(rows)) if i not in errors):
+            try:
+                image = read_image_bytes(rows[i].image if rows[i].image is not None else rows[i].path)
+            except InvalidInput as e:
+                errors[i] = str(e)
+                continue
+            futures[i] = self.clients[n % len(self.clients)].submit(rows[i].prompt, image)
+            n += 1
         return errors, futures
 
     def complete(self, rows: list[Row], prepared) -> tuple[np.ndarray, dict[int, str], dict[str, np.ndarray]]:
@@ -356,7 +397,7 @@ class ServerScorer:
             try:
                 scores[i] = future.result()
             except InvalidInput as e:  # this row's image; anything else (an outage) stops the job, resumably
-                errors[i] = f"{rows[i].id}: {e}"
+                errors[i] = item_reason(e)
         return scores, errors, {}
 
     def close(self) -> None:
@@ -428,6 +469,8 @@ def shard_table(rows: list[Row], scores: np.ndarray, errors: dict[int, str], ext
         "prompt": pa.array([r.prompt for r in rows], pa.string()),
         "score": pa.array([None if i in errors else float(s) for i, s in enumerate(scores)], pa.float32()),
         "error": pa.array([errors.get(i) for i in range(len(rows))], pa.string()),
+        "file": pa.array([r.file for r in rows], pa.string()),  # where the row is in its input, for errors.jsonl
+        "position": pa.array([r.position for r in rows], pa.int64()),
     }
     for name, values in extra.items():
         columns[name] = pa.array(
@@ -522,7 +565,7 @@ def _claim(out: Path, spec: JobSpec, resume: bool) -> None:
             )
     (out / SCORES).mkdir(parents=True, exist_ok=True)
     if not job.exists():
-        _write_text_atomically(json.dumps(asdict(spec)), job)
+        _write_text_atomically(json.dumps(asdict(spec), allow_nan=False), job)
 
 
 def finalise(out: Path, spec: JobSpec) -> dict[str, Any]:
@@ -539,16 +582,14 @@ def finalise(out: Path, spec: JobSpec) -> dict[str, Any]:
         table = pq.read_table(f)
         positions = np.array([by_row[int(r)] for r in table.column("row").to_pylist()], np.int64)
         failed = np.array([e is not None for e in table.column("error").to_pylist()], bool)
-        for row_id, message in zip(table.column("id").to_pylist(), table.column("error").to_pylist()):
-            if message is not None:
-                errors.append({"id": row_id, "error": message})
-        kept = table.filter(pa.array(~failed)).drop(["error"])
+        errors += table.filter(pa.array(failed)).select(list(ERROR_FIELDS)).to_pylist()
+        kept = table.filter(pa.array(~failed)).drop(["error", "file", "position"])
         positions = positions[~failed]
         kept = kept.append_column("rank", pa.array(rank[positions], pa.int32()))
         kept = kept.append_column("probability", pa.array(probability[positions], pa.float32()))
         n_ok += kept.num_rows
         _write_atomically(kept, out / f.name.replace("shard-", "part-"))
-    _write_text_atomically("".join(json.dumps(e) + "\n" for e in errors), out / "errors.jsonl")
+    _write_text_atomically("".join(json.dumps(e, allow_nan=False) + "\n" for e in errors), out / "errors.jsonl")
     manifest = {
         "rows": int(len(rows)),
         "scored": n_ok,
@@ -557,7 +598,7 @@ def finalise(out: Path, spec: JobSpec) -> dict[str, Any]:
         "parts": len(files),
         "model": spec.model,
     }
-    _write_text_atomically(json.dumps(manifest, indent=2) + "\n", out / "_SUCCESS")
+    _write_text_atomically(json.dumps(manifest, indent=2, allow_nan=False) + "\n", out / "_SUCCESS")
     return manifest
 
 

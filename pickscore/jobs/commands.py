@@ -26,9 +26,10 @@ def _add_batch_parser(sub: argparse._SubParsersAction) -> None:
         "prompt). Inputs: Parquet (prompt + image or image_path, optional group and id; Pick-a-Pic's caption/"
         "jpg_0/jpg_1 as is), WebDataset .tar shards (KEY.jpg|png|webp + KEY.txt or KEY.json), or a directory "
         "with manifest.jsonl. Output: DIR/part-NNNNN.parquet (id, group, prompt, score, rank, probability "
-        "within the group; embeddings with --embeddings), DIR/errors.jsonl (rows that could not be scored, "
-        "with the reason) and DIR/_SUCCESS (counts). Killed at any point, the same command with --resume "
-        "continues where it stopped and ends with the same rows as an uninterrupted run.",
+        "within the group; embeddings with --embeddings), DIR/errors.jsonl (a line per row that could not be "
+        "scored: row, the input file and position in it, id, and the reason as error) and DIR/_SUCCESS "
+        "(counts). Killed at any point, the same command with --resume continues where it stopped and ends with "
+        "the same rows as an uninterrupted run.",
     )
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, directories or globs")
     p.add_argument("--output", required=True, metavar="DIR", help="output directory (new, or this job's with --resume)")
@@ -125,7 +126,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace, manifest: dict) -> int:
     if args.json:
-        print(json.dumps(manifest))
+        print(json.dumps(manifest, allow_nan=False))
     else:
         print(
             f"{manifest['scored']} of {manifest['rows']} rows scored in {manifest['groups']} groups, "

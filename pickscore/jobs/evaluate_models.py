@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -432,8 +431,6 @@ def _quote(text: Any) -> str:
 # ---------------------------------------------------------------- scoring
 
 
-# How the Scorer ("image 3 (a.png): ") and a server ("server: image 0 (id 'a.png'): ") name an item in an error.
-_ITEM_PREFIX = re.compile(r"^(?:server: )?image \d+(?: \(.*?\))?: ")
 ScoreFn = Callable[[str, list[Path | bytes]], tuple[np.ndarray, Mapping[int, PickScoreError]]]
 
 
@@ -443,6 +440,8 @@ def score_image_sets(
     """Score every model's images prompt by prompt (one call per prompt: its text is encoded once) ->
     (name -> per-prompt scores of the images that could be scored, the skipped images with their reasons)."""
     from tqdm import tqdm
+
+    from pickscore.jobs.batch import item_reason  # pyarrow with it: not on every `pickscore` start
 
     scores: dict[str, list[list[float]]] = {s.name: [] for s in sets}
     skipped: list[dict[str, Any]] = []
@@ -460,7 +459,7 @@ def score_image_sets(
             scores[s.name].append([])
         for k, (model, label, _) in enumerate(batch):
             if k in errors or not np.isfinite(values[k]):
-                reason = _ITEM_PREFIX.sub("", str(errors.get(k, "not scored")))  # the label names the image
+                reason = item_reason(errors.get(k, "not scored"))  # the label names the image
                 skipped.append(_skip(model, prompt, label, reason))
             else:
                 scores[model][-1].append(float(values[k]))
@@ -633,11 +632,11 @@ def _cmd_evaluate_models(args: argparse.Namespace) -> int:
             f"skipped: {item['model']}: prompt {item['prompt_index']}: {item['image']}: {item['error']}",
             file=sys.stderr,
         )
-    text = markdown(report)
-    print(json.dumps(report, ensure_ascii=False) if args.json else text)
+    text = markdown(report, "report.json" if args.out else None)
+    print(json.dumps(report, ensure_ascii=False, allow_nan=False) if args.json else text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=1) + "\n")
+        (args.out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=1, allow_nan=False) + "\n")
         (args.out / "report.md").write_text(text + "\n")
         plot(report, args.out / "report.png")
         print(f"wrote {args.out}/report.json, report.md, report.png", file=sys.stderr)
@@ -660,8 +659,9 @@ def _score_on_server(
 # ---------------------------------------------------------------- the report
 
 
-def markdown(report: Mapping[str, Any]) -> str:
-    """The report's three tables (ranking, win rates, best of N) as markdown."""
+def markdown(report: Mapping[str, Any], skipped_in: str | None = None) -> str:
+    """The report's three tables (ranking, win rates, best of N) as markdown, then the skipped images: a pointer to
+    ``skipped_in`` (the report.json written beside it) when given, else a table of them with the reasons."""
     boot = report["bootstrap"]
     intervals = boot["resamples"] > 0
     lines = [
@@ -716,9 +716,23 @@ def markdown(report: Mapping[str, Any]) -> str:
     if left_out:
         lines += ["", f"Best of {', '.join(map(str, left_out))}: no prompt has that many scored images."]
     if report.get("skipped"):
-        count = len(report["skipped"])
-        lines += ["", f"{count} image{'s' if count > 1 else ''} could not be scored and skipped (see report.json)."]
+        lines += ["", *_skipped_lines(report["skipped"], skipped_in)]
     return "\n".join(lines)
+
+
+def _skipped_lines(skipped: Sequence[Mapping[str, Any]], skipped_in: str | None) -> list[str]:
+    head = f"{len(skipped)} image{'s' if len(skipped) > 1 else ''} could not be scored and skipped"
+    if skipped_in:
+        return [f"{head} (see {skipped_in})."]
+    rows = [
+        f"| {_cell(s['model'])} | {s['prompt_index']} | {_cell(s['image'])} | {_cell(s['error'])} |" for s in skipped
+    ]
+    return [f"{head}:", "", "| model | prompt | image | reason |", "|---|---:|---|---|", *rows]
+
+
+def _cell(text: str) -> str:
+    """Text as one markdown table cell: its pipes escaped, its line breaks spaces."""
+    return " ".join(str(text).split("\n")).replace("|", "\\|")
 
 
 def _f(value: float | None, digits: int) -> str:

@@ -39,7 +39,8 @@ from pickscore.jobs.batch import (
     shard_table,
 )
 
-ROW_COLUMNS = ("row", "id", "group", "prompt", "image", "path", "error")
+ROW_COLUMNS = ("row", "id", "group", "prompt", "image", "path", "error", "file", "position")
+PASSED_ON = ("row", "id", "group", "prompt", "file", "position")  # what decoding and scoring hand on untouched
 
 
 def _message(value: Any) -> str | None:
@@ -70,6 +71,8 @@ def _read_task(batch: dict[str, np.ndarray]) -> Iterator[dict[str, list]]:
                 ("image", row.image),
                 ("path", row.path),
                 ("error", row.error or None),
+                ("file", row.file),
+                ("position", row.position),
             ):
                 block[column].append(value)
             if len(block["row"]) == 64:
@@ -92,17 +95,17 @@ class _Decode:
         from pickscore.model.preprocess import load_uint8
 
         crops, errors = [], []
-        for ident, image, path, error in zip(batch["id"], batch["image"], batch["path"], batch["error"]):
+        for image, path, error in zip(batch["image"], batch["path"], batch["error"]):
             crop, message = None, _message(error)
             if message is None:
                 try:
                     source = image if isinstance(image, bytes) else path  # an all-null column may come back as NaN
                     crop = load_uint8(source, self.cfg, self.max_pixels)
                 except (InvalidInput, OSError) as e:
-                    message = f"{ident}: {e}"
+                    message = str(e)  # the reason: the row's other fields name it
             crops.append(None if crop is None else crop.reshape(-1))
             errors.append(message)
-        out = {c: batch[c] for c in ("row", "id", "group", "prompt")}
+        out = {c: batch[c] for c in PASSED_ON}
         out["crop"] = np.array(crops, dtype=object)
         out["error"] = np.array(errors, dtype=object)
         return out
@@ -124,7 +127,7 @@ class _Score:
         h, w = self.size
         crops = [np.asarray(batch["crop"][i], np.uint8).reshape(h, w, 3) for i in ok]
         scores, extra = score_crops(self.scorer, n, ok, [batch["prompt"][i] for i in ok], crops, self.embeddings)
-        out = {c: batch[c] for c in ("row", "id", "group", "prompt", "error")}
+        out = {c: batch[c] for c in (*PASSED_ON, "error")}
         out["score"] = scores
         out.update(extra)
         return out
@@ -230,7 +233,16 @@ def _write_shards(ds, out: Path, shard_size: int, embeddings: bool) -> None:
             if shard != current:
                 flush()
                 current = shard
-            pending.append(Row(row, str(batch["id"][i]), str(batch["group"][i]), str(batch["prompt"][i])))
+            pending.append(
+                Row(
+                    row,
+                    str(batch["id"][i]),
+                    str(batch["group"][i]),
+                    str(batch["prompt"][i]),
+                    file=str(batch["file"][i]),
+                    position=int(batch["position"][i]),
+                )
+            )
             scores.append(float(batch["score"][i]))
             errors.append(_message(batch["error"][i]))
             if embeddings:

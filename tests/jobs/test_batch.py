@@ -312,3 +312,50 @@ def test_on_a_server_that_wants_a_token(tmp_path, tiny_hf_dir, dataset, transpor
             [str(tmp_path / "data.parquet")], tmp_path / "yes", servers=[address], token="s3cret", progress=False
         )
     assert manifest["scored"] == 3
+
+
+def _inputs_with_bad_rows(tmp_path: Path, dataset: list[dict]) -> tuple[list[str], list[tuple]]:
+    """Parquet, a manifest and a WebDataset tar, each with bad rows -> (the inputs, what errors.jsonl should say of
+    them: (row, file, position, id, how the reason starts))."""
+    a, listed, b = str(tmp_path / "a.parquet"), tmp_path / "m", str(tmp_path / "b.tar")
+    table = [dict(d) for d in dataset[:2]]
+    table += [dict(dataset[2], id="broken", image=b"not an image"), dict(dataset[3], id="no-prompt", prompt="")]
+    pq.write_table(pa.Table.from_pylist(table), a)
+    listed.mkdir()
+    (listed / "0.jpg").write_bytes(dataset[4]["image"])
+    lines = ["", "not json", json.dumps({"image": "gone.jpg", "prompt": PROMPTS[1]})]  # blank, bad, missing file
+    (listed / "manifest.jsonl").write_text(
+        json.dumps({"image": "0.jpg", "prompt": PROMPTS[0]}) + "\n" + "\n".join(lines)
+    )
+    with tarfile.open(b, "w") as tar:
+        for name, data in (("w0.jpg", dataset[5]["image"]), ("w0.txt", b"a prompt"), ("w1.json", b"{")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    m = str(listed / "manifest.jsonl")
+    expected = [
+        (2, a, 2, "broken", "not a decodable image ("),
+        (3, a, 3, "no-prompt", "no prompt"),
+        (5, m, 2, f"{m}:3", "not a JSON object with an image ("),
+        (6, m, 3, "gone.jpg", "cannot read file (No such file or directory)"),
+        (8, b, 1, "w1", ".json is not a JSON object ("),
+    ]
+    return [a, str(listed), b], expected
+
+
+def test_errors_jsonl_names_each_bad_row_alike_on_every_path(tmp_path, tiny_hf_dir, dataset):
+    inputs, expected = _inputs_with_bad_rows(tmp_path, dataset)
+    outputs = {"here": tmp_path / "here", "grpc": tmp_path / "grpc", "http": tmp_path / "http"}
+    run_batch(inputs, outputs["here"], model=str(tiny_hf_dir), device="cpu", shard_size=3, progress=False)
+    with ServerThread(settings_for(tiny_hf_dir)) as server:
+        for name, address in (("grpc", server.address), ("http", f"http://127.0.0.1:{server.server.http_port}")):
+            run_batch(inputs, outputs[name], servers=[address], shard_size=3, progress=False)
+    text = (outputs["here"] / "errors.jsonl").read_text()
+    assert all((out / "errors.jsonl").read_text() == text for out in outputs.values())  # one style on every path
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert [list(line) for line in lines] == [["row", "file", "position", "id", "error"]] * len(expected)
+    for line, (*where, reason) in zip(lines, expected):
+        assert [line[k] for k in ("row", "file", "position", "id")] == where and line["error"].startswith(reason), line
+    # The rows scored and the rows in errors.jsonl are every row of the job, each once, numbered alike.
+    scored = [r["row"] for r in rows_of(outputs["here"])]
+    assert sorted(scored + [line["row"] for line in lines]) == list(range(9))

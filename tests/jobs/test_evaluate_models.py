@@ -118,6 +118,20 @@ def test_a_server_scores_like_the_local_model_and_skips_bad_images(gens, tmp_pat
     assert f"skipped: generator-fair: prompt 3: {bad}: not a decodable image" in err
 
 
+def test_without_out_the_printed_report_names_the_skipped_images(gens, tmp_path, capsys):
+    sets = tmp_path / "gens"
+    shutil.copytree(gens, sets)
+    bad = sets / "generator-poor" / "7" / "0.png"
+    bad.write_bytes(b"not a png")
+    argv = ["--prompts", str(sets / "prompts.txt"), "--images", *(str(sets / name) for name in ORDER)]
+    assert main(["evaluate-models", *argv, *LOCAL, "--bootstrap", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "report.json" not in printed and not list(tmp_path.rglob("report.json"))  # no --out: no file to point to
+    skipped = printed[printed.index("1 image could not be scored and skipped:") :].splitlines()
+    assert skipped[2:4] == ["| model | prompt | image | reason |", "|---|---:|---|---|"]
+    assert skipped[4].startswith(f"| generator-poor | 7 | {bad} | not a decodable image (") and len(skipped) == 5
+
+
 def test_parquet_images_bad_rows_skipped_and_named(gens, tmp_path, capsys):
     """Parquet by prompt text (with a null and an undecodable image) beside Parquet by prompt index."""
     prompts = read_prompts(gens / "prompts.txt")
@@ -149,7 +163,9 @@ def test_parquet_images_bad_rows_skipped_and_named(gens, tmp_path, capsys):
     assert report["models"][1]["best_of_n"]["2"] is None  # one image a prompt: no best of 2
     tables = markdown(report)
     assert "No intervals (--bootstrap 0)." in tables and "| 1 | good | " in tables and "| – | " in tables
-    assert "2 images could not be scored and skipped (see report.json)." in tables
+    assert "2 images could not be scored and skipped:" in tables and "report.json" not in tables
+    assert f"| good | 1 | {by_text} row 4 | no image (null) |" in tables
+    assert "2 images could not be scored and skipped (see report.json)." in markdown(report, "report.json")
     # A row whose prompt is not in --prompts, and an index out of range, are errors naming the row.
     pq.write_table(pa.table({"prompt": ["a prompt nobody wrote"], "image": [rows[0][2]]}), tmp_path / "stray.parquet")
     code, _, err = evaluate(capsys, gens, *LOCAL, images=[f"x={tmp_path / 'stray.parquet'}"])
