@@ -37,7 +37,7 @@ import numpy as np
 from pickscore.backends import add_backend_flags, backend_options
 from pickscore.errors import InvalidInput, PickScoreError
 from pickscore.flags import int_at_least
-from pickscore.model.preprocess import DEFAULT_MAX_PIXELS
+from pickscore.limits import DEFAULT_MAX_PIXELS
 from pickscore.tls import add_client_flags, connection
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")

@@ -12,7 +12,7 @@ from pathlib import Path
 from pickscore.backends import add_backend_flags
 from pickscore.flags import add_flags, given, int_at_least
 from pickscore.training.config import TrainConfig, preset_names
-from pickscore.training.synthetic import (
+from pickscore.training.dials import (
     BEST_CHANGE,
     GENERATOR_NAMES,
     HELD_OUT_FRACTION,
