@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pickscore.cli import main
 from pickscore.scorer import Scorer
@@ -128,3 +129,20 @@ def test_console_script_exit_codes(tiny_hf_dir, image_dir, bad_images):
     assert bad.returncode == 1 and "notes.png" in bad.stderr
     usage = subprocess.run([exe, "rank", "--prompt", PROMPT], capture_output=True, text=True)
     assert usage.returncode == 2 and "--model" in usage.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("cuda", "device 'cuda': CUDA is not available on this machine"),
+        ("cuda:1", "device 'cuda:1': CUDA is not available on this machine"),
+        ("gpu", "device 'gpu': not a torch device; use auto, cpu, cuda or cuda:N"),
+    ],
+)
+def test_a_device_this_machine_lacks_is_one_line(capsys, tiny_hf_dir, image_dir, device, message):
+    code, out, err = run(
+        capsys, "score", "--model", tiny_hf_dir, "--device", device, "--prompt", PROMPT, image_dir / "rgb.png"
+    )
+    assert code == 1 and out == ""
+    assert err.splitlines() == [err.strip()] and err.startswith(f"pickscore: error: {message}")

@@ -30,15 +30,37 @@ DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
 def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """'auto' picks CUDA when present; dtype 'auto' is bf16 on CUDA and fp32 on CPU."""
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
+    """'auto' picks CUDA when present; dtype 'auto' is bf16 on CUDA and fp32 on CPU. ValueError, saying what to
+    pass instead, for a device that is not a torch device or that this machine does not have."""
+    if device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = _named_device(device)
     if dtype == "auto":
         return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(TORCH_DTYPES)}; got {dtype!r}")
     return dev, TORCH_DTYPES[dtype]
+
+
+def _named_device(device: str) -> torch.device:
+    """A device given by name, checked to exist here (torch would fail at the first tensor moved, deep inside)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r}: not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type != "cuda":
+        return dev
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not count:
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "no GPU or NVIDIA driver found"
+        raise ValueError(
+            f"device {device!r}: CUDA is not available on this machine ({why}); set --device (or "
+            "PICKSCORE_DEVICE) to cpu, or to auto: CUDA when present, else CPU"
+        )
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return dev
 
 
 def bucket(n: int) -> int:
