@@ -3,7 +3,8 @@
 An export (``pickscore export onnx``) is a directory with ``image.onnx``, ``text.onnx``, the preprocessing and
 tokenizer files, and ``pickscore_onnx.json``: ``{"format": "pickscore-onnx", "version": 1, "precision",
 "source", "logit_scale", "embed_dim", "context_length", "model_cfg", "verification"}``. The exporter writes
-it; the onnxruntime backend reads it.
+it; the onnxruntime backend reads it. ``source`` is the checkpoint the export came from: a served export is
+named by its own directory, with its precision in its description (``CPU int8``).
 """
 
 from __future__ import annotations

@@ -34,7 +34,10 @@ class OnnxBackend:
 
         directory = Path(directory)
         manifest = manifest or load_manifest(directory)
-        self.source = manifest.get("source", str(directory))
+        # Named by the reference it was loaded by, as a checkpoint directory is, not by the checkpoint it was
+        # exported from (the manifest's "source"): an fp32 and an int8 export of one model must be told apart.
+        self.source = str(directory)
+        self.precision = manifest.get("precision", "fp32")
         self.logit_scale = float(manifest["logit_scale"])
         self.embed_dim = int(manifest["embed_dim"])
         self.tokenizer = Tokenizer(context_length=int(manifest["context_length"]))
@@ -49,7 +52,7 @@ class OnnxBackend:
         # Idle compute threads sleep instead of spinning: the decode workers need those cores between passes
         # (measured on 2 cores, ViT-B-32 fp32 served: c=1 p50 514 -> 459 ms; benchmarks/RESULTS.md).
         session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if manifest.get("precision") == "fp16" and chosen == ["CPUExecutionProvider"]:
+        if self.precision == "fp16" and chosen == ["CPUExecutionProvider"]:
             # onnxruntime 1.31's extended CPU fusions crash on fp16 CLIP graphs; the basic level runs them.
             session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         self._sessions = {}
@@ -63,7 +66,7 @@ class OnnxBackend:
                             {
                                 "trt_engine_cache_enable": True,
                                 "trt_engine_cache_path": str(directory / "trt_cache"),
-                                "trt_fp16_enable": manifest.get("precision") != "fp32",
+                                "trt_fp16_enable": self.precision != "fp32",
                                 "trt_profile_min_shapes": f"{input_name}:1x{rest}",
                                 "trt_profile_opt_shapes": f"{input_name}:{max_batch_size}x{rest}",
                                 "trt_profile_max_shapes": f"{input_name}:{max_batch_size}x{rest}",
@@ -76,7 +79,7 @@ class OnnxBackend:
                 str(directory / f"{tower}.onnx"), session_options, providers=options
             )
         active = self._sessions["image"].get_providers()[0].removesuffix("ExecutionProvider")
-        self.description = f"{active} {manifest.get('precision', 'fp32')}"
+        self.description = f"{active} {self.precision}"  # e.g. "CPU int8": the precision is reported with it
         self.accelerated = active != "CPU"
         self.pipeline_depth = 1  # one run at a time per session
 
