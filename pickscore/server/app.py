@@ -1,9 +1,10 @@
 """Wiring: backend + engine + services (scoring.v1, KServe v2) + health + reflection + metrics; the lifecycle.
 
-    pickscore serve --model demo --port 8001 --metrics-port 9090
+    pickscore serve --model demo --port 8001 --http-port 8000 --metrics-port 8002
 
-Start-up: bind, report NOT_SERVING, load and warm up, then SERVING. On SIGTERM (or SIGINT): NOT_SERVING,
-new requests get UNAVAILABLE, admitted ones finish (at most ``grace_period_s``), then exit 0.
+Start-up: bind every port (a busy one stops the start, named, before the model loads), report NOT_SERVING, load
+and warm up, then SERVING. On SIGTERM (or SIGINT): NOT_SERVING, new requests get UNAVAILABLE, admitted ones finish
+(at most ``grace_period_s``), then exit 0.
 ``ServerThread`` runs the same server on a background thread, for tests, benchmarks and notebooks.
 """
 
@@ -13,6 +14,7 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
@@ -23,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2_grpc
 
 from pickscore.backends import Backend, load_backend
+from pickscore.server import ports
 from pickscore.server.boundary import ServerState
 from pickscore.server.engine import Engine
 from pickscore.server.http import HttpFrontDoor
@@ -59,31 +62,28 @@ class Server:
         self.metrics_port: int | None = None
         self.http: HttpFrontDoor | None = None
         self.http_port: int | None = None
+        self._http_socket: socket.socket | None = None  # bound before the model loads, served after
         self._grpc: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
+        """Bind every port (a busy one stops the start here, before the model loads, naming it), report
+        NOT_SERVING, load and warm up, then SERVING. A start that fails releases what it had bound."""
+        try:
+            await self._start()
+        except BaseException:
+            await self._close(grace=None)
+            raise
+
+    async def _start(self) -> None:
         s = self.settings
-        options = [
-            ("grpc.max_receive_message_length", s.max_message_bytes),
-            ("grpc.max_send_message_length", s.max_message_bytes),
-        ]
-        self._grpc = grpc.aio.server(options=options)
-        address = f"{s.host}:{s.port}"
-        if self.tls:  # the certificate files are re-read when they change, before each new connection
-            self.port = self._grpc.add_secure_port(address, self.tls.credentials())
-        else:
-            self.port = self._grpc.add_insecure_port(address)
-        if not self.port:
-            raise OSError(f"cannot bind {s.host}:{s.port}")
+        self._bind()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         # For liveness probes: SERVING whenever the process answers at all, through warm-up and drain, so
         # that an orchestrator restarts a wedged process but not one that is loading or finishing its work.
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        if s.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve_http(s.host, s.metrics_port)
         if self.backend is None:
             loop = asyncio.get_running_loop()
             self.backend = await loop.run_in_executor(
@@ -107,9 +107,10 @@ class Server:
             (SERVICE_NAME, KSERVE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
         )
         await self._grpc.start()  # health answers NOT_SERVING while the model warms up
-        if s.http_port >= 0:  # the same engine, state and credentials behind a second transport
+        if self._http_socket is not None:  # the same engine, state and credentials behind a second transport
             self.http = HttpFrontDoor(scoring, self.models, self.state, s.max_message_bytes)
-            self.http_port = await self.http.start(s.host, s.http_port, self.tls.ssl_context() if self.tls else None)
+            sock, self._http_socket = self._http_socket, None  # the front door owns it now
+            self.http_port = await self.http.start(sock, self.tls.ssl_context() if self.tls else None)
         await self.engine.start()
         self.metrics.model_info.labels(
             self.backend.source, self.backend.name, self.backend.description, __version__
@@ -128,6 +129,35 @@ class Server:
             },
         )
 
+    def _bind(self) -> None:
+        """The gRPC port, the HTTP port (held until the front door serves it) and the metrics port (served from
+        now on); OSError naming the first one that cannot be bound."""
+        s = self.settings
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it silently
+        ]
+        self._grpc = grpc.aio.server(options=options)
+        address = f"{s.host}:{s.port}"
+        # gRPC would log a line of its own and then say only that it failed: ask the OS first, and why.
+        if s.port and (busy := ports.why_not(s.host, s.port)):
+            raise ports.unbindable(s.host, s.port, "port", busy)
+        try:
+            if self.tls:  # the certificate files are re-read when they change, before each new connection
+                self.port = self._grpc.add_secure_port(address, self.tls.credentials())
+            else:
+                self.port = self._grpc.add_insecure_port(address)
+        except RuntimeError as e:  # taken between the check and now
+            raise ports.unbindable(s.host, s.port, "port", e) from None
+        if s.http_port >= 0:
+            self._http_socket = ports.listen(s.host, s.http_port, "http_port")
+        if s.metrics_port >= 0:
+            try:
+                self.metrics_port = self.metrics.serve_http(s.host, s.metrics_port)
+            except OSError as e:
+                raise ports.unbindable(s.host, s.metrics_port, "metrics_port", e) from None
+
     async def drain(self) -> None:
         """NOT_SERVING, refuse new requests, wait for admitted ones (at most the grace period), stop."""
         if self.state.draining:
@@ -141,13 +171,23 @@ class Server:
             await asyncio.sleep(0.01)
         if self.state.inflight:
             log.warning("grace period over; cancelling what is left", extra={"inflight": self.state.inflight})
-        if self.http:
-            await self.http.stop()
-        await self._grpc.stop(grace=max(0.0, give_up - time.monotonic()))
-        if self.engine:
-            await self.engine.stop()
+        await self._close(grace=max(0.0, give_up - time.monotonic()))
         log.info("stopped", extra={"inflight": self.state.inflight})  # 0 unless the grace period ran out
         self._stopped.set()
+
+    async def _close(self, grace: float | None) -> None:
+        """Stop serving and release every port: HTTP, gRPC (admitted RPCs get ``grace`` seconds), metrics; then
+        the engine. Safe on a start that failed part way."""
+        if self.http:
+            await self.http.stop()
+        if self._http_socket is not None:  # bound, never served: the start failed
+            self._http_socket.close()
+            self._http_socket = None
+        if self._grpc:
+            await self._grpc.stop(grace=grace)
+        await asyncio.to_thread(self.metrics.stop_http)  # waits out its thread's poll (at most 0.5 s)
+        if self.engine:
+            await self.engine.stop()
 
     async def wait(self) -> None:
         await self._stopped.wait()

@@ -1,7 +1,8 @@
 """The HTTP front door: KServe v2 REST (what ``tritonclient.http`` speaks) and a plain scoring API, on the
 same engine, boundary, metrics and errors as the gRPC port.
 
-    GET  /v2/health/live | /v2/health/ready                       200, or 503 while warming up or draining
+    GET  /v2/health/live | /v2/health/ready                       {"live": true} | {"ready": bool}: 200, or 503
+                                                                   while warming up or draining
     GET  /v2                                                       server metadata
     GET  /v2/models/{name}[/versions/{v}][/ready|/config|/stats]   model metadata, readiness, config, statistics
     POST /v2/models/{name}[/versions/{v}]/infer                    JSON tensors, or Triton's binary extension
@@ -20,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
+import socket
 import ssl
 import struct
 from collections.abc import Awaitable, Callable
@@ -29,6 +32,7 @@ from typing import Any
 import msgpack
 import numpy as np
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -45,6 +49,28 @@ from pickscore.v1 import scoring_pb2 as pb
 MSGPACK = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor extension
 MAX_BODY = web.AppKey("max_body_bytes", int)
+
+
+class NotHttp(logging.Filter):
+    """aiohttp logs a connection whose bytes are not an HTTP/1.x request (a gRPC client dialling this port, TLS to
+    a plaintext port) with the parser's traceback: keep it to one line with the parser's reason, a warning at most
+    (aiohttp's own debug level for garbage stays)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            reason = (error.message.strip().splitlines() or [str(error.code)])[0].rstrip(":")
+            hint = "; an HTTP/2 (gRPC) client? gRPC is served on --port" if "PRI" in reason else ""
+            record.msg = f"{record.getMessage()}: not an HTTP/1.x request ({reason}){hint}"
+            record.args = ()
+            record.exc_info = record.exc_text = None
+            record.levelno = min(record.levelno, logging.WARNING)
+            record.levelname = logging.getLevelName(record.levelno)
+        return True
+
+
+log = logging.getLogger("pickscore.server.http")  # aiohttp's connection-level messages, in the server's log
+log.addFilter(NotHttp())
 
 
 class HttpFrontDoor:
@@ -81,11 +107,12 @@ class HttpFrontDoor:
                 routes.append(web.route(method, base + suffix, wrapped))
         self.app.add_routes(routes)
 
-    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
+    async def start(self, sock: socket.socket, ssl_context: ssl.SSLContext | None) -> int:
+        """Serve on a listening socket (bound before the model loaded, ``ports.listen``); the port it serves."""
         # handler_cancellation: a caller that disconnects cancels its request, so its items leave the queues
-        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
+        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True, logger=log)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context, reuse_address=True)
+        site = web.SockSite(self._runner, sock, ssl_context=ssl_context)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self.port
@@ -124,10 +151,10 @@ class HttpFrontDoor:
     # KServe v2 --------------------------------------------------------------------------------------------
 
     async def live(self, request: web.Request) -> web.Response:
-        return web.Response(status=200)
+        return web.json_response({"live": True})  # the protocol's body; Triton's clients read only the status
 
     async def ready(self, request: web.Request) -> web.Response:
-        return web.Response(status=200 if self.models.ready() else 503)
+        return _readiness({"ready": self.models.ready()})
 
     async def server_metadata(self, request: web.Request) -> web.Response:
         return web.json_response(to_json(self.models.server_metadata()))
@@ -137,8 +164,8 @@ class HttpFrontDoor:
         return web.json_response(to_json(self.models.metadata(name, version)))
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        self.models.config(*_model(request))  # 404 for an unknown model
-        return web.Response(status=200 if self.models.ready() else 503)
+        config = self.models.config(*_model(request))  # 404 for an unknown model
+        return _readiness({"name": config.name, "ready": self.models.ready()})
 
     async def model_config(self, request: web.Request) -> web.Response:
         return web.json_response(to_json(self.models.config(*_model(request))))
@@ -192,6 +219,11 @@ def _error(error: BaseException, as_msgpack: bool) -> web.Response:
     if as_msgpack:
         return web.Response(status=status, body=msgpack.packb(body), content_type=MSGPACK[0], headers=headers)
     return web.json_response(body, status=status, headers=headers)
+
+
+def _readiness(body: dict[str, Any]) -> web.Response:
+    """KServe v2's readiness body, and the status that probes and tritonclient read: 200 when ready, else 503."""
+    return web.json_response(body, status=200 if body["ready"] else 503)
 
 
 def _wants_msgpack(request: web.Request) -> bool:

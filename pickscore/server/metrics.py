@@ -19,6 +19,7 @@ BATCH = tuple(float(2**k) for k in range(11))  # 1 .. 1024
 
 class Metrics:
     def __init__(self) -> None:
+        self._http = None  # the /metrics server, once serve_http started it
         self.registry = r = CollectorRegistry()
         self.request_duration = Histogram(
             "pickscore_request_duration_seconds",
@@ -111,9 +112,16 @@ class Metrics:
         r.register(GpuCollector())
 
     def serve_http(self, host: str, port: int) -> int:
-        """Start /metrics on a daemon thread; returns the bound port."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
-        return server.server_address[1]
+        """Start /metrics on a daemon thread; returns the bound port (OSError when it cannot be bound)."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_address[1]
+
+    def stop_http(self) -> None:
+        """Stop serving /metrics and release its port (nothing when it was never started)."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
 
 
 class GpuCollector:

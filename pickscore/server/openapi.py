@@ -83,6 +83,13 @@ def _get(summary: str, schema: dict[str, Any] | None, parameters: list | None = 
     return {"get": {"summary": summary, "parameters": parameters or [], "responses": {"200": ok, **_ERRORS}}}
 
 
+def _health_body(key: str, name: bool = False) -> dict[str, Any]:
+    """KServe v2's health bodies: {"live": bool}, {"ready": bool}, a model's {"name": string, "ready": bool}."""
+    properties = {"name": {"type": "string"}} if name else {}
+    properties[key] = {"type": "boolean"}
+    return {"type": "object", "properties": properties, "required": list(properties)}
+
+
 def _kserve(suffix: str, operation: dict[str, Any]) -> dict[str, Any]:
     paths = {}
     for base, params in (("/v2/models/{name}", [_MODEL]), ("/v2/models/{name}/versions/{version}", [_MODEL, _VERSION])):
@@ -139,12 +146,14 @@ def document(info: pb.GetModelInfoResponse) -> dict[str, Any]:
             "The served model and the server's limits", {"$ref": "#/components/schemas/GetModelInfoResponse"}
         ),
         "/openapi.json": _get("This document", obj),
-        "/v2/health/live": _get("200 while the process answers", None),
-        "/v2/health/ready": _get("200 while requests are taken; 503 while warming up or draining", None),
+        "/v2/health/live": _get("200 while the process answers", _health_body("live")),
+        "/v2/health/ready": _get(
+            "200 while requests are taken; 503 while warming up or draining", _health_body("ready")
+        ),
         "/v2": _get("KServe v2 server metadata", obj),
         "/v2/models/stats": _get("KServe v2 statistics of every model", obj),
         **_kserve("", _get("KServe v2 model metadata", obj)),
-        **_kserve("/ready", _get("200 when the model is ready, 503 otherwise", None)),
+        **_kserve("/ready", _get("200 when the model is ready, 503 otherwise", _health_body("ready", name=True))),
         **_kserve("/config", _get("Triton model configuration", obj)),
         **_kserve("/stats", _get("KServe v2 model statistics", obj)),
         **_kserve(

@@ -317,8 +317,9 @@ def test_warming_up_is_503_and_request_ids_are_echoed(tiny_hf_dir):
         deadline = time.monotonic() + 30
         while server.server.http_port is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert get(server, "/v2/health/live")[0] == 200
-        assert get(server, "/v2/health/ready")[0] == 503
+        live, ready = get(server, "/v2/health/live"), get(server, "/v2/health/ready")
+        assert (live[0], json.loads(live[2])) == (200, {"live": True})
+        assert (ready[0], json.loads(ready[2])) == (503, {"ready": False})
         body = json.dumps({"prompt": PROMPT, "images": [{"data": base64.b64encode(IMAGES[0]).decode()}]}).encode()
         status, headers, answer = post(server, "/v1/score", body, "application/json", {"x-request-id": "req-42"})
         assert status == 503 and headers["Retry-After"] and "warming up" in json.loads(answer)["error"]
@@ -343,6 +344,24 @@ def test_http_and_grpc_requests_share_a_batch(tiny_hf_dir):
         assert metric(server, "pickscore_batch_size_sum", tower="image") == images + 2  # holding both
         assert metric(server, "pickscore_requests_total", transport="http", rpc="Score", code="OK") == 1
         assert metric(server, "pickscore_requests_total", transport="grpc", rpc="Score", code="OK") == 1
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v2/health/live", {"live": True}),
+        ("/v2/health/ready", {"ready": True}),
+        ("/v2/models/pickscore/ready", {"name": "pickscore", "ready": True}),
+        ("/v2/models/pickscore_image/versions/1/ready", {"name": "pickscore_image", "ready": True}),
+    ],
+)
+def test_health_answers_are_kserve_v2_json(server, http, path, body):
+    """The protocol's bodies (the kserve SDK parses them; an empty body made it raise JSONDecodeError), while
+    tritonclient.http, which reads only the status, still works."""
+    status, headers, answer = get(server, path)
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    assert json.loads(answer) == body
+    assert http.is_server_live() and http.is_server_ready() and http.is_model_ready(body.get("name", "pickscore"))
 
 
 def test_openapi_documents_every_route(server):
