@@ -46,7 +46,11 @@ class Settings:
         "HTTP port (KServe v2 REST for tritonclient.http, /v1/score and /v1/rank in JSON, multipart or msgpack, "
         "/openapi.json) on the same host, engine and settings; -1 disables, 0 picks a free port",
     )
-    metrics_port: int = _f(9090, "Prometheus /metrics port on the same host; -1 disables, 0 picks a free port")
+    metrics_port: int = _f(
+        8002,
+        "Prometheus /metrics port on the same host (Triton's: 8000 HTTP, 8001 gRPC, 8002 metrics); -1 disables, 0 "
+        "picks a free port",
+    )
     max_batch_size: int = _f(32, "most images per forward pass of the image tower")
     text_max_batch_size: int = _f(64, "most prompts per forward pass of the text tower")
     max_queue_delay_ms: float = _f(5.0, "longest a queued item waits for its batch to fill, in milliseconds")

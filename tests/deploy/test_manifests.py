@@ -145,6 +145,15 @@ def test_images_run_as_non_root_and_check_health_through_grpc(name):
     assert 'ENTRYPOINT ["pickscore"]' in text and 'CMD ["serve"]' in text
 
 
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.cuda"])
+def test_images_expose_the_servers_ports_triton_style(name):
+    """HTTP 8000, gRPC 8001, metrics 8002, as Triton: not 9090, which is Prometheus' own port."""
+    settings = Settings()
+    (expose,) = [line.split()[1:] for line in (DOCKER / name).read_text().splitlines() if line.startswith("EXPOSE ")]
+    assert sorted(map(int, expose)) == sorted([settings.http_port, settings.port, settings.metrics_port])
+    assert (settings.http_port, settings.port, settings.metrics_port) == (8000, 8001, 8002)
+
+
 def test_compose_wires_the_repository_files():
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     services = compose["services"]
