@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-serve: install  ## start the server on the bundled demo model (gRPC :8001, HTTP :8000, metrics :9090); settings via PICKSCORE_*
+serve: install  ## start the server on the bundled demo model (gRPC :8001, HTTP :8000, metrics :8002; all interfaces); settings via PICKSCORE_*
 	$(BIN)/pickscore serve $(SERVE_FLAGS)
 
 lint: install  ## ruff: lint rules and formatting (pyproject.toml [tool.ruff]); `make format` applies both
@@ -43,7 +43,7 @@ proto: install  ## regenerate pickscore/v1 from proto/ (a test fails when they d
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. proto/pickscore/v1/scoring.proto
 
 clean:
-	rm -rf $(VENV) .tools build *.egg-info .pytest_cache
+	rm -rf $(VENV) .tools build dist *.egg-info .pytest_cache
 
 # Rebuild the bundled demo model from scratch (~70 min on 2 CPU cores). Stage 1: the `demo` preset from
 # scratch with in-batch negatives on 60,000 synthetic pairs (seed 7). Stage 2: 2000 more steps at a lower

@@ -18,7 +18,7 @@ from typing import Any
 from pickscore.backends import DTYPES, KINDS
 from pickscore.flags import add_flags, check_choices, field_type, flag_name, given
 from pickscore.flags import option as _f
-from pickscore.model.preprocess import DEFAULT_MAX_PIXELS
+from pickscore.limits import DEFAULT_MAX_PIXELS
 from pickscore.resources import usable_cores
 
 ENV_PREFIX = "PICKSCORE_"
