@@ -9,7 +9,6 @@ from __future__ import annotations
 EXTRA_OF = {
     "torch": "serve",
     "torchvision": "serve",
-    "open_clip": "serve",
     "PIL": "serve",
     "regex": "serve",
     "safetensors": "serve",

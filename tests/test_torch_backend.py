@@ -13,7 +13,7 @@ PROMPTS = ["a red fox", "a lighthouse at dusk, oil painting, dramatic sky over a
 
 
 def full_context(backend: TorchBackend, tokens: np.ndarray) -> np.ndarray:
-    """open_clip's own encode_text over all 77 positions: what the embeddings must equal."""
+    """encode_text over all 77 positions: what the embeddings must equal."""
     with torch.inference_mode():
         out = backend.model.encode_text(torch.from_numpy(tokens))
     return torch.nn.functional.normalize(out, dim=-1).numpy()

@@ -1,4 +1,4 @@
-"""The PyTorch backend: the open_clip model on CPU or CUDA (fp32, fp16 or bf16), eager or compiled.
+"""The PyTorch backend: the CLIP model (``model.clip``) on CPU or CUDA (fp32, fp16 or bf16), eager or compiled.
 
 Images arrive as uint8 crops (B, H, W, 3), a quarter of the bytes of float32 pixels: they are copied to the
 device (from pinned memory, asynchronously, on CUDA) and rescaled and normalised there (``DeviceNormalizer``),
@@ -19,7 +19,6 @@ import threading
 import numpy as np
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import text_global_pool
 
 from pickscore.model.checkpoint import LoadedModel, resolve
 from pickscore.model.preprocess import PreprocessConfig, exact_divisor, normalize_constants, normalize_table
@@ -125,12 +124,12 @@ class TorchBackend:
         self._normalize = DeviceNormalizer(self.preprocess, self.device)
         self._pin = self.device.type == "cuda"
         self.compiled = compile
-        # Causal attention pooled at the end-of-text token: positions past the last real token change nothing.
+        # Causal attention pooled at the end-of-text token: positions past the last real token change nothing,
+        # so prompts run over their own length (``CLIP.encode_text`` takes any length up to the context).
         # Compiled towers keep the whole context: one shape per batch bucket, not one per prompt length too.
-        causal = self.model.attn_mask is not None and self.model.text_pool_type in ("argmax", "eos")
-        self._trim_text = causal and not compile
+        self._trim_text = not compile
         self._image_tower = self.model.encode_image
-        self._text_tower = self._encode_text_prefix if self._trim_text else self.model.encode_text
+        self._text_tower = self.model.encode_text
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs per bucket shape
             self._image_tower = torch.compile(self.model.encode_image, mode=mode, dynamic=False)
@@ -178,17 +177,6 @@ class TorchBackend:
             tokens = tokens[:, : int(used[-1]) + 1 if len(used) else 1]
         with self._stream():
             return self._run(self._text_tower, self._to_device(tokens))
-
-    def _encode_text_prefix(self, text: torch.Tensor) -> torch.Tensor:
-        """open_clip's ``CLIP.encode_text`` over the first ``text.shape[1]`` positions of the context."""
-        m, n = self.model, text.shape[1]
-        cast = m.transformer.get_cast_dtype()
-        x = m.token_embedding(text).to(cast) + m.positional_embedding[:n].to(cast)
-        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:n, :n]))
-        x = text_global_pool(x, text, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
-        if m.text_projection is None:
-            return x
-        return m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) else x @ m.text_projection
 
     def warm(self, max_batch_size: int, text_max_batch_size: int) -> None:
         """Compile every bucket up to the batcher's largest batches now, not on the first requests."""

@@ -1,9 +1,9 @@
-"""The scorer's architecture: open_clip's ``CLIP``, described by an open_clip model config.
+"""The scorer's architecture: ``clip.CLIP`` (open_clip's CLIP, built here), described by an open_clip model config.
 
 A model config is data (the JSON open_clip uses, e.g. ``open_clip/model_configs/ViT-H-14.json``):
 ``{"embed_dim": 1024, "quick_gelu": false, "vision_cfg": {...}, "text_cfg": {...}}``.
 Only the standard ViT image tower with the CLIP text transformer is supported, which is what
-PickScore_v1 and every checkpoint this project writes use.
+PickScore_v1 and every checkpoint this project writes use (``clip.check_config`` names anything else).
 """
 
 from __future__ import annotations
@@ -12,32 +12,23 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from open_clip.model import CLIP
 
-
-def check_supported(model_cfg: Mapping[str, Any]) -> None:
-    """Refuse configs whose towers are not the plain ViT + CLIP text transformer."""
-    vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
-    unsupported = [k for k in ("timm_model_name",) if vision.get(k)] + [k for k in ("hf_model_name",) if text.get(k)]
-    if model_cfg.get("custom_text") or unsupported:
-        raise ValueError(
-            f"unsupported architecture (only ViT + CLIP text transformer): {sorted(unsupported) or 'custom_text'}"
-        )
+from pickscore.model.clip import CLIP, MODEL_KEYS, check_config
 
 
 def build(model_cfg: Mapping[str, Any], device: str | torch.device = "cpu") -> CLIP:
-    """Construct the model; on ``device='meta'`` it holds no memory until ``load_weights``."""
-    check_supported(model_cfg)
-    cfg = {k: v for k, v in model_cfg.items() if k not in ("custom_text",)}
+    """Construct the model, randomly initialised as open_clip does; on ``device='meta'`` it holds no memory and
+    draws nothing until ``load_weights``."""
+    check_config(model_cfg)
     with torch.device(device):
-        return CLIP(**cfg)
+        return CLIP(**{k: v for k, v in model_cfg.items() if k in MODEL_KEYS}, init=str(device) != "meta")
 
 
 def load_weights(model: CLIP, state_dict: Mapping[str, torch.Tensor]) -> CLIP:
     """Load every tensor strictly (missing or unexpected keys raise) and return the model on CPU, fp32.
 
-    Works for models built on the meta device: parameters are assigned, and the one
-    non-persistent buffer (the text tower's causal mask) is rebuilt.
+    Works for models built on the meta device: parameters are assigned (the causal mask, not a weight, was made
+    on the CPU).
     """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
@@ -51,9 +42,6 @@ def load_weights(model: CLIP, state_dict: Mapping[str, torch.Tensor]) -> CLIP:
                 f"{tuple(expected[key].shape)}"
             )
     model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True, assign=True)
-    ctx = model.positional_embedding.shape[0]
-    # (ctx, ctx) additive mask: -inf above the diagonal, so a token sees only those before it.
-    model.attn_mask = torch.full((ctx, ctx), float("-inf")).triu_(1)
     leftover = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise RuntimeError(f"tensors left uninitialised after loading: {leftover}")

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from open_clip.model import CLIP
 from safetensors.torch import load_file, save_file
 
 from pickscore.errors import ModelLoadError
 from pickscore.model import architecture, hf_convert
+from pickscore.model.clip import CLIP
 from pickscore.model.preprocess import PreprocessConfig
 from pickscore.model.tokenizer import Tokenizer, vocabulary
 

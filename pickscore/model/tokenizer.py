@@ -1,7 +1,7 @@
 """CLIP byte-level BPE tokenizer, reproducing Hugging Face's ``CLIPTokenizer``.
 
-The vocabulary is the one that ships inside open_clip (``bpe_simple_vocab_16e6.txt.gz``),
-the same 49,408 tokens every CLIP model (PickScore_v1 included) was trained with.
+The vocabulary is OpenAI CLIP's (``bpe_simple_vocab_16e6.txt.gz``, MIT-licensed, bundled here as open_clip
+bundles it), the same 49,408 tokens every CLIP model (PickScore_v1 included) was trained with.
 Text handling follows the tokenizer PickScore was trained and evaluated with
 (``CLIPTokenizerFast``): exact special-token strings are kept as special tokens,
 other text is NFC-normalised, runs of white space become one space, and it is
@@ -17,11 +17,11 @@ import gzip
 import json
 import math
 import unicodedata
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import regex
-from open_clip.tokenizer import bytes_to_unicode, default_bpe
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -33,12 +33,24 @@ _WHITESPACE = regex.compile(r"\p{White_Space}+")
 _SPLIT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\p{White_Space}\p{L}\p{N}]+""")
 
 
+def byte_encoder() -> dict[int, str]:
+    """byte -> the printable character byte-level BPE writes it as (GPT-2's table, which CLIP's vocabulary uses).
+
+    The printable Latin-1 bytes stand for themselves and come first; the others (controls, space, soft hyphen)
+    follow in byte order, as the characters from U+0100 up. The vocabulary's first 256 ids are in this order.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+
+
 @functools.lru_cache(maxsize=1)
 def vocabulary() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     """The bundled CLIP vocabulary: (token -> id, merges in priority order)."""
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    vocab = resources.files("pickscore.model") / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.decompress(vocab.read_bytes()).decode("utf-8").split("\n")
     merges = tuple(tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1])
-    byte_chars = list(bytes_to_unicode().values())
+    byte_chars = list(byte_encoder().values())
     tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [BOS, EOS]
     return {tok: i for i, tok in enumerate(tokens)}, merges
 
@@ -60,7 +72,7 @@ class Tokenizer:
             raise ValueError(f"context_length must be at least 2, got {context_length}")
         self.encoder, merges = vocabulary()
         self.ranks = {m: i for i, m in enumerate(merges)}
-        self.byte_encoder = bytes_to_unicode()
+        self.byte_encoder = byte_encoder()
         self.context_length = context_length
         self.pad_id = pad_id
         self.bos_id = self.encoder[BOS]
