@@ -56,7 +56,9 @@ def domain_error(e: grpc.RpcError) -> PickScoreError:
 
 # Spread calls over every address the target resolves to (a headless Kubernetes Service answers with all
 # ready replicas), and retry a call refused with UNAVAILABLE (a replica warming up or draining) on another:
-# scoring has no side effects, so a retry is safe, and a rolling restart never reaches the caller.
+# scoring has no side effects, so a retry is safe, and a rolling restart never reaches the caller. CANCELLED too:
+# a server that shuts down answers calls no handler took yet with it (grpc/grpc#41785), and a channel never
+# retries a call its own caller cancelled.
 _SERVICE_CONFIG = json.dumps(
     {
         "loadBalancingConfig": [{"round_robin": {}}],
@@ -68,7 +70,7 @@ _SERVICE_CONFIG = json.dumps(
                     "initialBackoff": "0.05s",
                     "maxBackoff": "0.5s",
                     "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
+                    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
                 },
             }
         ],

@@ -36,7 +36,10 @@ STATUS: dict[type[PickScoreError], grpc.StatusCode] = {
     Conflict: grpc.StatusCode.ABORTED,
     Internal: grpc.StatusCode.INTERNAL,
 }
-_ERRORS = {code: cls for cls, code in STATUS.items()}
+# A call its caller did not cancel comes back CANCELLED when the server shut down before a handler took it
+# (gRPC core's pending calls, grpc/grpc#41785): the replica went away, which is what UNAVAILABLE says. A caller's
+# own cancellation never reaches error_for (it ends in CancelledError or a cancelled future).
+_ERRORS = {code: cls for cls, code in STATUS.items()} | {grpc.StatusCode.CANCELLED: Unavailable}
 # The same errors as HTTP statuses (the HTTP front door and the reward client's HTTP path).
 HTTP_STATUS: dict[type[PickScoreError], int] = {
     InvalidInput: 400,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,12 +15,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from pickscore.backends.torch_backend import TorchBackend
-from pickscore.client import Client
+from pickscore.client import _SERVICE_CONFIG, Client
 from pickscore.errors import DeadlineExceeded, Internal, Overloaded, Unauthenticated, Unavailable
 from pickscore.model.checkpoint import resolve
 from pickscore.model.preprocess import load_uint8
 from pickscore.scorer import Scorer
 from pickscore.server.app import ServerThread
+from pickscore.status import error_for
 from pickscore.v1 import scoring_pb2 as pb
 from pickscore.v1 import scoring_pb2_grpc
 from tests.conftest import png_bomb
@@ -232,3 +234,11 @@ def test_request_during_drain_is_unavailable_and_admitted_work_finishes(tiny_hf_
             drained.join(timeout=60)
     finally:
         server.stop()
+
+
+def test_a_call_a_shutting_down_server_cancelled_is_unavailable():
+    """gRPC core answers calls no handler took yet with CANCELLED when the server stops (grpc/grpc#41785): to the
+    caller, who cancelled nothing, the replica went away; the channel retries it like UNAVAILABLE."""
+    assert isinstance(error_for(grpc.StatusCode.CANCELLED, "server: CANCELLED: CANCELLED"), Unavailable)
+    (policy,) = json.loads(_SERVICE_CONFIG)["methodConfig"]
+    assert set(policy["retryPolicy"]["retryableStatusCodes"]) == {"UNAVAILABLE", "CANCELLED"}
