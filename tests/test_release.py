@@ -51,23 +51,31 @@ for address in sys.argv[1:3]:  # gRPC, then HTTP
 """
 
 
-def _tracked_package_files() -> list[str]:
-    """Every file of the package as the repository holds it (git's list when there is one)."""
+def _tracked_files(under: str = ".") -> list[str]:
+    """The repository's files as a fresh clone holds them (git's list when there is one), relative to its root."""
     try:
-        out = subprocess.run(["git", "ls-files", "pickscore"], cwd=ROOT, capture_output=True, text=True, check=True)
+        out = subprocess.run(["git", "ls-files", under], cwd=ROOT, capture_output=True, text=True, check=True)
         return out.stdout.split()
     except (OSError, subprocess.CalledProcessError):
-        return [str(p.relative_to(ROOT)) for p in (ROOT / "pickscore").rglob("*") if p.is_file()]
+        ignored = {".git", ".venv", ".tools", "build", "dist", "__pycache__", "pickscore.egg-info"}
+        return [
+            str(p.relative_to(ROOT))
+            for p in (ROOT / under).rglob("*")
+            if p.is_file() and not ignored & set(p.relative_to(ROOT).parts)
+        ]
 
 
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory) -> dict[str, Path]:
-    """``python -m build``: the sdist, then the wheel built from the unpacked sdist (as pip builds from PyPI)."""
-    out = tmp_path_factory.mktemp("dist")
-    build = ROOT / "build"
-    shutil.rmtree(build, ignore_errors=True)  # a stale build/lib would hide a file missing from the sdist
+    """``python -m build`` on a clean copy of the tracked files (a checkout's stale egg-info or build/ would supply
+    files the package data leaves out): the sdist, then the wheel built from the unpacked sdist, as pip builds
+    from PyPI."""
+    checkout, out = tmp_path_factory.mktemp("checkout"), tmp_path_factory.mktemp("dist")
+    for name in _tracked_files():
+        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, checkout / name)
     subprocess.run(
-        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)],
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(checkout)],
         check=True,
         capture_output=True,
     )
@@ -80,7 +88,7 @@ def test_sdist_and_wheel_hold_every_package_file(dist):
         in_wheel = set(z.namelist())
     with tarfile.open(dist["sdist"]) as t:
         in_sdist = {name.split("/", 1)[1] for name in t.getnames() if "/" in name}
-    tracked = _tracked_package_files()
+    tracked = _tracked_files("pickscore")
     assert any(f.endswith(".html") for f in tracked) and any(f.endswith(".safetensors") for f in tracked)
     assert [f for f in tracked if f not in in_sdist] == []
     assert [f for f in tracked if f not in in_wheel] == []
