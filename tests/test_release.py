@@ -10,7 +10,8 @@ no repository on ``sys.path``):
   distributions its declared requirements close over, linked from this test environment (a second 5 GB copy of
   torch per run would buy nothing: what this proves is that the wheel carries every file it reads at run time and
   declares every distribution it imports). From there: ``--help``, ``score --model demo``, ``serve`` until
-  SERVING with one Score and SIGTERM, ``collect`` until its choice page renders, ``export onnx`` and ``batch``.
+  SERVING with one Score and SIGTERM, ``export onnx`` and ``batch``.
+- **collecting** (``[collect]``, the same way): no torch, and ``collect`` runs until its choice page renders.
 """
 
 from __future__ import annotations
@@ -198,16 +199,15 @@ def _closure(wheel: Path, extras: tuple[str, ...]) -> dict[str, metadata.Distrib
     return found
 
 
-@pytest.fixture(scope="module")
-def full_env(dist, tmp_path_factory) -> Path:
-    """A fresh venv with the wheel and, on a .pth path, links to exactly the distributions it declares."""
-    root = tmp_path_factory.mktemp("full")
+def _installed(wheel: Path, root: Path, extras: tuple[str, ...]) -> Path:
+    """A fresh venv with the wheel and, on a .pth path, links to exactly the distributions ``pickscore[extras]``
+    declares -> its bin directory."""
     bin_dir = _venv(root / "venv")
-    done = _run(bin_dir, "python", "-m", "pip", "install", "--quiet", "--no-deps", str(dist["wheel"]), cwd=root)
+    done = _run(bin_dir, "python", "-m", "pip", "install", "--quiet", "--no-deps", str(wheel), cwd=root)
     assert done.returncode == 0, done.stderr
     deps = root / "deps"
     deps.mkdir()
-    for dist_ in _closure(dist["wheel"], FULL_EXTRAS).values():
+    for dist_ in _closure(wheel, extras).values():
         site = Path(dist_.locate_file(""))
         for top in {Path(f).parts[0] for f in dist_.files or [] if not str(f).startswith("..")}:
             if (site / top).exists() and not (deps / top).exists() and not top.endswith(".pth"):
@@ -217,6 +217,17 @@ def full_env(dist, tmp_path_factory) -> Path:
     where = _run(bin_dir, "python", "-c", "import pickscore, sys; print(pickscore.__file__)", cwd=root)
     assert Path(where.stdout.strip()).is_relative_to(root / "venv"), where
     return bin_dir
+
+
+@pytest.fixture(scope="module")
+def full_env(dist, tmp_path_factory) -> Path:
+    return _installed(dist["wheel"], tmp_path_factory.mktemp("full"), FULL_EXTRAS)
+
+
+@pytest.fixture(scope="module")
+def collect_env(dist, tmp_path_factory) -> Path:
+    """What a team collecting preferences installs: pickscore[collect], no torch."""
+    return _installed(dist["wheel"], tmp_path_factory.mktemp("collect"), ("collect",))
 
 
 def test_wheel_scores_exports_and_batches(full_env, tmp_path):
@@ -254,12 +265,13 @@ def test_wheel_serves_until_sigterm(full_env, tmp_path):
         assert proc.wait(timeout=60) == 0
 
 
-def test_wheel_collects(full_env, tmp_path):
+def test_wheel_collects_without_torch(collect_env, tmp_path):
+    assert _run(collect_env, "python", "-c", "import torch", cwd=tmp_path).returncode != 0
     args = ("pickscore", "collect", "--db", str(tmp_path / "c.db"), "--port", "0", "--image-size", "64")
     proc = subprocess.Popen(
         args,
         cwd=tmp_path,
-        env={**os.environ, "PATH": f"{full_env}:{os.environ['PATH']}"},
+        env={**os.environ, "PATH": f"{collect_env}:{os.environ['PATH']}"},
         stderr=subprocess.PIPE,
         text=True,
     )
