@@ -18,7 +18,7 @@ import numpy as np
 
 from pickscore.backends.manifest import is_export
 
-if TYPE_CHECKING:  # the tokenizer loads open_clip and torch, preprocessing Pillow: parsers and clients need neither
+if TYPE_CHECKING:  # preprocessing loads Pillow, the tokenizer regex: parsers and clients need neither
     from pickscore.model.preprocess import PreprocessConfig
     from pickscore.model.tokenizer import Tokenizer
 

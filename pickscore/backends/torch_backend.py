@@ -127,7 +127,6 @@ class TorchBackend:
         # Causal attention pooled at the end-of-text token: positions past the last real token change nothing,
         # so prompts run over their own length (``CLIP.encode_text`` takes any length up to the context).
         # Compiled towers keep the whole context: one shape per batch bucket, not one per prompt length too.
-        self._trim_text = not compile
         self._image_tower = self.model.encode_image
         self._text_tower = self.model.encode_text
         if compile:
@@ -172,7 +171,7 @@ class TorchBackend:
     @torch.inference_mode()
     def encode_text(self, tokens: np.ndarray) -> np.ndarray:
         """Token ids (B, 77) int64 -> (B, D) float32."""
-        if self._trim_text:
+        if not self.compiled:  # compiled towers keep the whole context (see __init__)
             used = np.flatnonzero((tokens != self.tokenizer.pad_id).any(axis=0))
             tokens = tokens[:, : int(used[-1]) + 1 if len(used) else 1]
         with self._stream():
