@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import platform
+import random
 import subprocess
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pickscore.model import architecture, checkpoint, hf_convert
 from pickscore.model.preprocess import PreprocessConfig
 from pickscore.model.tokenizer import save_hf_files
 
@@ -81,6 +84,17 @@ def write_model(shape: str, directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+def write_open_clip_model(shape: str, directory: Path, device: str = "cpu", seed: int = 0) -> Path:
+    """``shape`` with random weights in this project's own (open_clip) layout, built by ``pickscore.model`` alone:
+    no transformers, so it runs where only torch is installed (the GPU machines). ``device`` draws the weights
+    there (a GPU draws ViT-H-14's 986 M in a second; written as fp32 either way)."""
+    cfg = hf_convert.model_config(SHAPES[shape])
+    torch.manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_model(architecture.build(cfg, device), cfg, PreprocessConfig(), directory)
+    return directory
+
+
 def jpegs(n: int, side: int = 512, seed: int = 0) -> list[bytes]:
     """``n`` distinct side x side JPEGs with photo-like smooth content (quality 90)."""
     rng = np.random.default_rng(seed)
@@ -104,6 +118,24 @@ def latency_stats(latencies_s: list[float], images: int, wall_s: float) -> dict[
     }
 
 
+def best_of_8(sets: int, side: int, seed: int = 0) -> list[tuple[str, list[bytes]]]:
+    """``sets`` (caption, 8 JPEGs) of drawn scenes: the scene itself, then scenes changing 1-5 of its attributes."""
+    from pickscore.scenes import ATTRIBUTES, random_scene, render, vary
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(sets):
+        scene = random_scene(rng)
+        blobs = []
+        for k in range(PER_REQUEST):
+            candidate = vary(scene, rng.randint(1, len(ATTRIBUTES)), rng) if k else scene
+            buf = io.BytesIO()
+            render(candidate, side, rng).save(buf, "JPEG", quality=90)
+            blobs.append(buf.getvalue())
+        out.append((scene.caption, blobs))
+    return out
+
+
 PER_REQUEST = 8  # best-of-8: the images of one request in every serving benchmark
 
 
@@ -112,13 +144,16 @@ def prompts(n: int) -> list[str]:
     return [f"prompt {i}: a watercolor painting of a fox in a snowy forest, detailed" for i in range(n)]
 
 
-async def closed_loop(call, images: list[bytes], concurrency: int, requests: int) -> dict:
+async def closed_loop(
+    call, images: list[bytes], concurrency: int, requests: int, latencies: list[float] | None = None
+) -> dict:
     """``concurrency`` callers, each sending its next best-of-8 request (``await call(prompt, blobs)``) as soon
-    as the last one answered; images/s over the window, latency percentiles over requests."""
+    as the last one answered; images/s over the window, latency percentiles over requests (each latency, in
+    seconds, is also appended to ``latencies`` when given)."""
     import asyncio
 
     todo = iter(range(requests))
-    latencies: list[float] = []
+    latencies = [] if latencies is None else latencies
     names = prompts(requests)
 
     async def caller():
@@ -160,6 +195,23 @@ def serve(model_dir: Path, *flags: str) -> tuple[subprocess.Popen, dict[str, Any
             threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep draining the pipe
             return proc, entry
     raise RuntimeError(f"server exited with {proc.wait()} before serving")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and its living descendants (decode worker
+    processes, say), from /proc; 0 for a process that is gone."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
 
 
 def git_revision() -> str:

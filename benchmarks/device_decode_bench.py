@@ -12,8 +12,6 @@ candidate is the same, the largest score difference, and images/s of one thread 
 from __future__ import annotations
 
 import argparse
-import io
-import random
 import sys
 import time
 from pathlib import Path
@@ -22,26 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, machine  # noqa: E402
-
-PER_SET = 8
-
-
-def best_of_8(sets: int, side: int, seed: int = 0) -> list[tuple[str, list[bytes]]]:
-    from pickscore.scenes import ATTRIBUTES, random_scene, render, vary
-
-    rng = random.Random(seed)
-    out = []
-    for _ in range(sets):
-        scene = random_scene(rng)
-        blobs = []
-        for k in range(PER_SET):  # the scene itself, then scenes that change 1-5 of its attributes
-            candidate = vary(scene, rng.randint(1, len(ATTRIBUTES)), rng) if k else scene
-            buf = io.BytesIO()
-            render(candidate, side, rng).save(buf, "JPEG", quality=90)
-            blobs.append(buf.getvalue())
-        out.append((scene.caption, blobs))
-    return out
+from common import append_results, best_of_8, machine  # noqa: E402
 
 
 def rate(crop, blobs: list[bytes], seconds: float = 3.0) -> float:
