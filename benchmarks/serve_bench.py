@@ -15,6 +15,16 @@ One run measures, on the same JPEG bytes and prompts (every request has its own 
   (f) the overhead ceiling: a tiny-tower model served at concurrency 8 against cores x the one-thread rate of
       `load_pixels` (decode + preprocess) on the same JPEGs: what the request path itself sustains; beside it,
       what `cores` threads of `load_pixels` alone sustain at once (what the cores really give together)
+  (g) the paths this CPU has (its matrix units are printed first, from /proc/cpuinfo): torch fp32; torch bf16
+      where it has AMX-BF16 or AVX512-BF16; the ONNX Runtime fp32 and int8 exports. Each served at the same
+      workload (concurrency --path-concurrency), with its images/s over (a) and its rank agreement with fp32 as
+      the export check measures it (pickscore.exporter.verify.rank_agreement); the fastest that keeps rank
+      agreement >= 0.99 is marked. --no-paths skips it
+  (h) with --triton ENV: a plain Triton deployment of the same model (triton_deploy.py: the model card's code
+      in Triton's Python backend, dynamic batching up to 64, 5 ms queue delay, one instance with two torch
+      threads, PIL decode on two threads) beside `pickscore serve` (torch fp32), both up at once, closed loop
+      at concurrency 8 in alternating runs; images/s of each, the ratio, and the CPU each server process
+      (with its children) kept busy over its window
 and writes JSON, a markdown table, a latency-against-throughput plot, and a section of benchmarks/RESULTS.md.
 Medians of latency over requests; images/s over the whole measured window; warm-up excluded.
 """
@@ -25,6 +35,7 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import random
 import subprocess
 import sys
@@ -45,6 +56,7 @@ from common import (  # noqa: E402
     machine,
     prompts,
     serve,
+    tree_cpu_seconds,
     write_model,
 )
 
@@ -252,6 +264,134 @@ def bench_export(model_dir: Path, precision: str, images, args, tmp: Path, concu
     return {**served, "rank_agreement": manifest["verification"].get("rank_agreement")}
 
 
+def path_agreement(candidate, model_dir: Path) -> float:
+    """Rank agreement of ``candidate`` (a Backend) with the model's torch fp32 on best-of-8 sets: the export
+    check's own inputs and function (pickscore.exporter.verify)."""
+    from pickscore.backends.torch_backend import TorchBackend
+    from pickscore.exporter.verify import rank_agreement, verification_inputs
+
+    reference = TorchBackend.from_ref(str(model_dir), device="cpu", dtype="fp32")
+    pixels, tokens = verification_inputs(reference.preprocess, reference.tokenizer, 8 * 8)
+    return rank_agreement(candidate, reference, pixels, tokens)
+
+
+def bench_paths(model_dir: Path, images, args, tmp: Path, flags: frozenset[str], baseline: float) -> dict:
+    """(g): every path this CPU has, served at the same workload, with its rank agreement with torch fp32."""
+    from pickscore.backends.onnx_backend import OnnxBackend
+    from pickscore.backends.torch_backend import TorchBackend
+    from pickscore.exporter.onnx import export_onnx
+    from pickscore.resources import BF16_FLAGS
+
+    c = args.path_concurrency
+    n = requests_for(c, args.requests)
+    cpu_args = argparse.Namespace(**{**vars(args), "device": "cpu"})
+    out: dict[str, dict] = {}
+    print("(g) torch fp32", file=sys.stderr)
+    fp32 = argparse.Namespace(**{**vars(cpu_args), "dtype": "fp32"})
+    out["torch fp32"] = {**serve_and_measure(model_dir, fp32, images, c, n), "rank_agreement": 1.0}
+    if any(f in flags for f in BF16_FLAGS):
+        print("(g) torch bf16", file=sys.stderr)
+        bf16 = argparse.Namespace(**{**vars(cpu_args), "dtype": "bf16"})
+        agreement = path_agreement(TorchBackend.from_ref(str(model_dir), device="cpu", dtype="bf16"), model_dir)
+        out["torch bf16"] = {**serve_and_measure(model_dir, bf16, images, c, n), "rank_agreement": agreement}
+    else:
+        out["torch bf16"] = {"skipped": "no bf16 matrix units (AMX-BF16, AVX512-BF16): emulated, slower than fp32"}
+    for precision in ("fp32", "int8"):
+        print(f"(g) ONNX Runtime {precision}", file=sys.stderr)
+        directory = tmp / f"path-onnx-{precision}"
+        manifest = export_onnx(str(model_dir), directory, precision=precision, min_agreement=0.0)
+        agreement = manifest["verification"].get("rank_agreement")  # the int8 export's own check
+        if agreement is None:
+            agreement = path_agreement(OnnxBackend(directory), model_dir)
+        served = serve_and_measure(directory, fp32, images, c, n, extra=("--backend", "onnxruntime"))
+        out[f"onnx {precision}"] = {**served, "rank_agreement": agreement}
+    for r in out.values():
+        if "images_per_s" in r:
+            r["over_a"] = r["images_per_s"] / baseline
+    kept = {name: r for name, r in out.items() if r.get("rank_agreement", 0) >= 0.99}
+    best = max(kept, key=lambda name: kept[name]["images_per_s"])
+    return {"concurrency": c, "paths": out, "best": best}
+
+
+def bench_triton(model_dir: Path, images, args, tmp: Path) -> dict:
+    """(h): Triton (the model card's code in its Python backend) and `pickscore serve` (torch fp32), both up,
+    alternating closed-loop runs at --triton-concurrency; images/s and each server's CPU over its window."""
+    import numpy as np
+    from triton_deploy import CpuMeter, find_tritonserver, start_triton, triton_caller, write_repository
+
+    from pickscore.client import AsyncClient
+    from pickscore.resources import usable_cores
+
+    home = find_tritonserver(args.triton)
+    repo = write_repository(model_dir, tmp / "triton" / "repo")
+    cores = usable_cores()
+    c, n = args.triton_concurrency, args.triton_requests
+    ours_args = argparse.Namespace(**{**vars(args), "device": "cpu", "dtype": "fp32"})
+    ours_proc, ours_address = start_server(model_dir, ours_args)
+    try:
+        triton_proc, triton_address = start_triton(repo, home)
+    except BaseException:
+        ours_proc.terminate()
+        raise
+    procs = {"pickscore": ours_proc, "triton": triton_proc}
+
+    async def run() -> dict:
+        triton_call, triton_client = triton_caller(triton_address)
+        try:
+            async with AsyncClient(ours_address, timeout=600) as client:
+
+                async def ours_call(prompt, blobs):
+                    return await client.score(prompt, blobs)
+
+                calls = {"pickscore": ours_call, "triton": triton_call}
+                version = (await triton_client.get_server_metadata()).version
+                same = prompts(1)[0], images[:PER_REQUEST]
+                ours_scores = np.asarray(await ours_call(*same))
+                triton_scores = np.asarray(await triton_call(*same)).reshape(-1)
+                for call in calls.values():  # warm-up
+                    await closed_loop(call, images, c, 2 * c)
+                runs: list[dict] = []
+                for k in range(args.triton_runs):
+                    run: dict = {}
+                    for name, call in calls.items():
+                        other = procs["triton" if name == "pickscore" else "pickscore"]
+                        meters = CpuMeter(procs[name].pid, cores), CpuMeter(other.pid, cores)
+                        client_cpu = tree_cpu_seconds(os.getpid())
+                        t = time.perf_counter()
+                        r = await closed_loop(call, images, c, n)
+                        r["cpu"], r["other_server_cpu"] = meters[0].utilisation(), meters[1].utilisation()
+                        client_cpu = tree_cpu_seconds(os.getpid()) - client_cpu
+                        r["client_cpu"] = client_cpu / (time.perf_counter() - t) / cores
+                        run[name] = r
+                        print(
+                            f"(h) run {k + 1} {name}: {r['images_per_s']:.2f} images/s, CPU {r['cpu']:.0%}",
+                            file=sys.stderr,
+                        )
+                    run["ratio"] = run["pickscore"]["images_per_s"] / run["triton"]["images_per_s"]
+                    runs.append(run)
+                return {
+                    "triton_version": version,
+                    "concurrency": c,
+                    "requests_per_run": n,
+                    "runs": runs,
+                    "max_abs_score_difference": float(np.abs(ours_scores - triton_scores).max()),
+                    "same_order": bool((np.argsort(-ours_scores) == np.argsort(-triton_scores)).all()),
+                }
+        finally:
+            await triton_client.close()
+
+    try:
+        return asyncio.run(run())
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def gemm_int8_over_fp32(m: int = 800, k: int = 768, n: int = 3072) -> float:
     """How much faster ONNX Runtime multiplies uint8 x int8 (MatMulInteger, what the int8 export runs) than
     float32 on this CPU, for a ViT-B-32 MLP-sized product on every usable core: the most int8 can give here."""
@@ -351,7 +491,15 @@ def markdown(results: dict) -> str:
             )
         )
     base = results["transformers_one_per_call"]["images_per_s"]
-    lines = ["| setup | images/s | × (a) | p50 ms | p99 ms |", "|---|---:|---:|---:|---:|"]
+    cpu = results["cpu"]
+    lines = [
+        f"CPU: {cpu['model']}, {cpu['cores']} usable cores; of {', '.join(cpu['checked'])} it has "
+        f"**{', '.join(cpu['flags']) or 'none'}**; the path suggested for it (`pickscore.resources.cpu_path`): "
+        f"**{cpu['suggested_path']}**",
+        "",
+        "| setup | images/s | × (a) | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
     lines += [
         f"| {name} | {r['images_per_s']:.1f} | {r['images_per_s'] / base:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |"
         for name, r in rows
@@ -385,7 +533,64 @@ def markdown(results: dict) -> str:
         f"- p99 at 70% saturation / unloaded p50: **{t['p99_70_over_p50']:.2f}×** (target ≤ 3×) — "
         f"{'met' if t['p99_70_over_p50'] <= 3 else 'NOT met'}",
     ]
+    if "paths" in results:
+        lines += ["", *markdown_paths(results["paths"], results["image_side"])]
+    if "triton" in results:
+        lines += ["", *markdown_triton(results["triton"])]
     return "\n".join(lines)
+
+
+def markdown_paths(g: dict, side: int) -> list[str]:
+    lines = [
+        f"(g) each path this CPU has, served at concurrency {g['concurrency']} (best-of-8 {side} px JPEGs):",
+        "",
+        "| path | images/s | × (a) | rank agreement with fp32 | p50 ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, r in g["paths"].items():
+        if "skipped" in r:
+            lines.append(f"| {name} | skipped: {r['skipped']} | | | |")
+            continue
+        mark = " **(best that keeps ranking)**" if name == g["best"] else ""
+        lines.append(
+            f"| {name}{mark} | {r['images_per_s']:.1f} | {r['over_a']:.2f} | {r['rank_agreement']:.3f} | "
+            f"{r['p50_ms']:.0f} |"
+        )
+    best = g["paths"][g["best"]]
+    lines += [
+        "",
+        f"- (g) best path that keeps ranking ({g['best']}, rank agreement {best['rank_agreement']:.3f}) / (a): "
+        f"**{best['over_a']:.2f}×** (target ≥ 2.5×) — {'met' if best['over_a'] >= 2.5 else 'NOT met'}",
+    ]
+    return lines
+
+
+def markdown_triton(h: dict) -> list[str]:
+    lines = [
+        f"(h) `pickscore serve` (torch fp32) and Triton {h['triton_version']} (Python backend: dynamic "
+        "batching, max batch 64, 5 ms queue delay, one instance with two torch threads, PIL decode on two "
+        f"threads), both up, closed loop at concurrency {h['concurrency']}, {h['requests_per_run']} best-of-8 "
+        "requests a run, alternating. CPU: the server process and its children over its window, as a share of "
+        "the usable cores (the client shares them):",
+        "",
+        "| run | pickscore images/s | CPU | Triton images/s | CPU | pickscore / Triton |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for k, run in enumerate(h["runs"], 1):
+        ours, triton = run["pickscore"], run["triton"]
+        lines.append(
+            f"| {k} | {ours['images_per_s']:.2f} | {ours['cpu']:.0%} | {triton['images_per_s']:.2f} | "
+            f"{triton['cpu']:.0%} | {run['ratio']:.2f} |"
+        )
+    ratios = [run["ratio"] for run in h["runs"]]
+    lines += [
+        "",
+        f"- (h) pickscore / Triton: **{min(ratios):.2f}-{max(ratios):.2f}×** (target ≥ 1.1×) — "
+        f"{'met' if min(ratios) >= 1.1 else 'NOT met'}; the same request's scores differ by at most "
+        f"{h['max_abs_score_difference']:.2g} (Triton preprocesses with `CLIPProcessor`), same order: "
+        f"{h['same_order']}",
+    ]
+    return lines
 
 
 def main(argv=None) -> int:
@@ -411,7 +616,38 @@ def main(argv=None) -> int:
         action="store_true",
         help="also export the model to ONNX fp32 and int8 and serve each at the highest concurrency (e)",
     )
+    p.add_argument("--no-paths", action="store_true", help="skip (g), serving each path this CPU has")
+    p.add_argument("--path-concurrency", type=int, default=8, help="closed-loop concurrency of (g) (default 8)")
+    p.add_argument(
+        "--triton",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ENV",
+        help="also serve the model on Triton (h), from the nvidia-pytriton wheel installed in the virtualenv ENV "
+        "(python -m venv ENV && ENV/bin/pip install nvidia-pytriton: it pins numpy<2, so not in this one), or "
+        "importable here when ENV is left out",
+    )
+    p.add_argument("--triton-runs", type=int, default=3, help="alternating runs of each server in (h) (default 3)")
+    p.add_argument("--triton-requests", type=int, default=48, help="best-of-8 requests per run in (h) (default 48)")
+    p.add_argument("--triton-concurrency", type=int, default=8, help="closed-loop concurrency of (h) (default 8)")
     args = p.parse_args(argv)
+    from pickscore.resources import MATRIX_FLAGS, cpu_features, cpu_path, usable_cores
+
+    features = cpu_features()
+    cpu = {
+        "model": features.model,
+        "cores": usable_cores(),
+        "checked": list(MATRIX_FLAGS),
+        "flags": [f for f in MATRIX_FLAGS if f in features.flags],
+        "suggested_path": cpu_path(features.flags),
+    }
+    print(
+        f"CPU: {cpu['model']}, {cpu['cores']} usable cores; "
+        + ", ".join(f"{f} {'yes' if f in features.flags else 'no'}" for f in MATRIX_FLAGS)
+        + f"; suggested path: {cpu['suggested_path']}",
+        file=sys.stderr,
+    )
     levels = [int(c) for c in args.concurrency.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     images = jpegs(32, args.image_side)
@@ -424,6 +660,7 @@ def main(argv=None) -> int:
             "dtype": args.dtype,
             "image_side": args.image_side,
             "machine": machine(),
+            "cpu": cpu,
         }
         print("(a) transformers, one image per call", file=sys.stderr)
         results["transformers_one_per_call"] = bench_transformers(
@@ -453,6 +690,12 @@ def main(argv=None) -> int:
             results["onnx"]["gemm_int8_over_fp32"] = gemm_int8_over_fp32()
         print("(f) overhead ceiling", file=sys.stderr)
         results["ceiling"] = bench_ceiling(images, args, Path(tmp))
+        if not args.no_paths:
+            baseline = results["transformers_one_per_call"]["images_per_s"]
+            results["paths"] = bench_paths(model_dir, images, args, Path(tmp), features.flags, baseline)
+        if args.triton is not None:
+            print("(h) Triton beside pickscore serve", file=sys.stderr)
+            results["triton"] = bench_triton(model_dir, images, args, Path(tmp))
 
     best_d = max(r["images_per_s"] for r in results["server"].values())
     best_c = max(r["images_per_s"] for r in results["engine"].values())

@@ -2,13 +2,23 @@
 
 usable_cores()                           # CPUs in the affinity mask, capped by a cgroup (container) quota
 compute_threads(0, accelerated=False)    # a forward pass's intra-op threads: all usable cores; 1 on a GPU
+cpu_features()                           # CpuFeatures(model, flags): the matrix units the CPU has (/proc/cpuinfo)
+cpu_path(features.flags)                 # the fastest CPU path that keeps ranking, for those units
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+
+# The /proc/cpuinfo flags of the vector and matrix units a forward pass can use: AVX2 (every x86-64 server of
+# the last decade), AVX-512, bf16 dot products (AVX512-BF16, AMX-BF16) and int8 dot products (AVX512-VNNI,
+# AVX-VNNI, AMX-INT8; AMX-TILE is the tile registers the AMX instructions need).
+MATRIX_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+INT8_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
 
 
 def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
@@ -40,3 +50,41 @@ def _quota(cgroup: Path) -> float | None:
         return None if limit <= 0 else limit / period
     except (OSError, ValueError):
         return None
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    model: str  # /proc/cpuinfo's "model name", e.g. "Intel(R) Xeon(R) Platinum 8480+"
+    flags: frozenset[str]  # which of MATRIX_FLAGS the CPU has
+
+
+def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> CpuFeatures:
+    """The CPU's model name and which of ``MATRIX_FLAGS`` it has, from its first processor's entry (an
+    unreadable file, or another OS: "unknown" and no flags)."""
+    model, flags = "unknown", frozenset()
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return CpuFeatures(model, flags)
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model == "unknown":
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = frozenset(value.split()) & frozenset(MATRIX_FLAGS)
+    return CpuFeatures(model, flags)
+
+
+def cpu_path(flags: frozenset[str] | set[str]) -> str:
+    """The fastest path on a CPU with ``flags`` that keeps fp32's ranking (benchmarks/serve_bench.py measures
+    each; README, "Which path on which CPU"): "torch-bf16" with bf16 matrix units (AMX-BF16, AVX512-BF16),
+    "onnx-int8" with int8 dot products only (VNNI, AMX-INT8), else "onnx-fp32" (an int8 GEMM gains nothing
+    without them, and ONNX Runtime's fp32 GEMMs beat torch's on AVX2). Neither lower precision is chosen for a
+    user: both change scores, so a model's rank agreement is checked first (the int8 export refuses itself
+    below --min-agreement)."""
+    if any(f in flags for f in BF16_FLAGS):
+        return "torch-bf16"
+    if any(f in flags for f in INT8_FLAGS):
+        return "onnx-int8"
+    return "onnx-fp32"
