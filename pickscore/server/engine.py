@@ -97,7 +97,7 @@ class Engine:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")  # prompts: short, and cached
 
     async def start(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.decoder.warm)
+        await self.decoder.start()
         await self.image_batcher.start()
         await self.text_batcher.start()
         if self.settings.warmup:

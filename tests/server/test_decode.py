@@ -64,7 +64,7 @@ def test_a_killed_worker_fails_only_what_it_held_and_is_replaced(server):
 
     slow = threading.Thread(target=call, args=([big_jpeg()],))
     slow.start()
-    workers = list(decoder._executor._processes.values())  # the live pool's processes
+    workers = decoder.processes_alive()
     threading.Event().wait(0.3)  # the big image is being decoded now
     for process in workers:
         process.kill()
@@ -73,8 +73,8 @@ def test_a_killed_worker_fails_only_what_it_held_and_is_replaced(server):
     failures = [o for o in outcomes if isinstance(o, Exception)]
     assert failures, "killing every worker mid-image must fail that image's request"
     assert all(isinstance(e, Internal) and "decode worker" in str(e) for e in failures), failures
-    assert decoder.replaced == before + 1
-    # The server goes on: the replacement pool decodes as before.
+    assert decoder.replaced == before + len(workers)
+    # The server goes on: the replacement workers decode as before.
     call(IMAGES)
     assert isinstance(outcomes[-1], list) and len(outcomes[-1]) == len(IMAGES)
     assert server.server.state.ready and not server.server.state.draining
@@ -104,3 +104,39 @@ def test_decoding_on_the_device_is_refused_with_processes_or_another_backend(tin
     backend.name = "onnxruntime"  # as an ONNX export would load
     with pytest.raises(ValueError, match="needs the torch backend; this model runs on onnxruntime"):
         Engine(backend, settings, Metrics())
+
+
+def test_processes_take_pixels_and_odd_sizes_as_threads_do(server, tiny_hf_dir):
+    """Raw pixels travel to a worker as one frame (no pickling) and crops come back through shared memory: the
+    scores equal the in-process scorer's for pixels of several shapes, gray and RGBA included."""
+    rng = np.random.default_rng(1)
+    pixels = [
+        rng.integers(0, 256, (300, 500, 3), dtype=np.uint8),
+        rng.integers(0, 256, (224, 224), dtype=np.uint8),
+        rng.integers(0, 256, (97, 640, 4), dtype=np.uint8),
+    ]
+    expected = Scorer.from_pretrained(tiny_hf_dir, device="cpu", dtype="fp32").score(PROMPT, pixels)
+    with Client(server.address) as client:
+        np.testing.assert_allclose(client.score(PROMPT, pixels), expected, atol=1e-5)
+        with pytest.raises(InvalidInput, match=r"image 1: .*aspect ratio"):
+            client.score(PROMPT, [pixels[0], np.zeros((2, 400, 3), np.uint8)])
+
+
+def test_many_requests_at_once_through_few_workers(server):
+    """More images in flight than the workers hold (2 each): the rest wait their turn and all come back right."""
+    with Client(server.address) as client:
+        alone = [client.score(PROMPT, [image]) for image in IMAGES]
+    results: dict[int, list[float]] = {}
+
+    def call(i: int) -> None:
+        with Client(server.address) as client:
+            results[i] = client.score(PROMPT, IMAGES)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == 6
+    for scores in results.values():
+        np.testing.assert_allclose(scores, [a[0] for a in alone], atol=1e-6)
