@@ -9,6 +9,11 @@ Prompts run over their own length, not the context's: token ids (B, 77) are cut 
 non-padding column (a ten-token prompt costs a seventh of the full context). The text transformer is causal
 and pools at the end-of-text token, so the positions cut never reach the pooled features: the embedding is
 the full-length one to float rounding. Compiled towers keep the full length (one shape per batch bucket).
+
+On a CPU in fp32, a model the backend loads itself (``from_ref``) runs its transformer blocks' projections on
+oneDNN with weights packed once at load (``pack_for_cpu``) instead of torch's default GEMM (MKL): the same
+fp32 arithmetic in another summation order (embeddings within 1e-5 of the unpacked model's), 1.14-1.27× the
+image tower's speed on a 2-core AMD EPYC, where MKL's fp32 GEMMs run well below the cores' peak.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from pickscore.model.checkpoint import LoadedModel, resolve
+from pickscore.model.clip import ResidualAttentionBlock
 from pickscore.model.preprocess import PreprocessConfig, exact_divisor, normalize_constants, normalize_table
 from pickscore.resources import compute_threads
 
@@ -89,6 +95,58 @@ class DeviceNormalizer:
         return x.div_(self.divisor).sub_(self.mean).div_(self.std)
 
 
+class PackedLinear(torch.nn.Module):
+    """``nn.Linear`` for inference on a CPU, its weight packed once into oneDNN's blocked layout."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
+        self.bias = None if bias is None else bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+class PackedAttention(torch.nn.Module):
+    """The inference forward of a ``batch_first`` ``nn.MultiheadAttention`` (self-attention, additive float
+    mask or none, no attention weights) with its two projections packed (``PackedLinear``)."""
+
+    def __init__(self, attn: torch.nn.MultiheadAttention):
+        super().__init__()
+        self.heads = attn.num_heads
+        self.in_proj = PackedLinear(attn.in_proj_weight, attn.in_proj_bias)
+        self.out_proj = PackedLinear(attn.out_proj.weight, attn.out_proj.bias)
+
+    def forward(self, q, k, v, need_weights=False, attn_mask=None):
+        b, n, d = q.shape
+        qkv = self.in_proj(q).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
+        return self.out_proj(y.transpose(1, 2).reshape(b, n, d)), None
+
+
+def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``pack_for_cpu`` applies: fp32 on a CPU, with torch built with oneDNN."""
+    if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._reorder_linear_weight) and bool(torch.ops.mkldnn._linear_pointwise)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pack_for_cpu(model: torch.nn.Module) -> int:
+    """Replace, in place, every residual block's attention and MLP projections with oneDNN-packed ones (for
+    inference only: the packed weights are not parameters) -> the blocks packed."""
+    blocks = [m for m in model.modules() if isinstance(m, ResidualAttentionBlock)]
+    for block in blocks:
+        if isinstance(block.attn, torch.nn.MultiheadAttention) and block.attn.batch_first:
+            block.attn = PackedAttention(block.attn)
+        for name in ("c_fc", "c_proj"):
+            linear = getattr(block.mlp, name)
+            setattr(block.mlp, name, PackedLinear(linear.weight, linear.bias))
+    return len(blocks)
+
+
 class TorchBackend:
     """Takes ownership of ``loaded.model``: it is moved to ``device`` and cast to ``dtype`` in place.
 
@@ -143,7 +201,11 @@ class TorchBackend:
         threads for the process: torch has one pool, whoever sets it last wins."""
         dev, dt = resolve_device(device, dtype)
         torch.set_num_threads(compute_threads(threads, accelerated=dev.type == "cuda"))
-        return cls(resolve(ref), device=dev, dtype=dt, compile=compile)
+        backend = cls(resolve(ref), device=dev, dtype=dt, compile=compile)
+        if not compile and can_pack(dev, dt):  # a model of its own: nobody else trains or exports it
+            with torch.no_grad():
+                pack_for_cpu(backend.model)
+        return backend
 
     @torch.inference_mode()
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
