@@ -30,14 +30,14 @@ it saturated. For each mode, over a steady window after a warm-up:
                   1 / GIL-s-per-image images/s; the ceiling is the smaller, against --target (2,400 images/s:
                   ViT-H-14 at an H200's roofline).
 
-Modes: `exact` (JPEG bytes; Pillow decode, resize, crop in decode threads); `device` (`--decode-on-device`:
-here torchvision decodes and resizes on the CPU, work an accelerator would do. The host part leaves out that
-share of the decode threads' CPU: `crop_on_device`'s steps are timed apart in-process first, one thread,
-`time.thread_time` -- header, buffer and copy back are host work, decode_jpeg, interpolate, round, cast and crop
-device work -- and the decode threads' CPU in the server is split by that ratio. The lock time is all host work
-and kept whole); `pixels` (the client sends decoded
-uint8 pixels, 512 x 512 x 3, as `Image.pixels`; the server resizes and crops); `processes`
-(`--decode-processes`: decoding in worker processes). `--extra-flags MODE=FLAGS` adds server flags to a mode.
+Modes: `exact` (JPEG bytes; Pillow decode, resize, crop in decode threads); `processes` (the same in decode
+worker processes, `--decode-processes`); `pixels` (the client sends decoded uint8 pixels, 512 x 512 x 3, as
+`Image.pixels`; the server resizes and crops) and `pixels-processes`; `device` (`--decode-on-device`: here
+torchvision decodes and resizes on the CPU, work an accelerator would do. The host part leaves out that share
+of the decode threads' CPU: `crop_on_device`'s steps are timed apart in-process first, one thread,
+`time.thread_time` -- header, buffer and copy back are host work; decode_jpeg, interpolate, round, cast and
+crop device work -- and the decode threads' CPU in the server is split by that ratio; the lock time is all
+host work and kept whole). `--extra-flags MODE=FLAGS` adds server flags to a mode.
 Writes JSON and markdown under --out and, unless --no-append, a section of benchmarks/RESULTS.md.
 """
 
@@ -68,6 +68,7 @@ MODES = {
     "device": (("--decode-on-device",), "jpeg"),
     "pixels": ((), "pixels"),
     "processes": (("--decode-processes",), "jpeg"),
+    "pixels-processes": (("--decode-processes",), "pixels"),
 }
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -139,6 +140,19 @@ def device_share(images: list[bytes], seconds: float = 3.0) -> float:
         return device / (host + device)
     finally:
         torch.set_num_threads(threads)
+
+
+def decode_alone_ms(images: list[bytes], seconds: float = 3.0) -> float:
+    """CPU ms per image of one thread running the exact path alone (``load_uint8``: decode, resize, crop), here
+    and now: what the server's figures compare with on the same cores in the same state."""
+    from pickscore.model.preprocess import PreprocessConfig, load_uint8
+
+    cfg, n, spent, start = PreprocessConfig(), 0, 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.thread_time()
+        load_uint8(images[n % len(images)], cfg)
+        spent, n = spent + time.thread_time() - t, n + 1
+    return 1000 * spent / n
 
 
 def parse_raw(path: Path) -> dict[tuple[str, int], int]:
@@ -347,7 +361,8 @@ LABELS = {
     "exact": "exact path (JPEG, Pillow in the server)",
     "device": "`--decode-on-device`, host part",
     "pixels": "raw pixels in (512×512×3 uint8)",
-    "processes": "`--decode-processes`",
+    "processes": "exact path, `--decode-processes`",
+    "pixels-processes": "raw pixels in, `--decode-processes`",
 }
 
 
@@ -375,7 +390,15 @@ def markdown(results: dict) -> str:
         f"(`--compute-threads 1`), the server's threads at nice {results['nice']}, the client on the same cores "
         f"(not counted). CPU over {results['window_s']:.0f} s; the lock over {results['gil_window_s']:.0f} s at "
         f"{results['rate']} samples/s (py-spy {results['py_spy_version']}); 1 ÷ GIL uses the whole py-spy figure, "
-        "not the on-a-core share.",
+        "not the on-a-core share. The exact path alone (`load_uint8`, one thread, in-process, just before): "
+        f"{results['decode_alone_ms_per_image']:.2f} ms of CPU an image. Device work subtracted: the towers' "
+        "thread"
+        + (
+            f", and {results['device_share']:.0%} of the decode threads' CPU with `--decode-on-device`"
+            if results["device_share"]
+            else ""
+        )
+        + ".",
     ]
     for name, r in results["modes"].items():
         if r["gil_workers_ms_per_image"]:
@@ -404,7 +427,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup-s", type=float, default=5.0, help="seconds of load before measuring (default 5)")
     p.add_argument("--window-s", type=float, default=15.0, help="seconds of the CPU window (default 15)")
     p.add_argument("--gil-window-s", type=int, default=10, help="seconds py-spy samples the lock (default 10)")
-    p.add_argument("--rate", type=int, default=250, help="py-spy samples per second (default 250)")
+    p.add_argument("--rate", type=int, default=150, help="py-spy samples per second (default 150)")
     p.add_argument("--cores", type=int, default=16, help="cores of the projected host (default 16)")
     p.add_argument("--target", type=float, default=2400.0, help="images/s the host must feed (default 2400)")
     p.add_argument(
@@ -431,6 +454,7 @@ def main(argv=None) -> int:
 
     args.pixels = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in images]
     args.device_share = device_share(images) if "device" in modes else 0.0
+    decode_ms = decode_alone_ms(images)
     results: dict = {
         "machine": describe_machine(),
         "image_side": args.image_side,
@@ -443,6 +467,7 @@ def main(argv=None) -> int:
         "py_spy_version": version,
         "nice": args.nice,
         "device_share": args.device_share,
+        "decode_alone_ms_per_image": decode_ms,
         "modes": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
