@@ -142,6 +142,7 @@ async def bench_engine(model_dir: Path, images, levels, base, args) -> dict[int,
         dtype=args.dtype,
         max_batch_size=args.max_batch_size,
         max_queue_delay_ms=args.max_queue_delay_ms,
+        max_queue_wait_s=0,  # as the server's: closed loops measure saturation, admission by time would refuse them
     )
     engine = Engine(load_backend(str(model_dir), "auto", args.device, args.dtype), settings, Metrics())
     await engine.start()

@@ -33,7 +33,12 @@ class Settings:
     )
     backend: str = _f("auto", "inference backend; auto is onnxruntime for an ONNX export, torch otherwise", KINDS)
     device: str = _f("auto", "torch device: auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    dtype: str = _f("auto", "compute precision of the torch backend; auto is bf16 on CUDA, fp32 on CPU", DTYPES)
+    dtype: str = _f(
+        "auto",
+        "compute precision of the torch backend; auto is bf16 on CUDA, fp32 on CPU (exact). On a CPU with AMX-BF16 "
+        "or AVX512-BF16, bf16 is the faster path: check its rank agreement first (README, 'Which path on which CPU')",
+        DTYPES,
+    )
     compile: bool = _f(
         False,
         "torch backend: compile the towers (torch.compile; CUDA graphs on a GPU), batches "
