@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from load import PER_REQUEST, closed_loop, latency_stats, prompts  # noqa: F401 (re-exported)
 from PIL import Image
 
 from pickscore.model import architecture, checkpoint, hf_convert
@@ -108,16 +109,6 @@ def jpegs(n: int, side: int = 512, seed: int = 0) -> list[bytes]:
     return out
 
 
-def latency_stats(latencies_s: list[float], images: int, wall_s: float) -> dict[str, float]:
-    lat = np.asarray(latencies_s) * 1000
-    return {
-        "images_per_s": images / wall_s,
-        "p50_ms": float(np.percentile(lat, 50)),
-        "p99_ms": float(np.percentile(lat, 99)),
-        "requests": len(lat),
-    }
-
-
 def best_of_8(sets: int, side: int, seed: int = 0) -> list[tuple[str, list[bytes]]]:
     """``sets`` (caption, 8 JPEGs) of drawn scenes: the scene itself, then scenes changing 1-5 of its attributes."""
     from pickscore.scenes import ATTRIBUTES, random_scene, render, vary
@@ -134,38 +125,6 @@ def best_of_8(sets: int, side: int, seed: int = 0) -> list[tuple[str, list[bytes
             blobs.append(buf.getvalue())
         out.append((scene.caption, blobs))
     return out
-
-
-PER_REQUEST = 8  # best-of-8: the images of one request in every serving benchmark
-
-
-def prompts(n: int) -> list[str]:
-    """``n`` distinct prompts (so no cache helps)."""
-    return [f"prompt {i}: a watercolor painting of a fox in a snowy forest, detailed" for i in range(n)]
-
-
-async def closed_loop(
-    call, images: list[bytes], concurrency: int, requests: int, latencies: list[float] | None = None
-) -> dict:
-    """``concurrency`` callers, each sending its next best-of-8 request (``await call(prompt, blobs)``) as soon
-    as the last one answered; images/s over the window, latency percentiles over requests (each latency, in
-    seconds, is also appended to ``latencies`` when given)."""
-    import asyncio
-
-    todo = iter(range(requests))
-    latencies = [] if latencies is None else latencies
-    names = prompts(requests)
-
-    async def caller():
-        for i in todo:
-            blobs = [images[(i * PER_REQUEST + k) % len(images)] for k in range(PER_REQUEST)]
-            t = time.perf_counter()
-            await call(names[i], blobs)
-            latencies.append(time.perf_counter() - t)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
-    return latency_stats(latencies, requests * PER_REQUEST, time.perf_counter() - start)
 
 
 def machine() -> str:
