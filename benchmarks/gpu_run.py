@@ -420,7 +420,8 @@ def section_fidelity(s: Section) -> None:
     scores: dict[str, list[np.ndarray]] = {}
     rows = []
     for dtype in ("fp32", "bf16", "fp16"):
-        backend = TorchBackend(loaded, device=device, dtype=DTYPES[dtype])
+        # loaded afresh for each: the backend casts the model it is given in place (fp16 from bf16 would round twice)
+        backend = TorchBackend(resolve(s.model_dir), device=device, dtype=DTYPES[dtype])
         scores[dtype] = set_scores(backend, exact)
         rows.append({"candidate": f"{dtype}, exact decode", **compare(scores[dtype], scores["fp32"])})
         if dtype in ("fp32", s.p["dtype"]):
@@ -467,7 +468,9 @@ def section_training(s: Section) -> None:
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             try:
-                seconds = timed(lambda it=endless: trainer.step(it), device, min_s=0, min_iters=s.p["train_steps"])
+                seconds = timed(
+                    lambda it=endless: trainer.step(it), device, min_s=0, min_iters=s.p["train_steps"], warmup=1
+                )
             except torch.OutOfMemoryError:
                 trainer.optimizer.zero_grad(set_to_none=True)
                 rows.append({"grad_checkpointing": checkpointing, "micro_batch": micro, "fits": False})
@@ -579,10 +582,10 @@ def markdown(report: dict[str, Any], info: dict[str, Any], profile: dict[str, An
         m = r["roofline"]["matmul"]
         out += [
             "",
-            f"Roofline: {m['n']}³ {m['dtype']} matrix product, {r['roofline']['flops_per_s'] / 1e12:.1f} TFLOP/s.",
+            f"Roofline: {m['n']}³ {m['dtype']} matrix product, {r['roofline']['flops_per_s'] / 1e12:.3g} TFLOP/s.",
         ]
     if r.get("model", {}).get("flops"):
-        out.append(f"Image tower: {r['model']['flops']['image'] / 1e9:.1f} GFLOPs per image.")
+        out.append(f"Image tower: {r['model']['flops']['image'] / 1e9:.4g} GFLOPs per image.")
     for name in ("tower", "tower-compiled"):
         if r.get(name, {}).get("rows"):
             out += ["", f"**{name}**", "", "| batch | images/s | of roofline | first call s |", "|---:|---:|---:|---:|"]
@@ -718,6 +721,12 @@ def main(argv: list[str] | None = None) -> int:
         "whose compiler is slow",
     )
     p.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    p.add_argument(
+        "--append-from",
+        type=Path,
+        metavar="DIR",
+        help="run nothing: append the run in DIR/gpu-run.json (made on another machine) to benchmarks/RESULTS.md",
+    )
     p.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)  # internal: run one section
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)  # internal: the run's work directory
     args = p.parse_args(argv)
@@ -726,6 +735,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.cpu_smoke:
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 products on tensor cores, as a server would
         RUNNERS[args.section](Section(args.work, args.section, profile))
+        return 0
+    if args.append_from:
+        run = json.loads((args.append_from / "gpu-run.json").read_text())
+        report_results(run["device"], run["profile"], run["sections"], None, run["command"], append=True)
         return 0
     if args.out is None:
         p.error("--out DIR is required")
@@ -744,20 +757,26 @@ def main(argv: list[str] | None = None) -> int:
     info = device_info(profile)
     with tempfile.TemporaryDirectory(prefix="gpu-run-") as tmp:
         report = run_sections(args, profile, Path(tmp))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu-run.json").write_text(
-        json.dumps({"device": info, "profile": profile, "sections": report}, indent=2)
-    )
-    text = markdown(report, info, profile)
-    (args.out / "gpu-run.md").write_text(text + "\n")
-    plot(report, args.out / "gpu-run.png")
+    command = "python benchmarks/gpu_run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report_results(info, profile, report, args.out, command, append=not args.no_append)
+    return 0
+
+
+def report_results(info: dict, profile: dict, sections: dict, out: Path | None, command: str, append: bool) -> None:
+    """Write gpu-run.json/.md/.png into ``out`` (when given), print the markdown, and (``append``) add it to
+    RESULTS.md under the command that made it."""
+    text = markdown(sections, info, profile)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        run = {"device": info, "profile": profile, "sections": sections, "command": command}
+        (out / "gpu-run.json").write_text(json.dumps(run, indent=2))
+        (out / "gpu-run.md").write_text(text + "\n")
+        plot(sections, out / "gpu-run.png")
     print(text)
-    if not args.no_append:
-        command = "python benchmarks/gpu_run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if append:
         append_results(
             f"GPU run ({info.get('gpu', 'CPU smoke')})", text, {"machine": info["machine"], "command": command}
         )
-    return 0
 
 
 if __name__ == "__main__":
