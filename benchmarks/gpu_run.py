@@ -114,6 +114,7 @@ BUDGETS = {
 SECTIONS = list(BUDGETS)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROFILE_RATE = 250  # py-spy samples per second per thread, for the one loaded second
+START = time.perf_counter()  # this process's start: when a section's steps happened
 
 
 # -- the sections' shared state: a work directory and a JSON file per section, written as results come in --
@@ -218,7 +219,10 @@ def tower_rates(s: Section, compiled: bool) -> None:
     roofline = s.roofline_flops()
     size = backend.preprocess.crop_size
     rows = []
-    for batch in s.p["tower_batches"]:
+    batches = s.p["tower_batches"]
+    if compiled:  # each size compiles first (tens of seconds on a GPU): the middle one, the most telling, first
+        batches = sorted(batches, key=lambda b: abs(b - statistics.median(batches)))
+    for batch in batches:
         x = torch.randn(batch, 3, *size, device=device, dtype=dtype)
         with torch.inference_mode():
             start = time.perf_counter()
@@ -333,6 +337,8 @@ def serve_variants(s: Section, servers: list[tuple[list[str], list[str]]]) -> No
     pixels = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs]
     rows = []
     for flags, variants in servers:
+        # said first, so a server still warming up (compiling) when the budget ends is reported as such
+        s.put("starting", {"flags": flags, "at_s": round(time.perf_counter() - START, 1)})
         started = time.perf_counter()
         proc, entry = serve(
             s.model_dir,
@@ -576,7 +582,12 @@ def markdown(report: dict[str, Any], info: dict[str, Any], profile: dict[str, An
         "|---|---|---:|",
     ]
     for name, e in report.items():
-        out.append(f"| {name} | {e['status']} | {fmt(e.get('seconds'))} / {e['budget_s']:.0f} |")
+        status, last = e["status"], e["results"].get("starting")
+        if status.startswith("over budget") and last:
+            status += (
+                f"; last step: a server with {' '.join(last['flags']) or 'default flags'} started at {last['at_s']} s"
+            )
+        out.append(f"| {name} | {status} | {fmt(e.get('seconds'))} / {e['budget_s']:.0f} |")
     r = {name: e["results"] for name, e in report.items()}
     if r.get("roofline", {}).get("flops_per_s"):
         m = r["roofline"]["matmul"]
@@ -589,7 +600,7 @@ def markdown(report: dict[str, Any], info: dict[str, Any], profile: dict[str, An
     for name in ("tower", "tower-compiled"):
         if r.get(name, {}).get("rows"):
             out += ["", f"**{name}**", "", "| batch | images/s | of roofline | first call s |", "|---:|---:|---:|---:|"]
-            for row in r[name]["rows"]:
+            for row in sorted(r[name]["rows"], key=lambda x: x["batch"]):
                 out.append(
                     f"| {row['batch']} | {row['images_per_s']:.0f} | {fmt(row['of_roofline'], '.0%')} "
                     f"| {row['first_call_s']:.1f} |"
@@ -658,7 +669,7 @@ def plot(report: dict[str, Any], png: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     ax = axes[0]
     for name in ("tower", "tower-compiled"):
-        rows = r.get(name, {}).get("rows", [])
+        rows = sorted(r.get(name, {}).get("rows", []), key=lambda x: x["batch"])
         if rows:
             ax.plot([x["batch"] for x in rows], [x["images_per_s"] for x in rows], marker="o", label=name)
     roof, flops = r.get("roofline", {}).get("flops_per_s"), r.get("model", {}).get("flops", {}).get("image")
@@ -732,8 +743,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     profile = PROFILES["smoke" if args.cpu_smoke else "gpu"]
     if args.section:
-        if not args.cpu_smoke:
-            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 products on tensor cores, as a server would
         RUNNERS[args.section](Section(args.work, args.section, profile))
         return 0
     if args.append_from:

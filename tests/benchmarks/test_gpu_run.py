@@ -15,10 +15,12 @@ SCRIPT = ROOT / "benchmarks" / "gpu_run.py"
 
 
 def run(tmp_path: Path, *flags: str) -> dict:
-    out = tmp_path / "out"
+    out, work = tmp_path / "out", tmp_path / "work"  # the run's work directory (model, sections) lies in work/
+    work.mkdir()
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(out), "--no-append", *flags],
         cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(work)},
         capture_output=True,
         text=True,
         timeout=900,
@@ -27,15 +29,15 @@ def run(tmp_path: Path, *flags: str) -> dict:
     return json.loads((out / "gpu-run.json").read_text())
 
 
-def servers_of(work_prefix: str) -> list[str]:
-    """Command lines of living `pickscore serve` processes whose model lies in a gpu_run work directory."""
+def servers_of(work: Path) -> list[str]:
+    """Command lines of living `pickscore serve` processes whose model lies under ``work``."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             args = cmdline.read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if "serve" in args and any(a.startswith(work_prefix) for a in args):
+        if "serve" in args and any(a.startswith(str(work)) for a in args):
             found.append(" ".join(args))
     return found
 
@@ -101,7 +103,7 @@ def test_a_section_over_budget_is_killed_with_its_servers_and_the_rest_goes_on(t
     assert sections["serve"]["status"].startswith("over budget")
     assert 8 <= sections["serve"]["seconds"] < 30
     assert sections["fidelity"]["status"] == "ok"
-    assert servers_of(os.path.join(os.environ.get("TMPDIR", "/tmp"), "gpu-run-")) == []
+    assert servers_of(tmp_path / "work") == []
 
 
 def test_the_wheels_a_gpu_machine_lacks_fit_and_install_offline(tmp_path):
