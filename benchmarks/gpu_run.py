@@ -728,8 +728,8 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="SECTION=SECONDS",
-        help="one section's own budget, overriding its share (repeatable), e.g. serve-compiled=120 on a GPU "
-        "whose compiler is slow",
+        help="one section's own budget in seconds, instead of its default (repeatable), e.g. "
+        "serve-compiled=120 on a GPU whose compiler is slow",
     )
     p.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
     p.add_argument(
