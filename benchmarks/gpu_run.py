@@ -78,6 +78,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         max_batch_size=128,
         client_processes=4,
         requests_per_caller=8,
+        profiled_requests_per_caller=8,
         fidelity_sets=64,
         train_preset="pickscore-clip-h",
         micro_batches=(16, 32, 64, 128, 256),
@@ -94,6 +95,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         max_batch_size=8,
         client_processes=1,
         requests_per_caller=2,
+        profiled_requests_per_caller=16,  # the profiled level's load outlasts the profile's second
         fidelity_sets=2,
         train_preset="tiny",
         micro_batches=(2, 4),
@@ -279,13 +281,42 @@ class GpuSampler:
         return float(np.mean(self.samples)) if self.samples else None
 
 
-# Where a sampled stack spends its time: the first frame, from the innermost out, whose function names a stage.
+# Where a sampled stack spends its time: its innermost frame that names a stage. Frames are keyed by where their
+# code lives ("pickscore:", "PIL:" or "other:") and their (qualified) name as py-spy prints it: Pillow decodes
+# lazily, so a JPEG's decode can happen under crop_uint8, inside Pillow's ImageFile.load.
 STAGES = {
-    "decode": {"decode_image", "decode_jpeg", "crop_on_device", "open", "load", "draft", "_open", "frombuffer"},
-    "preprocess": {"crop_uint8", "_resize_region", "resize", "normalize", "from_pixels", "to_rgb", "load_uint8"},
-    "copy": {"_to_device", "pin_memory"},
-    "compute": {"encode_image", "encode_text", "_run", "forward", "__call__"},
+    "decode": {"pickscore:decode_image", "pickscore:crop_on_device", "PIL:ImageFile.load", "PIL:open"},
+    "preprocess": {
+        "pickscore:crop_uint8",
+        "pickscore:from_pixels",
+        "pickscore:to_rgb",
+        "pickscore:normalize",
+        "pickscore:DeviceNormalizer.__call__",
+    },
+    "copy": {"pickscore:TorchBackend._to_device"},
+    "compute": {
+        "pickscore:TorchBackend._run",
+        "pickscore:OnnxBackend.encode_image",
+        "pickscore:OnnxBackend.encode_text",
+    },
 }
+
+
+def frame_key(frame: str) -> str:
+    """py-spy's ``name (path:line)`` -> ``origin:name``."""
+    name, _, where = frame.partition(" (")
+    origin = "pickscore" if "pickscore/" in where else "PIL" if "PIL/" in where else "other"
+    return f"{origin}:{name}"
+
+
+def stage_of(frames: list[str]) -> str:
+    """The stage of a sampled stack (outermost frame first); "python" when no frame names one."""
+    for frame in reversed(frames):
+        key = frame_key(frame)
+        for stage, keys in STAGES.items():
+            if key in keys:
+                return stage
+    return "python"
 
 
 def py_spy() -> str | None:
@@ -314,9 +345,7 @@ def profile_second(pid: int, seconds: int = 1) -> dict[str, Any]:
         for line in raw.read_text().splitlines():
             stack, _, count = line.rpartition(" ")
             frames = stack.split(";")
-            names = [f.split(" (", 1)[0] for f in frames]
-            stage = next((st for name in reversed(names) for st, fns in STAGES.items() if name in fns), "python")
-            stages[stage] += int(count)
+            stages[stage_of(frames)] += int(count)
             leaves[frames[-1]] += int(count)
     total = sum(stages.values()) or 1
     return {
@@ -359,7 +388,7 @@ def serve_variants(s: Section, servers: list[tuple[list[str], list[str]]]) -> No
                         images,
                         c,
                         s.p["client_processes"],
-                        s.p["requests_per_caller"],
+                        s.p["profiled_requests_per_caller" if last else "requests_per_caller"],
                         during=(lambda pid=proc.pid: profile_second(pid)) if last else None,
                     )
                     cpu = tree_cpu_seconds(proc.pid) - cpu0
