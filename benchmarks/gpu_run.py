@@ -110,8 +110,8 @@ BUDGETS = {
     "serve": (140, 40),
     "fidelity": (40, 15),
     "training": (70, 15),
-    "tower-compiled": (50, 10),
-    "serve-compiled": (60, 20),
+    "tower-compiled": (50, 20),
+    "serve-compiled": (60, 30),
 }
 SECTIONS = list(BUDGETS)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
