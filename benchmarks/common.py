@@ -156,21 +156,35 @@ def serve(model_dir: Path, *flags: str) -> tuple[subprocess.Popen, dict[str, Any
     raise RuntimeError(f"server exited with {proc.wait()} before serving")
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds (user + system) used so far by process ``pid`` and its living descendants (decode worker
-    processes, say), from /proc; 0 for a process that is gone."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total, todo = 0.0, [pid]
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every living process below it (decode workers, multiprocessing's resource tracker), from /proc."""
+    out, todo = [], [pid]
     while todo:
         p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """utime + stime of each process still there, in seconds, from /proc/PID/stat."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for p in pids:
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except (OSError, IndexError, ValueError):
+        except OSError:
             continue
-    return total
+        out[p] = (int(fields[11]) + int(fields[12])) / tick  # fields 14 and 15 of stat(5), after pid and comm
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and its living descendants; 0 when it is gone."""
+    return sum(cpu_seconds(descendants(pid)).values())
 
 
 def git_revision() -> str:

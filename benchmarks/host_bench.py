@@ -60,7 +60,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, closed_loop, git_revision, jpegs, machine, serve, write_model  # noqa: E402
+from common import (  # noqa: E402
+    append_results,
+    closed_loop,
+    cpu_seconds,
+    descendants,
+    git_revision,
+    jpegs,
+    machine,
+    serve,
+    write_model,
+)
 
 # mode -> (server flags, what the client sends)
 MODES = {
@@ -71,32 +81,6 @@ MODES = {
     "pixels-processes": (("--decode-processes",), "pixels"),
 }
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (decode workers, multiprocessing's resource tracker)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                todo += [int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return out
-
-
-def cpu_seconds(pids: list[int]) -> dict[int, float]:
-    """utime + stime of each process, in seconds."""
-    out = {}
-    for p in pids:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        out[p] = (int(fields[11]) + int(fields[12])) / TICK  # fields 14 and 15 of stat(5), after pid and comm
-    return out
 
 
 def images_scored(metrics_port: int) -> float:
