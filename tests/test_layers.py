@@ -30,10 +30,11 @@ LAYERS = [
     ],
     ["pickscore.status"],
     ["pickscore.model"],
-    ["pickscore.backends"],
+    ["pickscore.backends", "pickscore.datasets"],
     ["pickscore.scorer", "pickscore.client", "pickscore.server", "pickscore.exporter", "pickscore.training"],
+    ["pickscore.places"],  # "a place that scores": in this process (scorer) or on servers (client)
     ["pickscore.commands", "pickscore.jobs"],
-    ["pickscore.collect"],  # its pool source reads inputs with pickscore.jobs' readers
+    ["pickscore.collect"],
     ["pickscore.cli", "pickscore"],
 ]
 LAYER = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
@@ -164,3 +165,72 @@ def test_the_client_loads_neither_the_server_nor_prometheus_nor_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# The transports are siblings over the neutral API (pickscore.server.api): none imports another's modules.
+TRANSPORTS = {
+    "scoring.v1 over gRPC": {"pickscore.server.scoring_v1"},
+    "KServe v2 over gRPC": {"pickscore.server.kserve_v2"},
+    "HTTP": {"pickscore.server.http"},
+}
+
+
+def transport_crossings(graph: dict[str, set[str]]) -> list[str]:
+    """'a -> b' for every import from one transport's module to another transport's."""
+    owner = {module: name for name, modules in TRANSPORTS.items() for module in modules}
+    return [
+        f"{source} -> {target}"
+        for source, targets in sorted(graph.items())
+        if source in owner
+        for target in sorted(targets)
+        if owner.get(target, owner[source]) != owner[source]
+    ]
+
+
+def test_transports_do_not_import_each_other():
+    graph = import_graph()
+    assert set().union(*TRANSPORTS.values()) <= set(graph), "a transport module listed here no longer exists"
+    assert transport_crossings(graph) == []
+
+
+def test_the_transport_check_catches_http_importing_a_grpc_service():
+    graph = import_graph()
+    graph["pickscore.server.http"] = graph["pickscore.server.http"] | {"pickscore.server.scoring_v1"}
+    assert transport_crossings(graph) == ["pickscore.server.http -> pickscore.server.scoring_v1"]
+
+
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 60
+GENERATED = ("pickscore/v1/", "pickscore/collect/migrations/")
+
+
+def oversized(root: Path = PACKAGE) -> list[str]:
+    """Modules over 500 lines and functions over 60, except generated code and argparse builders (declarative:
+    one add_argument per flag, named *parser*)."""
+    found = []
+    for path in module_names(root).values():
+        relative = path.relative_to(root.parent).as_posix()
+        if relative.startswith(GENERATED):
+            continue
+        source = path.read_text()
+        if source.count("\n") > MAX_MODULE_LINES:
+            found.append(f"{relative}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and "parser" not in node.name:
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found.append(f"{relative}: {node.name} is {length} lines")
+    return found
+
+
+def test_modules_and_functions_stay_short():
+    assert oversized() == []
+
+
+def test_the_size_check_catches_a_long_function(tmp_path):
+    pkg = tmp_path / "pickscore"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    (pkg / "long.py").write_text(f"def long():\n{body}\n\ndef add_parser():\n{body}")
+    assert oversized(pkg) == [f"pickscore/long.py: long is {MAX_FUNCTION_LINES + 1} lines"]
