@@ -7,6 +7,12 @@ maps them exactly once. Messages name the item and the reason, e.g.
 
 from __future__ import annotations
 
+import os
+import re
+
+# How a message names its item: "image 3 (id 'x'): ", after "server: CODE: " or "server: HTTP 400: ".
+_ITEM_PREFIX = re.compile(r"^(?:server: (?:[A-Z_]+: |HTTP \d+: )?)?image \d+(?: \(.*?\))?: ")
+
 
 class PickScoreError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -57,3 +63,13 @@ class Internal(PickScoreError):
 
 class ModelLoadError(PickScoreError):
     """A model reference could not be resolved or its files could not be loaded."""
+
+
+def describe_item(index: int, item: object) -> str:
+    """How errors name an item: ``image 3 (photos/cat.png)`` for a file, ``image 3`` for bytes or pixels."""
+    return f"image {index} ({item})" if isinstance(item, str | os.PathLike) else f"image {index}"
+
+
+def item_reason(error: Exception | str) -> str:
+    """A message naming its item (``image 3 (id 'x'): reason``, perhaps after ``server: CODE: ``) -> the reason."""
+    return _ITEM_PREFIX.sub("", str(error), count=1)

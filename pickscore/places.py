@@ -1,0 +1,279 @@
+"""Where images are scored: in this process (a loaded model) or on running servers, behind one protocol.
+
+Every command that scores chooses once, with ``open_place`` from ``--model`` / ``--server``: ``score`` and
+``rank``, ``batch`` (in-process and on servers), ``evaluate-models`` and the collection app's ordering.
+
+    with open_place(model="path/to/PickScore_v1") as place:     # or servers=["host:8001", "http://host:8000"]
+        scores, errors = place.score_all("a cat in a hat", ["a.png", "b.jpg"], skip_invalid=True)
+
+Three ways in, for three kinds of caller: ``score_all`` (one prompt, many images: a bad image fails alone when
+``skip_invalid``), ``prepare``/``complete`` (a job's shard of rows, each with its own prompt: prepared while the
+shard before it completes) and ``score_async`` (from an event loop, without blocking it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from pickscore.errors import InvalidInput, PickScoreError, describe_item, item_reason
+
+if TYPE_CHECKING:
+    from pickscore.datasets import Row
+    from pickscore.scorer import Scorer
+
+Scores = tuple[np.ndarray, dict[int, PickScoreError]]  # (N,) in input order, NaN where failed; errors by position
+ShardResult = tuple[np.ndarray, dict[int, str], dict[str, np.ndarray]]  # scores, reasons by row, extra columns
+
+
+class Place(Protocol):
+    """A place that scores. ``model`` names what scores; ``name`` also says where (for reports)."""
+
+    model: str
+    name: str
+
+    def score_all(
+        self, prompt: str, images: Sequence[Any], skip_invalid: bool = False, progress: bool = False
+    ) -> Scores: ...
+
+    def prepare(self, rows: list[Row]) -> Any: ...
+
+    def complete(self, rows: list[Row], prepared: Any) -> ShardResult: ...
+
+    async def score_async(self, prompt: str, images: Sequence[Any]) -> list[float]: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Place: ...
+
+    def __exit__(self, *exc) -> None: ...
+
+
+class _Closing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_place(
+    model: str | None = None,
+    servers: Sequence[str] = (),
+    *,
+    embeddings: bool = False,
+    batch_size: int = 16,
+    max_pixels: int | None = None,
+    timeout: float = 600.0,
+    connection: dict[str, Any] | None = None,
+    **backend: str,
+) -> Place:
+    """In this process when ``model`` is given (``backend``: device, dtype, backend), else on ``servers``."""
+    if bool(model) == bool(servers):
+        raise ValueError("give either --model (score here) or --server (score on running servers)")
+    if model:
+        from pickscore.scorer import Scorer
+
+        limits = {} if max_pixels is None else {"max_pixels": max_pixels}
+        return InProcess(model, Scorer.from_pretrained(model, **backend, batch_size=batch_size, **limits), embeddings)
+    if embeddings:
+        raise ValueError("--embeddings needs --model: the servers answer scores, not embeddings")
+    return OnServers(servers, timeout, connection or {})
+
+
+def place_from_args(args: Any, embeddings: bool = False) -> Place:
+    """``open_place`` from a subcommand's flags: ``--model`` with the backend flags, or ``--server A[,B...]`` with
+    the client flags (``--timeout``, TLS, token); ``--batch-size`` and ``--max-pixels`` where it has them."""
+    from pickscore.backends import backend_options
+    from pickscore.tls import connection
+
+    servers = args.server.split(",") if getattr(args, "server", None) else ()
+    return open_place(
+        None if servers else args.model,
+        servers,
+        embeddings=embeddings,
+        batch_size=getattr(args, "batch_size", 16),
+        max_pixels=getattr(args, "max_pixels", None),
+        timeout=getattr(args, "timeout", 600.0),
+        connection=connection(args) if servers else None,
+        **({} if servers else backend_options(args)),
+    )
+
+
+class InProcess(_Closing):
+    """A model loaded here: images decoded on every core, prompts and images encoded in batches."""
+
+    def __init__(self, model: str, scorer: Scorer, embeddings: bool = False):
+        self.model = self.name = model
+        self.scorer = scorer
+        self.embeddings = embeddings
+
+    def score_all(
+        self, prompt: str, images: Sequence[Any], skip_invalid: bool = False, progress: bool = False
+    ) -> Scores:
+        return self.scorer.score_all(prompt, images, skip_invalid=skip_invalid, progress=progress)
+
+    async def score_async(self, prompt: str, images: Sequence[Any]) -> list[float]:
+        return await asyncio.to_thread(self.scorer.score, prompt, images)
+
+    def prepare(self, rows: list[Row]) -> tuple[dict[int, str], list[int], list[np.ndarray]]:
+        """Decode and crop on every core -> (reasons by row, the rows that decoded, their crops)."""
+        errors = {i: r.error for i, r in enumerate(rows) if r.error}
+        todo = [i for i in range(len(rows)) if i not in errors]
+        sources = [rows[i].image if rows[i].image is not None else rows[i].path for i in todo]
+        ok, crops = [], []
+        for i, crop in zip(todo, self.scorer.load_all(sources)):
+            if isinstance(crop, InvalidInput):
+                errors[i] = item_reason(crop)
+            else:
+                ok.append(i)
+                crops.append(crop)
+        return errors, ok, crops
+
+    def complete(self, rows: list[Row], prepared) -> ShardResult:
+        errors, ok, crops = prepared
+        scores, extra = self.score_crops(len(rows), ok, [rows[i].prompt for i in ok], crops)
+        return scores, errors, extra
+
+    def score_crops(
+        self, n: int, ok: list[int], prompts: list[str], crops: list[np.ndarray]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Rows ``ok`` of ``n`` (their prompts and uint8 crops) -> scores (n,) with NaN elsewhere, and the image
+        and text embeddings by column when asked for (NaN rows elsewhere). Each distinct prompt is encoded once."""
+        scores = np.full(n, np.nan, np.float32)
+        names = ("image_embedding", "text_embedding") if self.embeddings else ()
+        extra = {name: np.full((n, self.scorer.embed_dim), np.nan, np.float32) for name in names}
+        if not ok:
+            return scores, extra
+        image_embeds = self.scorer.encode_pixels(np.stack(crops))
+        text_embeds = self.scorer.encode_prompts(prompts)
+        scores[ok] = self.scorer.paired_scores(text_embeds, image_embeds)
+        for name, values in zip(names, (image_embeds, text_embeds)):
+            extra[name][ok] = values
+        return scores, extra
+
+    def close(self) -> None:
+        self.scorer.close()
+
+
+class OnServers(_Closing):
+    """Running servers (gRPC ``host:port`` or HTTP ``http[s]://host:port``): images spread over the addresses,
+    bounded in flight, refusals and unavailability retried (``RewardClient``); a bad image fails only itself.
+    Nothing is dialled until the first use: a server that is not up yet costs nothing here."""
+
+    def __init__(self, servers: Sequence[str], timeout: float, connection: dict[str, Any]):
+        self.servers, self.timeout, self.connection = list(servers), timeout, connection
+        self._clients: list = []
+        self._model: str | None = None
+        self._sent = 0
+
+    @property
+    def model(self) -> str:
+        """The model the first server serves (asked once); Unavailable naming the address when it does not answer."""
+        if self._model is None:
+            self._model = served_model(self.servers[0], self.timeout, self.connection)
+        return self._model
+
+    @property
+    def name(self) -> str:
+        return f"{self.model} on {','.join(self.servers)}"
+
+    def submit(self, prompt: str, image: Any) -> Future:
+        """One image to the next server; a Future of its score."""
+        if not self._clients:
+            from pickscore.client import RewardClient
+
+            self._clients = [
+                RewardClient(a, max_batch=32, max_inflight=4, timeout=self.timeout, **self.connection)
+                for a in self.servers
+            ]
+        self._sent += 1
+        return self._clients[self._sent % len(self._clients)].submit(prompt, image)
+
+    def score_all(
+        self, prompt: str, images: Sequence[Any], skip_invalid: bool = False, progress: bool = False
+    ) -> Scores:
+        if not images:
+            raise InvalidInput("no images given")
+        futures = [self.submit(prompt, image) for image in images]
+        scores = np.full(len(images), np.nan, np.float32)
+        errors: dict[int, PickScoreError] = {}
+        for i, future in enumerate(tqdm(futures, unit="img", disable=not progress or None, file=sys.stderr)):
+            try:
+                scores[i] = future.result()
+            except InvalidInput as e:  # named by its place in ``images``; anything else (an outage) raises
+                errors[i] = InvalidInput(f"{describe_item(i, images[i])}: {item_reason(e)}")
+                if not skip_invalid:
+                    raise errors[i] from None
+        return scores, errors
+
+    async def score_async(self, prompt: str, images: Sequence[Any]) -> list[float]:
+        futures = [asyncio.wrap_future(self.submit(prompt, image)) for image in images]
+        return list(await asyncio.gather(*futures))
+
+    def prepare(self, rows: list[Row]) -> tuple[dict[int, str], dict[int, Future]]:
+        """Submit the shard's rows (sent while the shard before it is collected); a row's image file is read
+        here, by the reader the in-process path uses, so one that cannot be read fails its row alike."""
+        from pickscore.model.preprocess import read_image_bytes
+
+        errors = {i: r.error for i, r in enumerate(rows) if r.error}
+        futures = {}
+        for i in (i for i in range(len(rows)) if i not in errors):
+            try:
+                image = read_image_bytes(rows[i].image if rows[i].image is not None else rows[i].path)
+            except InvalidInput as e:
+                errors[i] = str(e)
+                continue
+            futures[i] = self.submit(rows[i].prompt, image)
+        return errors, futures
+
+    def complete(self, rows: list[Row], prepared) -> ShardResult:
+        errors, futures = prepared
+        scores = np.full(len(rows), np.nan, np.float32)
+        for i, future in futures.items():
+            try:
+                scores[i] = future.result()
+            except InvalidInput as e:  # this row's image; anything else (an outage) stops the job, resumably
+                errors[i] = item_reason(e)
+        return scores, errors, {}
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+
+
+def served_model(address: str, timeout: float, connection: dict[str, Any]) -> str:
+    """The served model's reference, over gRPC (host:port) or HTTP (http[s]://host:port)."""
+    if not address.startswith(("http://", "https://")):
+        from pickscore.client import Client
+
+        with Client(address, timeout=timeout, **connection) as client:
+            return client.model_info().source
+    import urllib.error
+    import urllib.request
+
+    from pickscore.errors import Unavailable
+    from pickscore.status import error_for_http
+    from pickscore.tls import ssl_context
+
+    context = ssl_context(connection.get("tls_ca"), connection.get("tls_cert"), connection.get("tls_key"))
+    headers = {"authorization": f"Bearer {connection['token']}"} if connection.get("token") else {}
+    request = urllib.request.Request(address.rstrip("/") + "/v1/model", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as r:
+            return json.loads(r.read())["source"]
+    except urllib.error.HTTPError as e:  # the server answered: its error, mapped as the clients map it
+        try:
+            message = json.loads(e.read()).get("error", e.reason)
+        except ValueError:
+            message = e.reason
+        raise error_for_http(e.code, f"{address}: HTTP {e.code}: {message}") from None
+    except OSError as e:
+        raise Unavailable(f"{address}: {e}") from e
