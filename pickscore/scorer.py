@@ -48,7 +48,8 @@ class Scorer:
         self.preprocess_config = backend.preprocess
         self.batch_size = batch_size
         self.max_pixels = max_pixels
-        self.pool = ThreadPoolExecutor(max_workers=workers or usable_cores(), thread_name_prefix="decode")
+        self.decode_pool = ThreadPoolExecutor(max_workers=workers or usable_cores(), thread_name_prefix="decode")
+        self.pool = self.decode_pool  # removed once jobs/batch.py uses decode_pool
 
     @classmethod
     def from_pretrained(
@@ -108,7 +109,7 @@ class Scorer:
         with tqdm(total=len(images), unit="img", disable=not progress or None, file=sys.stderr) as bar:
             for start in range(0, len(images), chunk):
                 items = images[start : start + chunk]
-                loaded = list(self.pool.map(self._load_or_error, range(start, start + len(items)), items))
+                loaded = list(self.decode_pool.map(self._load_or_error, range(start, start + len(items)), items))
                 for offset, result in enumerate(loaded):
                     if isinstance(result, InvalidInput):
                         if not skip_invalid:
@@ -131,4 +132,4 @@ class Scorer:
         return scoring.rank_scores(self.score_all(prompt, images)[0], top_k)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False)
+        self.decode_pool.shutdown(wait=False)

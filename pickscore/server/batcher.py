@@ -1,4 +1,4 @@
-"""Dynamic batching for one tower: many requests' items, one forward pass; admission by count and by time.
+"""Dynamic batching for one tower: many requests' items, one forward pass, behind its admission.
 
     batcher = Batcher("image", backend.encode_image, max_batch_size=32, max_delay_s=0.005, capacity=1024,
                       metrics=m, max_wait_s=5.0, timeout_s=120.0, on_hung=print, max_gather_s=0.1)
@@ -19,12 +19,10 @@ dropped before they cost compute. A backend exception fails that batch's items (
 With ``depth`` 2 (an accelerator) the runner gathers and starts the next batch while one is in flight, so one
 batch's copy to the device overlaps the other's compute.
 
-Admission. ``admit`` reserves room for a request's items for as long as the request runs. It refuses at
-once (Overloaded, with a retry hint) when the items do not fit in ``capacity``, when the estimated queue
-wait -- the items admitted at the request's priority or above times the measured seconds per item --
-exceeds ``max_wait_s``, or when that wait plus the request's own items would end past its deadline. Seconds per item are
-completions over busy time (time during which anything was admitted), so they measure the whole path up
-to this tower (decoding included), not the forward pass alone; recent batches weigh most.
+Admission. ``admit`` reserves room for a request's items for as long as the request runs, or refuses at once
+(Overloaded, with a retry hint): by count (``capacity``) and by estimated queue wait (``max_wait_s``, the
+request's deadline). The decision and the throughput estimate it rests on are ``pickscore.server.admission``'s;
+the batcher reports every finished batch to it and keeps the gauges.
 
 Watchdog. A forward pass that has not returned after ``timeout_s`` fails its batch (Internal), marks the
 tower hung and calls ``on_hung``; from then on every item and every admission is refused (Unavailable):
@@ -35,8 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -44,13 +40,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pickscore.errors import DeadlineExceeded, Internal, Overloaded, Unavailable
+from pickscore.errors import DeadlineExceeded, Internal, Unavailable
+from pickscore.server.admission import Admission, level
 from pickscore.server.metrics import Metrics
 
 log = logging.getLogger("pickscore.server")
-
-
-DEFAULT_PRIORITY = 1 << 31  # priority 0 ("default", as Triton) queues behind every explicit level 1, 2, ...
 
 
 @dataclass(order=True)
@@ -60,40 +54,6 @@ class _Item:
     deadline: float | None = field(compare=False)  # loop time
     enqueued: float = field(compare=False)  # loop time
     future: asyncio.Future = field(compare=False, repr=False)
-
-
-class Throughput:
-    """Seconds per item while there is work: completions over busy time, recent batches weighing most.
-
-    ``busy(now, True/False)`` when work appears and when none is left; ``completed(now, n)`` after a batch.
-    """
-
-    def __init__(self, decay: float = 0.9):
-        self.decay = decay
-        self._seconds = 0.0
-        self._items = 0.0
-        self._idle_busy = 0.0  # busy seconds accrued since the last completion, in busy spells already over
-        self._since: float | None = None  # start of the current busy spell, or of its part since a completion
-
-    def busy(self, now: float, busy: bool) -> None:
-        if busy and self._since is None:
-            self._since = now
-        elif not busy and self._since is not None:
-            self._idle_busy += now - self._since
-            self._since = None
-
-    def completed(self, now: float, n: int) -> None:
-        seconds = self._idle_busy + (now - self._since if self._since is not None else 0.0)
-        self._idle_busy = 0.0
-        if self._since is not None:
-            self._since = now
-        self._seconds = self.decay * self._seconds + seconds
-        self._items = self.decay * self._items + n
-
-    @property
-    def per_item(self) -> float | None:
-        """Estimated seconds per item; None before the first completion."""
-        return self._seconds / self._items if self._items else None
 
 
 class Batcher:
@@ -117,16 +77,11 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_gather_s = max_gather_s  # how long a batch may wait for items still being prepared
-        self.capacity = capacity
         self.metrics = metrics
-        self.max_wait_s = max_wait_s  # 0: admission by count alone
         self.timeout_s = timeout_s  # 0: no watchdog
         self.on_hung = on_hung
         self.hung = ""  # why the tower is out of service, once a forward pass outlived timeout_s
-        self.throughput = Throughput()
-        self.admitted = 0  # items reserved by requests and not yet computed (the queue-depth gauge)
         self.preparing_now = 0  # items of admitted requests being prepared (decoded) for this tower right now
-        self._by_level: Counter[int] = Counter()  # admitted items per priority level
         self._queue: asyncio.PriorityQueue[_Item] = asyncio.PriorityQueue()  # bounded by admission, not by maxsize
         self._arrivals = 0
         self._arrived = asyncio.Event()
@@ -139,13 +94,21 @@ class Batcher:
         self._executor = executor or ThreadPoolExecutor(max_workers=depth, thread_name_prefix=f"{tower}-tower")
         self._computing: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
-        metrics.queue_capacity.labels(tower).set(capacity)
         # this tower's series, looked up once rather than per item on the hot path
         self._queue_wait = metrics.queue_wait.labels(tower)
         self._batch_size = metrics.batch_size.labels(tower)
         self._inference = metrics.inference.labels(tower)
-        self._depth = metrics.queue_depth.labels(tower)
         self._wait = metrics.estimated_wait.labels(tower)
+        self.admission = Admission(
+            tower,
+            capacity,
+            max_wait_s,  # 0: admission by count alone
+            clock=lambda: asyncio.get_running_loop().time(),  # deadlines are loop time
+            on_refused=lambda reason: metrics.refusals.labels(reason).inc(),
+            on_wait=self._wait.set,
+        )
+        metrics.queue_capacity.labels(tower).set(capacity)
+        metrics.queue_depth.labels(tower).set_function(lambda: self.admission.admitted)  # read at scrape time
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"{self.tower}-runner")
@@ -160,39 +123,14 @@ class Batcher:
         if self._owns_executor:
             self._executor.shutdown(wait=not self.hung)  # a hung thread is abandoned, not waited for
 
-    def estimated_wait(self, priority: int = 0) -> float | None:
-        """Seconds a new item at ``priority`` would queue behind the work admitted at that level or above;
-        None before any measurement."""
-        per_item = self.throughput.per_item
-        if per_item is None:
-            return None
-        level = priority or DEFAULT_PRIORITY
-        return sum(count for lvl, count in self._by_level.items() if lvl <= level) * per_item
-
     @contextmanager
     def admit(self, n: int, deadline: float | None = None, priority: int = 0) -> Iterator[None]:
-        """Reserve room for ``n`` items for the block's duration; Overloaded at once when there is no room or
-        no time (module docstring), Unavailable once the tower is hung."""
+        """Reserve room for ``n`` items for the block's duration (``Admission.reserve``: Overloaded at once when
+        there is no room or no time), Unavailable once the tower is hung."""
         if self.hung:
             raise Unavailable(self.hung)
-        if self.admitted + n > self.capacity:
-            self.metrics.refusals.labels("queue_full").inc()
-            raise Overloaded(
-                f"{self.tower} queue full ({self.admitted} of {self.capacity} items admitted, "
-                f"{n} more asked); retry with backoff",
-                self.estimated_wait(priority),
-            )
-        self._check_time(n, deadline, priority)
-        level = priority or DEFAULT_PRIORITY
-        self._by_level[level] += n
-        self._set_admitted(self.admitted + n)
-        try:
+        with self.admission.reserve(n, deadline, priority):
             yield
-        finally:
-            self._by_level[level] -= n
-            if not self._by_level[level]:
-                del self._by_level[level]
-            self._set_admitted(self.admitted - n)
 
     @contextmanager
     def preparing(self) -> Iterator[None]:
@@ -205,48 +143,16 @@ class Batcher:
             self.preparing_now -= 1
             self._arrived.set()  # the gathering batch stops waiting for an item that failed to come
 
-    def _check_time(self, n: int, deadline: float | None, priority: int) -> None:
-        """Refuse when the queue wait exceeds ``max_wait_s``, or when the wait plus the request's own items would
-        run past its deadline (only when there is a queue: alone, a request is the batcher's deadline check's)."""
-        if not self.max_wait_s:
-            return
-        wait = self.estimated_wait(priority)
-        if wait is None:
-            return
-        self._wait.set(wait)
-        finish = wait + n * self.throughput.per_item
-        left = math.inf if deadline is None else deadline - asyncio.get_running_loop().time()
-        if wait > self.max_wait_s:
-            reason, retry = "queue_wait", wait - self.max_wait_s
-            limit = f"over {self.max_wait_s:g} s (--max-queue-wait-s)"
-        elif wait > 0 and finish > left:
-            reason, retry = "deadline", finish - left
-            limit = f"and finish in about {finish:.3g} s, after the {left:.3g} s left before its deadline"
-        else:
-            return
-        self.metrics.refusals.labels(reason).inc()
-        # the queue drains at the measured rate: ``retry`` seconds from now the same request would fit
-        raise Overloaded(
-            f"{self.tower} tower busy: {n} items would queue about {wait:.3g} s behind {self.admitted} admitted "
-            f"({self.throughput.per_item * 1000:.3g} ms each) {limit}; retry in {retry:.2g} s",
-            retry,
-        )
-
     async def submit(self, x: np.ndarray, deadline: float | None = None, priority: int = 0) -> np.ndarray:
         """One item (already admitted) -> its row of the backend's output. Priority 1 is the highest; 0 is default."""
         if self.hung:
             raise Unavailable(self.hung)
         loop = asyncio.get_running_loop()
         self._arrivals += 1
-        item = _Item((priority or DEFAULT_PRIORITY, self._arrivals), x, deadline, loop.time(), loop.create_future())
+        item = _Item((level(priority), self._arrivals), x, deadline, loop.time(), loop.create_future())
         self._queue.put_nowait(item)
         self._arrived.set()
         return await item.future  # cancelling this (client gone) marks the item dropped
-
-    def _set_admitted(self, n: int) -> None:
-        self.throughput.busy(asyncio.get_running_loop().time(), n > 0)
-        self.admitted = n
-        self._depth.set(n)
 
     async def _gather(self, loop: asyncio.AbstractEventLoop) -> list[_Item]:
         """The next batch, taken when the tower is free: whatever is queued, up to ``max_batch_size``; open for
@@ -303,9 +209,9 @@ class Batcher:
                     await self._forward(loop, items)
             finally:
                 self._inference.observe(loop.time() - start)
-                self.throughput.completed(loop.time(), len(batch))
-                if (per_item := self.throughput.per_item) is not None:
-                    self._wait.set(self.admitted * per_item)
+                self.admission.completed(len(batch))
+                if (per_item := self.admission.throughput.per_item) is not None:
+                    self._wait.set(self.admission.admitted * per_item)
         finally:
             self._slots.release()
 

@@ -94,7 +94,8 @@ class Engine:
             settings.decode_processes,
             device=str(backend.device) if settings.decode_on_device else None,
         )
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")  # prompts: short, and cached
+        # prompts: short, and cached
+        self.tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
     async def start(self) -> None:
         await self.decoder.start()
@@ -121,7 +122,7 @@ class Engine:
         await self.text_batcher.stop()
         if self._compute is not None:  # a hung forward pass is abandoned, not waited for
             self._compute.shutdown(wait=not (self.image_batcher.hung or self.text_batcher.hung))
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.tokenizer_thread.shutdown(wait=False, cancel_futures=True)
         self.decoder.close()
 
     async def score(
@@ -202,7 +203,7 @@ class Engine:
             async def compute() -> np.ndarray:
                 with self.text_batcher.admit(1, deadline, priority):
                     with self.text_batcher.preparing():
-                        tokens = await self._in_pool("tokenize", self.backend.tokenizer, [prompt])
+                        tokens = await self._tokenize([prompt])
                     return await self.text_batcher.submit(tokens[0], deadline, priority)
 
             return await self.text_cache.get_or_compute(prompt, compute)
@@ -228,12 +229,14 @@ class Engine:
         finally:
             self.metrics.preprocess.labels("decode").observe(time.perf_counter() - start)
 
-    async def _in_pool(self, stage: str, fn, *args):
+    async def _tokenize(self, prompts: list[str]) -> np.ndarray:
         start = time.perf_counter()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(
+                self.tokenizer_thread, self.backend.tokenizer, prompts
+            )
         finally:
-            self.metrics.preprocess.labels(stage).observe(time.perf_counter() - start)
+            self.metrics.preprocess.labels("tokenize").observe(time.perf_counter() - start)
 
 
 async def _within(deadline: float | None, work: Awaitable):

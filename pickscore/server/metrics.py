@@ -17,99 +17,117 @@ SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 BATCH = tuple(float(2**k) for k in range(11))  # 1 .. 1024
 
 
+TOWER, CACHE = ("tower",), ("cache",)
+# attribute: (kind, name, help, labels[, buckets]), registered in this order
+SPECS: dict[str, tuple] = {
+    "request_duration": (
+        Histogram,
+        "pickscore_request_duration_seconds",
+        "Time from receiving a request to answering it",
+        ("transport", "rpc", "code"),
+        SECONDS,
+    ),
+    "requests": (
+        Counter,
+        "pickscore_requests",
+        "Requests answered, by transport (grpc, http), RPC (the same names on both) and status code",
+        ("transport", "rpc", "code"),
+    ),
+    "queue_wait": (
+        Histogram,
+        "pickscore_queue_wait_seconds",
+        "Time an item waited in a tower's queue before its batch started",
+        TOWER,
+        SECONDS,
+    ),
+    "preprocess": (
+        Histogram,
+        "pickscore_preprocess_seconds",
+        "Time to decode and preprocess one image, or tokenize one request's prompts",
+        ("stage",),
+        SECONDS,
+    ),
+    "inference": (Histogram, "pickscore_inference_seconds", "Forward pass time of one batch", TOWER, SECONDS),
+    "batch_size": (Histogram, "pickscore_batch_size", "Items per forward pass", TOWER, BATCH),
+    "images_scored": (Counter, "pickscore_images_scored", "Images scored", ()),
+    "cache_hits": (Counter, "pickscore_cache_hits", "Embedding cache hits", CACHE),
+    "cache_misses": (Counter, "pickscore_cache_misses", "Embedding cache misses", CACHE),
+    "cache_bytes": (Gauge, "pickscore_cache_bytes", "Bytes held by an embedding cache", CACHE),
+    "dropped": (Counter, "pickscore_dropped_items", "Queued items dropped before compute", ("tower", "reason")),
+    "batch_failures": (Counter, "pickscore_batch_failures", "Batches whose forward pass failed", TOWER),
+    "queue_depth": (Gauge, "pickscore_queue_depth", "Items admitted to a tower and not yet computed", TOWER),
+    "queue_capacity": (Gauge, "pickscore_queue_capacity", "Most items a tower admits (max_queue_size)", TOWER),
+    "estimated_wait": (
+        Gauge,
+        "pickscore_estimated_wait_seconds",
+        "Time a newly admitted item would wait: admitted work over the tower's measured throughput",
+        TOWER,
+    ),
+    "refusals": (
+        Counter,
+        "pickscore_admission_refusals",
+        "Requests refused with RESOURCE_EXHAUSTED before any work: queue_full (--max-queue-size), "
+        "queue_wait (--max-queue-wait-s), deadline (wait over the caller's deadline), "
+        "client_limit (--max-inflight-per-client)",
+        ("reason",),
+    ),
+    "tower_hung": (
+        Gauge,
+        "pickscore_tower_hung",
+        "1 once a forward pass outlived --batch-timeout-s (the replica reports NOT_SERVING)",
+        TOWER,
+    ),
+    "inflight": (Gauge, "pickscore_inflight_requests", "Requests being handled", ()),
+    "model_info": (
+        Gauge,
+        "pickscore_model_info",
+        "The served model (always 1)",
+        ("source", "backend", "device", "version"),
+    ),
+}
+# series that exist from the first scrape: attribute -> label values
+TOWERS, CACHES = ("image", "text"), ("text", "image")
+PRESET = {
+    **dict.fromkeys(("queue_depth", "batch_size", "inference", "queue_wait", "estimated_wait", "tower_hung"), TOWERS),
+    "refusals": ("queue_full", "queue_wait", "deadline", "client_limit"),
+    "cache_hits": CACHES,
+    "cache_misses": CACHES,
+}
+
+
 class Metrics:
+    """The server's metric families (``SPECS``), each an attribute of the same name, in a registry of their own."""
+
+    request_duration: Histogram
+    requests: Counter
+    queue_wait: Histogram
+    preprocess: Histogram
+    inference: Histogram
+    batch_size: Histogram
+    images_scored: Counter
+    cache_hits: Counter
+    cache_misses: Counter
+    cache_bytes: Gauge
+    dropped: Counter
+    batch_failures: Counter
+    queue_depth: Gauge
+    queue_capacity: Gauge
+    estimated_wait: Gauge
+    refusals: Counter
+    tower_hung: Gauge
+    inflight: Gauge
+    model_info: Gauge
+
     def __init__(self) -> None:
         self._http = None  # the /metrics server, once serve_http started it
-        self.registry = r = CollectorRegistry()
-        self.request_duration = Histogram(
-            "pickscore_request_duration_seconds",
-            "Time from receiving a request to answering it",
-            ["transport", "rpc", "code"],
-            buckets=SECONDS,
-            registry=r,
-        )
-        self.requests = Counter(
-            "pickscore_requests",
-            "Requests answered, by transport (grpc, http), RPC (the same names on both) and status code",
-            ["transport", "rpc", "code"],
-            registry=r,
-        )
-        self.queue_wait = Histogram(
-            "pickscore_queue_wait_seconds",
-            "Time an item waited in a tower's queue before its batch started",
-            ["tower"],
-            buckets=SECONDS,
-            registry=r,
-        )
-        self.preprocess = Histogram(
-            "pickscore_preprocess_seconds",
-            "Time to decode and preprocess one image, or tokenize one request's prompts",
-            ["stage"],
-            buckets=SECONDS,
-            registry=r,
-        )
-        self.inference = Histogram(
-            "pickscore_inference_seconds", "Forward pass time of one batch", ["tower"], buckets=SECONDS, registry=r
-        )
-        self.batch_size = Histogram(
-            "pickscore_batch_size", "Items per forward pass", ["tower"], buckets=BATCH, registry=r
-        )
-        self.images_scored = Counter("pickscore_images_scored", "Images scored", registry=r)
-        self.cache_hits = Counter("pickscore_cache_hits", "Embedding cache hits", ["cache"], registry=r)
-        self.cache_misses = Counter("pickscore_cache_misses", "Embedding cache misses", ["cache"], registry=r)
-        self.cache_bytes = Gauge("pickscore_cache_bytes", "Bytes held by an embedding cache", ["cache"], registry=r)
-        self.dropped = Counter(
-            "pickscore_dropped_items", "Queued items dropped before compute", ["tower", "reason"], registry=r
-        )
-        self.batch_failures = Counter(
-            "pickscore_batch_failures", "Batches whose forward pass failed", ["tower"], registry=r
-        )
-        self.queue_depth = Gauge(
-            "pickscore_queue_depth", "Items admitted to a tower and not yet computed", ["tower"], registry=r
-        )
-        self.queue_capacity = Gauge(
-            "pickscore_queue_capacity", "Most items a tower admits (max_queue_size)", ["tower"], registry=r
-        )
-        self.estimated_wait = Gauge(
-            "pickscore_estimated_wait_seconds",
-            "Time a newly admitted item would wait: admitted work over the tower's measured throughput",
-            ["tower"],
-            registry=r,
-        )
-        self.refusals = Counter(
-            "pickscore_admission_refusals",
-            "Requests refused with RESOURCE_EXHAUSTED before any work: queue_full (--max-queue-size), "
-            "queue_wait (--max-queue-wait-s), deadline (wait over the caller's deadline), "
-            "client_limit (--max-inflight-per-client)",
-            ["reason"],
-            registry=r,
-        )
-        self.tower_hung = Gauge(
-            "pickscore_tower_hung",
-            "1 once a forward pass outlived --batch-timeout-s (the replica reports NOT_SERVING)",
-            ["tower"],
-            registry=r,
-        )
-        self.inflight = Gauge("pickscore_inflight_requests", "Requests being handled", registry=r)
-        self.model_info = Gauge(
-            "pickscore_model_info",
-            "The served model (always 1)",
-            ["source", "backend", "device", "version"],
-            registry=r,
-        )
-        for tower in ("image", "text"):  # so every series exists from the first scrape
-            self.queue_depth.labels(tower)
-            self.batch_size.labels(tower)
-            self.inference.labels(tower)
-            self.queue_wait.labels(tower)
-            self.estimated_wait.labels(tower)
-            self.tower_hung.labels(tower)
-        for reason in ("queue_full", "queue_wait", "deadline", "client_limit"):
-            self.refusals.labels(reason)
-        for cache in ("text", "image"):
-            self.cache_hits.labels(cache)
-            self.cache_misses.labels(cache)
-        r.register(GpuCollector())
+        self.registry = CollectorRegistry()
+        for attr, (kind, name, doc, labels, *buckets) in SPECS.items():
+            extra = {"buckets": buckets[0]} if buckets else {}
+            setattr(self, attr, kind(name, doc, labels, registry=self.registry, **extra))
+        for attr, values in PRESET.items():
+            for value in values:
+                getattr(self, attr).labels(value)
+        self.registry.register(GpuCollector())
 
     def serve_http(self, host: str, port: int) -> int:
         """Start /metrics on a daemon thread; returns the bound port (OSError when it cannot be bound)."""
