@@ -2,6 +2,7 @@
 
 scores(text_embed, image_embeds, logit_scale)   # one prompt against N images -> (N,) float32
 rank_scores(scores, top_k=3)                    # Ranking: best-first order, scores, softmax probabilities
+ranks(scores), softmax(scores)                  # one group's places (1 = best) and probabilities, in input order
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ def order(x: np.ndarray, top_k: int | None = None) -> np.ndarray:
     """Indices best first; ties keep input order. top_k limits the length."""
     idx = np.argsort(-x, kind="stable")
     return idx if top_k is None else idx[:top_k]
+
+
+def ranks(x: np.ndarray) -> np.ndarray:
+    """Each candidate's place (N,) -> (N,) int64 in input order: 1 = best; equal scores by input order."""
+    out = np.empty(len(x), np.int64)
+    out[order(x)] = np.arange(1, len(x) + 1)
+    return out
 
 
 def check_top_k(top_k: int | None) -> None:

@@ -1,0 +1,259 @@
+"""The reward client for RL trainers, and the senders of its batches: scoring.v1 over gRPC, or /v1/score over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import threading
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import Future
+
+import numpy as np
+
+from pickscore.client.aio import AsyncClient
+from pickscore.client.wire import ImageRef, image_message, renumbered
+from pickscore.errors import InvalidInput, Overloaded, Unavailable
+from pickscore.model import scoring
+from pickscore.status import error_for_http
+from pickscore.tls import ssl_context
+
+
+class RewardClient:
+    """Rewards for RL trainers: submit images as they are generated, collect scores later.
+
+        with RewardClient("localhost:8001") as rewards:            # gRPC; "http://host:8000" for HTTP
+            futures = [rewards.submit(prompt, image) for prompt, image in generator()]   # returns at once
+            rewards_ = [f.result() for f in futures]              # floats (concurrent.futures.Future)
+            probs = rewards.submit_group(prompt, images, softmax=True).result()   # (N,) per-group softmax
+
+    Submitted images are sent in batches of up to ``max_batch`` (or whatever arrived within ``max_delay_s`` of
+    the first), each batch one request of prompt-image pairs, at most ``max_inflight`` requests at a time, on
+    a background thread: scoring overlaps with generation. Refusals (RESOURCE_EXHAUSTED / 429, following the
+    server's retry hint) and unavailability (UNAVAILABLE / 503) are retried with exponential backoff for up to
+    ``timeout`` seconds; a batch refused for one bad image is split so only that image fails. When the
+    reward cannot be had, ``required=True`` fails the futures with the domain error; ``required=False``
+    resolves them to 0.0 with a warning (training goes on without that reward). ``scale``: "raw" PickScore,
+    or "div26" (score / 26, a scale RL code for diffusion models commonly uses). Images: encoded bytes, paths,
+    uint8 arrays (H, W, 3), or PIL images. In asyncio code, ``await asyncio.wrap_future(future)``.
+    """
+
+    SCALES = ("raw", "div26")
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        max_batch: int = 32,
+        max_delay_s: float = 0.01,
+        max_inflight: int = 4,
+        timeout: float = 120.0,
+        required: bool = True,
+        scale: str = "raw",
+        token: str | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        **tls,
+    ):
+        if scale not in self.SCALES:
+            raise ValueError(f"scale {scale!r}; one of {', '.join(self.SCALES)}")
+        if max_batch < 1 or max_inflight < 1:
+            raise ValueError("max_batch and max_inflight must be at least 1")
+        self.address = address
+        self.max_batch, self.max_delay_s, self.max_inflight = max_batch, max_delay_s, max_inflight
+        self.timeout, self.required, self.scale = timeout, required, scale
+        self._token, self._metadata, self._tls = token, tuple(metadata), tls
+        self._http = address.startswith(("http://", "https://"))
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="pickscore-rewards", daemon=True)
+        self._thread.start()
+        self._pending: list = []
+        self._arrived = asyncio.Event()
+        self._closed = False
+        self._main = asyncio.run_coroutine_threadsafe(self._batches(), self._loop)
+
+    def __enter__(self) -> RewardClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def submit(self, prompt: str, image: ImageRef | object):
+        """The reward of ``image`` for ``prompt``: a concurrent.futures.Future of a float."""
+        if self._closed:
+            raise RuntimeError("RewardClient is closed")
+        future: Future = Future()
+        item = (prompt, _reward_image(image), future)
+        self._loop.call_soon_threadsafe(self._enqueue, item)
+        return future
+
+    def submit_group(self, prompt: str, images: Sequence, softmax: bool = False):
+        """One prompt's group (GRPO): a Future of the (N,) rewards, or of the softmax of their raw scores (the
+        probability that each image is preferred) when ``softmax``."""
+        parts = [self.submit(prompt, image) for image in images]
+        group: Future = Future()
+        left = [len(parts)]
+
+        def done(_) -> None:
+            left[0] -= 1
+            if left[0]:
+                return
+            failed = [k for k, p in enumerate(parts) if p.exception() is not None]
+            if failed:  # an image alone in its request was "image 0" there: name it by its place in the group
+                group.set_exception(renumbered(parts[failed[0]].exception(), failed[0]))
+                return
+            values = np.array([p.result() for p in parts], np.float64)
+            if softmax:  # over the raw scores, whatever the scale: the paper's ranking probabilities
+                group.set_result(scoring.softmax(values * (26 if self.scale == "div26" else 1)))
+            else:
+                group.set_result(values.astype(np.float32))
+
+        for part in parts:
+            part.add_done_callback(done)
+        return group
+
+    def close(self) -> None:
+        """Send what is pending, wait for it, and stop the background thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.call_soon_threadsafe(self._arrived.set)
+        self._main.result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    # On the background loop -------------------------------------------------------------------------------
+
+    def _enqueue(self, item) -> None:
+        self._pending.append(item)
+        self._arrived.set()
+
+    async def _batches(self) -> None:
+        sender = _HttpBatchSender(self) if self._http else _GrpcBatchSender(self)
+        slots = asyncio.Semaphore(self.max_inflight)
+        tasks: set[asyncio.Task] = set()
+        try:
+            while not (self._closed and not self._pending):
+                if not self._pending:
+                    self._arrived.clear()
+                    await self._arrived.wait()
+                    continue
+                close_at = asyncio.get_running_loop().time() + self.max_delay_s
+                while len(self._pending) < self.max_batch and not self._closed:
+                    self._arrived.clear()
+                    try:
+                        await asyncio.wait_for(self._arrived.wait(), close_at - asyncio.get_running_loop().time())
+                    except asyncio.TimeoutError:
+                        break
+                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+                await slots.acquire()
+                task = asyncio.create_task(self._send(sender, batch))
+                tasks.add(task)
+                task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
+            await asyncio.gather(*tasks)
+        finally:
+            await sender.close()
+
+    async def _send(self, sender, batch: list) -> None:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.timeout
+        attempt = 0
+        while True:
+            try:
+                scores = await sender.score([p for p, _, _ in batch], [i for _, i, _ in batch], give_up - loop.time())
+                break
+            except InvalidInput as e:
+                if len(batch) > 1:  # find the bad one: each image alone, so only it fails
+                    await asyncio.gather(*(self._send(sender, [item]) for item in batch))
+                    return
+                error: Exception = e
+            except (Overloaded, Unavailable) as e:
+                hint = getattr(e, "retry_after_s", None)
+                wait = hint if hint else min(5.0, 0.05 * 2**attempt) * (0.5 + random.random())
+                attempt += 1
+                if loop.time() + wait < give_up:
+                    await asyncio.sleep(wait)
+                    continue
+                error = e
+            except Exception as e:  # noqa: BLE001 - handed to the caller (or warned about), not lost
+                error = e
+            if self.required:
+                for _, _, future in batch:
+                    future.set_exception(error)
+            else:
+                warnings.warn(f"PickScore reward unavailable, {len(batch)} images scored 0: {error}", stacklevel=1)
+                for _, _, future in batch:
+                    future.set_result(0.0)
+            return
+        for (_, _, future), score in zip(batch, scores):
+            future.set_result(float(score) / 26 if self.scale == "div26" else float(score))
+
+
+def _reward_image(image) -> ImageRef:
+    if isinstance(image, (bytes, bytearray, memoryview, np.ndarray, str, os.PathLike)):
+        return bytes(image) if isinstance(image, (bytearray, memoryview)) else image
+    if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image: its RGB pixels, no re-encoding
+        return np.asarray(image.convert("RGB"))
+    raise InvalidInput(f"an image must be bytes, a path, a uint8 array or a PIL image; got {type(image).__name__}")
+
+
+class _GrpcBatchSender:
+    """Sends a RewardClient's batches as scoring.v1 Score requests of prompt-image pairs, on an AsyncClient."""
+
+    def __init__(self, owner: RewardClient):
+        self.client = AsyncClient(owner.address, metadata=owner._metadata, token=owner._token, **owner._tls)
+
+    async def score(self, prompts: list[str], images: list[ImageRef], timeout: float) -> list[float]:
+        return await self.client.score_pairs(prompts, images, timeout=max(timeout, 0.001))
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+class _HttpBatchSender:
+    """Sends a RewardClient's batches as POST /v1/score in msgpack (images raw, never base64)."""
+
+    def __init__(self, owner: RewardClient):
+        self.url = owner.address.rstrip("/") + "/v1/score"
+        self.headers = {"Content-Type": "application/msgpack", **dict(owner._metadata)}
+        if owner._token:
+            self.headers["authorization"] = f"Bearer {owner._token}"
+        self.ssl = ssl_context(owner._tls.get("tls_ca"), owner._tls.get("tls_cert"), owner._tls.get("tls_key"))
+        self.session = None
+
+    async def score(self, prompts: list[str], images: list[ImageRef], timeout: float) -> list[float]:
+        import aiohttp
+        import msgpack
+
+        if self.session is None:
+            self.session = aiohttp.ClientSession()
+        body = msgpack.packb({"prompts": prompts, "images": [_plain_image(i) for i in images]})
+        headers = {**self.headers, "timeout": f"{max(timeout, 0.001):.3f}"}
+        try:
+            async with self.session.post(
+                self.url, data=body, headers=headers, ssl=self.ssl, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as r:
+                payload = msgpack.unpackb(await r.read()) if r.content_type == "application/msgpack" else {}
+                if r.status == 200:
+                    return [result["score"] for result in payload["results"]]
+                hint = r.headers.get("retry-after-ms") or (
+                    str(float(r.headers["Retry-After"]) * 1000) if "Retry-After" in r.headers else None
+                )
+                message = f"server: HTTP {r.status}: {payload.get('error', r.reason)}"
+                raise error_for_http(r.status, message, None if hint is None else float(hint) / 1000)
+        except aiohttp.ClientError as e:
+            raise Unavailable(f"{self.url}: {type(e).__name__}: {e}") from e
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+
+def _plain_image(ref: ImageRef) -> dict:
+    """An image as /v1/score's msgpack form: the fields of scoring.v1's Image, bytes raw."""
+    message = image_message(ref, None)
+    if message.HasField("pixels"):
+        p = message.pixels
+        return {"pixels": {"height": p.height, "width": p.width, "channels": p.channels, "data": p.data}}
+    return {"data": message.data, "id": message.id}
