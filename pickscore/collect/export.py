@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from pickscore.collect.report import agreement
 from pickscore.collect.store import Store
+from pickscore.datasets.pickapic import SCHEMA, SPLITS
 from pickscore.errors import InvalidInput
-from pickscore.training.data import SCHEMA, SPLITS
 
 ROW_GROUP = 256
 

@@ -31,8 +31,8 @@ from typing import Any, Protocol
 import aiohttp
 
 from pickscore.collect.store import Candidate, check_image, clean_prompt
+from pickscore.datasets.inputs import input_files, read_rows
 from pickscore.errors import InvalidInput, PickScoreError, Unavailable
-from pickscore.jobs.batch import input_files, read_rows
 from pickscore.scenes import ATTRIBUTES, CHOICES, Scene, random_scene, render, vary
 from pickscore.training.synthetic import Generator, generators, png
 
@@ -179,7 +179,8 @@ def _pool_items(spec: str) -> list[tuple[str, _PoolItem]]:
 def _generated_items(folder: Path) -> list[tuple[str, _PoolItem]]:
     """FOLDER/prompts.txt and FOLDER/<model>/<prompt index>/<images>, read as ``pickscore evaluate-models`` reads
     them (the same checks: every prompt has images in every model's folder)."""
-    from pickscore.jobs.evaluate_models import load_image_set, read_prompts
+    from pickscore.datasets.image_sets import load_image_set
+    from pickscore.datasets.prompts import read_prompts
 
     try:
         prompts = read_prompts(folder / "prompts.txt")

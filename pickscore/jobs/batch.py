@@ -23,12 +23,10 @@ current one is encoded or collected); a few dozen bytes a row while finalising.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
 import sys
-import tarfile
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,10 +39,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from pickscore.datasets.inputs import count_rows, input_files, read_rows
+from pickscore.datasets.rows import Row
 from pickscore.errors import InvalidInput
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-PICKAPIC = ("caption", "jpg_0", "jpg_1")
 SCORES = "_scores"
 # An errors.jsonl line: ``row``, the row's number in the job (from 0 over the input files in the order they are read,
 # as the part files' ``row`` column), ``file``, the input file that holds it, ``position``, where in that file (from
@@ -55,231 +53,9 @@ ERROR_FIELDS = ("row", "file", "position", "id", "error")
 _ITEM_PREFIX = re.compile(r"^(?:server: (?:[A-Z_]+: |HTTP \d+: )?)?image \d+(?: \(.*?\))?: ")
 
 
-@dataclass
-class Row:
-    """One candidate: its place in the job, the caller's id, its group and prompt, and the image (bytes or a path);
-    ``error`` when the row itself is unusable (the reason: it is reported, not scored); ``model`` from an optional
-    column; ``file`` and ``position``, where the row is in its input (see ``ERROR_FIELDS``)."""
-
-    index: int
-    id: str
-    group: str
-    prompt: str
-    image: bytes | None = None
-    path: str | None = None
-    error: str = ""
-    model: str = ""  # the generator that made the image, when the input says (the collection app's pools)
-    file: str = ""
-    position: int = -1
-
-
 def item_reason(error: Exception | str) -> str:
     """A message naming its item (``image 3 (id 'x'): reason``, perhaps after ``server: CODE: ``) -> the reason."""
     return _ITEM_PREFIX.sub("", str(error), count=1)
-
-
-# Reading ------------------------------------------------------------------------------------------------
-
-
-def input_files(inputs: Sequence[str]) -> list[Path]:
-    """Every file the inputs name, in a fixed order: globs expanded, directories listed (a directory with
-    manifest.jsonl is one input)."""
-    out: list[Path] = []
-    for spec in inputs:
-        matches = sorted(glob.glob(spec)) or [spec]
-        for match in matches:
-            path = Path(match)
-            if path.is_dir():
-                if (path / "manifest.jsonl").exists():
-                    out.append(path / "manifest.jsonl")
-                else:
-                    out.extend(sorted(p for p in path.rglob("*") if p.suffix in (".parquet", ".tar")))
-            elif path.exists():
-                out.append(path)
-            else:
-                raise InvalidInput(f"--input {spec}: no such file or directory")
-    if not out:
-        raise InvalidInput(f"--input {' '.join(inputs)}: no Parquet, WebDataset (.tar) or manifest.jsonl found")
-    return out
-
-
-def file_rows(path: Path) -> Iterator[Row]:
-    """One input file's rows, in order (their ``index`` not yet set)."""
-    if path.suffix == ".parquet":
-        return _parquet_rows(path)
-    if path.suffix == ".tar":
-        return _webdataset_rows(path)
-    if path.name == "manifest.jsonl":
-        return _manifest_rows(path)
-    raise InvalidInput(f"{path}: not Parquet, a WebDataset .tar or a manifest.jsonl")
-
-
-def read_rows(files: Sequence[Path]) -> Iterator[Row]:
-    """Every row of ``files`` (``input_files``), numbered in order."""
-    index = 0
-    for path in files:
-        for row in file_rows(path):
-            row.index = index
-            index += 1
-            yield row
-
-
-def file_count(path: Path) -> int | None:
-    """The rows of one input file when that is cheap to know (Parquet metadata, manifest lines), else None."""
-    if path.suffix == ".parquet":
-        source = pq.ParquetFile(path)
-        rows = source.metadata.num_rows
-        return 2 * rows if _is_pickapic(source.schema_arrow.names) else rows
-    if path.name == "manifest.jsonl":
-        return sum(1 for line in path.open() if line.strip())
-    return None
-
-
-def count_rows(files: Sequence[Path]) -> int | None:
-    """All the rows ``files`` hold when every file's count is cheap to know, else None."""
-    counts = [file_count(path) for path in files]
-    return None if None in counts else sum(counts)
-
-
-def _is_pickapic(names: Sequence[str]) -> bool:
-    """Pick-a-Pic's layout (two candidates a row), unless the file has our own prompt column."""
-    return set(PICKAPIC) <= set(names) and "prompt" not in names
-
-
-def _parquet_rows(path: Path) -> Iterator[Row]:
-    source = pq.ParquetFile(path)
-    names = set(source.schema_arrow.names)
-    pickapic = _is_pickapic(source.schema_arrow.names)
-    if not pickapic and ("prompt" not in names or not names & {"image", "image_path"}):
-        raise InvalidInput(
-            f"{path}: needs a column prompt and one of image (bytes) or image_path (or Pick-a-Pic's "
-            f"caption, jpg_0, jpg_1); it has {', '.join(sorted(names))}"
-        )
-    wanted = [
-        c
-        for c in (
-            "prompt",
-            "image",
-            "image_path",
-            "group",
-            "id",
-            "model",
-            *PICKAPIC,
-            "ranking_id",
-            "model_0",
-            "model_1",
-        )
-        if c in names
-    ]
-    at = 0
-    for batch in source.iter_batches(batch_size=64, columns=wanted):
-        for record in batch.to_pylist():
-            name = f"{path.name}:{at}"
-            if pickapic:
-                key = str(record["ranking_id"]) if record.get("ranking_id") is not None else name
-                for side in (0, 1):
-                    image = record[f"jpg_{side}"]
-                    yield _row(
-                        f"{key}:{side}", key, record["caption"], image, None, (path, at), record.get(f"model_{side}")
-                    )
-            else:
-                group = record.get("group")
-                ident = record.get("id")
-                image_path = record.get("image_path")
-                if image_path is not None and not os.path.isabs(image_path):
-                    image_path = str(path.parent / image_path)
-                yield _row(
-                    name if ident is None else str(ident),
-                    None if group is None else str(group),
-                    record["prompt"],
-                    record.get("image"),
-                    image_path,
-                    (path, at),
-                    record.get("model"),
-                )
-            at += 1
-
-
-def _row(
-    ident: str,
-    group: str | None,
-    prompt: Any,
-    image: bytes | None,
-    path: str | None,
-    at: tuple[Path, int],
-    model: Any = None,
-) -> Row:
-    """A read row, ``at`` (file, position) in its input; its ``error`` says what makes it unusable, if anything."""
-    prompt = prompt if isinstance(prompt, str) else ""
-    row = Row(0, ident, "" if group is None else group, prompt, image, path, model=str(model or ""))
-    row.file, row.position = str(at[0]), at[1]  # where errors.jsonl says the row is
-    if not row.prompt.strip():
-        row.error = "no prompt"
-    elif not image and not path:
-        row.error = "no image (neither image bytes nor image_path)"
-    if not row.group:
-        row.group = row.prompt  # one group per prompt
-    return row
-
-
-def _webdataset_rows(path: Path) -> Iterator[Row]:
-    def sample(key: str, parts: dict[str, bytes], position: int) -> Row:
-        image = next((parts[s] for s in IMAGE_SUFFIXES if s in parts), None)
-        prompt, group = "", None
-        if ".json" in parts:
-            try:
-                meta = json.loads(parts[".json"])
-                prompt = meta.get("prompt") or meta.get("caption") or ""
-                group = None if meta.get("group") is None else str(meta["group"])
-            except (ValueError, AttributeError) as e:
-                error = f".json is not a JSON object ({e})"
-                return Row(0, key, key, "", error=error, file=str(path), position=position)
-        elif ".txt" in parts:
-            prompt = parts[".txt"].decode("utf-8", "replace").strip()
-        return _row(key, group, prompt, image, None, (path, position))
-
-    with tarfile.open(path, "r|*") as tar:  # streamed: members in order, one sample's files at a time
-        key, parts, position = None, {}, 0
-        for member in tar:
-            if not member.isfile():
-                continue
-            stem, dot, suffix = member.name.rpartition(".")
-            if not dot:
-                continue
-            if stem != key and key is not None:
-                yield sample(key, parts, position)
-                parts, position = {}, position + 1
-            key = stem
-            data = tar.extractfile(member)
-            parts["." + suffix.lower()] = data.read() if data else b""
-        if key is not None:
-            yield sample(key, parts, position)
-
-
-def _manifest_rows(path: Path) -> Iterator[Row]:
-    for position, line in enumerate(path.open(encoding="utf-8")):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-            image = entry["image"]
-        except (ValueError, KeyError, TypeError) as e:
-            where = f"{path}:{position + 1}"  # as an editor shows the line
-            error = f"not a JSON object with an image ({e})"
-            yield Row(0, where, where, "", error=error, file=str(path), position=position)
-            continue
-        ident = str(entry.get("id", image))
-        full = image if os.path.isabs(image) else str(path.parent / image)
-        group = entry.get("group")
-        yield _row(
-            ident,
-            None if group is None else str(group),
-            entry.get("prompt"),
-            None,
-            full,
-            (path, position),
-            entry.get("model"),
-        )
 
 
 def shards(rows: Iterator[Row], size: int) -> Iterator[tuple[int, list[Row]]]:

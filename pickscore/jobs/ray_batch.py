@@ -24,17 +24,15 @@ from typing import Any
 
 import numpy as np
 
+from pickscore.datasets.inputs import file_count, file_rows, input_files
+from pickscore.datasets.rows import Row
 from pickscore.errors import InvalidInput
 from pickscore.jobs.batch import (
     SCORES,
     JobSpec,
-    Row,
     _claim,
     _write_atomically,
-    file_count,
-    file_rows,
     finalise,
-    input_files,
     score_crops,
     shard_table,
 )

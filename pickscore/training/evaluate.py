@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 
 from pickscore.backends import Backend
+from pickscore.datasets.pickapic import PreferencePair, iter_pairs
 from pickscore.errors import InvalidInput
 from pickscore.model import scoring
 from pickscore.resources import usable_cores
 from pickscore.training import metrics
-from pickscore.training.data import PreferencePair, SkipCounter, iter_decoded, iter_pairs
+from pickscore.training.data import SkipCounter, iter_decoded
 
 
 def score_pairs(

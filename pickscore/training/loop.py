@@ -29,13 +29,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pickscore.backends.torch_backend import TORCH_DTYPES, TorchBackend
+from pickscore.datasets.pickapic import PreferencePair, has_pairs, iter_pairs
 from pickscore.errors import InvalidInput
 from pickscore.model import architecture
 from pickscore.model.checkpoint import LoadedModel, atomic_directory, recover_directory, resolve, write_model
 from pickscore.model.preprocess import PreprocessConfig
 from pickscore.training import metrics
 from pickscore.training.config import TrainConfig
-from pickscore.training.data import PreferencePair, SkipCounter, decode_pair_or_error, has_pairs, iter_pairs
+from pickscore.training.data import SkipCounter, decode_pair_or_error
 from pickscore.training.evaluate import score_pairs
 from pickscore.training.loss import pickscore_loss
 

@@ -34,8 +34,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+from pickscore.datasets.pickapic import SCHEMA, SPLITS
 from pickscore.scenes import ATTRIBUTES, Scene, random_scene, render, vary
-from pickscore.training.data import SCHEMA, SPLITS
 from pickscore.training.dials import BEST_CHANGE, GENERATOR_NAMES, HELD_OUT_FRACTION, MAX_MODEL_PROMPTS, WORST_CHANGE
 
 MODELS = ("synthetic-a", "synthetic-b", "synthetic-c")

@@ -15,7 +15,7 @@ from PIL import Image
 from pickscore.cli import main
 from pickscore.collect.export import assign_splits
 from pickscore.collect.report import agreement
-from pickscore.training.data import SCHEMA, SPLITS
+from pickscore.datasets.pickapic import SCHEMA, SPLITS
 from tests.collect.conftest import Visitor
 
 PROMPTS = [

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from pickscore.cli import build_parser, main
+from pickscore.datasets.prompts import read_prompts
 from pickscore.jobs.evaluate_models import (
     best_of_n,
     best_of_n_table,
@@ -30,7 +31,6 @@ from pickscore.jobs.evaluate_models import (
     markdown,
     outcomes,
     points,
-    read_prompts,
     win_rates,
 )
 from pickscore.server.app import ServerThread
@@ -197,31 +197,6 @@ def test_missing_prompts_and_bad_layouts_are_named(gens, tmp_path, capsys):
     assert code == 1 and "generator-fair is not a prompt index" in err
     code, _, err = evaluate(capsys, sets, *LOCAL, images=[f"a={sets / 'generator-good'}", f"a={sets / 'nowhere'}"])
     assert code == 1 and "the name 'a' is given twice" in err
-
-
-def test_prompt_files(tmp_path):
-    (tmp_path / "p.txt").write_text("a cat\n  a dog  \n\n\n")
-    assert [(p.index, p.text, p.id) for p in read_prompts(tmp_path / "p.txt")] == [
-        (0, "a cat", None),
-        (1, "a dog", None),
-    ]
-    (tmp_path / "p.jsonl").write_text('{"prompt": "a cat", "id": 7}\n{"prompt": "a dog"}\n')
-    assert [(p.index, p.text, p.id) for p in read_prompts(tmp_path / "p.jsonl")] == [
-        (0, "a cat", "7"),
-        (1, "a dog", None),
-    ]
-    cases = {
-        "gap.txt": ("a cat\n\na dog\n", "line 2: empty"),
-        "empty.txt": ("\n\n", "no prompts"),
-        "bad.jsonl": ('{"prompt": "a cat"}\n{"text": "a dog"}\n', 'line 2: expected {"prompt"'),
-        "twice.jsonl": ('{"prompt": "a", "id": 1}\n{"prompt": "b", "id": "1"}\n', "line 2: id '1' repeats"),
-        "broken.jsonl": ('{"prompt": \n', "line 1: not JSON"),
-    }
-    for name, (content, message) in cases.items():
-        (tmp_path / name).write_text(content)
-        with pytest.raises(Exception, match=message.replace("{", r"\{")) as e:
-            read_prompts(tmp_path / name)
-        assert type(e.value).__name__ == "InvalidInput" and name in str(e.value)
 
 
 # ---------------------------------------------------------------- the statistics, against sums done by hand

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from pickscore.cli import build_parser, main
+from pickscore.datasets.pickapic import SCHEMA, SPLITS, iter_pairs
 from pickscore.scenes import PALETTE, POSITIONS, REGIONS, Scene, render
-from pickscore.training.data import SCHEMA, SPLITS, iter_pairs
 from pickscore.training.synthetic import generators, plan_pairs, write_synthetic, write_synthetic_models
 
 PAIRS = 400
