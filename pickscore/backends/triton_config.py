@@ -40,65 +40,65 @@ def model_configs(
     UINT8 [N, H, W, 3] decoded images of one size, instead of IMAGE; both become optional, one is required."""
     h, w = image_size
     batching = mc.ModelDynamicBatching(max_queue_delay_microseconds=max_queue_delay_us)
-    image = mc.ModelConfig(
-        name=IMAGE,
+    image = _tower(
+        IMAGE,
+        tensor(mc.ModelInput, "pixel_values", mc.TYPE_FP32, [3, h, w]),
+        tensor(mc.ModelOutput, "image_embeds", mc.TYPE_FP32, [embed_dim]),
+        max_batch_size,
+        batching,
+    )
+    text = _tower(
+        TEXT,
+        tensor(mc.ModelInput, "input_ids", mc.TYPE_INT64, [context_length]),
+        tensor(mc.ModelOutput, "text_embeds", mc.TYPE_FP32, [embed_dim]),
+        max_batch_size,
+        batching,
+    )
+    return {ENSEMBLE: _ensemble(max_images_per_request, pixels), IMAGE: image, TEXT: text}
+
+
+def _tower(name: str, input, output, max_batch_size: int, batching) -> mc.ModelConfig:
+    """One ONNX tower: one input, one output, batched dynamically."""
+    return mc.ModelConfig(
+        name=name,
         platform="onnxruntime_onnx",
         max_batch_size=max_batch_size,
         dynamic_batching=batching,
-        input=[tensor(mc.ModelInput, "pixel_values", mc.TYPE_FP32, [3, h, w])],
-        output=[tensor(mc.ModelOutput, "image_embeds", mc.TYPE_FP32, [embed_dim])],
+        input=[input],
+        output=[output],
         instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)],
     )
-    text = mc.ModelConfig(
-        name=TEXT,
-        platform="onnxruntime_onnx",
-        max_batch_size=max_batch_size,
-        dynamic_batching=batching,
-        input=[tensor(mc.ModelInput, "input_ids", mc.TYPE_INT64, [context_length])],
-        output=[tensor(mc.ModelOutput, "text_embeds", mc.TYPE_FP32, [embed_dim])],
-        instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)],
-    )
-    Step = mc.ModelEnsembling.Step
-    ensemble = mc.ModelConfig(
+
+
+# The ensemble's steps: (model, its inputs from the ensemble's tensors, its outputs to the ensemble's tensors).
+_ENSEMBLE_STEPS = [
+    (PREPROCESS, {"PROMPT": "PROMPT", "IMAGE": "IMAGE"}, {"input_ids": "_input_ids", "pixel_values": "_pixel_values"}),
+    (TEXT, {"input_ids": "_input_ids"}, {"text_embeds": "_text_embeds"}),
+    (IMAGE, {"pixel_values": "_pixel_values"}, {"image_embeds": "_image_embeds"}),
+    (SCORE, {"text_embeds": "_text_embeds", "image_embeds": "_image_embeds"}, {"SCORE": "SCORE"}),
+]
+
+
+def _ensemble(max_images_per_request: int, pixels: bool) -> mc.ModelConfig:
+    """PROMPT and IMAGE (or PIXELS) -> SCORE: preprocessing, the text and image towers, then the score."""
+    inputs = [
+        tensor(mc.ModelInput, "PROMPT", mc.TYPE_STRING, [1]),
+        mc.ModelInput(name="IMAGE", data_type=mc.TYPE_STRING, dims=[1], optional=pixels),
+    ]
+    if pixels:
+        inputs.append(mc.ModelInput(name="PIXELS", data_type=mc.TYPE_UINT8, dims=[-1, -1, 3], optional=True))
+    steps = [
+        mc.ModelEnsembling.Step(model_name=model, model_version=-1, input_map=inputs_of, output_map=outputs_of)
+        for model, inputs_of, outputs_of in _ENSEMBLE_STEPS
+    ]
+    return mc.ModelConfig(
         name=ENSEMBLE,
         platform="ensemble",
         max_batch_size=max_images_per_request,
-        input=[
-            tensor(mc.ModelInput, "PROMPT", mc.TYPE_STRING, [1]),
-            mc.ModelInput(name="IMAGE", data_type=mc.TYPE_STRING, dims=[1], optional=pixels),
-        ]
-        + ([mc.ModelInput(name="PIXELS", data_type=mc.TYPE_UINT8, dims=[-1, -1, 3], optional=True)] if pixels else []),
+        input=inputs,
         output=[tensor(mc.ModelOutput, "SCORE", mc.TYPE_FP32, [1])],
-        ensemble_scheduling=mc.ModelEnsembling(
-            step=[
-                Step(
-                    model_name=PREPROCESS,
-                    model_version=-1,
-                    input_map={"PROMPT": "PROMPT", "IMAGE": "IMAGE"},
-                    output_map={"input_ids": "_input_ids", "pixel_values": "_pixel_values"},
-                ),
-                Step(
-                    model_name=TEXT,
-                    model_version=-1,
-                    input_map={"input_ids": "_input_ids"},
-                    output_map={"text_embeds": "_text_embeds"},
-                ),
-                Step(
-                    model_name=IMAGE,
-                    model_version=-1,
-                    input_map={"pixel_values": "_pixel_values"},
-                    output_map={"image_embeds": "_image_embeds"},
-                ),
-                Step(
-                    model_name=SCORE,
-                    model_version=-1,
-                    input_map={"text_embeds": "_text_embeds", "image_embeds": "_image_embeds"},
-                    output_map={"SCORE": "SCORE"},
-                ),
-            ]
-        ),
+        ensemble_scheduling=mc.ModelEnsembling(step=steps),
     )
-    return {ENSEMBLE: ensemble, IMAGE: image, TEXT: text}
 
 
 # KServe v2 datatype names of Triton's TYPE_* values.
