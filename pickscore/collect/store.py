@@ -16,7 +16,8 @@ Tables (``pickscore/collect/migrations`` creates and upgrades them with Alembic)
 - ``choices``: at most one per pair (a unique constraint): left, right or tie, and when.
 
 Every write is one transaction: a choice, the images that replace the rejected one and the next pair are committed
-together or not at all, so a server killed mid-request leaves either the old state or the new one.
+together or not at all, so a server killed mid-request leaves either the old state or the new one. The database's
+URL, engine and migrations are database.py's.
 """
 
 from __future__ import annotations
@@ -27,28 +28,13 @@ import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    DateTime,
-    Float,
-    ForeignKey,
-    Integer,
-    LargeBinary,
-    String,
-    Text,
-    create_engine,
-    event,
-    func,
-    select,
-)
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from pickscore.collect.database import insert_ignore, open_engine
 from pickscore.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated
 from pickscore.model.preprocess import decode_image
 
@@ -59,7 +45,6 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 # Explicit bidi embeddings, overrides and isolates (and their ends): the "Trojan Source" characters.
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 LABELS = {"left": (1.0, 0.0), "right": (0.0, 1.0), "tie": (0.5, 0.5)}
-MIGRATIONS = Path(__file__).with_name("migrations")
 
 
 def utcnow() -> datetime:
@@ -196,66 +181,6 @@ def clean_name(text: str) -> str:
     return name
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer; commits survive a kill
-    cursor.execute("PRAGMA synchronous=FULL")
-    cursor.close()
-
-
-def database_url(url: str) -> str:
-    """``url`` as SQLAlchemy takes it: a bare path is a SQLite file."""
-    return url if "://" in url else f"sqlite:///{url}"
-
-
-def sqlite_file(url: str) -> Path | None:
-    """The file a SQLite URL (or bare path) names; None for a database server or an in-memory database."""
-    parsed = make_url(database_url(url))
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return None
-    return Path(parsed.database)
-
-
-def open_engine(url: str, create: bool = True) -> Engine:
-    """An engine for ``url`` (a bare path is a SQLite file), its schema migrated to the newest revision; without
-    ``create``, a SQLite file that does not exist is refused (NotFound names it) instead of made."""
-    url = database_url(url)
-    path = sqlite_file(url)
-    if not create and path is not None and not path.is_file():
-        raise NotFound(f"database {path}: no such SQLite file (`pickscore collect --db {path}` makes it)")
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30})
-        event.listen(engine, "connect", _sqlite_pragmas)
-    else:
-        engine = create_engine(url, pool_pre_ping=True)
-    migrate(engine)
-    return engine
-
-
-def migrate(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema to ``revision`` with the package's Alembic scripts (a no-op when it is there)."""
-    from alembic import command
-    from alembic.config import Config
-
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, revision)
-
-
-def _insert_ignore(session: Session, table, rows: list[dict[str, Any]]) -> None:
-    """INSERT ... ON CONFLICT DO NOTHING on SQLite and PostgreSQL: concurrent writers of one image both succeed."""
-    if not rows:
-        return
-    dialect = session.get_bind().dialect.name
-    insert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}.get(dialect)
-    if insert is None:
-        raise ValueError(f"collect: databases are SQLite or PostgreSQL, not {dialect}")
-    session.execute(insert(table).on_conflict_do_nothing(), rows)
-
-
 @dataclass(frozen=True)
 class ShownPair:
     id: int
@@ -281,7 +206,7 @@ class Store:
     def secret(self) -> bytes:
         """The key that signs session cookies: made once, kept in the database so restarts keep users signed in."""
         with Session(self.engine) as s, s.begin():
-            _insert_ignore(s, Setting.__table__, [{"key": "session_secret", "value": secrets.token_hex(32)}])
+            insert_ignore(s, Setting.__table__, [{"key": "session_secret", "value": secrets.token_hex(32)}])
             return bytes.fromhex(s.get(Setting, "session_secret").value)
 
     # People ---------------------------------------------------------------------------------------------
@@ -380,7 +305,7 @@ class Store:
             with Session(self.engine) as s, s.begin():
                 if after is not None:
                     self._record(s, user_id, after)
-                _insert_ignore(s, StoredImage.__table__, images)
+                insert_ignore(s, StoredImage.__table__, images)
                 pair = Pair(
                     user_id=user_id,
                     prompt=prompt,

@@ -18,7 +18,8 @@ from sqlalchemy import func, inspect, select
 from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import Session
 
-from pickscore.collect.store import ChoiceRow, Pair, StoredImage, User, migrate, open_engine
+from pickscore.collect.database import migrate, open_engine
+from pickscore.collect.store import ChoiceRow, Pair, StoredImage, User
 from tests.collect.conftest import Visitor
 
 PROMPT = "two red circles on the left, blue background"

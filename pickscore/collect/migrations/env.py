@@ -1,10 +1,11 @@
-"""Alembic's entry point for the collection database: runs on the connection ``store.migrate`` hands over.
+"""Alembic's entry point for the collection database: runs on the connection ``database.migrate`` hands over.
 
 A new revision (after changing the models in store.py), from the repository root:
 
     alembic -c pickscore/collect/migrations/alembic.ini revision --autogenerate -m "what changed"
 
-then read the generated file, and check ``tests/collect/test_store.py::test_migrations_match_the_models`` passes.
+then read the generated file, and check that
+``tests/collect/test_app.py::test_migrations_build_exactly_the_models_schema`` passes.
 """
 
 from alembic import context
