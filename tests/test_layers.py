@@ -171,7 +171,7 @@ def test_the_client_loads_neither_the_server_nor_prometheus_nor_torch():
 TRANSPORTS = {
     "scoring.v1 over gRPC": {"pickscore.server.scoring_v1"},
     "KServe v2 over gRPC": {"pickscore.server.kserve_v2"},
-    "HTTP": {"pickscore.server.http"},
+    "HTTP": {"pickscore.server.http", "pickscore.server.http_kserve"},
 }
 
 

@@ -1,4 +1,5 @@
-"""Wiring: backend + engine + services (scoring.v1, KServe v2) + health + reflection + metrics; the lifecycle.
+"""Wiring: backend + engine + api + transports (scoring.v1 and KServe v2 over gRPC, HTTP) + health + reflection +
+metrics; the lifecycle.
 
     pickscore serve --model demo --port 8001 --http-port 8000 --metrics-port 8002
 
@@ -26,11 +27,12 @@ from tritonclient.grpc import service_pb2_grpc
 
 from pickscore.backends import Backend, load_backend
 from pickscore.server import ports
+from pickscore.server.api import KServeModels, Scoring
 from pickscore.server.boundary import ServerState
 from pickscore.server.engine import Engine
 from pickscore.server.http import HttpFrontDoor
 from pickscore.server.kserve_v2 import SERVICE_NAME as KSERVE_SERVICE_NAME
-from pickscore.server.kserve_v2 import KServeModels, KServeV2Service
+from pickscore.server.kserve_v2 import KServeV2Service
 from pickscore.server.metrics import Metrics
 from pickscore.server.scoring_v1 import SERVICE_NAME, ScoringService
 from pickscore.server.security import ServerTls, TokenSet
@@ -98,11 +100,10 @@ class Server:
                 s.compile,
             )
         self.engine = Engine(self.backend, s, self.metrics, on_hung=self._on_hung)
-        scoring = ScoringService(self.engine, self.state)
-        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(scoring, self._grpc)
+        scoring = Scoring(self.engine)
         self.models = KServeModels(self.engine, self.state)
-        kserve = KServeV2Service(self.models)
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, self._grpc)
+        scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(scoring, self.state), self._grpc)
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeV2Service(self.models), self._grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, KSERVE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
         )

@@ -1,6 +1,7 @@
 """The boundary every request passes through, whatever its transport: server state (ready, draining, hung,
 in flight), auth, per-caller slots, request ids, the one log line and the request metrics (``scope``); and
-for gRPC, the mapping of domain errors to a status (``pickscore.status``).
+for gRPC, the mapping of domain errors to a status (``pickscore.status``) and what a call's context carries
+(request id, caller, credentials, deadline: ``deadline_of``).
 
     async with boundary(state, "Score", context):   # gRPC: refuses work while not ready or draining,
         ...                                          # maps errors, times and counts the request, logs once
@@ -151,6 +152,12 @@ def _metadata(context: grpc.aio.ServicerContext, name: str) -> str | None:
         if key == name and value:
             return str(value)
     return None
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The gRPC client's deadline as event-loop time, or None."""
+    remaining = context.time_remaining()
+    return None if remaining is None else asyncio.get_running_loop().time() + remaining
 
 
 def caller_of(context: grpc.aio.ServicerContext) -> str:

@@ -15,40 +15,44 @@ Errors are mapped once, here, from the domain errors to an HTTP status (``status
 ``{"error": message, "code": status name}`` (Triton's error body, plus the gRPC name). Deadlines: a
 ``timeout`` header or query parameter in seconds (and KServe's ``timeout`` parameter in microseconds).
 Request ids: ``x-request-id``, echoed in the response. Never pickle: JSON, multipart and msgpack only.
+Requests are decoded straight to the api's plain values (``server/api.py``; KServe's tensors in
+``http_kserve.py``) and answers encoded straight from them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import math
 import socket
 import ssl
-import struct
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from typing import Any
 
 import msgpack
 import numpy as np
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from google.protobuf import json_format
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from google.protobuf.message import Message
-from tritonclient.grpc import service_pb2 as kpb
 
 from pickscore.errors import InvalidInput
+from pickscore.server.api import KServeModels, RawPixels, Scoring, image_item
 from pickscore.server.boundary import Call, ServerState, new_request_id, scope
-from pickscore.server.kserve_v2 import NUMPY, KServeModels
+from pickscore.server.engine import ImageItem
+from pickscore.server.http_kserve import HEADER_LENGTH, infer_request, infer_response
 from pickscore.server.openapi import document
-from pickscore.server.scoring_v1 import ScoringService
 from pickscore.status import http_status_of, status_of
-from pickscore.v1 import scoring_pb2 as pb
 
 MSGPACK = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
-HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor extension
 MAX_BODY = web.AppKey("max_body_bytes", int)
+# scoring.v1's requests as /v1 reads them: each field a str, an int (uint32), bytes, a message, or a list of one
+PIXELS = ("Pixels", {"height": int, "width": int, "channels": int, "data": bytes})
+IMAGE = ("Image", {"data": bytes, "id": str, "pixels": PIXELS})
+SCORE = ("ScoreRequest", {"prompt": str, "images": [IMAGE], "prompts": [str]})
+RANK = ("RankRequest", {"prompt": str, "images": [IMAGE], "top_k": int})
+JSON_NAMES = {"topK": "top_k"}  # protobuf's JSON mapping, which /v1 speaks, takes lowerCamelCase names too
 
 
 class NotHttp(logging.Filter):
@@ -74,9 +78,9 @@ log.addFilter(NotHttp())
 
 
 class HttpFrontDoor:
-    """The aiohttp application over the same objects the gRPC services hold."""
+    """The aiohttp application over the same api objects the gRPC services hold."""
 
-    def __init__(self, scoring: ScoringService, models: KServeModels, state: ServerState, max_body_bytes: int):
+    def __init__(self, scoring: Scoring, models: KServeModels, state: ServerState, max_body_bytes: int):
         self.scoring = scoring
         self.models = models
         self.state = state
@@ -157,22 +161,21 @@ class HttpFrontDoor:
         return _readiness({"ready": self.models.ready()})
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        return web.json_response(to_json(self.models.server_metadata()))
+        return web.json_response(self.models.server_metadata())
 
     async def model_metadata(self, request: web.Request) -> web.Response:
-        name, version = _model(request)
-        return web.json_response(to_json(self.models.metadata(name, version)))
+        return web.json_response(self.models.metadata(*_model(request)))
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        config = self.models.config(*_model(request))  # 404 for an unknown model
-        return _readiness({"name": config.name, "ready": self.models.ready()})
+        name, version = _model(request)
+        return _readiness({"name": name, "ready": self.models.model_ready(name, version)})  # 404 when unknown
 
     async def model_config(self, request: web.Request) -> web.Response:
-        return web.json_response(to_json(self.models.config(*_model(request))))
+        return web.json_response(self.models.config(*_model(request)))
 
     async def model_stats(self, request: web.Request) -> web.Response:
         name, version = _model(request) if "name" in request.match_info else ("", "")
-        return web.json_response(to_json(self.models.statistics(name, version)))
+        return web.json_response(self.models.statistics(name, version))
 
     async def infer(self, request: web.Request) -> web.Response:
         name, version = _model(request)
@@ -187,15 +190,19 @@ class HttpFrontDoor:
     # scoring.v1 over HTTP ---------------------------------------------------------------------------------
 
     async def score(self, request: web.Request) -> web.Response:
-        message = await _scoring_request(request, pb.ScoreRequest)
-        return _reply(request, await self.scoring.score(message, _deadline(request)))
+        fields = await _scoring_request(request, SCORE)
+        prompt, prompts = fields.get("prompt", ""), fields.get("prompts", [])
+        results = await self.scoring.score(prompt, prompts, _images(fields), _deadline(request))
+        return _reply(request, {"results": [_record(r) for r in results]})
 
     async def rank(self, request: web.Request) -> web.Response:
-        message = await _scoring_request(request, pb.RankRequest)
-        return _reply(request, await self.scoring.rank(message, _deadline(request)))
+        fields = await _scoring_request(request, RANK)
+        top_k = fields.get("top_k", 0)
+        ranking = await self.scoring.rank(fields.get("prompt", ""), _images(fields), top_k, _deadline(request))
+        return _reply(request, {"ranking": [_record(r) for r in ranking]})
 
     async def model_info(self, request: web.Request) -> web.Response:
-        return _reply(request, self.scoring.model_info())
+        return _reply(request, _record(self.scoring.model_info()))
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(document(self.scoring.model_info()))
@@ -259,257 +266,114 @@ def _deadline(request: web.Request) -> float | None:
     return asyncio.get_running_loop().time() + seconds
 
 
-async def _scoring_request(request: web.Request, cls: type[Message]) -> Message:
-    """A ScoreRequest or RankRequest from JSON (the proto3 JSON mapping: bytes as base64), msgpack (the same
-    fields, bytes raw) or multipart/form-data (fields prompt, prompts, top_k; every file part an image)."""
+async def _scoring_request(request: web.Request, message: tuple) -> dict[str, Any]:
+    """A ScoreRequest's or RankRequest's fields from JSON (protobuf's JSON mapping: bytes as base64), msgpack
+    (the same fields, bytes raw) or multipart/form-data (fields prompt, prompts, top_k; every file part an image)."""
     if request.content_type == "multipart/form-data":
-        return await _multipart(request, cls)
+        return await _multipart(request, message)
     body = await _body(request)
     if request.content_type in MSGPACK:
         try:
             obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
         except Exception as e:  # msgpack raises several kinds for malformed input
             raise InvalidInput(f"request body: not msgpack ({type(e).__name__}: {e})") from None
-        return from_plain(obj, cls)
+        return _fields(obj, message, binary=True)
     try:
         obj = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidInput(f"request body: not JSON ({e})") from None
     if not isinstance(obj, dict):
         raise InvalidInput(f"request body: a JSON object expected, got {type(obj).__name__}")
-    try:
-        return json_format.ParseDict(obj, cls())
-    except json_format.ParseError as e:
-        raise InvalidInput(f"request body: {e}") from None
+    return _fields(obj, message, binary=False)
 
 
-async def _multipart(request: web.Request, cls: type[Message]) -> Message:
+async def _multipart(request: web.Request, message: tuple) -> dict[str, Any]:
     try:
         form = await request.post()
     except web.HTTPRequestEntityTooLarge as e:
         raise _too_large(request) from e
     except ValueError as e:
         raise InvalidInput(f"request body: not multipart/form-data ({e})") from None
-    message = cls()
+    name, known = message
+    fields: dict[str, Any] = {"images": []}
     for key, value in form.items():
         if isinstance(value, web.FileField):
-            message.images.add(data=value.file.read(), id=value.filename or "")
+            fields["images"].append({"data": value.file.read(), "id": value.filename or ""})
         elif key == "prompt":
-            message.prompt = value
-        elif key == "prompts" and hasattr(message, "prompts"):
-            message.prompts.append(value)
-        elif key == "top_k" and hasattr(message, "top_k"):
+            fields["prompt"] = value
+        elif key == "prompts" and "prompts" in known:
+            fields.setdefault("prompts", []).append(value)
+        elif key == "top_k" and "top_k" in known:
             try:
-                message.top_k = int(value)
+                fields["top_k"] = int(value)
             except ValueError:
                 raise InvalidInput(f"field 'top_k': {value!r} is not an integer") from None
         else:
-            raise InvalidInput(f"field {key!r}: not a field of {cls.DESCRIPTOR.name} (or a file part not an image)")
-    return message
+            raise InvalidInput(f"field {key!r}: not a field of {name} (or a file part not an image)")
+    return fields
 
 
-def _reply(request: web.Request, message: Message) -> web.Response:
-    body = to_json(message)
+def _fields(obj: Any, message: tuple, binary: bool) -> dict[str, Any]:
+    """The fields given (null ones are absent), each checked against its kind; bytes raw when ``binary``, else
+    base64 text."""
+    name, known = message
+    if not isinstance(obj, dict):
+        raise InvalidInput(f"{name}: a map expected, got {type(obj).__name__}")
+    out = {}
+    for key, value in obj.items():
+        field = key if binary else JSON_NAMES.get(key, key)
+        kind = known.get(field) if isinstance(field, str) else None
+        if kind is None:
+            raise InvalidInput(f"field {key!r}: {name} has no such field")
+        if value is None:
+            continue
+        if isinstance(kind, list):
+            if not isinstance(value, list):
+                raise InvalidInput(f"field {key!r}: a list expected, got {type(value).__name__}")
+            out[field] = [_value(key, kind[0], v, binary) for v in value]
+        else:
+            out[field] = _value(key, kind, value, binary)
+    return out
+
+
+def _value(key: str, kind: Any, value: Any, binary: bool) -> Any:
+    if isinstance(kind, tuple):
+        return _fields(value, kind, binary)
+    try:
+        if kind is str and isinstance(value, str):
+            return value
+        if kind is bytes and isinstance(value, bytes if binary else str):
+            return value if binary else base64.urlsafe_b64decode(value + "=" * (4 - len(value) % 4))
+        if kind is int and not isinstance(value, bool) and isinstance(value, int if binary else int | float | str):
+            number = float(value) if isinstance(value, float | str) else value  # JSON: 2, 2.0 and "2" alike
+            if float(number).is_integer() and 0 <= number < 2**32:
+                return int(number)
+    except ValueError as e:  # base64 or a number's text
+        raise InvalidInput(f"field {key!r}: {e}") from None
+    expected = {str: "a string", bytes: "bytes" if binary else "base64 text", int: "an unsigned 32-bit integer"}
+    raise InvalidInput(f"field {key!r}: {expected[kind]} expected, got {value!r:.40}")
+
+
+def _images(fields: dict[str, Any]) -> list[ImageItem]:
+    return [
+        image_item(
+            i, image.get("data", b""), image.get("id", ""), _pixels(image["pixels"]) if "pixels" in image else None
+        )
+        for i, image in enumerate(fields.get("images", []))
+    ]
+
+
+def _pixels(p: dict[str, Any]) -> RawPixels:
+    return RawPixels(p.get("height", 0), p.get("width", 0), p.get("channels", 0), p.get("data", b""))
+
+
+def _record(record: Any) -> dict[str, Any]:
+    """An api result as scoring.v1's JSON: its fields in order, floats as protobuf writes a float32 (the
+    shortest text that reads back as the same float32)."""
+    return {k: float(str(np.float32(v))) if isinstance(v, float) else v for k, v in asdict(record).items()}
+
+
+def _reply(request: web.Request, body: dict[str, Any]) -> web.Response:
     if _wants_msgpack(request):
         return web.Response(body=msgpack.packb(body), content_type=MSGPACK[0])
     return web.json_response(body)
-
-
-INT64 = {
-    FieldDescriptor.TYPE_INT64,
-    FieldDescriptor.TYPE_UINT64,
-    FieldDescriptor.TYPE_SINT64,
-    FieldDescriptor.TYPE_FIXED64,
-    FieldDescriptor.TYPE_SFIXED64,
-}
-
-
-def to_json(message: Message) -> dict[str, Any]:
-    """A message as JSON the way Triton's HTTP API writes it: field names as declared, every field present,
-    64-bit integers as numbers (protobuf's JSON mapping writes them as strings)."""
-    d = json_format.MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-    return _numbers(message.DESCRIPTOR, d)
-
-
-def _numbers(desc: Descriptor, d: dict[str, Any]) -> dict[str, Any]:
-    """64-bit integers as numbers, and the fields in their declared order (as a reader expects them)."""
-    d = {f.name: d[f.name] for f in desc.fields if f.name in d} | {
-        k: v for k, v in d.items() if k not in desc.fields_by_name
-    }
-    for key, value in d.items():
-        fd = desc.fields_by_name.get(key)
-        if fd is None:
-            continue
-        if fd.message_type is not None:
-            if fd.message_type.GetOptions().map_entry:
-                vfd = fd.message_type.fields_by_name["value"]
-                if vfd.message_type is not None:
-                    d[key] = {k: _numbers(vfd.message_type, v) for k, v in value.items()}
-                elif vfd.type in INT64:
-                    d[key] = {k: int(v) for k, v in value.items()}
-            elif isinstance(value, list):
-                d[key] = [_numbers(fd.message_type, v) for v in value]
-            else:
-                d[key] = _numbers(fd.message_type, value)
-        elif fd.type in INT64:
-            d[key] = [int(v) for v in value] if isinstance(value, list) else int(value)
-    return d
-
-
-def from_plain(obj: Any, cls: type[Message]) -> Message:
-    """A message from msgpack's plain values: the proto field names, bytes fields as raw bytes."""
-    message = cls()
-    _fill(message, obj)
-    return message
-
-
-def _fill(message: Message, obj: Any) -> None:
-    desc = message.DESCRIPTOR
-    if not isinstance(obj, dict):
-        raise InvalidInput(f"{desc.name}: a map expected, got {type(obj).__name__}")
-    for key, value in obj.items():
-        fd = desc.fields_by_name.get(key) if isinstance(key, str) else None
-        if fd is None:
-            raise InvalidInput(f"field {key!r}: {desc.name} has no such field")
-        repeated = fd.is_repeated
-        if repeated and not isinstance(value, list):
-            raise InvalidInput(f"field {key!r}: a list expected, got {type(value).__name__}")
-        try:
-            if fd.message_type is not None:
-                if repeated:
-                    for v in value:
-                        _fill(getattr(message, key).add(), v)
-                else:
-                    _fill(getattr(message, key), value)
-            elif repeated:
-                getattr(message, key).extend(value)
-            else:
-                setattr(message, key, value)
-        except (TypeError, ValueError) as e:
-            raise InvalidInput(f"field {key!r}: {e}") from None
-
-
-# KServe v2 REST inference: JSON tensors and the binary extension ------------------------------------------
-
-
-def infer_request(
-    body: bytes, header_length: str | None, model: str, version: str
-) -> tuple[kpb.ModelInferRequest, dict[str, bool]]:
-    """The protobuf request the gRPC service would get, and which outputs to return as binary."""
-    if header_length is not None:
-        try:
-            length = int(header_length)
-        except ValueError:
-            raise InvalidInput(f"{HEADER_LENGTH}: {header_length!r} is not a byte count") from None
-        if not 0 <= length <= len(body):
-            raise InvalidInput(f"{HEADER_LENGTH} {length}: outside the {len(body)}-byte body")
-    else:
-        length = len(body)
-    try:
-        header = json.loads(body[:length])
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidInput(f"inference header: not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise InvalidInput("inference header: a JSON object expected")
-    message = kpb.ModelInferRequest(model_name=model, model_version=version, id=str(header.get("id", "")))
-    parameters = header.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise InvalidInput("parameters: a JSON object expected")
-    for key, value in parameters.items():
-        if key in ("binary_data_output",):
-            continue
-        _parameter(message.parameters[key], key, value)
-    at = length
-    inputs = header.get("inputs")
-    if not isinstance(inputs, list):
-        raise InvalidInput("inputs: a JSON list expected")
-    for i, spec in enumerate(inputs):
-        if not isinstance(spec, dict):
-            raise InvalidInput(f"input {i}: a JSON object expected")
-        name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
-        if not isinstance(name, str) or not isinstance(datatype, str):
-            raise InvalidInput(f"input {i}: name and datatype must be strings")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-            raise InvalidInput(f"input {name!r}: shape must be a list of integers")
-        message.inputs.add(name=name, datatype=datatype, shape=shape)
-        size = (spec.get("parameters") or {}).get("binary_data_size")
-        if size is not None:
-            if not isinstance(size, int) or size < 0 or at + size > len(body):
-                raise InvalidInput(f"input {name!r}: binary_data_size {size!r} runs past the body's end")
-            message.raw_input_contents.append(body[at : at + size])
-            at += size
-        else:
-            message.raw_input_contents.append(_raw(name, datatype, spec.get("data")))
-    if at != len(body):
-        raise InvalidInput(f"{len(body) - at} bytes after the last binary input")
-    outputs = header.get("outputs") or []
-    default = bool(parameters.get("binary_data_output", False))
-    binary = {}
-    for spec in outputs:
-        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-            raise InvalidInput("outputs: each a JSON object with a name")
-        message.outputs.add(name=spec["name"])
-        binary[spec["name"]] = bool((spec.get("parameters") or {}).get("binary_data", default))
-    binary["*"] = default
-    return message, binary
-
-
-def _parameter(target: kpb.InferParameter, key: str, value: Any) -> None:
-    if isinstance(value, bool):
-        target.bool_param = value
-    elif isinstance(value, int):
-        if not -(2**63) <= value < 2**63:
-            raise InvalidInput(f"parameter {key!r}: {value} is out of range")
-        target.int64_param = value
-    elif isinstance(value, str):
-        target.string_param = value
-    elif isinstance(value, float):
-        target.double_param = value
-    else:
-        raise InvalidInput(f"parameter {key!r}: a number, boolean or string expected")
-
-
-def _raw(name: str, datatype: str, data: Any) -> bytes:
-    """JSON ``data`` (flat or nested, row-major) as the raw bytes the gRPC protocol carries."""
-    if data is None:
-        raise InvalidInput(f"input {name!r}: neither data nor binary_data_size")
-    if datatype == "BYTES":
-        flat = np.asarray(data, dtype=object).reshape(-1) if isinstance(data, list) else None
-        if flat is None or not all(isinstance(x, str) for x in flat):
-            raise InvalidInput(f"input {name!r}: BYTES data must be a list of strings")
-        out = bytearray()
-        for element in flat:
-            encoded = element.encode("utf-8")
-            out += struct.pack("<I", len(encoded)) + encoded
-        return bytes(out)
-    if datatype not in NUMPY:
-        raise InvalidInput(f"input {name!r}: datatype {datatype} is not one this server takes")
-    try:
-        array = np.asarray(data, dtype=NUMPY[datatype])
-    except (TypeError, ValueError, OverflowError) as e:
-        raise InvalidInput(f"input {name!r}: data is not a regular array of {datatype} ({e})") from None
-    return array.astype(np.dtype(NUMPY[datatype]).newbyteorder("<")).tobytes()
-
-
-def infer_response(response: kpb.ModelInferResponse, binary: dict[str, bool]) -> tuple[bytes, int | None]:
-    """The JSON header (and binary outputs after it); the header's length when anything is binary."""
-    outputs, blobs = [], []
-    for tensor, raw in zip(response.outputs, response.raw_output_contents):
-        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
-        if binary.get(tensor.name, binary.get("*", False)):
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            blobs.append(raw)
-        else:
-            entry["data"] = np.frombuffer(raw, "<f4").tolist()
-        outputs.append(entry)
-    header = json.dumps(
-        {
-            "model_name": response.model_name,
-            "model_version": response.model_version,
-            "id": response.id,
-            "outputs": outputs,
-        }
-    ).encode()
-    if not blobs:
-        return header, None
-    return header + b"".join(blobs), len(header)

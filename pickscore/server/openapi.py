@@ -1,14 +1,15 @@
 """The OpenAPI 3.1 document of the HTTP front door (served at ``/openapi.json``).
 
-The scoring schemas are scoring.v1's messages in protobuf's JSON mapping (bytes as base64); msgpack bodies
-carry the same fields with bytes raw. ``tests/server/test_http.py`` checks that every route the server has
-is documented here and every documented path is served.
+The scoring schemas are scoring.v1's messages in protobuf's JSON mapping (bytes as base64), read from the
+messages' descriptors; msgpack bodies carry the same fields with bytes raw. ``tests/server/test_http.py``
+checks that every route the server has is documented here and every documented path is served.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from pickscore.server.api import ModelInfo
 from pickscore.v1 import scoring_pb2 as pb
 from pickscore.version import __version__
 
@@ -116,28 +117,35 @@ def _message_schema(descriptor) -> dict[str, Any]:
     return {"type": "object", "properties": properties}
 
 
-def document(info: pb.GetModelInfoResponse) -> dict[str, Any]:
-    schemas = {
-        d.name: _message_schema(d)
-        for d in (
-            pb.ScoreRequest.DESCRIPTOR,
-            pb.RankRequest.DESCRIPTOR,
-            pb.Image.DESCRIPTOR,
-            pb.Pixels.DESCRIPTOR,
-            pb.ScoreResponse.DESCRIPTOR,
-            pb.ScoredImage.DESCRIPTOR,
-            pb.RankResponse.DESCRIPTOR,
-            pb.RankedImage.DESCRIPTOR,
-            pb.GetModelInfoResponse.DESCRIPTOR,
-        )
-    }
+def _schemas() -> dict[str, Any]:
+    messages = (pb.ScoreRequest, pb.RankRequest, pb.Image, pb.Pixels, pb.ScoreResponse, pb.ScoredImage)
+    messages += (pb.RankResponse, pb.RankedImage, pb.GetModelInfoResponse)
+    schemas = {m.DESCRIPTOR.name: _message_schema(m.DESCRIPTOR) for m in messages}
     schemas["Error"] = {
         "type": "object",
         "properties": {"error": {"type": "string"}, "code": {"type": "string"}},
         "required": ["error"],
     }
+    return schemas
+
+
+_INFER = {
+    "post": {
+        "summary": "KServe v2 inference: JSON tensors, or Triton's binary tensor extension "
+        "(Inference-Header-Content-Length)",
+        "parameters": _COMMON,
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object"}}, "application/octet-stream": {}},
+        },
+        "responses": {"200": {"description": "output tensors"}, **_ERRORS},
+    }
+}
+
+
+def _paths() -> dict[str, Any]:
     obj = {"type": "object"}
-    paths = {
+    return {
         "/v1/score": _scoring(
             "PickScore of each image for one prompt, or of prompt-image pairs", "ScoreRequest", "ScoreResponse"
         ),
@@ -156,22 +164,11 @@ def document(info: pb.GetModelInfoResponse) -> dict[str, Any]:
         **_kserve("/ready", _get("200 when the model is ready, 503 otherwise", _health_body("ready", name=True))),
         **_kserve("/config", _get("Triton model configuration", obj)),
         **_kserve("/stats", _get("KServe v2 model statistics", obj)),
-        **_kserve(
-            "/infer",
-            {
-                "post": {
-                    "summary": "KServe v2 inference: JSON tensors, or Triton's binary tensor extension "
-                    "(Inference-Header-Content-Length)",
-                    "parameters": _COMMON,
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": obj}, "application/octet-stream": {}},
-                    },
-                    "responses": {"200": {"description": "output tensors"}, **_ERRORS},
-                }
-            },
-        ),
+        **_kserve("/infer", _INFER),
     }
+
+
+def document(info: ModelInfo) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {
@@ -181,9 +178,9 @@ def document(info: pb.GetModelInfoResponse) -> dict[str, Any]:
             f"({info.backend}, {info.device}); at most {info.max_images_per_request} images a request.",
         },
         "components": {
-            "schemas": schemas,
+            "schemas": _schemas(),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{}, {"bearer": []}],
-        "paths": paths,
+        "paths": _paths(),
     }

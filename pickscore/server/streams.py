@@ -1,4 +1,4 @@
-"""Helpers every gRPC transport shares: bidirectional streams computed in a bounded window, and deadlines.
+"""Bidirectional streams computed in a bounded window (the gRPC transports' ScoreStream and ModelStreamInfer).
 
 async for answer in windowed(requests, handle, window=8):   # at most 8 messages in flight, answers as ready
     yield answer
@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
-
-import grpc
 
 
 async def windowed(requests: AsyncIterator, handle: Callable[[Any], Awaitable[Any]], window: int) -> AsyncIterator:
@@ -46,9 +44,3 @@ async def windowed(requests: AsyncIterator, handle: Callable[[Any], Awaitable[An
         await reader  # re-raise what ended the reading, if anything did
     finally:
         reader.cancel()
-
-
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The client's deadline as event-loop time, or None."""
-    remaining = context.time_remaining()
-    return None if remaining is None else asyncio.get_running_loop().time() + remaining

@@ -148,9 +148,9 @@ def test_tritonclient_http_aio(server, expected):
 
 def _plain(message) -> dict:
     """A gRPC answer in the HTTP API's JSON form: declared field names, every field, 64-bit ints as numbers."""
-    from pickscore.server.http import to_json
+    from pickscore.server.api import triton_json
 
-    return to_json(message)
+    return triton_json(message)
 
 
 def test_metadata_config_readiness_and_statistics_equal_grpc(http, grpc_tc):
