@@ -3,20 +3,20 @@
     run_batch(["data/*.parquet"], "out/", model="demo")                   # in-process
     run_batch(["shards/"], "out/", servers=["10.0.0.1:8001", "10.0.0.2:8001"])   # on running servers
 
-Inputs (``read_rows``), in a fixed order: Parquet files (columns ``prompt`` and ``image`` (encoded bytes) or
-``image_path``; optional ``group`` and ``id``; Pick-a-Pic's ``caption``/``jpg_0``/``jpg_1`` rows give two
-candidates each, ranked together), WebDataset tar shards (``KEY.jpg|png|webp`` with ``KEY.txt`` or
-``KEY.json`` holding the prompt), and directories holding ``manifest.jsonl`` (``{"image": relative path,
-"prompt": ..., "group"?: ..., "id"?: ...}`` per line). Rows of one group (default: one group per prompt)
-are ranked together.
+Inputs (``pickscore.datasets.inputs.read_rows``), in a fixed order: Parquet files (columns ``prompt`` and
+``image`` (encoded bytes) or ``image_path``; optional ``group`` and ``id``; Pick-a-Pic's ``caption``/``jpg_0``/
+``jpg_1`` rows give two candidates each, ranked together), WebDataset tar shards (``KEY.jpg|png|webp`` with
+``KEY.txt`` or ``KEY.json`` holding the prompt), and directories holding ``manifest.jsonl`` (``{"image": relative
+path, "prompt": ..., "group"?: ..., "id"?: ...}`` per line). Rows of one group (default: one group per prompt) are
+ranked together.
 
-Two phases, each restartable. Scoring: rows are cut into shards of ``shard_size`` in input order; each
-shard is decoded, scored and written to ``OUT/_scores/shard-NNNNN.parquet`` in one atomic rename, so a
-job killed at any moment (SIGKILL included) and started again with ``--resume`` skips the shards it
-finished and recomputes the rest, with the same batches and so the same scores. Finalising: ranks and
+Two phases, each restartable, in the job directory ``jobdir`` describes. Scoring: rows are cut into shards of
+``shard_size`` in input order; each shard is decoded, scored and written to ``OUT/_scores/shard-NNNNN.parquet`` in
+one atomic rename, so a job killed at any moment (SIGKILL included) and started again with ``--resume`` skips the
+shards it finished and recomputes the rest, with the same batches and so the same scores. Finalising: ranks and
 probabilities within each group need every score of the group, so they are computed from the shard files'
 (row, group, score) columns alone, and written as ``OUT/part-NNNNN.parquet`` (one per shard) with
-``errors.jsonl`` (rows that could not be scored: ``ERROR_FIELDS``) and ``_SUCCESS`` (counts) last. Memory:
+``errors.jsonl`` (rows that could not be scored: ``jobdir.ERROR_FIELDS``) and ``_SUCCESS`` (counts) last. Memory:
 two shards' images at a time while scoring (the next one is decoded, or sent to the servers, while the
 current one is encoded or collected); a few dozen bytes a row while finalising.
 """
@@ -28,27 +28,27 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pickscore.datasets.inputs import count_rows, input_files, read_rows
 from pickscore.datasets.rows import Row
 from pickscore.errors import InvalidInput
+from pickscore.jobs.jobdir import (
+    JobSpec,
+    claim,
+    finalise,
+    finished_shards,
+    shard_path,
+    shard_table,
+    write_table_atomically,
+)
 
-SCORES = "_scores"
-# An errors.jsonl line: ``row``, the row's number in the job (from 0 over the input files in the order they are read,
-# as the part files' ``row`` column), ``file``, the input file that holds it, ``position``, where in that file (from
-# 0: the Parquet row, both candidates of a Pick-a-Pic row sharing it; the WebDataset sample; the manifest.jsonl
-# line, blank lines counted), ``id``, and ``error``, the reason alone (the other fields name the row).
-ERROR_FIELDS = ("row", "file", "position", "id", "error")
 # How a scorer's message names its item: "image 3 (id 'x'): ", after "server: CODE: " or "server: HTTP 400: ".
 _ITEM_PREFIX = re.compile(r"^(?:server: (?:[A-Z_]+: |HTTP \d+: )?)?image \d+(?: \(.*?\))?: ")
 
@@ -215,46 +215,6 @@ def _model_source(address: str, timeout: float, connection: dict[str, Any]) -> s
 # The job ------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class JobSpec:
-    """What makes two runs the same job (checked on --resume)."""
-
-    inputs: list[str]
-    model: str
-    shard_size: int
-    embeddings: bool
-
-
-def _write_atomically(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def _write_text_atomically(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def shard_table(rows: list[Row], scores: np.ndarray, errors: dict[int, str], extra: dict[str, np.ndarray]) -> pa.Table:
-    columns: dict[str, Any] = {
-        "row": pa.array([r.index for r in rows], pa.int64()),
-        "id": pa.array([r.id for r in rows], pa.string()),
-        "group": pa.array([r.group for r in rows], pa.string()),
-        "prompt": pa.array([r.prompt for r in rows], pa.string()),
-        "score": pa.array([None if i in errors else float(s) for i, s in enumerate(scores)], pa.float32()),
-        "error": pa.array([errors.get(i) for i in range(len(rows))], pa.string()),
-        "file": pa.array([r.file for r in rows], pa.string()),  # where the row is in its input, for errors.jsonl
-        "position": pa.array([r.position for r in rows], pa.int64()),
-    }
-    for name, values in extra.items():
-        columns[name] = pa.array(
-            [None if i in errors else values[i].tolist() for i in range(len(rows))], pa.list_(pa.float32())
-        )
-    return pa.table(columns)
-
-
 def run_batch(
     inputs: Sequence[str],
     output: str | os.PathLike,
@@ -273,125 +233,74 @@ def run_batch(
     **connection,
 ) -> dict[str, Any]:
     """Run (or resume) the job; returns the _SUCCESS manifest."""
+    _check_arguments(model, servers, embeddings, shard_size)
+    out = Path(output)
+    spec = JobSpec(list(inputs), model or ",".join(servers), shard_size, embeddings)
+    claim(out, spec, resume)
+    files = input_files(inputs)
+
+    def scorer() -> LocalScorer | ServerScorer:
+        if model:
+            return LocalScorer(model, device, dtype, backend, batch_size, embeddings)
+        return ServerScorer(servers, timeout, **connection)
+
+    total = count_rows(files)
+    start = time.perf_counter()
+    scored = _score_shards(out, read_rows(files), shard_size, scorer, total, progress)
+    manifest = finalise(out, spec)
+    manifest["images_per_s_this_run"] = scored / max(time.perf_counter() - start, 1e-9)
+    return manifest
+
+
+def _check_arguments(model: str | None, servers: Sequence[str], embeddings: bool, shard_size: int) -> None:
     if bool(model) == bool(servers):
         raise ValueError("give either --model (score here) or --server (score on running servers)")
     if embeddings and servers:
         raise ValueError("--embeddings needs --model: the servers answer scores, not embeddings")
     if shard_size < 1:
         raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
-    out = Path(output)
-    spec = JobSpec(list(inputs), model or ",".join(servers), shard_size, embeddings)
-    _claim(out, spec, resume)
-    scores_dir = out / SCORES
-    done = {p.name for p in scores_dir.glob("shard-*.parquet")}
-    files = input_files(inputs)
-    total = count_rows(files)
-    scorer = None
-    start, scored = time.perf_counter(), 0
-    ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")  # the next shard's decode or sends
-    pending = None  # (name, rows, future of prepare): prepared while the shard before it is completed
 
-    def complete(name: str, rows: list[Row], prepared) -> None:
-        nonlocal scored
-        scores, errors, extra = scorer.complete(rows, prepared.result())
-        _write_atomically(shard_table(rows, scores, errors, extra), scores_dir / name)
-        scored += len(rows)
-        bar.update(len(rows))
 
+def _score_shards(
+    out: Path,
+    rows: Iterator[Row],
+    shard_size: int,
+    make_scorer: Callable[[], LocalScorer | ServerScorer],
+    total: int | None,
+    progress: bool,
+) -> int:
+    """Score and write every shard not yet in OUT; the next shard is prepared (decoded, or sent to the servers)
+    while the current one completes. The scorer is made at the first shard to score. -> the rows scored."""
+    done = set(finished_shards(out))
+    scorer, scored = None, 0
+    ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+    pending = None  # (number, rows, future of prepare): prepared while the shard before it is completed
     try:
         with tqdm(total=total, unit="img", disable=not progress or None, file=sys.stderr, desc="scoring") as bar:
-            for number, rows in shards(read_rows(files), shard_size):
-                name = f"shard-{number:05d}.parquet"
-                if name in done:
-                    bar.update(len(rows))
+            for number, shard in shards(rows, shard_size):
+                if number in done:
+                    bar.update(len(shard))
                     continue
                 if scorer is None:
-                    scorer = (
-                        LocalScorer(model, device, dtype, backend, batch_size, embeddings)
-                        if model
-                        else ServerScorer(servers, timeout, **connection)
-                    )
-                following = (name, rows, ahead.submit(scorer.prepare, rows))
+                    scorer = make_scorer()
+                following = (number, shard, ahead.submit(scorer.prepare, shard))
                 if pending is not None:
-                    complete(*pending)
+                    scored += _complete(out, scorer, *pending, bar)
                 pending = following
             if pending is not None:
-                complete(*pending)
+                scored += _complete(out, scorer, *pending, bar)
     finally:
         ahead.shutdown(wait=True, cancel_futures=True)
         if scorer is not None:
             scorer.close()
-    manifest = finalise(out, spec)
-    manifest["images_per_s_this_run"] = scored / max(time.perf_counter() - start, 1e-9)
-    return manifest
+    return scored
 
 
-def _claim(out: Path, spec: JobSpec, resume: bool) -> None:
-    """Create OUT for this job, or check that --resume continues the same job there."""
-    job = out / "_job.json"
-    if out.exists() and any(out.iterdir()):
-        if not resume:
-            raise ValueError(f"--output {out} is not empty; pass --resume to continue the job there, or pick a new one")
-        if not job.exists():
-            raise ValueError(f"--output {out} holds no batch job (no _job.json); pick a new --output")
-        if json.loads(job.read_text()) != asdict(spec):
-            raise ValueError(
-                f"--output {out} holds a different job ({job.read_text().strip()}); resume it with the same "
-                "arguments, or pick a new --output"
-            )
-    (out / SCORES).mkdir(parents=True, exist_ok=True)
-    if not job.exists():
-        _write_text_atomically(json.dumps(asdict(spec), allow_nan=False), job)
-
-
-def finalise(out: Path, spec: JobSpec) -> dict[str, Any]:
-    """Ranks and probabilities within groups, from the shard files; the output parts, errors.jsonl, _SUCCESS."""
-    files = sorted((out / SCORES).glob("shard-*.parquet"))
-    keys = pa.concat_tables([pq.read_table(f, columns=["row", "group", "score"]) for f in files])
-    rows = keys.column("row").to_numpy()
-    groups = keys.column("group").to_pylist()
-    score = keys.column("score").to_numpy(zero_copy_only=False).astype(np.float64)  # NaN for failed rows
-    rank, probability = group_ranks(groups, score)
-    by_row = {int(r): k for k, r in enumerate(rows)}
-    errors, n_ok = [], 0
-    for f in files:
-        table = pq.read_table(f)
-        positions = np.array([by_row[int(r)] for r in table.column("row").to_pylist()], np.int64)
-        failed = np.array([e is not None for e in table.column("error").to_pylist()], bool)
-        errors += table.filter(pa.array(failed)).select(list(ERROR_FIELDS)).to_pylist()
-        kept = table.filter(pa.array(~failed)).drop(["error", "file", "position"])
-        positions = positions[~failed]
-        kept = kept.append_column("rank", pa.array(rank[positions], pa.int32()))
-        kept = kept.append_column("probability", pa.array(probability[positions], pa.float32()))
-        n_ok += kept.num_rows
-        _write_atomically(kept, out / f.name.replace("shard-", "part-"))
-    _write_text_atomically("".join(json.dumps(e, allow_nan=False) + "\n" for e in errors), out / "errors.jsonl")
-    manifest = {
-        "rows": int(len(rows)),
-        "scored": n_ok,
-        "errors": len(errors),
-        "groups": len(set(g for g, s in zip(groups, score) if not np.isnan(s))),
-        "parts": len(files),
-        "model": spec.model,
-    }
-    _write_text_atomically(json.dumps(manifest, indent=2, allow_nan=False) + "\n", out / "_SUCCESS")
-    return manifest
-
-
-def group_ranks(groups: list[str], scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rank within each group (1 = best; equal scores by input order) and the softmax over the group's scores.
-    NaN scores (failed rows) get rank 0 and probability NaN and take no part."""
-    rank = np.zeros(len(scores), np.int64)
-    probability = np.full(len(scores), np.nan, np.float64)
-    members: dict[str, list[int]] = {}
-    for i, (g, s) in enumerate(zip(groups, scores)):
-        if not np.isnan(s):
-            members.setdefault(g, []).append(i)
-    for idx in members.values():
-        idx = np.asarray(idx)
-        s = scores[idx]
-        order = idx[np.argsort(-s, kind="stable")]
-        rank[order] = np.arange(1, len(order) + 1)
-        z = np.exp(s - s.max())
-        probability[idx] = z / z.sum()
-    return rank, probability
+def _complete(
+    out: Path, scorer: LocalScorer | ServerScorer, number: int, rows: list[Row], prepared: Future, bar: tqdm
+) -> int:
+    """Collect one prepared shard and write its shard file -> its rows."""
+    scores, errors, extra = scorer.complete(rows, prepared.result())
+    write_table_atomically(shard_table(rows, scores, errors, extra), shard_path(out, number))
+    bar.update(len(rows))
+    return len(rows)

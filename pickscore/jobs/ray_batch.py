@@ -27,14 +27,15 @@ import numpy as np
 from pickscore.datasets.inputs import file_count, file_rows, input_files
 from pickscore.datasets.rows import Row
 from pickscore.errors import InvalidInput
-from pickscore.jobs.batch import (
-    SCORES,
+from pickscore.jobs.batch import score_crops
+from pickscore.jobs.jobdir import (
     JobSpec,
-    _claim,
-    _write_atomically,
+    claim,
     finalise,
-    score_crops,
+    finished_shards,
+    shard_path,
     shard_table,
+    write_table_atomically,
 )
 
 ROW_COLUMNS = ("row", "id", "group", "prompt", "image", "path", "error", "file", "position")
@@ -159,14 +160,13 @@ def run_batch_on_ray(
     max_pixels: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
+    """Run (or resume) the job on Ray; returns the _SUCCESS manifest."""
     import ray
-
-    from pickscore.model.preprocess import DEFAULT_MAX_PIXELS
 
     out = Path(output)
     spec = JobSpec(list(inputs), model, shard_size, embeddings)
-    _claim(out, spec, resume)
-    done = sorted(int(p.stem.split("-")[1]) for p in (out / SCORES).glob("shard-*.parquet"))
+    claim(out, spec, resume)
+    done = finished_shards(out)
     files = input_files(inputs)
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -174,25 +174,66 @@ def run_batch_on_ray(
     context.execution_options.preserve_order = True  # rows reach the driver in the job's order
     context.enable_progress_bars = progress
 
+    plan = _plan(ray, files, shard_size, done)
+    ds = ray.data.from_items(plan, override_num_blocks=len(plan))
+    ds = ds.map_batches(_read_task, batch_size=1, batch_format="numpy")
+    ds = _decode_and_score(
+        ray,
+        ds,
+        model=model,
+        device=device,
+        dtype=dtype,
+        backend=backend,
+        batch_size=batch_size,
+        embeddings=embeddings,
+        scorers=scorers,
+        cpus_per_scorer=cpus_per_scorer,
+        max_pixels=max_pixels,
+    )
+    _write_shards(ds, out, shard_size, embeddings)
+    return finalise(out, spec)
+
+
+def _plan(ray, files: list[Path], shard_size: int, done: list[int]) -> list[dict[str, Any]]:
+    """One read task's work per input file: the file, its first row number in the job, the shards to leave out."""
     counts = ray.get([ray.remote(_count).remote(f) for f in files])  # each file's rows, in parallel
     firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
-    plan = [
+    return [
         {"file": str(f), "first": int(first), "shard_size": shard_size, "done": json.dumps(done)}
         for f, first in zip(files, firsts)
     ]
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+
+
+def _decode_and_score(
+    ray,
+    ds,
+    *,
+    model: str,
+    device: str,
+    dtype: str,
+    backend: str,
+    batch_size: int,
+    embeddings: bool,
+    scorers: int | None,
+    cpus_per_scorer: int,
+    max_pixels: int | None,
+):
+    """The read rows -> decoded in CPU tasks -> scored by an actor pool (``scorers``, else one scorer per GPU, else
+    one per ``cpus_per_scorer`` CPUs, half the cluster's)."""
+    from pickscore.model.preprocess import DEFAULT_MAX_PIXELS
+
+    resources = ray.cluster_resources()
+    cpus, gpus = max(1, int(resources.get("CPU", 1))), int(resources.get("GPU", 0))
     on_gpu = gpus > 0 and device != "cpu"
-    pool = scorers or (gpus if on_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // (2 * cpus_per_scorer)))
-    ds = ray.data.from_items(plan, override_num_blocks=len(plan))
-    ds = ds.map_batches(_read_task, batch_size=1, batch_format="numpy")
+    pool = scorers or (gpus if on_gpu else max(1, cpus // (2 * cpus_per_scorer)))
     ds = ds.map_batches(
         _Decode,
         fn_constructor_args=(preprocess_json(model), max_pixels or DEFAULT_MAX_PIXELS),
         batch_size=64,
         batch_format="numpy",
-        concurrency=(1, max(1, int(ray.cluster_resources().get("CPU", 1)))),
+        concurrency=(1, cpus),
     )
-    ds = ds.map_batches(
+    return ds.map_batches(
         _Score,
         fn_constructor_args=(model, device, dtype, backend, batch_size, embeddings),
         batch_size=max(batch_size, 64),
@@ -201,8 +242,6 @@ def run_batch_on_ray(
         num_gpus=1 if on_gpu else 0,
         num_cpus=0 if on_gpu else cpus_per_scorer,
     )
-    _write_shards(ds, out, shard_size, embeddings)
-    return finalise(out, spec)
 
 
 def _write_shards(ds, out: Path, shard_size: int, embeddings: bool) -> None:
@@ -220,7 +259,7 @@ def _write_shards(ds, out: Path, shard_size: int, embeddings: bool) -> None:
         err = {i: e for i, e in enumerate(errors) if e is not None}
         columns = {k: np.stack(v) for k, v in extra.items()} if embeddings else {}
         table = shard_table(pending, np.asarray(scores, np.float32), err, columns)
-        _write_atomically(table, out / SCORES / f"shard-{current:05d}.parquet")
+        write_table_atomically(table, shard_path(out, current))
         for values in (pending, scores, errors, *extra.values()):
             values.clear()
 

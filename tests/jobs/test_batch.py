@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pickscore.cli import main as cli
-from pickscore.jobs.batch import group_ranks, run_batch
+from pickscore.jobs.batch import run_batch
+from pickscore.jobs.jobdir import group_ranks
 from pickscore.scorer import Scorer
 from pickscore.server.app import ServerThread
 from tests.server.conftest import jpeg, settings_for
