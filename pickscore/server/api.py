@@ -108,7 +108,7 @@ class Scoring:
             backend=backend.name,
             device=backend.description,
             embed_dim=backend.embed_dim,
-            logit_scale=backend.logit_scale,
+            logit_scale=float(backend.logit_scale),
             image_size=backend.preprocess.output_size[0],
             context_length=backend.tokenizer.context_length,
             max_batch_size=s.max_batch_size,

@@ -21,7 +21,7 @@ def from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> np
     """An input's raw bytes as an array of ``shape``; InvalidInput naming the input when they do not fit."""
     count = int(np.prod(shape))
     if datatype == "BYTES":
-        return elements(name, shape, split_bytes(name, raw))
+        return _elements(name, shape, _split_bytes(name, raw))
     dtype = np.dtype(NUMPY[datatype]).newbyteorder("<")
     if len(raw) != count * dtype.itemsize:
         raise InvalidInput(
@@ -33,7 +33,7 @@ def from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> np
 def from_values(name: str, datatype: str, shape: tuple[int, ...], values: Sequence[Any]) -> np.ndarray:
     """An input's values (flat, or nested row-major) as an array of ``shape``; BYTES values are bytes."""
     if datatype == "BYTES":
-        return elements(name, shape, list(values))
+        return _elements(name, shape, list(values))
     try:
         array = np.asarray(values, dtype=NUMPY[datatype]).reshape(-1)
     except (TypeError, ValueError, OverflowError) as e:
@@ -44,7 +44,7 @@ def from_values(name: str, datatype: str, shape: tuple[int, ...], values: Sequen
     return array.reshape(shape)
 
 
-def elements(name: str, shape: tuple[int, ...], items: list[bytes]) -> np.ndarray:
+def _elements(name: str, shape: tuple[int, ...], items: list[bytes]) -> np.ndarray:
     """A BYTES input's elements as an object array of ``shape``."""
     count = int(np.prod(shape))
     if len(items) != count:
@@ -54,7 +54,7 @@ def elements(name: str, shape: tuple[int, ...], items: list[bytes]) -> np.ndarra
     return array.reshape(shape)
 
 
-def split_bytes(name: str, raw: bytes) -> list[bytes]:
+def _split_bytes(name: str, raw: bytes) -> list[bytes]:
     """Elements of a raw BYTES tensor."""
     out, at = [], 0
     view = memoryview(raw)

@@ -25,6 +25,7 @@ from tritonclient.utils import InferenceServerException
 
 from pickscore.backends.torch_backend import TorchBackend
 from pickscore.client import Client
+from pickscore.errors import InvalidInput
 from pickscore.model.checkpoint import resolve
 from pickscore.model.preprocess import load_pixels
 from pickscore.server.app import ServerThread
@@ -407,3 +408,71 @@ def test_a_body_over_the_message_limit_is_400_naming_the_limit(tiny_hf_dir):
         form, kind = multipart([("prompt", PROMPT)], [("a.jpg", IMAGES[0] * 2)])
         status, _, answer = post(server, "/v1/rank", form, kind)
         assert status == 400 and "request body over 4096 bytes" in json.loads(answer)["error"]
+
+
+# The HTTP codecs without a server: JSON, msgpack and binary tensors straight to the api's values and back ------
+
+
+def test_kserve_rest_json_and_binary_inputs_decode_straight_to_numpy():
+    from pickscore.server.api import InferResponse, Tensor
+    from pickscore.server.http_kserve import infer_request, infer_response
+
+    tokens = np.arange(6, dtype="<i8").reshape(2, 3)
+    header = json.dumps(
+        {
+            "id": "r-1",
+            "parameters": {"priority": 1, "binary_data_output": True},
+            "inputs": [
+                {"name": "PROMPT", "datatype": "BYTES", "shape": [2, 1], "data": [["a cat"], ["ü"]]},
+                {"name": "ids", "datatype": "INT64", "shape": [2, 3], "parameters": {"binary_data_size": 48}},
+                {"name": "x", "datatype": "FP16", "shape": [1, 2], "data": [0.5, 1.5]},
+            ],
+            "outputs": [{"name": "SCORE", "parameters": {"binary_data": False}}],
+        }
+    ).encode()
+    request, binary = infer_request(header + tokens.tobytes(), str(len(header)), "pickscore", "1")
+    assert (request.model, request.version, request.id, list(request.outputs)) == ("pickscore", "1", "r-1", ["SCORE"])
+    assert dict(request.parameters) == {"priority": 1} and binary == {"SCORE": False, "*": True}
+    prompt, ids, x = (tensor.read() for tensor in request.inputs)
+    assert prompt.tolist() == [[b"a cat"], ["ü".encode()]]
+    assert ids.tolist() == tokens.tolist() and x.dtype == np.float16 and x.tolist() == [[0.5, 1.5]]
+    with pytest.raises(InvalidInput, match="4 bytes after the last binary input"):
+        infer_request(header + tokens.tobytes() + b"more", str(len(header)), "pickscore", "")
+    with pytest.raises(InvalidInput, match=r"input 'x': 3 values for shape \[1, 2\] \(2 expected\)"):
+        spec = {"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2, 3]}
+        infer_request(json.dumps({"inputs": [spec]}).encode(), None, "m", "")[0].inputs[0].read()
+
+    scores = np.array([[0.25], [1.5]], np.float32)
+    response = InferResponse("pickscore", "1", "r-1", [Tensor("SCORE", "FP32", scores)])
+    body, length = infer_response(response, {"*": False})
+    assert length is None and json.loads(body)["outputs"][0]["data"] == [0.25, 1.5]
+    body, length = infer_response(response, {"*": True})
+    assert json.loads(body[:length])["outputs"][0]["parameters"] == {"binary_data_size": 8}
+    assert np.frombuffer(body[length:], "<f4").tolist() == [0.25, 1.5]
+
+
+def test_v1_fields_from_json_and_msgpack():
+    from pickscore.server.api import RankedImage
+    from pickscore.server.http import RANK, SCORE, _fields, _record
+
+    jpeg = b"\xff\xd8\xff\xfe?"  # base64 with both URL-safe and standard alphabets' characters
+    text = base64.urlsafe_b64encode(jpeg).decode().rstrip("=")
+    fields = _fields({"prompt": "a cat", "topK": "2", "images": [{"data": text, "id": None}]}, RANK, binary=False)
+    assert fields == {"prompt": "a cat", "top_k": 2, "images": [{"data": jpeg}]}
+    standard = base64.b64encode(jpeg).decode()
+    assert _fields({"images": [{"data": standard}]}, SCORE, binary=False)["images"][0]["data"] == jpeg
+    pixels = {"height": 1, "width": 1, "channels": 3, "data": b"\0\0\0"}
+    assert _fields({"images": [{"pixels": pixels}]}, SCORE, binary=True)["images"][0]["pixels"] == pixels
+    for obj, message, binary, error in (
+        ({"imagez": []}, SCORE, False, "field 'imagez': ScoreRequest has no such field"),
+        ({"top_k": 1}, SCORE, False, "field 'top_k': ScoreRequest has no such field"),
+        ({"topK": 1}, RANK, True, "field 'topK': RankRequest has no such field"),
+        ({"images": [{"data": 5}]}, SCORE, True, "field 'data': bytes expected, got 5"),
+        ({"images": {"data": b""}}, SCORE, True, "field 'images': a list expected, got dict"),
+        ({"images": ["x"]}, SCORE, True, "Image: a map expected, got str"),
+        ({"top_k": -1}, RANK, True, "field 'top_k': an unsigned 32-bit integer expected, got -1"),
+        ({"top_k": 1.5}, RANK, False, "field 'top_k': an unsigned 32-bit integer expected, got 1.5"),
+    ):
+        with pytest.raises(InvalidInput, match=error):
+            _fields(obj, message, binary)
+    assert _record(RankedImage(0, "a", 0.1, 1.0)) == {"index": 0, "id": "a", "score": 0.1, "probability": 1.0}
