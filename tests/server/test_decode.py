@@ -1,8 +1,9 @@
 """Decoding in worker processes: the same crops as threads, bad images named, and a dead worker costs only the
-images it held."""
+images it held; through a server, and the pool on its own."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 from dataclasses import replace
@@ -15,9 +16,11 @@ from pickscore.backends.torch_backend import TorchBackend
 from pickscore.client import Client
 from pickscore.errors import Internal, InvalidInput
 from pickscore.model.checkpoint import resolve
+from pickscore.model.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig, load_uint8
 from pickscore.scorer import Scorer
 from pickscore.server.app import ServerThread
-from pickscore.server.engine import Engine
+from pickscore.server.decode import DEPTH, DecodePool
+from pickscore.server.engine import Engine, ImageItem
 from pickscore.server.metrics import Metrics
 from tests.conftest import varied_images
 from tests.server.conftest import PROMPT, settings_for
@@ -140,3 +143,96 @@ def test_many_requests_at_once_through_few_workers(server):
     assert len(results) == 6
     for scores in results.values():
         np.testing.assert_allclose(scores, [a[0] for a in alone], atol=1e-6)
+
+
+def pool_of(processes: bool, preprocess: PreprocessConfig | None = None, workers: int = 1) -> DecodePool:
+    return DecodePool(preprocess or PreprocessConfig(), DEFAULT_MAX_PIXELS, 50.0, workers, processes)
+
+
+def odd_pixels() -> list[np.ndarray]:
+    rng = np.random.default_rng(2)
+    return [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(300, 500, 3), (224, 224), (97, 640, 4)]]
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+@pytest.mark.parametrize("crop", [True, False], ids=["centre-crop", "any-size"])
+def test_the_pool_crops_as_load_uint8_and_says_what_is_wrong(processes, crop):
+    """Encoded images and raw pixels, more at once than the worker holds: every crop equals load_uint8's, through
+    the shared slab (a centre crop) or the socket (crops of any size); a bad image is InvalidInput with the reason
+    load_uint8 gives, and the pool goes on."""
+    preprocess = PreprocessConfig(do_center_crop=crop)
+    inputs = [*IMAGES, *odd_pixels()]
+    expected = [load_uint8(x, preprocess, max_aspect_ratio=50.0) for x in inputs]
+
+    async def main() -> None:
+        pool = pool_of(processes, preprocess)
+        await pool.start()
+        try:
+            got = await asyncio.gather(*(pool.crop(x) for x in inputs))  # far more than DEPTH at once
+            for want, crop_ in zip(expected, got):
+                np.testing.assert_array_equal(crop_, want)
+            with pytest.raises(InvalidInput, match="^not a decodable image"):
+                await pool.crop(b"not an image at all")
+            with pytest.raises(InvalidInput, match="aspect ratio"):
+                await pool.crop(np.zeros((2, 400, 3), np.uint8))
+            np.testing.assert_array_equal(await pool.crop(IMAGES[0]), expected[0])
+        finally:
+            pool.close()
+
+    assert len(inputs) > DEPTH
+    asyncio.run(main())
+
+
+def test_closing_the_pool_cancels_what_it_holds_and_ends_its_workers():
+    async def main() -> None:
+        pool = pool_of(True)
+        await pool.start()
+        (process,) = pool.processes_alive()
+        calls = [asyncio.ensure_future(pool.crop(image)) for image in IMAGES[: DEPTH + 2]]  # two in hand, two waiting
+        await asyncio.sleep(0)
+        pool.close()
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 30)
+        assert all(isinstance(r, asyncio.CancelledError) for r in results), results
+        assert pool.processes_alive() == [] and pool.replaced == 0  # closing is not a death to recover from
+        process.join(10)
+        assert process.exitcode is not None
+
+    asyncio.run(main())
+
+
+def test_a_killed_worker_fails_its_images_with_internal_and_the_pool_decodes_on():
+    async def main() -> None:
+        pool = pool_of(True)
+        await pool.start()
+        try:
+            (process,) = pool.processes_alive()
+            held = asyncio.ensure_future(pool.crop(big_jpeg()))
+            await asyncio.sleep(0.3)  # the big image is being decoded now
+            process.kill()
+            with pytest.raises(Internal, match="a decode worker process died while preprocessing this image"):
+                await held
+            np.testing.assert_array_equal(await pool.crop(IMAGES[0]), load_uint8(IMAGES[0], PreprocessConfig()))
+            assert pool.replaced == 1 and pool.processes_alive() != [process]
+        finally:
+            pool.close()
+
+    asyncio.run(main())
+
+
+def test_the_engine_names_the_image_a_decode_error_is_about(tiny_hf_dir):
+    """The pool says what is wrong; the engine says which image: its index, and the caller's id when it gave one."""
+
+    async def main() -> None:
+        engine = Engine(TorchBackend(resolve(tiny_hf_dir)), settings_for(tiny_hf_dir, warmup=False), Metrics())
+        await engine.start()
+        try:
+            good, bad = ImageItem(IMAGES[0]), ImageItem(b"not an image at all", id="upload-7")
+            with pytest.raises(InvalidInput, match=r"^image 1 \(id 'upload-7'\): not a decodable image"):
+                await engine.score([PROMPT], [good, bad], deadline=None)
+            with pytest.raises(InvalidInput, match=r"^image 0: not a decodable image"):
+                await engine.score([PROMPT], [ImageItem(b"not an image at all")], deadline=None)
+            assert len(await engine.score([PROMPT], [good], deadline=None)) == 1
+        finally:
+            await engine.stop()
+
+    asyncio.run(main())
