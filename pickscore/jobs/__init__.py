@@ -1,2 +1,3 @@
-"""Jobs over many images: ``pickscore batch`` (rank datasets, resumable; in-process, on servers or on Ray) and
-``pickscore evaluate-models`` (the paper's comparison of text-to-image models)."""
+"""Jobs over many images: ``pickscore batch`` (rank datasets, resumable; in-process, on servers or on Ray: batch,
+ray_batch, and jobdir, the output directory they share) and ``pickscore evaluate-models`` (the paper's comparison of
+text-to-image models: evaluate_models, model_stats, model_report); commands holds both subcommands."""

@@ -5,17 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from pickscore.backends import add_backend_flags, backend_options
+from pickscore.datasets.image_sets import IMAGE_EXTENSIONS
 from pickscore.flags import int_at_least
+from pickscore.limits import DEFAULT_MAX_PIXELS
 from pickscore.tls import add_client_flags, connection
+
+MODEL_HELP = (
+    "score in this process with this model: demo (the small bundled model, trained on the drawn shapes of "
+    "`pickscore data synthetic`), a Hugging Face CLIP directory such as a downloaded PickScore_v1, an open_clip "
+    "directory, an ONNX export, or a hub id"
+)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    from pickscore.jobs import evaluate_models
-
     _add_batch_parser(sub)
-    evaluate_models.add_parser(sub)
+    _add_evaluate_models_parser(sub)
 
 
 def _add_batch_parser(sub: argparse._SubParsersAction) -> None:
@@ -133,4 +140,128 @@ def _report(args: argparse.Namespace, manifest: dict) -> int:
             f"{manifest['errors']} errors (errors.jsonl) -> {args.output}",
             file=sys.stderr,
         )
+    return 0
+
+
+def _add_evaluate_models_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate-models",
+        help="compare text-to-image models by PickScore: mean scores, win rates, Elo, best-of-N",
+        description="The paper's model evaluation (Kirstain et al. 2023, sections 4-5). Score every model's images "
+        "for the same prompts, then report per model: the mean PickScore (each prompt weighs the same) with a "
+        "95% bootstrap interval over prompts; pairwise win rates (per prompt, a model wins when its best image "
+        "outscores the other's best; ties count half); Elo ratings fitted to those per-prompt games by maximum "
+        "likelihood (Bradley-Terry; scale 400, mean 1000; one virtual tie per pair keeps an undefeated model "
+        "finite), which rank the models; and the expected score of the best of N random images of a prompt "
+        "against one random image, computed exactly. Bad images are skipped and listed, not fatal.",
+    )
+    p.add_argument(
+        "--prompts",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help='the prompts: a text file with one prompt a line, or JSONL (.jsonl) with {"prompt": ..., "id": ...} '
+        "a line; a prompt's index is its position (0 first)",
+    )
+    p.add_argument(
+        "--images",
+        required=True,
+        nargs="+",
+        metavar="NAME=PATH",
+        help="one text-to-image model's images for those prompts, per model: a directory PATH/<prompt index>/"
+        f"<any name>{{{','.join(IMAGE_EXTENSIONS)}}} (several images a prompt allowed) or a Parquet file with "
+        "columns prompt (the text, as in --prompts) or prompt_index, and image (encoded bytes); PATH alone is "
+        "named after its last component, so `--images gens/generator-*` works",
+    )
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model", metavar="REF", help=MODEL_HELP)
+    where.add_argument(
+        "--server", metavar="HOST:PORT", help="score on a running `pickscore serve` instead of loading a model here"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="also write DIR/report.json (every statistic, per-prompt best scores, skipped images), DIR/report.md "
+        "(the tables) and DIR/report.png (win-rate matrix and mean scores with their intervals)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object instead of markdown")
+    p.add_argument(
+        "--bootstrap",
+        type=int_at_least(0),
+        default=1000,
+        metavar="B",
+        help="bootstrap resamples of the prompts behind the 95%% intervals (default 1000; 0: no intervals)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="seed of the bootstrap resamples (default 0); same seed, same report",
+    )
+    p.add_argument(
+        "--best-of",
+        type=_sizes,
+        default=(1, 2, 4, 8),
+        metavar="N,N,...",
+        help="the N of the best-of-N table (default 1,2,4,8); an N is reported for a model over the prompts with "
+        "at least N scored images, and left out where none has",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int_at_least(1),
+        default=16,
+        metavar="N",
+        help="images per forward pass (default 16; with --model)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int_at_least(1),
+        default=DEFAULT_MAX_PIXELS,
+        metavar="PIXELS",
+        help=f"skip images with more pixels than this, a guard against decompression bombs (default "
+        f"{DEFAULT_MAX_PIXELS}; with --model: a server applies its own limit)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="deadline of each server request (default 600; with --server)",
+    )
+    add_backend_flags(p)
+    add_client_flags(p.add_argument_group("server security (with --server only)"))
+    p.set_defaults(func=_cmd_evaluate_models)
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated positive integers, returned sorted without repeats."""
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}") from None
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return tuple(values)
+
+
+def _cmd_evaluate_models(args: argparse.Namespace) -> int:
+    from pickscore.jobs.evaluate_models import evaluate_models
+    from pickscore.jobs.model_report import markdown, plot
+
+    report = evaluate_models(args)
+    for item in report["skipped"]:
+        print(
+            f"skipped: {item['model']}: prompt {item['prompt_index']}: {item['image']}: {item['error']}",
+            file=sys.stderr,
+        )
+    text = markdown(report, "report.json" if args.out else None)
+    print(json.dumps(report, ensure_ascii=False, allow_nan=False) if args.json else text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=1, allow_nan=False) + "\n")
+        (args.out / "report.md").write_text(text + "\n")
+        plot(report, args.out / "report.png")
+        print(f"wrote {args.out}/report.json, report.md, report.png", file=sys.stderr)
     return 0

@@ -22,13 +22,13 @@ from PIL import Image
 
 from pickscore.cli import build_parser, main
 from pickscore.datasets.prompts import read_prompts
-from pickscore.jobs.evaluate_models import (
+from pickscore.jobs.model_report import markdown
+from pickscore.jobs.model_stats import (
     best_of_n,
     best_of_n_table,
     best_scores,
     bootstrap_mean,
     elo,
-    markdown,
     outcomes,
     points,
     win_rates,
