@@ -1,5 +1,5 @@
 """The ``score``, ``rank`` and ``convert`` subcommands: images against a prompt, on a model loaded here (``Scorer``)
-or on a running server (``Client``), and any model reference rewritten in this project's layout.
+or on running servers (``pickscore.places``), and any model reference rewritten in this project's layout.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from pickscore.backends import add_backend_flags, backend_options
+from pickscore.backends import add_backend_flags
 from pickscore.errors import InvalidInput, PickScoreError
 from pickscore.flags import int_at_least
 from pickscore.limits import DEFAULT_MAX_PIXELS
-from pickscore.tls import add_client_flags, connection
+from pickscore.tls import add_client_flags
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 MODEL_HELP = (
@@ -62,7 +62,10 @@ def _scoring_flags(p: argparse.ArgumentParser) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--model", metavar="REF", help=MODEL_HELP)
     where.add_argument(
-        "--server", metavar="HOST:PORT", help="score on a running `pickscore serve` instead of loading a model here"
+        "--server",
+        metavar="ADDRESS",
+        help="score on running `pickscore serve` servers instead of loading a model here: HOST:PORT (gRPC) or "
+        "http[s]://HOST:PORT, several separated by commas",
     )
     add_backend_flags(p)
     p.add_argument("--prompt", required=True, help="the text prompt the images were generated for")
@@ -110,40 +113,17 @@ def _expand(paths: Sequence[str]) -> list[Path]:
 
 
 def _score_files(args: argparse.Namespace) -> tuple[list[Path], np.ndarray, dict[int, PickScoreError]]:
+    from pickscore.places import place_from_args
+
     files = _expand(args.images)
     if not files:
         raise InvalidInput(f"no image files found in {' '.join(args.images)}")
-    if args.server:
-        scores, errors = _score_on_server(args, files)
-    else:
-        from pickscore.scorer import Scorer
-
-        scorer = Scorer.from_pretrained(
-            args.model,
-            **backend_options(args),
-            batch_size=args.batch_size,
-            max_pixels=args.max_pixels,
-        )
-        scores, errors = scorer.score_all(args.prompt, files, skip_invalid=args.skip_invalid, progress=True)
+    with place_from_args(args) as place:
+        args.model = place.model  # the JSON names the model, a server's as a local run's
+        scores, errors = place.score_all(args.prompt, files, skip_invalid=args.skip_invalid, progress=True)
     if len(errors) == len(files):
         raise InvalidInput(f"none of the {len(files)} images could be scored; first: {errors[0]}")
     return files, scores, errors
-
-
-def _score_on_server(args: argparse.Namespace, files: list[Path]) -> tuple[np.ndarray, dict[int, PickScoreError]]:
-    from pickscore.client import Client
-
-    with Client(
-        args.server,
-        timeout=args.timeout,
-        **connection(args),
-    ) as client:
-        args.model = client.model_info().source  # the JSON names the model, as a local run does
-        if args.skip_invalid:
-            scores, errors = client.score_many(args.prompt, files, skip_invalid=True)
-        else:
-            scores, errors = np.asarray(client.score(args.prompt, files), np.float32), {}
-    return scores, errors
 
 
 def _cmd_score(args: argparse.Namespace) -> int:

@@ -19,16 +19,11 @@ import numpy as np
 from tqdm import tqdm
 
 from pickscore.backends import Backend, load_backend
-from pickscore.errors import InvalidInput
+from pickscore.errors import InvalidInput, describe_item
 from pickscore.model import scoring
 from pickscore.model.preprocess import DEFAULT_MAX_PIXELS, ImageInput, load_uint8
 from pickscore.model.scoring import Ranking
 from pickscore.resources import usable_cores
-
-
-def _describe(index: int, item: ImageInput) -> str:
-    """How errors name an item: ``image 3`` or ``image 3 (photos/cat.png)``."""
-    return f"image {index} ({item})" if isinstance(item, (str, os.PathLike)) else f"image {index}"
 
 
 class Scorer:
@@ -84,7 +79,25 @@ class Scorer:
         try:
             return load_uint8(item, self.preprocess_config, self.max_pixels)
         except InvalidInput as e:
-            raise InvalidInput(f"{_describe(index, item)}: {e}") from e
+            raise InvalidInput(f"{describe_item(index, item)}: {e}") from e
+
+    def load_all(self, items: Sequence[ImageInput], start: int = 0) -> list[np.ndarray | InvalidInput]:
+        """Images decoded and cropped on every core -> each one's uint8 crop, or the InvalidInput naming it (as
+        image ``start`` + its position)."""
+        return list(self.decode_pool.map(self._load_or_error, range(start, start + len(items)), items))
+
+    def encode_prompts(self, prompts: Sequence[str], chunk: int = 64) -> np.ndarray:
+        """One embedding per prompt (N, D), each distinct prompt encoded once, ``chunk`` at a time."""
+        distinct = list(dict.fromkeys(prompts))
+        if not distinct:
+            return np.zeros((0, self.embed_dim), np.float32)
+        text = np.concatenate([self.encode_text(distinct[s : s + chunk]) for s in range(0, len(distinct), chunk)])
+        position = {p: k for k, p in enumerate(distinct)}
+        return text[[position[p] for p in prompts]]
+
+    def paired_scores(self, text_embeds: np.ndarray, image_embeds: np.ndarray) -> np.ndarray:
+        """Row i's prompt against row i's image -> (N,) scores."""
+        return scoring.paired_scores(text_embeds, image_embeds, self.logit_scale)
 
     def _load_or_error(self, index: int, item: ImageInput) -> np.ndarray | InvalidInput:
         try:
@@ -109,7 +122,7 @@ class Scorer:
         with tqdm(total=len(images), unit="img", disable=not progress or None, file=sys.stderr) as bar:
             for start in range(0, len(images), chunk):
                 items = images[start : start + chunk]
-                loaded = list(self.decode_pool.map(self._load_or_error, range(start, start + len(items)), items))
+                loaded = self.load_all(items, start)
                 for offset, result in enumerate(loaded):
                     if isinstance(result, InvalidInput):
                         if not skip_invalid:
