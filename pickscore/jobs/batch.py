@@ -97,7 +97,7 @@ class LocalScorer:
                 return e
 
         ok, crops = [], []
-        for i, crop in zip(todo, self.scorer.pool.map(load, todo)):
+        for i, crop in zip(todo, self.scorer.decode_pool.map(load, todo)):
             if isinstance(crop, Exception):
                 errors[i] = str(crop)
             else:
