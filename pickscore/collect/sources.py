@@ -255,12 +255,12 @@ class PickScoreOrdered:
     server, its model and the scores."""
 
     def __init__(self, source: Source, server: str, pool: int = 4, connection: dict[str, Any] | None = None):
-        from pickscore.client import AsyncClient
+        from pickscore.places import open_place
 
         if pool < 2:
             raise InvalidInput(f"--order-pool: at least 2 candidates to order, got {pool}")
         self.source, self.server, self.pool = source, server, pool
-        self.client = AsyncClient(server, timeout=GENERATION_TIMEOUT_S, **(connection or {}))
+        self.place = open_place(servers=[server], timeout=GENERATION_TIMEOUT_S, connection=connection)
         self.description = f"{source.description}; hardest of {pool} by PickScore at {server}"
 
     def prompts(self) -> Sequence[str]:
@@ -276,8 +276,8 @@ class PickScoreOrdered:
             return drawn[:need], {"by": "none", "reason": "too few distinct candidates to order"}
         scored = drawn + ([kept] if kept else [])
         try:
-            scores = await self.client.score(prompt, [c.image for c in scored])
-            model = (await self.client.model_info()).source
+            scores = await self.place.score_async(prompt, [c.image for c in scored])
+            model = await asyncio.to_thread(lambda: self.place.model)  # asked once, then kept
         except PickScoreError as e:
             # Collecting goes on without ordering; the pair says why.
             return drawn[:need], {"by": "none", "reason": f"PickScore at {self.server}: {e}"}
@@ -300,7 +300,7 @@ class PickScoreOrdered:
         return [drawn[i] for i in chosen], ordering
 
     async def close(self) -> None:
-        await self.client.close()
+        await asyncio.to_thread(self.place.close)
 
 
 def distinct(candidates: list[Candidate]) -> list[Candidate]:
