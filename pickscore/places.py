@@ -76,16 +76,21 @@ def open_place(
     **backend: str,
 ) -> Place:
     """In this process when ``model`` is given (``backend``: device, dtype, backend), else on ``servers``."""
-    if bool(model) == bool(servers):
-        raise ValueError("give either --model (score here) or --server (score on running servers)")
+    check_where(model, servers, embeddings)
     if model:
         from pickscore.scorer import Scorer
 
         limits = {} if max_pixels is None else {"max_pixels": max_pixels}
         return InProcess(model, Scorer.from_pretrained(model, **backend, batch_size=batch_size, **limits), embeddings)
-    if embeddings:
-        raise ValueError("--embeddings needs --model: the servers answer scores, not embeddings")
     return OnServers(servers, timeout, connection or {})
+
+
+def check_where(model: str | None, servers: Sequence[str], embeddings: bool = False) -> None:
+    """ValueError unless exactly one of ``model`` and ``servers`` is given (embeddings only with a model)."""
+    if bool(model) == bool(servers):
+        raise ValueError("give either --model (score here) or --server (score on running servers)")
+    if embeddings and servers:
+        raise ValueError("--embeddings needs --model: the servers answer scores, not embeddings")
 
 
 def place_from_args(args: Any, embeddings: bool = False) -> Place:

@@ -44,7 +44,6 @@ class Scorer:
         self.batch_size = batch_size
         self.max_pixels = max_pixels
         self.decode_pool = ThreadPoolExecutor(max_workers=workers or usable_cores(), thread_name_prefix="decode")
-        self.pool = self.decode_pool  # removed once jobs/batch.py uses decode_pool
 
     @classmethod
     def from_pretrained(

@@ -176,7 +176,10 @@ def _add_evaluate_models_parser(sub: argparse._SubParsersAction) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--model", metavar="REF", help=MODEL_HELP)
     where.add_argument(
-        "--server", metavar="HOST:PORT", help="score on a running `pickscore serve` instead of loading a model here"
+        "--server",
+        metavar="ADDRESS",
+        help="score on running `pickscore serve` servers instead of loading a model here: HOST:PORT (gRPC) or "
+        "http[s]://HOST:PORT, several separated by commas",
     )
     p.add_argument(
         "--out",

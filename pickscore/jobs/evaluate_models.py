@@ -13,31 +13,27 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from pickscore.backends import backend_options
 from pickscore.datasets.image_sets import ImageSet, load_image_set, parse_image_set
 from pickscore.datasets.prompts import Prompt, read_prompts
-from pickscore.errors import InvalidInput, PickScoreError
-from pickscore.jobs.batch import item_reason
+from pickscore.errors import InvalidInput, item_reason
 from pickscore.jobs.model_stats import json_number, summarize
-from pickscore.tls import connection
+from pickscore.places import Place, place_from_args
 
 
 def evaluate_models(args: argparse.Namespace) -> dict[str, Any]:
     """Read, score and summarise as the subcommand's ``args`` say -> the report (what report.json holds)."""
     prompts = read_prompts(args.prompts)
     sets = _image_sets(args.images, prompts)
-    if args.server:
-        scores, skipped, scorer = _score_on_server(args, prompts, sets)
-    else:
-        scores, skipped = _score_here(args, prompts, sets)
-        scorer = args.model
+    with place_from_args(args) as place:
+        scores, skipped = score_image_sets(prompts, sets, place)
+        scorer = place.name
     return {
         "scorer": scorer,
         "prompts_file": str(args.prompts),
@@ -66,43 +62,11 @@ def _image_sets(specs: Sequence[str], prompts: Sequence[Prompt]) -> list[ImageSe
     return [load_image_set(name, path, prompts) for name, path in named]
 
 
-def _score_here(
-    args: argparse.Namespace, prompts: Sequence[Prompt], sets: Sequence[ImageSet]
-) -> tuple[dict[str, list[list[float]]], list[dict[str, Any]]]:
-    from pickscore.scorer import Scorer
-
-    local = Scorer.from_pretrained(
-        args.model,
-        **backend_options(args),
-        batch_size=args.batch_size,
-        max_pixels=args.max_pixels,
-    )
-    try:
-        return score_image_sets(prompts, sets, lambda text, images: local.score_all(text, images, skip_invalid=True))
-    finally:
-        local.close()
-
-
-def _score_on_server(
-    args: argparse.Namespace, prompts: Sequence[Prompt], sets: Sequence[ImageSet]
-) -> tuple[dict[str, list[list[float]]], list[dict[str, Any]], str]:
-    from pickscore.client import Client
-
-    with Client(args.server, timeout=args.timeout, **connection(args)) as client:
-        source = client.model_info().source
-        scores, skipped = score_image_sets(
-            prompts, sets, lambda text, images: client.score_many(text, images, skip_invalid=True)
-        )
-    return scores, skipped, f"{source} on {args.server}"
-
-
-ScoreFn = Callable[[str, list[Path | bytes]], tuple[np.ndarray, Mapping[int, PickScoreError]]]
-
-
 def score_image_sets(
-    prompts: Sequence[Prompt], sets: Sequence[ImageSet], score: ScoreFn, progress: bool = True
+    prompts: Sequence[Prompt], sets: Sequence[ImageSet], place: Place, progress: bool = True
 ) -> tuple[dict[str, list[list[float]]], list[dict[str, Any]]]:
-    """Score every model's images prompt by prompt (one call per prompt: its text is encoded once) ->
+    """Score every model's images prompt by prompt, wherever ``place`` scores (one call per prompt: its text is
+    encoded once) ->
     (name -> per-prompt scores of the images that could be scored, the skipped images with their reasons)."""
     scores: dict[str, list[list[float]]] = {s.name: [] for s in sets}
     skipped: list[dict[str, Any]] = []
@@ -115,7 +79,8 @@ def score_image_sets(
                     skipped.append(_skip(s.name, prompt, label, "no image (null)"))
                 else:
                     batch.append((s.name, label, image))
-        values, errors = score(prompt.text, [image for _, _, image in batch]) if batch else (np.zeros(0), {})
+        images = [image for _, _, image in batch]
+        values, errors = place.score_all(prompt.text, images, skip_invalid=True) if batch else (np.zeros(0), {})
         for s in sets:
             scores[s.name].append([])
         for k, (model, label, _) in enumerate(batch):

@@ -27,7 +27,6 @@ import numpy as np
 from pickscore.datasets.inputs import file_count, file_rows, input_files
 from pickscore.datasets.rows import Row
 from pickscore.errors import InvalidInput
-from pickscore.jobs.batch import score_crops
 from pickscore.jobs.jobdir import (
     JobSpec,
     claim,
@@ -111,21 +110,22 @@ class _Decode:
 
 
 class _Score:
-    """An actor holding one scorer: crops and prompts in, scores (and embeddings) out."""
+    """An actor holding the model in its process: crops and prompts in, scores (and embeddings) out."""
 
     def __init__(self, model: str, device: str, dtype: str, backend: str, batch_size: int, embeddings: bool):
-        from pickscore.scorer import Scorer
+        from pickscore.places import open_place
 
-        self.scorer = Scorer.from_pretrained(model, device=device, dtype=dtype, backend=backend, batch_size=batch_size)
-        self.embeddings = embeddings
-        self.size = self.scorer.preprocess_config.output_size
+        self.place = open_place(
+            model, embeddings=embeddings, batch_size=batch_size, device=device, dtype=dtype, backend=backend
+        )
+        self.size = self.place.scorer.preprocess_config.output_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["row"])
         ok = [i for i in range(n) if _message(batch["error"][i]) is None]
         h, w = self.size
         crops = [np.asarray(batch["crop"][i], np.uint8).reshape(h, w, 3) for i in ok]
-        scores, extra = score_crops(self.scorer, n, ok, [batch["prompt"][i] for i in ok], crops, self.embeddings)
+        scores, extra = self.place.score_crops(n, ok, [batch["prompt"][i] for i in ok], crops)
         out = {c: batch[c] for c in (*PASSED_ON, "error")}
         out["score"] = scores
         out.update(extra)
