@@ -174,7 +174,7 @@ class Trainer:
             if self.world > 1
             else self.model
         )
-        self.pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="decode")
+        self.decode_pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="decode")
 
     def _lr_factor(self, step: int) -> float:
         """Linear warm-up over warmup_steps, then cosine decay to 0 at max_steps."""
@@ -201,7 +201,7 @@ class Trainer:
             while len(chosen) < self.cfg.micro_batch:
                 window = [next(pairs) for _ in range(self.cfg.micro_batch - len(chosen))]
                 for (position, pair), result in zip(
-                    window, self.pool.map(lambda item: decode_pair_or_error(item[1], pp), window)
+                    window, self.decode_pool.map(lambda item: decode_pair_or_error(item[1], pp), window)
                 ):
                     last = position + 1
                     if isinstance(result, InvalidInput):
@@ -278,7 +278,7 @@ class Trainer:
             pairs = itertools.islice(pairs, self.cfg.eval_pairs)
         skipped = SkipCounter(VALIDATION)
         backend = TorchBackend(self.loaded, device=self.device)  # the model being trained, as served: fp32, eval
-        s0, s1, l0, l1 = score_pairs(backend, pairs, self.pool, skipped)
+        s0, s1, l0, l1 = score_pairs(backend, pairs, self.decode_pool, skipped)
         self.model.train()
         if not len(s0):
             log.warning("%s: no pair could be scored (%d skipped); no accuracy at this step", VALIDATION, skipped.count)
