@@ -13,19 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from pickscore.backends import add_backend_flags
 from pickscore.errors import InvalidInput, PickScoreError
 from pickscore.flags import int_at_least
-from pickscore.limits import DEFAULT_MAX_PIXELS
-from pickscore.tls import add_client_flags
+from pickscore.places import MODEL_HELP, add_place_flags
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-MODEL_HELP = (
-    "model reference: demo (the small model bundled with the package, trained on drawn shapes), a Hugging "
-    "Face CLIP directory (e.g. a downloaded PickScore_v1), an open_clip directory, a checkpoint or ONNX "
-    "export written by this project, or a hub id such as yuvalkirstain/PickScore_v1 (see README: "
-    "'Using the real PickScore_v1')"
-)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -59,15 +51,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _scoring_flags(p: argparse.ArgumentParser) -> None:
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--model", metavar="REF", help=MODEL_HELP)
-    where.add_argument(
-        "--server",
-        metavar="ADDRESS",
-        help="score on running `pickscore serve` servers instead of loading a model here: HOST:PORT (gRPC) or "
-        "http[s]://HOST:PORT, several separated by commas",
-    )
-    add_backend_flags(p)
+    add_place_flags(p)
     p.add_argument("--prompt", required=True, help="the text prompt the images were generated for")
     p.add_argument(
         "images",
@@ -81,24 +65,6 @@ def _scoring_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="report undecodable or oversized images per item and score the rest, instead of failing",
     )
-    p.add_argument(
-        "--batch-size", type=int_at_least(1), default=16, help="images per forward pass (default 16; local model only)"
-    )
-    p.add_argument(
-        "--max-pixels",
-        type=int_at_least(1),
-        default=DEFAULT_MAX_PIXELS,
-        help=f"refuse images with more pixels than this, a guard against decompression bombs "
-        f"(default {DEFAULT_MAX_PIXELS}; local model only: a server applies its own limit)",
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=600.0,
-        metavar="SECONDS",
-        help="deadline of each server request (default 600; with --server only)",
-    )
-    add_client_flags(p.add_argument_group("server security (with --server only)"))
 
 
 def _expand(paths: Sequence[str]) -> list[Path]:

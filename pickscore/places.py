@@ -13,6 +13,7 @@ shard before it completes) and ``score_async`` (from an event loop, without bloc
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import sys
@@ -21,7 +22,6 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-from tqdm import tqdm
 
 from pickscore.errors import InvalidInput, PickScoreError, describe_item, item_reason
 
@@ -54,6 +54,58 @@ class Place(Protocol):
     def __enter__(self) -> Place: ...
 
     def __exit__(self, *exc) -> None: ...
+
+
+MODEL_HELP = (
+    "score in this process with this model: demo (the small model bundled with the package, trained on the drawn "
+    "shapes of `pickscore data synthetic`), a Hugging Face CLIP directory (e.g. a downloaded PickScore_v1), an "
+    "open_clip directory, a checkpoint or ONNX export written by this project, or a hub id such as "
+    "yuvalkirstain/PickScore_v1 (see README: 'Using the real PickScore_v1')"
+)
+SERVER_HELP = (
+    "score on running `pickscore serve` servers instead of loading a model here: HOST:PORT (gRPC) or "
+    "http[s]://HOST:PORT, several separated by commas (images are spread over all of them, with bounded requests "
+    "in flight and retries on RESOURCE_EXHAUSTED/UNAVAILABLE)"
+)
+
+
+def add_where_flags(parser: argparse.ArgumentParser) -> None:
+    """--model REF or --server ADDRESS[,ADDRESS...], one of them required: what ``place_from_args`` reads."""
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model", metavar="REF", help=MODEL_HELP)
+    where.add_argument("--server", metavar="ADDRESS", help=SERVER_HELP)
+
+
+def add_place_flags(parser: argparse.ArgumentParser) -> None:
+    """``add_where_flags`` with everything either place takes: the backend flags, --batch-size and --max-pixels
+    (with --model), --timeout and the client's security flags (with --server)."""
+    from pickscore.backends import add_backend_flags
+    from pickscore.flags import int_at_least
+    from pickscore.limits import DEFAULT_MAX_PIXELS
+    from pickscore.tls import add_client_flags
+
+    add_where_flags(parser)
+    add_backend_flags(parser)
+    parser.add_argument(
+        "--batch-size", type=int_at_least(1), default=16, metavar="N", help="images per forward pass (default 16; "
+        "with --model)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-pixels",
+        type=int_at_least(1),
+        default=DEFAULT_MAX_PIXELS,
+        metavar="PIXELS",
+        help=f"an image with more pixels than this fails, alone: a guard against decompression bombs (default "
+        f"{DEFAULT_MAX_PIXELS}; with --model: a server applies its own limit)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="give up on a server request after this long, retries included (default 600; with --server)",
+    )
+    add_client_flags(parser.add_argument_group("server security (with --server only)"))
 
 
 class _Closing:
@@ -210,6 +262,8 @@ class OnServers(_Closing):
         futures = [self.submit(prompt, image) for image in images]
         scores = np.full(len(images), np.nan, np.float32)
         errors: dict[int, PickScoreError] = {}
+        from tqdm import tqdm
+
         for i, future in enumerate(tqdm(futures, unit="img", disable=not progress or None, file=sys.stderr)):
             try:
                 scores[i] = future.result()

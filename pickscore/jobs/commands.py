@@ -10,14 +10,8 @@ from pathlib import Path
 from pickscore.backends import add_backend_flags, backend_options
 from pickscore.datasets.image_sets import IMAGE_EXTENSIONS
 from pickscore.flags import int_at_least
-from pickscore.limits import DEFAULT_MAX_PIXELS
+from pickscore.places import add_place_flags, add_where_flags
 from pickscore.tls import add_client_flags, connection
-
-MODEL_HELP = (
-    "score in this process with this model: demo (the small bundled model, trained on the drawn shapes of "
-    "`pickscore data synthetic`), a Hugging Face CLIP directory such as a downloaded PickScore_v1, an open_clip "
-    "directory, an ONNX export, or a hub id"
-)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -40,14 +34,7 @@ def _add_batch_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, directories or globs")
     p.add_argument("--output", required=True, metavar="DIR", help="output directory (new, or this job's with --resume)")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--model", metavar="REF", help="score in this process with this model (demo, a directory, ...)")
-    where.add_argument(
-        "--server",
-        metavar="ADDR[,ADDR...]",
-        help="score on running `pickscore serve` instances: gRPC host:port, or http://host:port; rows are spread "
-        "over all of them, with bounded requests in flight and retries on RESOURCE_EXHAUSTED/UNAVAILABLE",
-    )
+    add_where_flags(p)
     p.add_argument("--resume", action="store_true", help="continue the job already in --output (same arguments)")
     p.add_argument(
         "--ray",
@@ -173,14 +160,7 @@ def _add_evaluate_models_parser(sub: argparse._SubParsersAction) -> None:
         "columns prompt (the text, as in --prompts) or prompt_index, and image (encoded bytes); PATH alone is "
         "named after its last component, so `--images gens/generator-*` works",
     )
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--model", metavar="REF", help=MODEL_HELP)
-    where.add_argument(
-        "--server",
-        metavar="ADDRESS",
-        help="score on running `pickscore serve` servers instead of loading a model here: HOST:PORT (gRPC) or "
-        "http[s]://HOST:PORT, several separated by commas",
-    )
+    add_place_flags(p)
     p.add_argument(
         "--out",
         type=Path,
@@ -211,30 +191,6 @@ def _add_evaluate_models_parser(sub: argparse._SubParsersAction) -> None:
         help="the N of the best-of-N table (default 1,2,4,8); an N is reported for a model over the prompts with "
         "at least N scored images, and left out where none has",
     )
-    p.add_argument(
-        "--batch-size",
-        type=int_at_least(1),
-        default=16,
-        metavar="N",
-        help="images per forward pass (default 16; with --model)",
-    )
-    p.add_argument(
-        "--max-pixels",
-        type=int_at_least(1),
-        default=DEFAULT_MAX_PIXELS,
-        metavar="PIXELS",
-        help=f"skip images with more pixels than this, a guard against decompression bombs (default "
-        f"{DEFAULT_MAX_PIXELS}; with --model: a server applies its own limit)",
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=600.0,
-        metavar="SECONDS",
-        help="deadline of each server request (default 600; with --server)",
-    )
-    add_backend_flags(p)
-    add_client_flags(p.add_argument_group("server security (with --server only)"))
     p.set_defaults(func=_cmd_evaluate_models)
 
 
