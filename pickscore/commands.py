@@ -13,11 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from pickscore.datasets.image_sets import IMAGE_EXTENSIONS, image_files
 from pickscore.errors import InvalidInput, PickScoreError
 from pickscore.flags import int_at_least
 from pickscore.places import MODEL_HELP, add_place_flags
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -72,7 +71,7 @@ def _expand(paths: Sequence[str]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS))
+            out.extend(image_files(p))
         else:
             out.append(p)
     return out

@@ -66,7 +66,7 @@ def _directory_images(name: str, path: Path, prompts: Sequence[Prompt]) -> Image
     images = ImageSet(name, path)
     for prompt in prompts:
         folder = found[prompt.index]
-        files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        files = image_files(folder)
         if not files:
             raise InvalidInput(
                 f"--images {name}: {folder} holds no image ({' '.join(IMAGE_EXTENSIONS)}) for prompt "
@@ -74,6 +74,11 @@ def _directory_images(name: str, path: Path, prompts: Sequence[Prompt]) -> Image
             )
         images.per_prompt.append([(str(f), lambda f=f: f) for f in files])
     return images
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder`` (any depth, by extension), sorted."""
+    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def _parquet_images(name: str, path: Path, prompts: Sequence[Prompt]) -> ImageSet:
