@@ -44,7 +44,7 @@ from multiprocessing import reduction
 
 import numpy as np
 
-from pickscore.errors import Internal, InvalidInput
+from pickscore.errors import Internal, InvalidInput, Unavailable
 from pickscore.model.preprocess import PreprocessConfig, load_uint8
 
 log = logging.getLogger("pickscore.server")
@@ -198,7 +198,10 @@ class DecodePool:
             await asyncio.gather(*(self._start_worker(i) for i in range(self.workers)))
 
     async def crop(self, data: bytes | np.ndarray) -> np.ndarray:
-        """Encoded image, or decoded pixels (H, W, C) -> uint8 crop (H, W, 3). InvalidInput says what is wrong."""
+        """Encoded image, or decoded pixels (H, W, C) -> uint8 crop (H, W, 3). InvalidInput says what is wrong;
+        Unavailable once the pool is closed."""
+        if self._closing:
+            raise Unavailable("the decode pool is closed: the server is stopping")
         loop = asyncio.get_running_loop()
         if not self.processes:
             return await loop.run_in_executor(self._executor, self._crop, data)

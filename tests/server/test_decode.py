@@ -14,7 +14,7 @@ from PIL import Image
 
 from pickscore.backends.torch_backend import TorchBackend
 from pickscore.client import Client
-from pickscore.errors import Internal, InvalidInput
+from pickscore.errors import Internal, InvalidInput, Unavailable
 from pickscore.model.checkpoint import resolve
 from pickscore.model.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig, load_uint8
 from pickscore.scorer import Scorer
@@ -180,6 +180,18 @@ def test_the_pool_crops_as_load_uint8_and_says_what_is_wrong(processes, crop):
             pool.close()
 
     assert len(inputs) > DEPTH
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_a_closed_pool_refuses_at_once(processes):
+    async def main() -> None:
+        pool = pool_of(processes)
+        await pool.start()
+        pool.close()
+        with pytest.raises(Unavailable, match="decode pool is closed"):
+            await asyncio.wait_for(pool.crop(IMAGES[0]), 30)  # it used to wait for a worker forever
+
     asyncio.run(main())
 
 
