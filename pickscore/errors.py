@@ -11,7 +11,7 @@ import os
 import re
 
 # How a message names its item: "image 3 (id 'x'): ", after "server: CODE: " or "server: HTTP 400: ".
-_ITEM_PREFIX = re.compile(r"^(?:server: (?:[A-Z_]+: |HTTP \d+: )?)?image \d+(?: \(.*?\))?: ")
+_ITEM_PREFIX = re.compile(r"^((?:server: (?:[A-Z_]+: |HTTP \d+: )?)?)image \d+(?: \(.*?\))?: ")
 
 
 class PickScoreError(Exception):
@@ -73,3 +73,8 @@ def describe_item(index: int, item: object) -> str:
 def item_reason(error: Exception | str) -> str:
     """A message naming its item (``image 3 (id 'x'): reason``, perhaps after ``server: CODE: ``) -> the reason."""
     return _ITEM_PREFIX.sub("", str(error), count=1)
+
+
+def item_renamed(error: Exception | str, name: str) -> str:
+    """A message naming its item, with the item named ``name`` instead (what came before it is kept)."""
+    return _ITEM_PREFIX.sub(lambda m: f"{m[1]}{name}: ", str(error), count=1)

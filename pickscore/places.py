@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from pickscore.errors import InvalidInput, PickScoreError, describe_item, item_reason
+from pickscore.errors import InvalidInput, PickScoreError, describe_item, item_reason, item_renamed
 
 if TYPE_CHECKING:
     from pickscore.datasets import Row
@@ -268,7 +268,7 @@ class OnServers(_Closing):
             try:
                 scores[i] = future.result()
             except InvalidInput as e:  # named by its place in ``images``; anything else (an outage) raises
-                errors[i] = InvalidInput(f"{describe_item(i, images[i])}: {item_reason(e)}")
+                errors[i] = InvalidInput(item_renamed(e, describe_item(i, images[i])))
                 if not skip_invalid:
                     raise errors[i] from None
         return scores, errors
