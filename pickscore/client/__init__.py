@@ -24,7 +24,6 @@ Modules: ``sync`` (Client), ``aio`` (AsyncClient), ``reward`` (RewardClient and 
 """
 
 from pickscore.client.aio import AsyncClient
-from pickscore.client.channel import _SERVICE_CONFIG as _SERVICE_CONFIG  # the retry policy tests/server read
 from pickscore.client.channel import DEFAULT_MESSAGE_BYTES
 from pickscore.client.reward import RewardClient
 from pickscore.client.sync import Client

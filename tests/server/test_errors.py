@@ -15,7 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from pickscore.backends.torch_backend import TorchBackend
-from pickscore.client import _SERVICE_CONFIG, Client
+from pickscore.client import Client
+from pickscore.client.channel import _SERVICE_CONFIG
 from pickscore.errors import DeadlineExceeded, Internal, Overloaded, Unauthenticated, Unavailable
 from pickscore.model.checkpoint import resolve
 from pickscore.model.preprocess import load_uint8
