@@ -13,7 +13,6 @@ EXTRA_OF = {
     "regex": "serve",
     "safetensors": "serve",
     "huggingface_hub": "serve",
-    "tqdm": "serve",
     "pyarrow": "serve",
     "matplotlib": "serve",
     "grpc_reflection": "serve",
