@@ -92,6 +92,9 @@ class RewardClient:
         probability that each image is preferred) when ``softmax``."""
         parts = [self.submit(prompt, image) for image in images]
         group: Future = Future()
+        if not parts:  # an empty group has its (0,) answer at once: no part will ever call back
+            group.set_result(np.zeros(0, np.float32))
+            return group
         left = [len(parts)]
 
         def done(_) -> None:

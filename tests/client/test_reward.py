@@ -66,6 +66,8 @@ def test_scales_groups_and_pixels(server, expected, transport):
         probabilities = rewards.submit_group(PROMPT, IMAGES, softmax=True).result(30)
         raw_group = rewards.submit_group(PROMPT, IMAGES).result(30)
         from_pixels = rewards.submit(PROMPT, pil).result(30)
+        for softmax in (False, True):  # an empty group is answered, not left waiting forever
+            assert rewards.submit_group(PROMPT, [], softmax=softmax).result(30).shape == (0,)
     np.testing.assert_allclose([f.result(30) for f in scaled], expected / 26, atol=1e-6)
     np.testing.assert_allclose(raw_group, expected / 26, atol=1e-6)
     softmax = np.exp(expected - expected.max()) / np.exp(expected - expected.max()).sum()
