@@ -214,14 +214,14 @@ class KServeModels:
         return self.state.ready and not self.state.draining and not self.state.unhealthy
 
     def model_ready(self, name: str, version: str) -> bool:
-        self._config(name, version)  # NotFound for an unknown model
+        self.model_config(name, version)  # NotFound for an unknown model
         return self.ready()
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "pickscore", "version": __version__, "extensions": ["model_configuration", "statistics"]}
 
     def metadata(self, name: str, version: str) -> dict[str, Any]:
-        cfg = self._config(name, version)
+        cfg = self.model_config(name, version)
 
         def meta(t) -> dict[str, Any]:
             return {"name": t.name, "datatype": DATATYPES[t.data_type], "shape": [-1, *t.dims]}
@@ -236,11 +236,11 @@ class KServeModels:
 
     def config(self, name: str, version: str) -> dict[str, Any]:
         """Triton's model configuration."""
-        return self._documents[self._config(name, version).name]
+        return self._documents[self.model_config(name, version).name]
 
     def statistics(self, name: str, version: str) -> dict[str, Any]:
         """Of one model, or of every model when ``name`` is empty."""
-        names = [self._config(name, version).name] if name else list(self.configs)
+        names = [self.model_config(name, version).name] if name else list(self.configs)
         return {"model_stats": [self._statistics(model) for model in names]}
 
     def _statistics(self, model: str) -> dict[str, Any]:
@@ -259,7 +259,8 @@ class KServeModels:
             "memory_usage": [],
         }
 
-    def _config(self, name: str, version: str) -> mc.ModelConfig:
+    def model_config(self, name: str, version: str) -> mc.ModelConfig:
+        """Triton's configuration message of a served model (NotFound naming what is served otherwise)."""
         if name not in self.configs:
             raise NotFound(f"unknown model {name!r}; this server has {', '.join(self.configs)}")
         if version not in ("", VERSION):
@@ -268,7 +269,7 @@ class KServeModels:
 
     async def infer(self, request: InferRequest, deadline: float | None) -> InferResponse:
         """Every output asked for as FP32, computed through the engine; counted in the model's statistics."""
-        cfg = self._config(request.model, request.version)
+        cfg = self.model_config(request.model, request.version)
         stats = self.stats[cfg.name]
         start = time.perf_counter_ns()
         try:

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
@@ -62,8 +61,8 @@ class KServeV2Service(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request, context):
         async with boundary(self.state, "ModelConfig", context, admit=False):
-            config = _message(self.models.config(request.name, request.version), mc.ModelConfig)
-            return pb.ModelConfigResponse(config=config)
+            # Triton's own format, as the api holds it: no round trip through its JSON form
+            return pb.ModelConfigResponse(config=self.models.model_config(request.name, request.version))
 
     async def ModelStatistics(self, request, context):
         async with boundary(self.state, "ModelStatistics", context, admit=False):
