@@ -22,9 +22,12 @@ from typing import Any
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 
 
-def option(default: Any, help: str, choices: tuple[str, ...] | None = None, flag: bool = True) -> Any:
-    """A dataclass field with its one-line doc, its allowed values, and whether it becomes a flag."""
-    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+def option(
+    default: Any, help: str, choices: tuple[str, ...] | None = None, flag: bool = True, repeat: bool = False
+) -> Any:
+    """A dataclass field with its one-line doc, its allowed values, and whether it becomes a flag. A ``repeat``
+    flag may be given several times: its values are joined with commas, as its variable would list them."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "repeat": repeat})
 
 
 def field_type(f: Field) -> type:
@@ -59,8 +62,22 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, env: Callable[[str], s
             )
         else:
             parser.add_argument(
-                flag_name(f.name), dest=f.name, type=kind, default=None, choices=f.metadata["choices"], help=help
+                flag_name(f.name),
+                dest=f.name,
+                type=kind,
+                default=None,
+                choices=f.metadata["choices"],
+                help=help,
+                **({"action": _Joined} if f.metadata.get("repeat") else {}),
             )
+
+
+class _Joined(argparse.Action):
+    """A repeated flag's values joined with commas (``--model a=x --model b=y`` is ``a=x,b=y``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        earlier = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, values if earlier is None else f"{earlier},{values}")
 
 
 def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:

@@ -36,6 +36,7 @@ class Backend(Protocol):
     tokenizer: Tokenizer
     logit_scale: float
     embed_dim: int
+    weights_bytes: int  # bytes the model's weights take where they are loaded (reported per model version)
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray: ...
 

@@ -79,6 +79,8 @@ class OnnxBackend:
                 str(directory / f"{tower}.onnx"), session_options, providers=options
             )
         active = self._sessions["image"].get_providers()[0].removesuffix("ExecutionProvider")
+        # the graphs' files, external weights included: what the sessions hold
+        self.weights_bytes = sum(f.stat().st_size for f in directory.iterdir() if f.suffix in (".onnx", ".data"))
         self.description = f"{active} {self.precision}"  # e.g. "CPU int8": the precision is reported with it
         self.accelerated = active != "CPU"
         self.pipeline_depth = 1  # one run at a time per session

@@ -174,6 +174,7 @@ class TorchBackend:
         self.source = loaded.source
         self.embed_dim = int(loaded.model_cfg["embed_dim"])
         self.description = f"{self.device} {DTYPE_NAMES[dtype]}"
+        self.weights_bytes = sum(t.nbytes for t in (*self.model.parameters(), *self.model.buffers()))
         self.accelerated = self.device.type != "cpu"
         # On CUDA two batches of a tower run at once, each calling thread on its own stream, so one batch's
         # host-to-device copy overlaps the other's compute. Compiled towers (CUDA graphs) keep to one.

@@ -35,26 +35,34 @@ def model_configs(
     max_images_per_request: int,
     max_queue_delay_us: int,
     pixels: bool = False,
+    name: str = ENSEMBLE,
 ) -> dict[str, mc.ModelConfig]:
-    """The three models. ``pixels`` (this server, not a Triton repository): ``pickscore`` also takes PIXELS,
-    UINT8 [N, H, W, 3] decoded images of one size, instead of IMAGE; both become optional, one is required."""
+    """The three models, ``name``, ``name``_image and ``name``_text (pickscore, pickscore_image, pickscore_text
+    by default). ``pixels`` (this server, not a Triton repository): the ensemble also takes PIXELS, UINT8 [N, H, W,
+    3] decoded images of one size, instead of IMAGE; both become optional, one is required."""
+    image_name, text_name = tower_names(name)
     h, w = image_size
     batching = mc.ModelDynamicBatching(max_queue_delay_microseconds=max_queue_delay_us)
     image = _tower(
-        IMAGE,
+        image_name,
         tensor(mc.ModelInput, "pixel_values", mc.TYPE_FP32, [3, h, w]),
         tensor(mc.ModelOutput, "image_embeds", mc.TYPE_FP32, [embed_dim]),
         max_batch_size,
         batching,
     )
     text = _tower(
-        TEXT,
+        text_name,
         tensor(mc.ModelInput, "input_ids", mc.TYPE_INT64, [context_length]),
         tensor(mc.ModelOutput, "text_embeds", mc.TYPE_FP32, [embed_dim]),
         max_batch_size,
         batching,
     )
-    return {ENSEMBLE: _ensemble(max_images_per_request, pixels), IMAGE: image, TEXT: text}
+    return {name: _ensemble(name, max_images_per_request, pixels), image_name: image, text_name: text}
+
+
+def tower_names(name: str) -> tuple[str, str]:
+    """The KServe names of a model's image and text towers."""
+    return f"{name}_image", f"{name}_text"
 
 
 def _tower(name: str, input, output, max_batch_size: int, batching) -> mc.ModelConfig:
@@ -79,7 +87,7 @@ _ENSEMBLE_STEPS = [
 ]
 
 
-def _ensemble(max_images_per_request: int, pixels: bool) -> mc.ModelConfig:
+def _ensemble(name: str, max_images_per_request: int, pixels: bool) -> mc.ModelConfig:
     """PROMPT and IMAGE (or PIXELS) -> SCORE: preprocessing, the text and image towers, then the score."""
     inputs = [
         tensor(mc.ModelInput, "PROMPT", mc.TYPE_STRING, [1]),
@@ -87,12 +95,15 @@ def _ensemble(max_images_per_request: int, pixels: bool) -> mc.ModelConfig:
     ]
     if pixels:
         inputs.append(mc.ModelInput(name="PIXELS", data_type=mc.TYPE_UINT8, dims=[-1, -1, 3], optional=True))
+    renamed = dict(zip((IMAGE, TEXT), tower_names(name)))
     steps = [
-        mc.ModelEnsembling.Step(model_name=model, model_version=-1, input_map=inputs_of, output_map=outputs_of)
+        mc.ModelEnsembling.Step(
+            model_name=renamed.get(model, model), model_version=-1, input_map=inputs_of, output_map=outputs_of
+        )
         for model, inputs_of, outputs_of in _ENSEMBLE_STEPS
     ]
     return mc.ModelConfig(
-        name=ENSEMBLE,
+        name=name,
         platform="ensemble",
         max_batch_size=max_images_per_request,
         input=inputs,

@@ -25,20 +25,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2_grpc
 
-from pickscore.backends import Backend, load_backend
+from pickscore.backends import Backend
 from pickscore.server import ports
-from pickscore.server.api import KServeModels, Scoring
+from pickscore.server.api import Scoring
+from pickscore.server.api_kserve import KServeModels
 from pickscore.server.boundary import ServerState
-from pickscore.server.engine import Engine
+from pickscore.server.engine import Engine, Shared
 from pickscore.server.http import HttpFrontDoor
 from pickscore.server.kserve_v2 import SERVICE_NAME as KSERVE_SERVICE_NAME
 from pickscore.server.kserve_v2 import KServeV2Service
 from pickscore.server.metrics import Metrics
+from pickscore.server.repository import Repository, model_specs
 from pickscore.server.scoring_v1 import SERVICE_NAME, ScoringService
 from pickscore.server.security import ServerTls, TokenSet
 from pickscore.server.settings import Settings
 from pickscore.v1 import scoring_pb2_grpc
-from pickscore.version import __version__
 
 log = logging.getLogger("pickscore.server")
 # Health service names: "" and the scoring service are SERVING only while the server takes requests
@@ -47,18 +48,20 @@ LIVENESS_SERVICE = "liveness"
 
 
 class Server:
-    """One gRPC server on one backend. ``backend`` may be passed in (tests inject faults that way)."""
+    """One server over the models of ``settings``. ``backend``: the one model's backend, passed in rather than loaded
+    (tests inject faults that way)."""
 
     def __init__(self, settings: Settings, backend: Backend | None = None):
         settings.validate()
         self.settings = settings
+        self.specs = model_specs(settings)  # a bad --model or repository stops the start here, before any port
         self.metrics = Metrics()
         # Credentials are read here: a bad certificate, key or token file stops the start, naming the file.
         self.state = ServerState(self.metrics, TokenSet.from_settings(settings))
         self.tls = ServerTls.from_settings(settings)  # None: plaintext
         self.state.max_per_client = settings.max_inflight_per_client
-        self.backend = backend
-        self.engine: Engine | None = None
+        self.shared = Shared(settings)
+        self.repository = Repository(settings, self.metrics, self.shared, self._on_hung, backend)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -68,6 +71,16 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def engine(self) -> Engine:
+        """The default model's engine."""
+        return self.repository.get("").engine
+
+    @property
+    def backend(self) -> Backend:
+        """The default model's backend."""
+        return self.repository.get("").backend
 
     async def start(self) -> None:
         """Bind every port (a busy one stops the start here, before the model loads, naming it), report
@@ -86,47 +99,36 @@ class Server:
         # For liveness probes: SERVING whenever the process answers at all, through warm-up and drain, so
         # that an orchestrator restarts a wedged process but not one that is loading or finishing its work.
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        if self.backend is None:
-            loop = asyncio.get_running_loop()
-            self.backend = await loop.run_in_executor(
-                None,
-                load_backend,
-                s.model,
-                s.backend,
-                s.device,
-                s.dtype,
-                s.max_batch_size,
-                s.compute_threads,
-                s.compile,
-            )
-        self.engine = Engine(self.backend, s, self.metrics, on_hung=self._on_hung)
-        scoring = Scoring(self.engine)
-        self.models = KServeModels(self.engine, self.state)
+        scoring = Scoring(self.repository)
+        self.models = KServeModels(self.repository, self.state)
         scoring_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(scoring, self.state), self._grpc)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeV2Service(self.models), self._grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, KSERVE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
         )
-        await self._grpc.start()  # health answers NOT_SERVING while the model warms up
-        if self._http_socket is not None:  # the same engine, state and credentials behind a second transport
+        await self._grpc.start()  # health answers NOT_SERVING while the models load and warm up
+        if self._http_socket is not None:  # the same engines, state and credentials behind a second transport
             self.http = HttpFrontDoor(scoring, self.models, self.state, s.max_message_bytes)
             sock, self._http_socket = self._http_socket, None  # the front door owns it now
             self.http_port = await self.http.start(sock, self.tls.ssl_context() if self.tls else None)
-        await self.engine.start()
-        self.metrics.model_info.labels(
-            self.backend.source, self.backend.name, self.backend.description, __version__
-        ).set(1)
+        await self.repository.start(self.specs)
+        if s.model_control_mode == "poll":
+            self._tasks.add(watcher := asyncio.ensure_future(self.repository.watch()))
+            watcher.add_done_callback(self._tasks.discard)
         self.state.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        models = self.repository.serving.values()
         log.info(
             "serving",
             extra={
                 "port": self.port,
                 "http_port": self.http_port,
                 "metrics_port": self.metrics_port,
-                "model": self.backend.source,
-                "backend": self.backend.name,
-                "device": self.backend.description,
+                "models": {
+                    m.name: f"{m.spec.ref} version {m.version} ({m.backend.name}, {m.backend.description})"
+                    for m in models
+                },
+                "default_model": self.repository.default,
             },
         )
 
@@ -187,8 +189,10 @@ class Server:
         if self._grpc:
             await self._grpc.stop(grace=grace)
         await asyncio.to_thread(self.metrics.stop_http)  # waits out its thread's poll (at most 0.5 s)
-        if self.engine:
-            await self.engine.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        await self.repository.stop()
+        self.shared.close(hung=self.repository.hung)
 
     async def wait(self) -> None:
         await self._stopped.wait()

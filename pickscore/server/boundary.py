@@ -77,7 +77,7 @@ class ServerState:
             yield
             return
         if self.per_client[caller] >= self.max_per_client:
-            self.metrics.refusals.labels("client_limit").inc()
+            self.metrics.refusals.labels("", "client_limit").inc()
             raise Overloaded(
                 f"caller {caller!r} already has {self.per_client[caller]} requests in flight, at most "
                 f"{self.max_per_client} (--max-inflight-per-client); wait for one to finish"

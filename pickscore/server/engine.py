@@ -1,12 +1,15 @@
-"""The engine: validation, decoding, caches and the two batchers behind every transport.
+"""The engine of one model version: validation, caches and the two batchers behind every transport; the resources
+every model of a server shares (``Shared``: the decode pools, one per preprocessing, the CPU's forward-pass thread and
+the tokenizer thread); and ``score_together``, one request scored by several models with one decode per image.
 
-    engine = Engine(backend, settings, metrics)
+    shared = Shared(settings)
+    engine = Engine(backend, settings, metrics.for_model("pickscore"), shared)
     await engine.start()                                    # warm-up included when settings.warmup
     scores = await engine.score(["a cat"], [ImageItem(jpeg_bytes, "a")], deadline=None)   # (N,) float32
     ranking = await engine.rank("a cat", items, top_k=3, deadline=None)
+    a, b = await score_together([engine_a, engine_b], ["a cat"], items, deadline=None)
 
-Transports (scoring.v1, KServe v2) translate their messages into these calls and map the domain errors
-(pickscore.errors) to status codes; they never touch the batchers or the backend themselves.
+The api (server/api.py) turns requests into these calls; it never touches the batchers or the backend itself.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import hashlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +31,7 @@ from pickscore.model.scoring import Ranking
 from pickscore.server.batcher import Batcher
 from pickscore.server.caches import EmbeddingCache
 from pickscore.server.decode import DecodePool
-from pickscore.server.metrics import Metrics
+from pickscore.server.metrics import ModelMetrics
 from pickscore.server.settings import Settings
 
 
@@ -53,26 +57,93 @@ class ImageItem:
         return hashlib.sha256(repr(self.pixels.shape).encode() + self.pixels.tobytes()).hexdigest()
 
 
+class Shared:
+    """What the engines of one server share. On a CPU each forward pass already uses every core
+    (--compute-threads): every tower of every model takes turns on one thread rather than oversubscribe the cores.
+    One decode pool per preprocessing (and device, with --decode-on-device), so models that crop alike decode an
+    image once; one tokenizer thread (prompts are short and cached)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix="towers")
+        self.tokenizer = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        self.decoders: dict[tuple, DecodePool] = {}
+
+    async def decoder(self, backend: Backend) -> DecodePool:
+        """The started decode pool for ``backend``'s preprocessing."""
+        s = self.settings
+        if s.decode_on_device and backend.name != "torch":
+            raise ValueError(f"--decode-on-device needs the torch backend; this model runs on {backend.name}")
+        device = str(backend.device) if s.decode_on_device else None
+        key = (backend.preprocess, device)
+        if key not in self.decoders:
+            pool = DecodePool(
+                backend.preprocess, s.max_pixels, s.max_aspect_ratio, s.workers, s.decode_processes, device
+            )
+            self.decoders[key] = pool
+            await pool.start()
+        return self.decoders[key]
+
+    def close(self, hung: bool) -> None:
+        """``hung``: a forward pass never returned; its thread is abandoned, not waited for."""
+        self.compute.shutdown(wait=not hung)
+        self.tokenizer.shutdown(wait=False, cancel_futures=True)
+        for pool in self.decoders.values():
+            pool.close()
+
+
+class ScoreStats:
+    """Running mean and variance of every score a model version gave, in float64: Rewards'
+    ``normalize=running``."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean = 0.0
+        self._m2 = 0.0
+
+    def add(self, scores: np.ndarray) -> None:
+        """Merge a request's scores (Chan et al.'s pairwise update: the batch's own mean and squares, then one step)."""
+        x = scores.astype(np.float64)
+        if not len(x):
+            return
+        n, mean = len(x), float(x.mean())
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self._m2 += float(((x - mean) ** 2).sum()) + delta * delta * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        """Population standard deviation (0 before two scores)."""
+        return float(np.sqrt(self._m2 / self.count)) if self.count > 1 else 0.0
+
+
 class Engine:
-    """``on_hung(reason)`` is called once when a tower's watchdog fires (the server then reports NOT_SERVING)."""
+    """One model version's batchers and caches over ``shared``'s threads and decode pools. ``on_hung(reason)`` is
+    called once when a tower's watchdog fires (the server then reports NOT_SERVING)."""
 
     def __init__(
-        self, backend: Backend, settings: Settings, metrics: Metrics, on_hung: Callable[[str], None] | None = None
+        self,
+        backend: Backend,
+        settings: Settings,
+        metrics: ModelMetrics,
+        shared: Shared,
+        on_hung: Callable[[str], None] | None = None,
     ):
         self.backend = backend
         self.settings = settings
         self.metrics = metrics
+        self.shared = shared
         s = settings
-        # On a CPU each forward pass already uses every core (--compute-threads): the towers take turns on one
-        # thread rather than oversubscribe the cores. On a GPU each tower has its own threads launching kernels,
-        # as many as the backend runs batches at once (2: one batch's copy overlaps the other's compute).
-        self._compute = None if backend.accelerated else ThreadPoolExecutor(1, thread_name_prefix="towers")
+        # On a GPU each tower has its own threads launching kernels, as many as the backend runs batches at once
+        # (2: one batch's copy overlaps the other's compute); on a CPU the one shared thread.
         limits = dict(
             max_wait_s=s.max_queue_wait_s,
             timeout_s=s.batch_timeout_s,
             on_hung=on_hung,
             max_gather_s=s.max_gather_ms / 1000,
-            executor=self._compute,
+            executor=None if backend.accelerated else shared.compute,
             depth=backend.pipeline_depth if backend.accelerated else 1,
         )
         delay = s.max_queue_delay_ms / 1000
@@ -84,21 +155,11 @@ class Engine:
         )
         self.text_cache = EmbeddingCache("text", settings.text_cache_bytes, metrics)
         self.image_cache = EmbeddingCache("image", settings.image_cache_bytes, metrics)
-        if settings.decode_on_device and backend.name != "torch":
-            raise ValueError(f"--decode-on-device needs the torch backend; this model runs on {backend.name}")
-        self.decoder = DecodePool(
-            backend.preprocess,
-            settings.max_pixels,
-            settings.max_aspect_ratio,
-            settings.workers,
-            settings.decode_processes,
-            device=str(backend.device) if settings.decode_on_device else None,
-        )
-        # prompts: short, and cached
-        self.tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self.decoder: DecodePool | None = None  # shared's pool for this preprocessing, from start()
+        self.stats = ScoreStats()
 
     async def start(self) -> None:
-        await self.decoder.start()
+        self.decoder = await self.shared.decoder(self.backend)
         await self.image_batcher.start()
         await self.text_batcher.start()
         if self.settings.warmup:
@@ -117,37 +178,20 @@ class Engine:
         with self.image_batcher.admit(1), self.text_batcher.admit(1):
             await asyncio.gather(self.image_batcher.submit(pixels), self.text_batcher.submit(tokens))
 
+    @property
+    def hung(self) -> bool:
+        return bool(self.image_batcher.hung or self.text_batcher.hung)
+
     async def stop(self) -> None:
+        """Fail what is queued (Unavailable) and stop the towers; the shared pools stay (``Shared.close``)."""
         await self.image_batcher.stop()
         await self.text_batcher.stop()
-        if self._compute is not None:  # a hung forward pass is abandoned, not waited for
-            self._compute.shutdown(wait=not (self.image_batcher.hung or self.text_batcher.hung))
-        self.tokenizer_thread.shutdown(wait=False, cancel_futures=True)
-        self.decoder.close()
 
     async def score(
         self, prompts: Sequence[str], images: Sequence[ImageItem], deadline: float | None, priority: int = 0
     ) -> np.ndarray:
         """One prompt for all images, or one prompt per image -> scores (N,) float32 in image order."""
-        self.validate(prompts, images)
-        unique = list(dict.fromkeys(prompts))
-        with self.image_batcher.admit(len(images), deadline, priority):  # refused here costs nothing
-            texts, pixels_embeds = await _within(
-                deadline,
-                _all(
-                    self._embed_prompts(unique, deadline, priority),
-                    _all(*(self._embed_image(i, item, deadline, priority) for i, item in enumerate(images))),
-                ),
-            )
-        by_prompt = dict(zip(unique, texts))
-        text_embeds = np.stack([by_prompt[p] for p in prompts])  # (1 or N, D)
-        image_embeds = np.stack(pixels_embeds)  # (N, D)
-        if len(prompts) == 1:
-            out = scoring.scores(text_embeds[0], image_embeds, self.backend.logit_scale)
-        else:
-            out = scoring.paired_scores(text_embeds, image_embeds, self.backend.logit_scale)
-        self.metrics.images_scored.inc(len(images))
-        return out
+        return (await score_together([self], prompts, images, deadline, priority))[0]
 
     async def rank(
         self, prompt: str, images: Sequence[ImageItem], top_k: int | None, deadline: float | None
@@ -210,33 +254,92 @@ class Engine:
 
         return await _all(*(one(p) for p in prompts))
 
-    async def _embed_image(self, index: int, item: ImageItem, deadline: float | None, priority: int) -> np.ndarray:
+    async def _embed(
+        self, prompts: list[str], images: Sequence[ImageItem], crops: _Crops, deadline: float | None, priority: int
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(the prompts' embeddings, the images' embeddings), the images cropped through ``crops``."""
+        return await _all(
+            self._embed_prompts(prompts, deadline, priority),
+            _all(*(self._embed_image(i, item, crops, deadline, priority) for i, item in enumerate(images))),
+        )
+
+    async def _embed_image(
+        self, index: int, item: ImageItem, crops: _Crops, deadline: float | None, priority: int
+    ) -> np.ndarray:
         async def compute() -> np.ndarray:
             with self.image_batcher.preparing():
-                pixels = await self._crop(index, item)
+                pixels = await crops.get(self.decoder, index, item)
             return await self.image_batcher.submit(pixels, deadline, priority)
 
         if not self.image_cache.capacity:
             return await compute()
         return await self.image_cache.get_or_compute(item.digest(), compute)
 
-    async def _crop(self, index: int, item: ImageItem) -> np.ndarray:
-        start = time.perf_counter()
-        try:
-            return await self.decoder.crop(item.content)  # (H, W, 3) uint8
-        except InvalidInput as e:
-            raise InvalidInput(f"{item.describe(index)}: {e}") from e
-        finally:
-            self.metrics.preprocess.labels("decode").observe(time.perf_counter() - start)
+    def _scores(self, prompts: Sequence[str], unique: list[str], texts: list, images: list) -> np.ndarray:
+        by_prompt = dict(zip(unique, texts))
+        text_embeds = np.stack([by_prompt[p] for p in prompts])  # (1 or N, D)
+        image_embeds = np.stack(images)  # (N, D)
+        if len(prompts) == 1:
+            out = scoring.scores(text_embeds[0], image_embeds, self.backend.logit_scale)
+        else:
+            out = scoring.paired_scores(text_embeds, image_embeds, self.backend.logit_scale)
+        self.metrics.images_scored.labels().inc(len(images))
+        self.stats.add(out)
+        return out
 
     async def _tokenize(self, prompts: list[str]) -> np.ndarray:
         start = time.perf_counter()
         try:
             return await asyncio.get_running_loop().run_in_executor(
-                self.tokenizer_thread, self.backend.tokenizer, prompts
+                self.shared.tokenizer, self.backend.tokenizer, prompts
             )
         finally:
             self.metrics.preprocess.labels("tokenize").observe(time.perf_counter() - start)
+
+
+async def score_together(
+    engines: Sequence[Engine],
+    prompts: Sequence[str],
+    images: Sequence[ImageItem],
+    deadline: float | None,
+    priority: int = 0,
+) -> list[np.ndarray]:
+    """Each engine's scores (N,) float32 of one request: admitted by every engine's image tower or by none,
+    each image decoded once per preprocessing, the first failure (a bad image, a refusal) failing it for all."""
+    engines[0].validate(prompts, images)
+    unique = list(dict.fromkeys(prompts))
+    crops = _Crops(engines[0].metrics)
+    with ExitStack() as admitted:
+        for engine in engines:  # refused here costs nothing
+            admitted.enter_context(engine.image_batcher.admit(len(images), deadline, priority))
+        embedded = await _within(
+            deadline, _all(*(engine._embed(unique, images, crops, deadline, priority) for engine in engines))
+        )
+    return [engine._scores(prompts, unique, *out) for engine, out in zip(engines, embedded)]
+
+
+class _Crops:
+    """One request's crops: an image is decoded once per decode pool however many models ask for it."""
+
+    def __init__(self, metrics: ModelMetrics):
+        self.metrics = metrics
+        self._tasks: dict[tuple[int, int], asyncio.Future] = {}
+
+    def get(self, decoder: DecodePool, index: int, item: ImageItem) -> Awaitable[np.ndarray]:
+        key = (id(decoder), index)
+        if key not in self._tasks:
+            self._tasks[key] = asyncio.ensure_future(self._crop(decoder, index, item))
+        return self._tasks[key]
+
+    async def _crop(self, decoder: DecodePool, index: int, item: ImageItem) -> np.ndarray:
+        start = time.perf_counter()
+        try:
+            return await decoder.crop(item.content)  # (H, W, 3) uint8
+        except InvalidInput as e:
+            raise InvalidInput(f"{item.describe(index)}: {e}") from e
+        finally:
+            self.metrics.preprocess.labels("decode").observe(time.perf_counter() - start)
+            self.metrics.decoded.inc()
 
 
 async def _within(deadline: float | None, work: Awaitable):

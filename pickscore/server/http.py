@@ -6,15 +6,21 @@ same engine, boundary, metrics and errors as the gRPC port.
     GET  /v2                                                       server metadata
     GET  /v2/models/{name}[/versions/{v}][/ready|/config|/stats]   model metadata, readiness, config, statistics
     POST /v2/models/{name}[/versions/{v}]/infer                    JSON tensors, or Triton's binary extension
-    POST /v1/score, /v1/rank                                       scoring.v1's fields as JSON (images base64),
+    POST /v2/repository/index                                      every model known: name, version, state, reason
+    POST /v2/repository/models/{name}/load | /unload               explicit model control (--model-control-mode)
+    POST /v1/score, /v1/rank, /v1/rewards                          scoring.v1's fields as JSON (images base64),
                                                                    multipart/form-data, or msgpack (raw bytes)
-    GET  /v1/model                                                 scoring.v1's GetModelInfo
+    POST /v1/models/{name}/score, /v1/models/{name}/rank           the same, scored by the model in the path
+    GET  /v1/model[?model=NAME], /v1/models/{name}                 scoring.v1's GetModelInfo (default: the default)
+    GET  /v1/models                                                scoring.v1's ListModels: every model in service
     GET  /openapi.json                                             the OpenAPI document of all of the above
 
 Errors are mapped once, here, from the domain errors to an HTTP status (``status.HTTP_STATUS``), with a body
 ``{"error": message, "code": status name}`` (Triton's error body, plus the gRPC name). Deadlines: a
 ``timeout`` header or query parameter in seconds (and KServe's ``timeout`` parameter in microseconds).
 Request ids: ``x-request-id``, echoed in the response. Never pickle: JSON, multipart and msgpack only.
+The model of a /v1 request: the path's ``{name}``, or the body's ``model`` field (both: they must agree), else the
+server's default model.
 Requests are decoded straight to the api's plain values (``server/api.py``; KServe's tensors in
 ``http_kserve.py``) and answers encoded straight from them.
 """
@@ -38,7 +44,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from pickscore.errors import InvalidInput
-from pickscore.server.api import KServeModels, RawPixels, Scoring, image_item
+from pickscore.server.api import RawPixels, Scoring, image_item
+from pickscore.server.api_kserve import KServeModels
 from pickscore.server.boundary import Call, ServerState, new_request_id, scope
 from pickscore.server.engine import ImageItem
 from pickscore.server.http_kserve import HEADER_LENGTH, infer_request, infer_response
@@ -50,8 +57,10 @@ MAX_BODY = web.AppKey("max_body_bytes", int)
 # scoring.v1's requests as /v1 reads them: each field a str, an int (uint32), bytes, a message, or a list of one
 PIXELS = ("Pixels", {"height": int, "width": int, "channels": int, "data": bytes})
 IMAGE = ("Image", {"data": bytes, "id": str, "pixels": PIXELS})
-SCORE = ("ScoreRequest", {"prompt": str, "images": [IMAGE], "prompts": [str]})
-RANK = ("RankRequest", {"prompt": str, "images": [IMAGE], "top_k": int})
+SCORE = ("ScoreRequest", {"prompt": str, "images": [IMAGE], "prompts": [str], "model": str})
+RANK = ("RankRequest", {"prompt": str, "images": [IMAGE], "top_k": int, "model": str})
+WEIGHT = ("ModelWeight", {"model": str, "weight": float})
+REWARDS = ("RewardsRequest", {"prompt": str, "images": [IMAGE], "prompts": [str], "models": [WEIGHT], "normalize": str})
 JSON_NAMES = {"topK": "top_k"}  # protobuf's JSON mapping, which /v1 speaks, takes lowerCamelCase names too
 
 
@@ -100,9 +109,22 @@ class HttpFrontDoor:
             web.get("/v2/health/ready", self.ready),
             web.get("/v2", self._endpoint("ServerMetadata", self.server_metadata, admit=False)),
             web.get("/v2/models/stats", self._endpoint("ModelStatistics", self.model_stats, admit=False)),
+            web.post("/v2/repository/index", self._endpoint("RepositoryIndex", self.repository_index, admit=False)),
+            web.post(
+                "/v2/repository/models/{name}/load", self._endpoint("RepositoryModelLoad", self.load, admit=False)
+            ),
+            web.post(
+                "/v2/repository/models/{name}/unload",
+                self._endpoint("RepositoryModelUnload", self.unload, admit=False),
+            ),
             web.post("/v1/score", self._endpoint("Score", self.score)),
             web.post("/v1/rank", self._endpoint("Rank", self.rank)),
+            web.post("/v1/rewards", self._endpoint("Rewards", self.rewards)),
+            web.post("/v1/models/{model}/score", self._endpoint("Score", self.score)),
+            web.post("/v1/models/{model}/rank", self._endpoint("Rank", self.rank)),
             web.get("/v1/model", self._endpoint("GetModelInfo", self.model_info, admit=False)),
+            web.get("/v1/models", self._endpoint("ListModels", self.list_models, admit=False)),
+            web.get("/v1/models/{model}", self._endpoint("GetModelInfo", self.model_info, admit=False)),
             web.get("/openapi.json", self.openapi),
         ]
         for method, suffix, handler, rpc in kserve:
@@ -187,22 +209,55 @@ class HttpFrontDoor:
         kind = "application/octet-stream" if length is not None else "application/json"
         return web.Response(body=payload, headers=headers, content_type=kind)
 
+    async def repository_index(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        try:
+            ready = bool(json.loads(body).get("ready", False)) if body.strip() else False
+        except (ValueError, AttributeError):
+            raise InvalidInput('request body: {"ready": true|false} or nothing expected') from None
+        rows = self.models.index()
+        return web.json_response([r for r in rows if r["state"] == "READY"] if ready else rows)
+
+    async def load(self, request: web.Request) -> web.Response:
+        await _no_parameters(request)
+        await self.models.load(request.match_info["name"])
+        return web.json_response({})
+
+    async def unload(self, request: web.Request) -> web.Response:
+        await _no_parameters(request)
+        await self.models.unload(request.match_info["name"])
+        return web.json_response({})
+
     # scoring.v1 over HTTP ---------------------------------------------------------------------------------
 
     async def score(self, request: web.Request) -> web.Response:
         fields = await _scoring_request(request, SCORE)
         prompt, prompts = fields.get("prompt", ""), fields.get("prompts", [])
-        results = await self.scoring.score(prompt, prompts, _images(fields), _deadline(request))
+        model = _model_of(request, fields)
+        results = await self.scoring.score(prompt, prompts, _images(fields), _deadline(request), model)
         return _reply(request, {"results": [_record(r) for r in results]})
 
     async def rank(self, request: web.Request) -> web.Response:
         fields = await _scoring_request(request, RANK)
-        top_k = fields.get("top_k", 0)
-        ranking = await self.scoring.rank(fields.get("prompt", ""), _images(fields), top_k, _deadline(request))
+        top_k, prompt, model = fields.get("top_k", 0), fields.get("prompt", ""), _model_of(request, fields)
+        ranking = await self.scoring.rank(prompt, _images(fields), top_k, _deadline(request), model)
         return _reply(request, {"ranking": [_record(r) for r in ranking]})
 
+    async def rewards(self, request: web.Request) -> web.Response:
+        fields = await _scoring_request(request, REWARDS)
+        normalize = fields.get("normalize", "none").lower().removeprefix("normalize_")  # protobuf's enum names too
+        weights = [(m.get("model", ""), m.get("weight", 0.0)) for m in fields.get("models", [])]
+        prompt, prompts = fields.get("prompt", ""), fields.get("prompts", [])
+        rewards = await self.scoring.rewards(prompt, prompts, _images(fields), weights, normalize, _deadline(request))
+        body = {"rewards": _floats(rewards.rewards), "models": [_record(m) for m in rewards.models]}
+        return _reply(request, body)
+
     async def model_info(self, request: web.Request) -> web.Response:
-        return _reply(request, _record(self.scoring.model_info()))
+        model = request.match_info.get("model") or request.query.get("model", "")
+        return _reply(request, _record(self.scoring.model_info(model)))
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        return _reply(request, {"models": [_record(m) for m in self.scoring.models()]})
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(document(self.scoring.model_info()))
@@ -344,14 +399,41 @@ def _value(key: str, kind: Any, value: Any, binary: bool) -> Any:
             return value
         if kind is bytes and isinstance(value, bytes if binary else str):
             return value if binary else base64.urlsafe_b64decode(value + "=" * (4 - len(value) % 4))
+        if kind is float and not isinstance(value, bool) and isinstance(value, int | float | str):
+            if math.isfinite(number := float(value)):
+                return number
         if kind is int and not isinstance(value, bool) and isinstance(value, int if binary else int | float | str):
             number = float(value) if isinstance(value, float | str) else value  # JSON: 2, 2.0 and "2" alike
             if float(number).is_integer() and 0 <= number < 2**32:
                 return int(number)
     except ValueError as e:  # base64 or a number's text
         raise InvalidInput(f"field {key!r}: {e}") from None
-    expected = {str: "a string", bytes: "bytes" if binary else "base64 text", int: "an unsigned 32-bit integer"}
+    expected = {
+        str: "a string",
+        bytes: "bytes" if binary else "base64 text",
+        int: "an unsigned 32-bit integer",
+        float: "a finite number",
+    }
     raise InvalidInput(f"field {key!r}: {expected[kind]} expected, got {value!r:.40}")
+
+
+def _model_of(request: web.Request, fields: dict[str, Any]) -> str:
+    """The path's model, or the body's ``model`` field: InvalidInput when they disagree."""
+    path, body = request.match_info.get("model", ""), fields.get("model", "")
+    if path and body and path != body:
+        raise InvalidInput(f"field 'model': {body!r}, but the path names model {path!r}; give one")
+    return path or body
+
+
+async def _no_parameters(request: web.Request) -> None:
+    """A load's or unload's body: nothing, or no parameters (Triton's config and file overrides are not taken)."""
+    body = await _body(request)
+    try:
+        parameters = json.loads(body).get("parameters") if body.strip() else None
+    except (ValueError, AttributeError):
+        raise InvalidInput('request body: {"parameters": {}} or nothing expected') from None
+    if parameters:
+        raise InvalidInput(f"parameters {', '.join(parameters)}: not supported; the repository's files are loaded")
 
 
 def _images(fields: dict[str, Any]) -> list[ImageItem]:
@@ -369,8 +451,19 @@ def _pixels(p: dict[str, Any]) -> RawPixels:
 
 def _record(record: Any) -> dict[str, Any]:
     """An api result as scoring.v1's JSON: its fields in order, floats as protobuf writes a float32 (the
-    shortest text that reads back as the same float32)."""
-    return {k: float(str(np.float32(v))) if isinstance(v, float) else v for k, v in asdict(record).items()}
+    shortest text that reads back as the same float32); the running statistics' doubles as they are."""
+    out = {}
+    for k, v in asdict(record).items():
+        if isinstance(v, float) and k not in ("score_mean", "score_std"):
+            v = float(str(np.float32(v)))
+        elif isinstance(v, list) and v and isinstance(v[0], float):
+            v = _floats(v)
+        out[k] = v
+    return out
+
+
+def _floats(values: list[float]) -> list[float]:
+    return [float(str(np.float32(v))) for v in values]
 
 
 def _reply(request: web.Request, body: dict[str, Any]) -> web.Response:

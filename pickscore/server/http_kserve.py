@@ -13,7 +13,7 @@ import numpy as np
 
 from pickscore.errors import InvalidInput
 from pickscore.server import tensors
-from pickscore.server.api import InferRequest, InferResponse, InputTensor
+from pickscore.server.api_kserve import InferRequest, InferResponse, InputTensor
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

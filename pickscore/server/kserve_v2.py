@@ -24,7 +24,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from pickscore.errors import InvalidInput, PickScoreError
 from pickscore.server import tensors
-from pickscore.server.api import InferRequest, InferResponse, InputTensor, KServeModels
+from pickscore.server.api_kserve import InferRequest, InferResponse, InputTensor, KServeModels
 from pickscore.server.boundary import boundary, deadline_of
 from pickscore.server.streams import windowed
 from pickscore.status import status_of
@@ -68,6 +68,25 @@ class KServeV2Service(service_pb2_grpc.GRPCInferenceServiceServicer):
         async with boundary(self.state, "ModelStatistics", context, admit=False):
             return _message(self.models.statistics(request.name, request.version), pb.ModelStatisticsResponse)
 
+    async def RepositoryIndex(self, request, context):
+        async with boundary(self.state, "RepositoryIndex", context, admit=False):
+            rows = self.models.index()
+            if request.ready:
+                rows = [r for r in rows if r["state"] == "READY"]
+            return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in rows])
+
+    async def RepositoryModelLoad(self, request, context):
+        async with boundary(self.state, "RepositoryModelLoad", context, admit=False):
+            _no_parameters(request.parameters)
+            await self.models.load(request.model_name)
+            return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        async with boundary(self.state, "RepositoryModelUnload", context, admit=False):
+            _no_parameters(request.parameters)
+            await self.models.unload(request.model_name)
+            return pb.RepositoryModelUnloadResponse()
+
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         async with boundary(self.state, "ModelInfer", context):
             return await self._infer(request, deadline_of(context))
@@ -84,7 +103,7 @@ class KServeV2Service(service_pb2_grpc.GRPCInferenceServiceServicer):
                 )
 
         async with boundary(self.state, "ModelStreamInfer", context):
-            async for response in windowed(requests, one, self.models.engine.settings.stream_window):
+            async for response in windowed(requests, one, self.models.settings.stream_window):
                 yield response
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
@@ -112,6 +131,12 @@ def infer_request(request: pb.ModelInferRequest) -> InferRequest:
         [o.name for o in request.outputs],
         {key: _plain(p) for key, p in request.parameters.items()},
     )
+
+
+def _no_parameters(parameters) -> None:
+    """A load's or unload's parameters (Triton's config and file overrides, unload_dependents) are not taken."""
+    if parameters:
+        raise InvalidInput(f"parameters {', '.join(parameters)}: not supported; the repository's files are loaded")
 
 
 def _typed(tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[int, ...]) -> np.ndarray:

@@ -17,7 +17,8 @@ SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 BATCH = tuple(float(2**k) for k in range(11))  # 1 .. 1024
 
 
-TOWER, CACHE = ("tower",), ("cache",)
+# "model": the served model's name (--model NAME=REF, or the repository's directory); per model, every version
+TOWER, CACHE = ("model", "tower"), ("model", "cache")
 # attribute: (kind, name, help, labels[, buckets]), registered in this order
 SPECS: dict[str, tuple] = {
     "request_duration": (
@@ -49,11 +50,16 @@ SPECS: dict[str, tuple] = {
     ),
     "inference": (Histogram, "pickscore_inference_seconds", "Forward pass time of one batch", TOWER, SECONDS),
     "batch_size": (Histogram, "pickscore_batch_size", "Items per forward pass", TOWER, BATCH),
-    "images_scored": (Counter, "pickscore_images_scored", "Images scored", ()),
+    "images_scored": (Counter, "pickscore_images_scored", "Images scored", ("model",)),
     "cache_hits": (Counter, "pickscore_cache_hits", "Embedding cache hits", CACHE),
     "cache_misses": (Counter, "pickscore_cache_misses", "Embedding cache misses", CACHE),
     "cache_bytes": (Gauge, "pickscore_cache_bytes", "Bytes held by an embedding cache", CACHE),
-    "dropped": (Counter, "pickscore_dropped_items", "Queued items dropped before compute", ("tower", "reason")),
+    "dropped": (
+        Counter,
+        "pickscore_dropped_items",
+        "Queued items dropped before compute",
+        ("model", "tower", "reason"),
+    ),
     "batch_failures": (Counter, "pickscore_batch_failures", "Batches whose forward pass failed", TOWER),
     "queue_depth": (Gauge, "pickscore_queue_depth", "Items admitted to a tower and not yet computed", TOWER),
     "queue_capacity": (Gauge, "pickscore_queue_capacity", "Most items a tower admits (max_queue_size)", TOWER),
@@ -68,8 +74,8 @@ SPECS: dict[str, tuple] = {
         "pickscore_admission_refusals",
         "Requests refused with RESOURCE_EXHAUSTED before any work: queue_full (--max-queue-size), "
         "queue_wait (--max-queue-wait-s), deadline (wait over the caller's deadline), "
-        "client_limit (--max-inflight-per-client)",
-        ("reason",),
+        "client_limit (--max-inflight-per-client; model empty: before any model is chosen)",
+        ("model", "reason"),
     ),
     "tower_hung": (
         Gauge,
@@ -81,15 +87,27 @@ SPECS: dict[str, tuple] = {
     "model_info": (
         Gauge,
         "pickscore_model_info",
-        "The served model (always 1)",
-        ("source", "backend", "device", "version"),
+        "A model version in service (always 1); version is the package's",
+        ("model", "model_version", "source", "backend", "device", "version"),
+    ),
+    "model_weights": (
+        Gauge,
+        "pickscore_model_weights_bytes",
+        "Bytes of a model version's weights, counted at load (two versions are resident during a swap)",
+        ("model", "model_version"),
+    ),
+    "decoded": (
+        Counter,
+        "pickscore_images_decoded",
+        "Images decoded and cropped, once per image and preprocessing whatever the number of models scoring it",
+        (),
     ),
 }
-# series that exist from the first scrape: attribute -> label values
+# series that exist from the first scrape (per model: from its load): attribute -> label values after the model's
 TOWERS, CACHES = ("image", "text"), ("text", "image")
 PRESET = {
     **dict.fromkeys(("queue_depth", "batch_size", "inference", "queue_wait", "estimated_wait", "tower_hung"), TOWERS),
-    "refusals": ("queue_full", "queue_wait", "deadline", "client_limit"),
+    "refusals": ("queue_full", "queue_wait", "deadline"),
     "cache_hits": CACHES,
     "cache_misses": CACHES,
 }
@@ -117,6 +135,8 @@ class Metrics:
     tower_hung: Gauge
     inflight: Gauge
     model_info: Gauge
+    model_weights: Gauge
+    decoded: Counter
 
     def __init__(self) -> None:
         self._http = None  # the /metrics server, once serve_http started it
@@ -124,10 +144,12 @@ class Metrics:
         for attr, (kind, name, doc, labels, *buckets) in SPECS.items():
             extra = {"buckets": buckets[0]} if buckets else {}
             setattr(self, attr, kind(name, doc, labels, registry=self.registry, **extra))
-        for attr, values in PRESET.items():
-            for value in values:
-                getattr(self, attr).labels(value)
+        self.refusals.labels("", "client_limit")
         self.registry.register(GpuCollector())
+
+    def for_model(self, model: str) -> ModelMetrics:
+        """The families labelled by model with ``model`` filled in, the others as they are; its series preset."""
+        return ModelMetrics(self, model)
 
     def serve_http(self, host: str, port: int) -> int:
         """Start /metrics on a daemon thread; returns the bound port (OSError when it cannot be bound)."""
@@ -140,6 +162,31 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class ModelMetrics:
+    """One model's view of a server's ``Metrics``: the same attributes, each family labelled ``model`` bound to this
+    model (``.labels(tower)`` is ``.labels(model, tower)``), so the batchers and caches need not know the model."""
+
+    def __init__(self, metrics: Metrics, model: str):
+        self.model = model
+        for attr, (_, _, _, labels, *_) in SPECS.items():
+            family = getattr(metrics, attr)
+            setattr(self, attr, _Bound(family, model) if labels[:1] == ("model",) else family)
+        for attr, values in PRESET.items():
+            for value in values:
+                getattr(self, attr).labels(value)
+
+
+class _Bound:
+    """A family with its first label, ``model``, given."""
+
+    def __init__(self, family, model: str):
+        self.family = family
+        self.model = model
+
+    def labels(self, *values: str):
+        return self.family.labels(self.model, *values)
 
 
 class GpuCollector:

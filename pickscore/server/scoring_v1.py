@@ -15,6 +15,8 @@ from pickscore.v1 import scoring_pb2 as pb
 from pickscore.v1 import scoring_pb2_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ScoringService"].full_name
+# the enum's numbers, as the api names them
+NORMALIZE = {pb.NORMALIZE_NONE: "none", pb.NORMALIZE_DECLARED: "declared", pb.NORMALIZE_RUNNING: "running"}
 
 
 class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
@@ -29,7 +31,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
     async def Rank(self, request: pb.RankRequest, context) -> pb.RankResponse:
         async with boundary(self.state, "Rank", context):
             items = _items(request.images)
-            ranking = await self.scoring.rank(request.prompt, items, request.top_k, deadline_of(context))
+            ranking = await self.scoring.rank(request.prompt, items, request.top_k, deadline_of(context), request.model)
             return pb.RankResponse(
                 ranking=[
                     pb.RankedImage(index=r.index, id=r.id, score=r.score, probability=r.probability) for r in ranking
@@ -49,16 +51,34 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
                 return pb.ScoreStreamResponse(tag=message.tag, error=pb.Error(code=code.value[0], message=text))
 
         async with boundary(self.state, "ScoreStream", context):
-            async for response in windowed(requests, one, self.scoring.engine.settings.stream_window):
+            async for response in windowed(requests, one, self.scoring.settings.stream_window):
                 yield response
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.GetModelInfoResponse:
         async with boundary(self.state, "GetModelInfo", context, admit=False):
-            return pb.GetModelInfoResponse(**asdict(self.scoring.model_info()))
+            return pb.GetModelInfoResponse(**asdict(self.scoring.model_info(request.model)))
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        async with boundary(self.state, "ListModels", context, admit=False):
+            return pb.ListModelsResponse(models=[pb.GetModelInfoResponse(**asdict(m)) for m in self.scoring.models()])
+
+    async def Rewards(self, request: pb.RewardsRequest, context) -> pb.RewardsResponse:
+        async with boundary(self.state, "Rewards", context):
+            rewards = await self.scoring.rewards(
+                request.prompt,
+                request.prompts,
+                _items(request.images),
+                [(m.model, m.weight) for m in request.models],
+                NORMALIZE.get(request.normalize, str(request.normalize)),
+                deadline_of(context),
+            )
+            return pb.RewardsResponse(
+                rewards=rewards.rewards, models=[pb.ModelScores(**asdict(m)) for m in rewards.models]
+            )
 
     async def _score(self, request: pb.ScoreRequest, deadline: float | None) -> pb.ScoreResponse:
         items = _items(request.images)
-        results = await self.scoring.score(request.prompt, request.prompts, items, deadline)
+        results = await self.scoring.score(request.prompt, request.prompts, items, deadline, request.model)
         return pb.ScoreResponse(results=[pb.ScoredImage(index=r.index, id=r.id, score=r.score) for r in results])
 
 

@@ -29,8 +29,29 @@ class Settings:
     model: str = _f(
         "demo",
         "model reference: demo (bundled), a Hugging Face CLIP or open_clip directory, a checkpoint "
-        "or ONNX export written by this project, or a hub id in the local Hugging Face cache",
+        "or ONNX export written by this project, or a hub id in the local Hugging Face cache; served as "
+        "'pickscore'. Several models: NAME=REF, the flag repeated (or comma-separated), the first the default",
+        repeat=True,
     )
+    model_repository: str = _f(
+        "",
+        "serve every model of a directory instead of --model: DIR/NAME/ holds a model, or numbered version "
+        "directories DIR/NAME/1/, DIR/NAME/2/ (the highest is served), and optionally DIR/NAME/model.json "
+        '({"normalize": {"mean": M, "std": S}}: the declared map of Rewards\' normalize=declared)',
+    )
+    default_model: str = _f(
+        "",
+        "the model a request naming none is scored by; empty: the first --model, or the repository's model "
+        "'pickscore' if it has one, else its first by name",
+    )
+    model_control_mode: str = _f(
+        "none",
+        "none: the models loaded at start are served until exit; poll: watch --model-repository and load a new "
+        "version, warm it, then swap it in (the old one drains), unload a removed model; explicit: KServe's "
+        "repository API (RepositoryModelLoad/Unload, /v2/repository/...) loads and unloads, behind the token",
+        ("none", "poll", "explicit"),
+    )
+    repository_poll_s: float = _f(5.0, "with --model-control-mode poll: seconds between looks at the repository")
     backend: str = _f("auto", "inference backend; auto is onnxruntime for an ONNX export, torch otherwise", KINDS)
     device: str = _f("auto", "torch device: auto (CUDA when present), cpu, cuda, cuda:1, ...")
     dtype: str = _f(
@@ -168,6 +189,7 @@ class Settings:
             "max_inflight_per_client",
             "batch_timeout_s",
             "grace_period_s",
+            "repository_poll_s",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(
@@ -179,6 +201,8 @@ class Settings:
                 f"request (max_batch_size {self.max_batch_size}, max_images_per_request "
                 f"{self.max_images_per_request}); raise --max-queue-size"
             )
+        if self.model_control_mode == "poll" and not self.model_repository:
+            raise ValueError("--model-control-mode poll watches --model-repository: give the directory")
         if self.decode_on_device and self.decode_processes:
             raise ValueError("--decode-on-device decodes in threads: drop --decode-processes")
         if self.max_aspect_ratio < 1:

@@ -55,6 +55,16 @@ class ScoringServiceStub:
                 request_serializer=pickscore_dot_v1_dot_scoring__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=pickscore_dot_v1_dot_scoring__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.Rewards = channel.unary_unary(
+                '/pickscore.v1.ScoringService/Rewards',
+                request_serializer=pickscore_dot_v1_dot_scoring__pb2.RewardsRequest.SerializeToString,
+                response_deserializer=pickscore_dot_v1_dot_scoring__pb2.RewardsResponse.FromString,
+                _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/pickscore.v1.ScoringService/ListModels',
+                request_serializer=pickscore_dot_v1_dot_scoring__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=pickscore_dot_v1_dot_scoring__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class ScoringServiceServicer:
@@ -84,7 +94,22 @@ class ScoringServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """Describes the served model and the server's limits.
+        """Describes a served model (the default one unless named) and the server's limits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rewards(self, request, context):
+        """Scores N images (or N pairs) by several served models at once: each model's scores and their weighted sum,
+        each image decoded once for the models that preprocess alike. For rewards from several scorers (RL).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """Every model in service.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,6 +137,16 @@ def add_ScoringServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=pickscore_dot_v1_dot_scoring__pb2.GetModelInfoRequest.FromString,
                     response_serializer=pickscore_dot_v1_dot_scoring__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'Rewards': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rewards,
+                    request_deserializer=pickscore_dot_v1_dot_scoring__pb2.RewardsRequest.FromString,
+                    response_serializer=pickscore_dot_v1_dot_scoring__pb2.RewardsResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=pickscore_dot_v1_dot_scoring__pb2.ListModelsRequest.FromString,
+                    response_serializer=pickscore_dot_v1_dot_scoring__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +258,60 @@ class ScoringService:
             '/pickscore.v1.ScoringService/GetModelInfo',
             pickscore_dot_v1_dot_scoring__pb2.GetModelInfoRequest.SerializeToString,
             pickscore_dot_v1_dot_scoring__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rewards(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pickscore.v1.ScoringService/Rewards',
+            pickscore_dot_v1_dot_scoring__pb2.RewardsRequest.SerializeToString,
+            pickscore_dot_v1_dot_scoring__pb2.RewardsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pickscore.v1.ScoringService/ListModels',
+            pickscore_dot_v1_dot_scoring__pb2.ListModelsRequest.SerializeToString,
+            pickscore_dot_v1_dot_scoring__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

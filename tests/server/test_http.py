@@ -149,7 +149,7 @@ def test_tritonclient_http_aio(server, expected):
 
 def _plain(message) -> dict:
     """A gRPC answer in the HTTP API's JSON form: declared field names, every field, 64-bit ints as numbers."""
-    from pickscore.server.api import triton_json
+    from pickscore.server.api_kserve import triton_json
 
     return triton_json(message)
 
@@ -414,7 +414,7 @@ def test_a_body_over_the_message_limit_is_400_naming_the_limit(tiny_hf_dir):
 
 
 def test_kserve_rest_json_and_binary_inputs_decode_straight_to_numpy():
-    from pickscore.server.api import InferResponse, Tensor
+    from pickscore.server.api_kserve import InferResponse, Tensor
     from pickscore.server.http_kserve import infer_request, infer_response
 
     tokens = np.arange(6, dtype="<i8").reshape(2, 3)
