@@ -132,7 +132,7 @@ def requests_for(concurrency: int, base: int) -> int:
 async def bench_engine(model_dir: Path, images, levels, base, args) -> dict[int, dict]:
     """(c): the Engine in-process, no gRPC."""
     from pickscore.backends import load_backend
-    from pickscore.server.engine import Engine, ImageItem
+    from pickscore.server.engine import Engine, ImageItem, Shared
     from pickscore.server.metrics import Metrics
     from pickscore.server.settings import Settings
 
@@ -144,7 +144,9 @@ async def bench_engine(model_dir: Path, images, levels, base, args) -> dict[int,
         max_queue_delay_ms=args.max_queue_delay_ms,
         max_queue_wait_s=0,  # as the server's: closed loops measure saturation, admission by time would refuse them
     )
-    engine = Engine(load_backend(str(model_dir), "auto", args.device, args.dtype), settings, Metrics())
+    shared = Shared(settings)
+    backend = load_backend(str(model_dir), "auto", args.device, args.dtype)
+    engine = Engine(backend, settings, Metrics().for_model("pickscore"), shared)
     await engine.start()
 
     async def call(prompt, blobs):
@@ -153,6 +155,7 @@ async def bench_engine(model_dir: Path, images, levels, base, args) -> dict[int,
     await closed_loop(call, images, 2, 4)  # warm-up
     out = {c: await closed_loop(call, images, c, requests_for(c, base)) for c in levels}
     await engine.stop()
+    shared.close(hung=False)
     return out
 
 

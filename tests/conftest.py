@@ -68,6 +68,24 @@ def tiny_hf_dir(tmp_path_factory, tiny_hf_model) -> Path:
     return save_hf_clip(tiny_hf_model, tmp_path_factory.mktemp("tiny_hf"))
 
 
+@pytest.fixture(scope="session")
+def other_hf_dir(tmp_path_factory) -> Path:
+    """A second tiny CLIP of another shape (wider, deeper image tower; another embedding width) and the same
+    preprocessing as ``tiny_hf_dir``: the second model of a several-models server."""
+    vision = {**TINY_HF_CONFIG["vision_config"], "hidden_size": 48, "num_hidden_layers": 3, "intermediate_size": 96}
+    return save_hf_clip(make_hf_clip(seed=1, projection_dim=24, vision_config=vision), tmp_path_factory.mktemp("other"))
+
+
+@pytest.fixture(scope="session")
+def small_crop_hf_dir(tmp_path_factory) -> Path:
+    """A third tiny CLIP that crops to 160 px (another preprocessing: its images are decoded apart)."""
+    vision = {**TINY_HF_CONFIG["vision_config"], "image_size": 160}
+    directory = save_hf_clip(make_hf_clip(seed=2, vision_config=vision), tmp_path_factory.mktemp("small_crop"))
+    config = PreprocessConfig(shortest_edge=160, crop_size=(160, 160)).to_hf()
+    (directory / "preprocessor_config.json").write_text(json.dumps(config))
+    return directory
+
+
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **kw)

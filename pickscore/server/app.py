@@ -117,17 +117,13 @@ class Server:
             watcher.add_done_callback(self._tasks.discard)
         self.state.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        models = self.repository.serving.values()
         log.info(
             "serving",
             extra={
                 "port": self.port,
                 "http_port": self.http_port,
                 "metrics_port": self.metrics_port,
-                "models": {
-                    m.name: f"{m.spec.ref} version {m.version} ({m.backend.name}, {m.backend.description})"
-                    for m in models
-                },
+                "models": list(self.repository.serving),
                 "default_model": self.repository.default,
             },
         )

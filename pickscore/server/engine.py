@@ -72,8 +72,6 @@ class Shared:
     async def decoder(self, backend: Backend) -> DecodePool:
         """The started decode pool for ``backend``'s preprocessing."""
         s = self.settings
-        if s.decode_on_device and backend.name != "torch":
-            raise ValueError(f"--decode-on-device needs the torch backend; this model runs on {backend.name}")
         device = str(backend.device) if s.decode_on_device else None
         key = (backend.preprocess, device)
         if key not in self.decoders:
@@ -136,6 +134,8 @@ class Engine:
         self.metrics = metrics
         self.shared = shared
         s = settings
+        if s.decode_on_device and backend.name != "torch":
+            raise ValueError(f"--decode-on-device needs the torch backend; this model runs on {backend.name}")
         # On a GPU each tower has its own threads launching kernels, as many as the backend runs batches at once
         # (2: one batch's copy overlaps the other's compute); on a CPU the one shared thread.
         limits = dict(

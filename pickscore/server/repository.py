@@ -356,6 +356,17 @@ class Repository:
             ) from e
         model = ServedModel(spec, engine)
         b = backend
+        log.info(
+            "model loaded",
+            extra={
+                "model": spec.name,
+                "model_version": spec.version,
+                "source": b.source,
+                "backend": b.name,
+                "device": b.description,
+                "weights_bytes": model.weights_bytes,
+            },
+        )
         self.metrics.model_info.labels(spec.name, spec.version, b.source, b.name, b.description, __version__).set(1)
         self.metrics.model_weights.labels(spec.name, spec.version).set(model.weights_bytes)
         return model

@@ -199,14 +199,19 @@ def test_the_batcher_counts_refusals_and_refuses_everything_once_hung():
 
     async def main() -> None:
         metrics = Metrics()
-        batcher = Batcher("text", lambda x: x, 4, 0.0, capacity=2, metrics=metrics)
+        batcher = Batcher("text", lambda x: x, 4, 0.0, capacity=2, metrics=metrics.for_model("m"))
         with batcher.admit(2):
-            assert metrics.registry.get_sample_value("pickscore_queue_depth", {"tower": "text"}) == 2
+            assert metrics.registry.get_sample_value("pickscore_queue_depth", {"model": "m", "tower": "text"}) == 2
             with pytest.raises(Overloaded, match="text queue full"):
                 with batcher.admit(1):
                     pass
-        assert metrics.registry.get_sample_value("pickscore_queue_depth", {"tower": "text"}) == 0
-        assert metrics.registry.get_sample_value("pickscore_admission_refusals_total", {"reason": "queue_full"}) == 1
+        assert metrics.registry.get_sample_value("pickscore_queue_depth", {"model": "m", "tower": "text"}) == 0
+        assert (
+            metrics.registry.get_sample_value(
+                "pickscore_admission_refusals_total", {"model": "m", "reason": "queue_full"}
+            )
+            == 1
+        )
         batcher.hung = "the text tower is hung"
         with pytest.raises(Unavailable, match="hung"):
             with batcher.admit(1):

@@ -1,5 +1,6 @@
-"""The transport-neutral api without a server: scoring and the KServe v2 models over a stub engine, their
-checks and messages, and their plain answers against the gRPC messages the kserve_v2 transport makes of them."""
+"""The transport-neutral api without a server: scoring and the KServe v2 models over a repository of one stub
+engine, their checks and messages, and their plain answers against the gRPC messages the kserve_v2 transport makes
+of them."""
 
 from __future__ import annotations
 
@@ -14,20 +15,12 @@ from tritonclient.grpc import service_pb2 as kpb
 from pickscore.errors import InvalidInput, NotFound
 from pickscore.model.scoring import rank_scores
 from pickscore.server import tensors
-from pickscore.server.api import (
-    InferRequest,
-    InputTensor,
-    KServeModels,
-    ModelInfo,
-    RankedImage,
-    RawPixels,
-    ScoredImage,
-    Scoring,
-    image_item,
-    triton_json,
-)
-from pickscore.server.engine import ImageItem
+from pickscore.server.api import ModelInfo, RankedImage, RawPixels, ScoredImage, Scoring, image_item
+from pickscore.server.api_kserve import InferRequest, InputTensor, KServeModels, triton_json
+from pickscore.server.engine import ImageItem, ScoreStats, Shared
 from pickscore.server.kserve_v2 import _message
+from pickscore.server.metrics import Metrics
+from pickscore.server.repository import ModelSpec, Repository, ServedModel
 from pickscore.server.settings import Settings
 
 
@@ -44,8 +37,11 @@ class StubEngine:
             logit_scale=100.0,
             preprocess=SimpleNamespace(output_size=(224, 224)),
             tokenizer=SimpleNamespace(context_length=77, encoder=dict.fromkeys(range(10))),
+            weights_bytes=1234,
         )
         self.calls = []
+        self.stats = ScoreStats()
+        self.hung = False
 
     async def score(self, prompts, images, deadline, priority=0):
         self.calls.append(("score", prompts, images, deadline, priority))
@@ -60,6 +56,14 @@ class StubEngine:
         return np.zeros((len(tokens), 4), np.float32)
 
 
+def served(engine: StubEngine) -> Repository:
+    """A repository serving ``engine`` as the model pickscore, version 1."""
+    repository = Repository(engine.settings, Metrics(), Shared(engine.settings))
+    repository.serving["pickscore"] = ServedModel(ModelSpec("pickscore", "stub"), engine)
+    repository.default = "pickscore"
+    return repository
+
+
 def ready_state(**overrides):
     return SimpleNamespace(**{"ready": True, "draining": False, "unhealthy": "", **overrides})
 
@@ -72,29 +76,31 @@ def run(coro):
 
 
 def test_score_takes_prompt_or_prompts_not_both():
-    scoring = Scoring(StubEngine())
+    engine = StubEngine()
+    scoring = Scoring(served(engine))
     items = [ImageItem(b"a", "x"), ImageItem(b"b")]
     with pytest.raises(InvalidInput, match=r"set either prompt \(one for all images\) or prompts"):
         run(scoring.score("a cat", ["a", "b"], items, None))
     assert run(scoring.score("a cat", [], items, 7.0)) == [ScoredImage(0, "x", 0.0), ScoredImage(1, "", 1.0)]
-    assert scoring.engine.calls[-1][1] == ["a cat"] and scoring.engine.calls[-1][3] == 7.0
+    assert engine.calls[-1][1] == ["a cat"] and engine.calls[-1][3] == 7.0
     run(scoring.score("", ["a", "b"], items, None))
-    assert scoring.engine.calls[-1][1] == ["a", "b"]
+    assert engine.calls[-1][1] == ["a", "b"]
 
 
 def test_rank_is_best_first_and_top_k_0_means_every_image():
-    scoring = Scoring(StubEngine())
+    engine = StubEngine()
+    scoring = Scoring(served(engine))
     items = [ImageItem(b"a", "x"), ImageItem(b"b", "y"), ImageItem(b"c", "z")]
     ranking = run(scoring.rank("a cat", items, 0, None))
     assert [(r.index, r.id) for r in ranking] == [(2, "z"), (1, "y"), (0, "x")]
     assert all(isinstance(r, RankedImage) for r in ranking)
     assert sum(r.probability for r in ranking) == pytest.approx(1.0)
-    assert scoring.engine.calls[-1][3] is None
+    assert engine.calls[-1][3] is None
     assert len(run(scoring.rank("a cat", items, 1, None))) == 1
 
 
 def test_model_info_is_the_backends_and_the_settings():
-    info = Scoring(StubEngine()).model_info()
+    info = Scoring(served(StubEngine())).model_info()
     assert isinstance(info, ModelInfo)
     assert (info.source, info.backend, info.embed_dim, info.image_size, info.context_length) == (
         "stub-model",
@@ -104,6 +110,7 @@ def test_model_info_is_the_backends_and_the_settings():
         77,
     )
     assert info.max_images_per_request == Settings(model="stub").max_images_per_request
+    assert (info.model, info.model_version, info.weights_bytes) == ("pickscore", "1", 1234)
 
 
 def test_raw_pixels_are_checked_against_their_shape():
@@ -159,16 +166,16 @@ def never_read() -> np.ndarray:
     ],
 )
 def test_inputs_are_checked_by_name_datatype_and_shape_before_they_are_read(model, inputs, message):
-    models = KServeModels(StubEngine(), ready_state())
+    models = KServeModels(served(StubEngine()), ready_state())
     with pytest.raises(InvalidInput) as info:
         run(models.infer(InferRequest(model, "", "r", inputs), None))
     assert message in str(info.value)
-    assert models.stats[model].fail[0] == 1 and models.stats[model].success[0] == 0
+    assert models.stats[(model, "1")].fail[0] == 1 and models.stats[(model, "1")].success[0] == 0
 
 
 def test_infer_answers_fp32_tensors_and_counts_them():
     engine = StubEngine()
-    models = KServeModels(engine, ready_state())
+    models = KServeModels(served(engine), ready_state())
     response = run(models.infer(InferRequest("pickscore_text", "1", "r-1", [tokens_input((3, 77))]), None))
     assert (response.model, response.version, response.id) == ("pickscore_text", "1", "r-1")
     [tensor] = response.outputs
@@ -188,7 +195,7 @@ def test_infer_answers_fp32_tensors_and_counts_them():
 
 def test_an_unknown_output_fails_before_compute():
     engine = StubEngine()
-    models = KServeModels(engine, ready_state())
+    models = KServeModels(served(engine), ready_state())
     request = InferRequest("pickscore_text", "", "", [tokens_input()], outputs=["embeds"])
     with pytest.raises(InvalidInput, match="output 'embeds': model 'pickscore_text' has outputs text_embeds"):
         run(models.infer(request, None))
@@ -197,7 +204,7 @@ def test_an_unknown_output_fails_before_compute():
 
 def test_priority_and_timeout_parameters():
     engine = StubEngine()
-    models = KServeModels(engine, ready_state())
+    models = KServeModels(served(engine), ready_state())
 
     async def infer(parameters, deadline=None):
         request = InferRequest("pickscore_text", "", "", [tokens_input()], parameters=parameters)
@@ -217,10 +224,10 @@ def test_priority_and_timeout_parameters():
 
 
 def test_unknown_models_and_versions_are_not_found():
-    models = KServeModels(StubEngine(), ready_state())
+    models = KServeModels(served(StubEngine()), ready_state())
     with pytest.raises(NotFound, match="unknown model 'clip'; this server has pickscore, pickscore_image, pickscore_t"):
         models.metadata("clip", "")
-    with pytest.raises(NotFound, match="model 'pickscore' has no version '7'; it has version 1"):
+    with pytest.raises(NotFound, match="model 'pickscore' has no version '7' in service; it serves version 1"):
         models.config("pickscore", "7")
     with pytest.raises(NotFound):
         run(models.infer(InferRequest("clip", "", "", []), None))
@@ -230,7 +237,7 @@ def test_unknown_models_and_versions_are_not_found():
 
 def test_readiness_follows_the_server_state():
     state = ready_state()
-    models = KServeModels(StubEngine(), state)
+    models = KServeModels(served(StubEngine()), state)
     assert models.ready() and models.model_ready("pickscore", "1")
     for flag, value in (("ready", False), ("draining", True), ("unhealthy", "hung")):
         setattr(state, flag, value)
@@ -239,18 +246,19 @@ def test_readiness_follows_the_server_state():
 
 
 def test_plain_answers_are_the_protocols_json_form_of_the_grpc_messages():
-    models = KServeModels(StubEngine(), ready_state())
-    models.stats["pickscore"].last_inference_ms = 2**40  # a 64-bit field: a number, not protobuf's string
+    models = KServeModels(served(StubEngine()), ready_state())
+    run(models.infer(InferRequest("pickscore_text", "", "", [tokens_input()]), None))
+    models.stats[("pickscore_text", "1")].last_inference_ms = 2**40  # 64 bits: a number, not protobuf's string
     answers = [
         (models.server_metadata(), kpb.ServerMetadataResponse),
         (models.statistics("", ""), kpb.ModelStatisticsResponse),
     ]
-    for name in models.configs:
+    for name in ("pickscore", "pickscore_image", "pickscore_text"):
         answers += [(models.metadata(name, ""), kpb.ModelMetadataResponse), (models.config(name, ""), mc.ModelConfig)]
     for plain, cls in answers:
         assert triton_json(_message(plain, cls)) == plain
     assert models.config("pickscore", "")["input"][0]["dims"] == [1]
-    assert _message(models.config("pickscore_image", ""), mc.ModelConfig) == models.configs["pickscore_image"]
+    assert _message(models.config("pickscore_image", ""), mc.ModelConfig) == models.model_config("pickscore_image", "")
     pickscore = models.metadata("pickscore", "")
     assert [(t["name"], t["datatype"], t["shape"]) for t in pickscore["inputs"]] == [
         ("PROMPT", "BYTES", [-1, 1]),

@@ -20,7 +20,7 @@ def emb(value: float) -> np.ndarray:
 
 
 def counted(metrics: Metrics, name: str, cache: str = "text") -> float:
-    return metrics.registry.get_sample_value(name, {"cache": cache})
+    return metrics.registry.get_sample_value(name, {"model": "m", "cache": cache})
 
 
 class Computations:
@@ -40,7 +40,7 @@ class Computations:
 def test_hits_and_misses_are_counted_and_a_hit_does_not_compute():
     async def main() -> None:
         metrics, computed = Metrics(), Computations()
-        cache = EmbeddingCache("text", 1 << 10, metrics)
+        cache = EmbeddingCache("text", 1 << 10, metrics.for_model("m"))
         first = await cache.get_or_compute("a cat", computed.of("a cat", 1.0))
         again = await cache.get_or_compute("a cat", computed.of("a cat", 2.0))
         np.testing.assert_array_equal(again, first)
@@ -55,7 +55,7 @@ def test_hits_and_misses_are_counted_and_a_hit_does_not_compute():
 def test_bytes_held_are_the_values_and_keys_and_the_least_recently_used_goes_first():
     async def main() -> None:
         metrics, computed = Metrics(), Computations()
-        cache = EmbeddingCache("image", 2 * (16 + 1), metrics)  # two one-letter keys
+        cache = EmbeddingCache("image", 2 * (16 + 1), metrics.for_model("m"))  # two one-letter keys
         await cache.get_or_compute("a", computed.of("a", 1.0))
         await cache.get_or_compute("b", computed.of("b", 2.0))
         assert cache.nbytes == 34 and counted(metrics, "pickscore_cache_bytes", "image") == 34
@@ -76,7 +76,7 @@ def test_bytes_held_are_the_values_and_keys_and_the_least_recently_used_goes_fir
 def test_a_value_larger_than_the_cache_is_returned_but_not_kept():
     async def main() -> None:
         metrics, computed = Metrics(), Computations()
-        cache = EmbeddingCache("text", 16 + 1, metrics)
+        cache = EmbeddingCache("text", 16 + 1, metrics.for_model("m"))
         await cache.get_or_compute("a", computed.of("a", 1.0))
         big = await cache.get_or_compute("long key", computed.of("long key", 2.0))  # 16 + 8 bytes
         np.testing.assert_array_equal(big, emb(2.0))
@@ -90,7 +90,7 @@ def test_a_value_larger_than_the_cache_is_returned_but_not_kept():
 def test_a_cache_of_zero_bytes_computes_every_time_and_counts_nothing():
     async def main() -> None:
         metrics, computed = Metrics(), Computations()
-        cache = EmbeddingCache("text", 0, metrics)
+        cache = EmbeddingCache("text", 0, metrics.for_model("m"))
         for _ in range(3):
             await cache.get_or_compute("a", computed.of("a", 1.0))
         assert computed.keys == ["a"] * 3 and len(cache) == 0
@@ -103,7 +103,7 @@ def test_a_cache_of_zero_bytes_computes_every_time_and_counts_nothing():
 def test_concurrent_misses_of_one_key_share_one_computation():
     async def main() -> None:
         metrics = Metrics()
-        cache = EmbeddingCache("text", 1 << 10, metrics)
+        cache = EmbeddingCache("text", 1 << 10, metrics.for_model("m"))
         release, calls = asyncio.Event(), []
 
         async def compute() -> np.ndarray:
@@ -129,7 +129,7 @@ def test_a_waiter_computes_for_itself_when_the_owner_leaves(leave):
     waiter's failure, so the waiter computes the value itself instead of failing with the owner."""
 
     async def main() -> None:
-        cache = EmbeddingCache("text", 1 << 10, Metrics())
+        cache = EmbeddingCache("text", 1 << 10, Metrics().for_model("m"))
         started, release = asyncio.Event(), asyncio.Event()
 
         async def owners() -> np.ndarray:
@@ -158,7 +158,7 @@ def test_a_waiter_computes_for_itself_when_the_owner_leaves(leave):
 
 def test_a_failed_computation_fails_its_waiters_and_is_not_kept():
     async def main() -> None:
-        cache = EmbeddingCache("text", 1 << 10, Metrics())
+        cache = EmbeddingCache("text", 1 << 10, Metrics().for_model("m"))
         release = asyncio.Event()
 
         async def broken() -> np.ndarray:

@@ -20,7 +20,7 @@ from pickscore.model.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig, loa
 from pickscore.scorer import Scorer
 from pickscore.server.app import ServerThread
 from pickscore.server.decode import DEPTH, DecodePool
-from pickscore.server.engine import Engine, ImageItem
+from pickscore.server.engine import Engine, ImageItem, Shared
 from pickscore.server.metrics import Metrics
 from tests.conftest import varied_images
 from tests.server.conftest import PROMPT, settings_for
@@ -106,7 +106,7 @@ def test_decoding_on_the_device_is_refused_with_processes_or_another_backend(tin
     backend = TorchBackend(resolve(tiny_hf_dir))
     backend.name = "onnxruntime"  # as an ONNX export would load
     with pytest.raises(ValueError, match="needs the torch backend; this model runs on onnxruntime"):
-        Engine(backend, settings, Metrics())
+        Engine(backend, settings, Metrics().for_model("m"), Shared(settings))
 
 
 def test_processes_take_pixels_and_odd_sizes_as_threads_do(server, tiny_hf_dir):
@@ -235,7 +235,9 @@ def test_the_engine_names_the_image_a_decode_error_is_about(tiny_hf_dir):
     """The pool says what is wrong; the engine says which image: its index, and the caller's id when it gave one."""
 
     async def main() -> None:
-        engine = Engine(TorchBackend(resolve(tiny_hf_dir)), settings_for(tiny_hf_dir, warmup=False), Metrics())
+        settings = settings_for(tiny_hf_dir, warmup=False)
+        shared = Shared(settings)
+        engine = Engine(TorchBackend(resolve(tiny_hf_dir)), settings, Metrics().for_model("m"), shared)
         await engine.start()
         try:
             good, bad = ImageItem(IMAGES[0]), ImageItem(b"not an image at all", id="upload-7")
@@ -246,5 +248,6 @@ def test_the_engine_names_the_image_a_decode_error_is_about(tiny_hf_dir):
             assert len(await engine.score([PROMPT], [good], deadline=None)) == 1
         finally:
             await engine.stop()
+            shared.close(hung=False)
 
     asyncio.run(main())

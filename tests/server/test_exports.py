@@ -36,8 +36,9 @@ def test_an_export_is_served_under_its_own_name_and_precision(exports, precision
     image = tmp_path / "a.jpg"
     image.write_bytes(jpeg(0))
     with caplog.at_level(logging.INFO, logger="pickscore.server"), ServerThread(settings_for(directory)) as server:
-        (serving,) = [r for r in caplog.records if r.getMessage() == "serving"]
-        assert serving.model == str(directory) and serving.device == f"CPU {precision}"
+        (loaded,) = [r for r in caplog.records if r.getMessage() == "model loaded"]
+        assert loaded.source == str(directory) and loaded.device == f"CPU {precision}"
+        assert (loaded.model, loaded.model_version) == ("pickscore", "1")
         status, _, body = get(server, "/v1/model")
         assert status == 200
         over_http = json.loads(body)
