@@ -21,6 +21,7 @@ from pickscore.resources import compute_threads
 
 class OnnxBackend:
     name = "onnxruntime"
+    pipeline_depth = 1  # one run at a time per session
 
     def __init__(
         self,
@@ -79,11 +80,9 @@ class OnnxBackend:
                 str(directory / f"{tower}.onnx"), session_options, providers=options
             )
         active = self._sessions["image"].get_providers()[0].removesuffix("ExecutionProvider")
-        # the graphs' files, external weights included: what the sessions hold
-        self.weights_bytes = sum(f.stat().st_size for f in directory.iterdir() if f.suffix in (".onnx", ".data"))
+        self.weights_bytes = _weights_bytes(directory)
         self.description = f"{active} {self.precision}"  # e.g. "CPU int8": the precision is reported with it
         self.accelerated = active != "CPU"
-        self.pipeline_depth = 1  # one run at a time per session
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 crops (B, H, W, 3) or preprocessed float32 pixels (B, 3, H, W) -> (B, D) float32."""
@@ -96,3 +95,8 @@ class OnnxBackend:
 
     def warm(self, max_batch_size: int, text_max_batch_size: int) -> None:
         """Nothing to do ahead: ONNX Runtime needs no per-shape compilation (the server still runs one batch)."""
+
+
+def _weights_bytes(directory: Path) -> int:
+    """The graphs' files, external weights included: what the sessions hold."""
+    return sum(f.stat().st_size for f in directory.iterdir() if f.suffix in (".onnx", ".data"))

@@ -35,7 +35,7 @@ from pickscore.server.http import HttpFrontDoor
 from pickscore.server.kserve_v2 import SERVICE_NAME as KSERVE_SERVICE_NAME
 from pickscore.server.kserve_v2 import KServeV2Service
 from pickscore.server.metrics import Metrics
-from pickscore.server.repository import Repository, model_specs
+from pickscore.server.repository import Repository, default_name, model_specs
 from pickscore.server.scoring_v1 import SERVICE_NAME, ScoringService
 from pickscore.server.security import ServerTls, TokenSet
 from pickscore.server.settings import Settings
@@ -55,6 +55,7 @@ class Server:
         settings.validate()
         self.settings = settings
         self.specs = model_specs(settings)  # a bad --model or repository stops the start here, before any port
+        default_name(settings, self.specs)
         self.metrics = Metrics()
         # Credentials are read here: a bad certificate, key or token file stops the start, naming the file.
         self.state = ServerState(self.metrics, TokenSet.from_settings(settings))

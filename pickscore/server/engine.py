@@ -187,6 +187,13 @@ class Engine:
         await self.image_batcher.stop()
         await self.text_batcher.stop()
 
+    async def release(self) -> None:
+        """Stop, then drop every reference this engine holds to its backend: the batchers and their admission
+        form reference cycles, which would keep the weights until the next cycle collection."""
+        await self.stop()
+        self.image_batcher.fn = self.text_batcher.fn = None
+        self.backend = None
+
     async def score(
         self, prompts: Sequence[str], images: Sequence[ImageItem], deadline: float | None, priority: int = 0
     ) -> np.ndarray:

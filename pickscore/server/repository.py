@@ -330,7 +330,7 @@ class Repository:
     async def _open(self, spec: ModelSpec) -> ServedModel:
         """LOADING: the backend read, the engine started and warmed; ModelLoadError naming the model otherwise."""
         s = self.settings
-        log.info("loading model", extra={"model": spec.name, "model_version": spec.version, "ref": spec.ref})
+        log.debug("loading model", extra={"model": spec.name, "model_version": spec.version, "ref": spec.ref})
         try:
             backend = self._given
             self._given = None  # given once, for the first model
@@ -351,9 +351,8 @@ class Repository:
         except ModelLoadError as e:
             raise ModelLoadError(f"model {spec.name!r} version {spec.version}: {e}") from e
         except (ValueError, OSError, RuntimeError, KeyError) as e:  # what loading a bad or partial model raises
-            raise ModelLoadError(
-                f"model {spec.name!r} version {spec.version} ({spec.ref}): {type(e).__name__}: {e}"
-            ) from e
+            why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            raise ModelLoadError(f"model {spec.name!r} version {spec.version} ({spec.ref}): {why}") from e
         model = ServedModel(spec, engine)
         b = backend
         log.info(
@@ -383,8 +382,8 @@ class Repository:
         if not await model.drained(self.settings.grace_period_s):
             log.warning("grace period over; stopping a draining model", extra={"model": model.name})
         engine, model.engine = model.engine, None
-        await engine.stop()
         b = engine.backend
+        await engine.release()
         self.metrics.model_info.remove(model.name, model.version, b.source, b.name, b.description, __version__)
         self.metrics.model_weights.remove(model.name, model.version)
         if not successor:  # the scrape-time gauges would otherwise keep the stopped batchers (and weights) alive
@@ -393,5 +392,5 @@ class Repository:
         del engine, b
         self._retiring.remove(model)
         model.state = "UNLOADED"
-        gc.collect()  # the towers' reference cycles (bound methods, threads' locals) hold the weights until then
+        gc.collect()  # whatever else of the version's engine is in cycles
         log.info("model unloaded", extra={"model": model.name, "model_version": model.version})

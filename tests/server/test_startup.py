@@ -80,7 +80,9 @@ def test_a_grpc_port_another_grpc_server_holds_is_refused_not_shared(tmp_path):
 def test_serving_on_cuda_without_a_gpu_is_one_line(tiny_hf_dir):
     code, err = refused("--device", "cuda", model=tiny_hf_dir)
     assert code == 1 and len(err) == 1, err
-    assert err[0].startswith("pickscore: error: device 'cuda': CUDA is not available on this machine")
+    assert err[0].startswith(
+        f"pickscore: error: model 'pickscore' version 1 ({tiny_hf_dir}): device 'cuda': CUDA is not"
+    )
     assert "PICKSCORE_DEVICE" in err[0] and "cpu" in err[0]
 
 
