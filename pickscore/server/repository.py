@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pickscore.backends import Backend, load_backend
-from pickscore.errors import InvalidInput, ModelLoadError, NotFound
+from pickscore.errors import InvalidInput, ModelLoadError, NotFound, Unavailable
 from pickscore.server.engine import Engine, Shared
 from pickscore.server.metrics import Metrics
 from pickscore.server.settings import Settings
@@ -213,9 +213,10 @@ class Repository:
     async def start(self, specs: Sequence[ModelSpec]) -> None:
         """Load every model (one at a time: peak memory is the largest one's loading, not all at once)."""
         self.specs = {s.name: s for s in specs}
-        self.default = default_name(self.settings, specs)
+        default = default_name(self.settings, specs)
         for spec in specs:
             self.serving[spec.name] = await self._open(spec)
+        self.default = default  # from now on a request naming no model is answered
 
     def names(self) -> list[str]:
         return list(self.serving)
@@ -223,6 +224,8 @@ class Repository:
     def get(self, name: str, version: str = "") -> ServedModel:
         """The version in service of ``name`` (empty: the default model); NotFound naming what is served."""
         model = self.serving.get(name or self.default)
+        if model is None and not self.default:
+            raise Unavailable("the models are loading; retry shortly")
         if model is None:
             what = f"model {name!r}" if name else f"the default model {self.default!r}"
             raise NotFound(f"{what} is not served; this server serves {', '.join(self.serving) or 'no model'}")
