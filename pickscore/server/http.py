@@ -224,7 +224,7 @@ class HttpFrontDoor:
         return web.json_response({})
 
     async def unload(self, request: web.Request) -> web.Response:
-        await _no_parameters(request)
+        await _no_parameters(request, unload=True)
         await self.models.unload(request.match_info["name"])
         return web.json_response({})
 
@@ -323,7 +323,8 @@ def _deadline(request: web.Request) -> float | None:
 
 async def _scoring_request(request: web.Request, message: tuple) -> dict[str, Any]:
     """A ScoreRequest's or RankRequest's fields from JSON (protobuf's JSON mapping: bytes as base64), msgpack
-    (the same fields, bytes raw) or multipart/form-data (fields prompt, prompts, top_k; every file part an image)."""
+    (the same fields, bytes raw) or multipart/form-data (its text fields: prompt, prompts, top_k, model,
+    normalize, those of the message; every file part an image)."""
     if request.content_type == "multipart/form-data":
         return await _multipart(request, message)
     body = await _body(request)
@@ -354,8 +355,8 @@ async def _multipart(request: web.Request, message: tuple) -> dict[str, Any]:
     for key, value in form.items():
         if isinstance(value, web.FileField):
             fields["images"].append({"data": value.file.read(), "id": value.filename or ""})
-        elif key == "prompt":
-            fields["prompt"] = value
+        elif known.get(key) is str:  # prompt; model, normalize where the message has them
+            fields[key] = value
         elif key == "prompts" and "prompts" in known:
             fields.setdefault("prompts", []).append(value)
         elif key == "top_k" and "top_k" in known:
@@ -425,15 +426,21 @@ def _model_of(request: web.Request, fields: dict[str, Any]) -> str:
     return path or body
 
 
-async def _no_parameters(request: web.Request) -> None:
-    """A load's or unload's body: nothing, or no parameters (Triton's config and file overrides are not taken)."""
+async def _no_parameters(request: web.Request, unload: bool = False) -> None:
+    """A load's or unload's body: nothing, or no parameters (Triton's config and file overrides are not taken). An
+    unload's ``unload_dependents`` (tritonclient always sends it) is taken and changes nothing: a model's towers
+    are unloaded with it whatever it says."""
     body = await _body(request)
     try:
         parameters = json.loads(body).get("parameters") if body.strip() else None
     except (ValueError, AttributeError):
         raise InvalidInput('request body: {"parameters": {}} or nothing expected') from None
-    if parameters:
-        raise InvalidInput(f"parameters {', '.join(parameters)}: not supported; the repository's files are loaded")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise InvalidInput(f"parameters: a JSON object expected, got {type(parameters).__name__}")
+    taken = ("unload_dependents",) if unload else ()
+    refused = [k for k, v in (parameters or {}).items() if not (k in taken and isinstance(v, bool))]
+    if refused:
+        raise InvalidInput(f"parameters {', '.join(refused)}: not supported; the repository's files are loaded")
 
 
 def _images(fields: dict[str, Any]) -> list[ImageItem]:

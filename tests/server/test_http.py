@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import threading
 import time
 import urllib.error
@@ -377,10 +378,15 @@ def test_openapi_documents_every_route(server):
                 r.resource.canonical == path and r.method == method.upper()
                 for r in server.server.http.app.router.routes()
             ), (path, method)
-    score = doc["components"]["schemas"]["ScoreRequest"]["properties"]
-    assert set(score) == {
-        f.name for f in json_format.descriptor_pool.Default().FindMessageTypeByName("pickscore.v1.ScoreRequest").fields
-    }
+        for method, operation in methods.items():  # each {param} of the path is a declared path parameter
+            declared = {p["name"] for p in operation["parameters"] if p["in"] == "path"}
+            assert declared == set(re.findall(r"{(\w+)}", path)), (path, method, declared)
+    pool = json_format.descriptor_pool.Default()
+    for message in ("ScoreRequest", "RankRequest", "RewardsRequest", "RewardsResponse", "ListModelsResponse"):
+        properties = doc["components"]["schemas"][message]["properties"]
+        assert set(properties) == {f.name for f in pool.FindMessageTypeByName(f"pickscore.v1.{message}").fields}
+    normalize = doc["components"]["schemas"]["RewardsRequest"]["properties"]["normalize"]
+    assert {"none", "declared", "running", "NORMALIZE_RUNNING"} <= set(normalize["enum"])
 
 
 def test_a_failed_batch_is_500(tiny_hf_dir):
