@@ -5,6 +5,7 @@ Every command that scores chooses once, with ``open_place`` from ``--model`` / `
 
     with open_place(model="path/to/PickScore_v1") as place:     # or servers=["host:8001", "http://host:8000"]
         scores, errors = place.score_all("a cat in a hat", ["a.png", "b.jpg"], skip_invalid=True)
+    open_place(servers=["host:8001"], model_name="hps")          # one of the servers' models (--model-name)
 
 Three ways in, for three kinds of caller: ``score_all`` (one prompt, many images: a bad image fails alone when
 ``skip_invalid``), ``prepare``/``complete`` (a job's shard of rows, each with its own prompt: prepared while the
@@ -67,13 +68,34 @@ SERVER_HELP = (
     "http[s]://HOST:PORT, several separated by commas (images are spread over all of them, with bounded requests "
     "in flight and retries on RESOURCE_EXHAUSTED/UNAVAILABLE)"
 )
+MODEL_NAME_HELP = (
+    "with --server: which of the servers' models scores, by the name they serve it under (see `GET /v1/models`); "
+    "empty (the default): the server's default model"
+)
 
 
 def add_where_flags(parser: argparse.ArgumentParser) -> None:
-    """--model REF or --server ADDRESS[,ADDRESS...], one of them required: what ``place_from_args`` reads."""
+    """--model REF or --server ADDRESS[,ADDRESS...], one of them required, and --model-name NAME (with --server):
+    what ``place_from_args`` reads."""
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--model", metavar="REF", help=MODEL_HELP)
     where.add_argument("--server", metavar="ADDRESS", help=SERVER_HELP)
+    parser.add_argument("--model-name", default="", metavar="NAME", help=MODEL_NAME_HELP)
+    parser.set_defaults(where_usage=parser.error)  # check_model_name's usage error names this subcommand
+
+
+def check_model_name(args: Any) -> None:
+    """A usage error (exit 2) for --model-name without --server: it chooses among a server's models, and a
+    model loaded here is --model itself."""
+    if getattr(args, "model_name", "") and not getattr(args, "server", None):
+        message = (
+            f"--model-name {args.model_name} chooses one of the models a server serves: give it with --server "
+            "(with --model, REF is the model)"
+        )
+        usage = getattr(args, "where_usage", None)
+        if usage is not None:
+            usage(message)
+        raise ValueError(message)
 
 
 def add_place_flags(parser: argparse.ArgumentParser) -> None:
@@ -125,32 +147,42 @@ def open_place(
     max_pixels: int | None = None,
     timeout: float = 600.0,
     connection: dict[str, Any] | None = None,
+    model_name: str = "",
     **backend: str,
 ) -> Place:
-    """In this process when ``model`` is given (``backend``: device, dtype, backend), else on ``servers``."""
-    check_where(model, servers, embeddings)
+    """In this process when ``model`` is given (``backend``: device, dtype, backend), else on ``servers``, scoring
+    with their model ``model_name`` (empty: each server's default). ``connection``: the clients' keywords (TLS,
+    token); a ``model_name`` among them (as ``run_batch`` forwards its keywords) counts as the argument."""
+    connection = dict(connection or {})
+    model_name = model_name or connection.pop("model_name", "") or ""
+    check_where(model, servers, embeddings, model_name)
     if model:
         from pickscore.scorer import Scorer
 
         limits = {} if max_pixels is None else {"max_pixels": max_pixels}
         return InProcess(model, Scorer.from_pretrained(model, **backend, batch_size=batch_size, **limits), embeddings)
-    return OnServers(servers, timeout, connection or {})
+    return OnServers(servers, timeout, connection, model_name)
 
 
-def check_where(model: str | None, servers: Sequence[str], embeddings: bool = False) -> None:
-    """ValueError unless exactly one of ``model`` and ``servers`` is given (embeddings only with a model)."""
+def check_where(model: str | None, servers: Sequence[str], embeddings: bool = False, model_name: str = "") -> None:
+    """ValueError unless exactly one of ``model`` and ``servers`` is given (embeddings and ``model_name`` only with
+    the one that has them)."""
     if bool(model) == bool(servers):
         raise ValueError("give either --model (score here) or --server (score on running servers)")
     if embeddings and servers:
         raise ValueError("--embeddings needs --model: the servers answer scores, not embeddings")
+    if model_name and not servers:
+        raise ValueError(f"--model-name {model_name} chooses one of the models a server serves: with --server only")
 
 
 def place_from_args(args: Any, embeddings: bool = False) -> Place:
     """``open_place`` from a subcommand's flags: ``--model`` with the backend flags, or ``--server A[,B...]`` with
-    the client flags (``--timeout``, TLS, token); ``--batch-size`` and ``--max-pixels`` where it has them."""
+    the client flags (``--timeout``, TLS, token) and ``--model-name``; ``--batch-size`` and ``--max-pixels`` where
+    it has them."""
     from pickscore.backends import backend_options
     from pickscore.tls import connection
 
+    check_model_name(args)
     servers = args.server.split(",") if getattr(args, "server", None) else ()
     return open_place(
         None if servers else args.model,
@@ -160,6 +192,7 @@ def place_from_args(args: Any, embeddings: bool = False) -> Place:
         max_pixels=getattr(args, "max_pixels", None),
         timeout=getattr(args, "timeout", 600.0),
         connection=connection(args) if servers else None,
+        model_name=getattr(args, "model_name", "") or "",
         **({} if servers else backend_options(args)),
     )
 
@@ -223,19 +256,22 @@ class InProcess(_Closing):
 class OnServers(_Closing):
     """Running servers (gRPC ``host:port`` or HTTP ``http[s]://host:port``): images spread over the addresses,
     bounded in flight, refusals and unavailability retried (``RewardClient``); a bad image fails only itself.
-    Nothing is dialled until the first use: a server that is not up yet costs nothing here."""
+    ``model_name``: which of the servers' models scores (empty: each one's default). Nothing is dialled until the
+    first use: a server that is not up yet costs nothing here."""
 
-    def __init__(self, servers: Sequence[str], timeout: float, connection: dict[str, Any]):
+    def __init__(self, servers: Sequence[str], timeout: float, connection: dict[str, Any], model_name: str = ""):
         self.servers, self.timeout, self.connection = list(servers), timeout, connection
+        self.model_name = model_name
         self._clients: list = []
         self._model: str | None = None
         self._sent = 0
 
     @property
     def model(self) -> str:
-        """The model the first server serves (asked once); Unavailable naming the address when it does not answer."""
+        """The source of the model that scores, as the first server reports it (asked once); Unavailable naming the
+        address when it does not answer, NotFound naming the model when it does not serve it."""
         if self._model is None:
-            self._model = served_model(self.servers[0], self.timeout, self.connection)
+            self._model = served_model(self.servers[0], self.timeout, self.connection, self.model_name)
         return self._model
 
     @property
@@ -248,7 +284,9 @@ class OnServers(_Closing):
             from pickscore.client import RewardClient
 
             self._clients = [
-                RewardClient(a, max_batch=32, max_inflight=4, timeout=self.timeout, **self.connection)
+                RewardClient(
+                    a, max_batch=32, max_inflight=4, timeout=self.timeout, model=self.model_name, **self.connection
+                )
                 for a in self.servers
             ]
         self._sent += 1
@@ -308,14 +346,16 @@ class OnServers(_Closing):
             client.close()
 
 
-def served_model(address: str, timeout: float, connection: dict[str, Any]) -> str:
-    """The served model's reference, over gRPC (host:port) or HTTP (http[s]://host:port)."""
+def served_model(address: str, timeout: float, connection: dict[str, Any], model_name: str = "") -> str:
+    """The reference (source) of the server's model ``model_name`` (empty: its default), over gRPC (host:port) or
+    HTTP (http[s]://host:port)."""
     if not address.startswith(("http://", "https://")):
         from pickscore.client import Client
 
-        with Client(address, timeout=timeout, **connection) as client:
+        with Client(address, timeout=timeout, model=model_name, **connection) as client:
             return client.model_info().source
     import urllib.error
+    import urllib.parse
     import urllib.request
 
     from pickscore.errors import Unavailable
@@ -324,7 +364,8 @@ def served_model(address: str, timeout: float, connection: dict[str, Any]) -> st
 
     context = ssl_context(connection.get("tls_ca"), connection.get("tls_cert"), connection.get("tls_key"))
     headers = {"authorization": f"Bearer {connection['token']}"} if connection.get("token") else {}
-    request = urllib.request.Request(address.rstrip("/") + "/v1/model", headers=headers)
+    query = "?" + urllib.parse.urlencode({"model": model_name}) if model_name else ""
+    request = urllib.request.Request(address.rstrip("/") + "/v1/model" + query, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout, context=context) as r:
             return json.loads(r.read())["source"]

@@ -111,3 +111,10 @@ def test_a_server_is_dialled_only_when_used_and_named_when_it_does_not_answer():
 def test_one_place_exactly(model, servers):
     with pytest.raises(ValueError, match="either --model .* or --server"):
         open_place(model, servers)
+
+
+def test_a_model_name_chooses_among_a_servers_models_only():
+    with pytest.raises(ValueError, match="--model-name hps chooses one of the models a server serves"):
+        open_place("demo", model_name="hps")
+    place = open_place(servers=["127.0.0.1:1"], connection={"model_name": "hps"})  # as run_batch forwards it
+    assert isinstance(place, OnServers) and place.model_name == "hps" and "model_name" not in place.connection

@@ -8,6 +8,10 @@
     async with AsyncClient("localhost:8001") as client:
         await client.score("a cat", images)
 
+    with Client("localhost:8001", model="other") as client:                   # one of the server's models
+        client.list_models()                                                  # every model it serves
+        client.rewards("a cat", images, models={"pickscore": 1.0, "other": 0.5}).rewards   # weighted sum
+
     Client("scorer:8001", tls_ca="ca.pem", token="s3cret")                       # TLS, bearer token
     Client("scorer:8001", tls_ca="ca.pem", tls_cert="me.pem", tls_key="me.key")  # mutual TLS
 
@@ -17,7 +21,9 @@ or draining) is retried on the next replica, up to 3 attempts. Images are paths 
 bytes, or uint8 pixel arrays (H, W, 3) a generator already holds (sent raw: no encode, no decode; the
 same score as a lossless PNG of them). Large calls are split into requests of at most the server's
 ``max_images_per_request``. Server errors come back as this package's domain errors (InvalidInput,
-Overloaded, DeadlineExceeded, Unavailable, ...) with the server's message.
+Overloaded, DeadlineExceeded, Unavailable, NotFound for a model the server does not serve, ...) with the
+server's message. ``model`` (every client, ``RewardClient`` too): which of the server's models scores (empty:
+its default).
 
 Modules: ``sync`` (Client), ``aio`` (AsyncClient), ``reward`` (RewardClient and the senders of its batches),
 ``channel`` (the gRPC channel both clients hold), ``wire`` (scoring.v1 messages to and from a caller's images).
@@ -27,6 +33,15 @@ from pickscore.client.aio import AsyncClient
 from pickscore.client.channel import DEFAULT_MESSAGE_BYTES
 from pickscore.client.reward import RewardClient
 from pickscore.client.sync import Client
-from pickscore.client.wire import ImageRef, domain_error
+from pickscore.client.wire import ImageRef, ModelRewards, Rewards, domain_error
 
-__all__ = ["DEFAULT_MESSAGE_BYTES", "AsyncClient", "Client", "ImageRef", "RewardClient", "domain_error"]
+__all__ = [
+    "DEFAULT_MESSAGE_BYTES",
+    "AsyncClient",
+    "Client",
+    "ImageRef",
+    "ModelRewards",
+    "RewardClient",
+    "Rewards",
+    "domain_error",
+]

@@ -10,11 +10,16 @@ import numpy as np
 from pickscore.client.channel import Connection
 from pickscore.client.wire import (
     ImageRef,
+    Rewards,
+    Weights,
     collect,
     domain_error,
     image_messages,
+    model_weights,
     ranking,
     renumbered,
+    rewards_of,
+    rewards_requests,
     score_requests,
     stream_requests,
 )
@@ -46,8 +51,11 @@ class AsyncClient(Connection):
 
     async def model_info(self) -> pb.GetModelInfoResponse:
         if self._info is None:
-            self._info = await self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest(), None)
+            self._info = await self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest(model=self.model), None)
         return self._info
+
+    async def list_models(self) -> list[pb.GetModelInfoResponse]:
+        return list((await self._call(self.stub.ListModels, pb.ListModelsRequest(), None)).models)
 
     async def _scores(self, requests: list[pb.ScoreRequest], timeout: float | None) -> list[float]:
         out: list[float] = []
@@ -61,20 +69,24 @@ class AsyncClient(Connection):
     async def score(
         self, prompt: str, images: Sequence[ImageRef], ids: Sequence[str] | None = None, timeout: float | None = None
     ) -> list[float]:
-        requests = score_requests(images, (await self.model_info()).max_images_per_request, prompt=prompt, ids=ids)
+        requests = score_requests(
+            images, (await self.model_info()).max_images_per_request, prompt=prompt, ids=ids, model=self.model
+        )
         return await self._scores(requests, timeout)
 
     async def score_pairs(
         self, prompts: Sequence[str], images: Sequence[ImageRef], timeout: float | None = None
     ) -> list[float]:
-        requests = score_requests(images, (await self.model_info()).max_images_per_request, prompts=prompts)
+        requests = score_requests(
+            images, (await self.model_info()).max_images_per_request, prompts=prompts, model=self.model
+        )
         return await self._scores(requests, timeout)
 
     async def rank(
         self, prompt: str, images: Sequence[ImageRef], top_k: int | None = None, timeout: float | None = None
     ) -> Ranking:
         check_top_k(top_k)
-        request = pb.RankRequest(prompt=prompt, images=image_messages(images, None))
+        request = pb.RankRequest(prompt=prompt, images=image_messages(images, None), model=self.model)
         return ranking(await self._call(self.stub.Rank, request, timeout), len(images), top_k)
 
     async def score_many(
@@ -91,9 +103,29 @@ class AsyncClient(Connection):
         errors: dict[int, PickScoreError] = {}
         try:
             async for response in self.stub.ScoreStream(
-                stream_requests(prompt, refs, per_request), timeout=timeout, metadata=self.metadata
+                stream_requests(prompt, refs, per_request, self.model), timeout=timeout, metadata=self.metadata
             ):
                 collect(scores, errors, response, skip_invalid)
         except grpc.RpcError as e:
             raise domain_error(e) from None
         return scores, errors
+
+    async def rewards(
+        self,
+        prompt: str,
+        images: Sequence[ImageRef],
+        models: Weights | None = None,
+        normalize: str = "none",
+        prompts: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> Rewards:
+        weights = model_weights(models)
+        per_request = (await self.model_info()).max_images_per_request
+        requests = rewards_requests(images, per_request, weights, normalize, prompt=prompt, prompts=prompts)
+        responses: list[pb.RewardsResponse] = []
+        for request in requests:
+            try:
+                responses.append(await self._call(self.stub.Rewards, request, timeout))
+            except InvalidInput as e:
+                raise renumbered(e, len(responses) * per_request) from None
+        return rewards_of(responses)

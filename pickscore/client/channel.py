@@ -54,7 +54,8 @@ class Connection:
     TLS when ``tls`` is true or any of ``tls_ca`` (PEM roots to trust instead of the system's), ``tls_cert`` and
     ``tls_key`` (a client certificate and its key, for mutual TLS) is given; ``tls_server_name`` checks the
     server's certificate for that name instead of the address's host. ``token``: sent as
-    ``authorization: Bearer TOKEN`` on every call.
+    ``authorization: Bearer TOKEN`` on every call. ``model``: the served model every Score, Rank, ScoreStream and
+    GetModelInfo request names (empty: the server's default model).
     """
 
     _open = staticmethod(grpc.insecure_channel)  # the asyncio client opens grpc.aio channels
@@ -73,6 +74,7 @@ class Connection:
         tls_key: str | os.PathLike | None = None,
         tls_server_name: str | None = None,
         token: str | None = None,
+        model: str = "",
     ):
         options = _options(max_message_bytes)
         if tls or tls_ca is not None or tls_cert is not None or tls_key is not None:
@@ -85,4 +87,5 @@ class Connection:
         self.stub = scoring_pb2_grpc.ScoringServiceStub(self.channel)
         self.timeout = timeout
         self.metadata = tuple(metadata) + ((("authorization", f"Bearer {token}"),) if token else ())
+        self.model = model
         self._info: pb.GetModelInfoResponse | None = None

@@ -1,4 +1,5 @@
-"""The reward client for RL trainers, and the senders of its batches: scoring.v1 over gRPC, or /v1/score over HTTP."""
+"""The reward client for RL trainers, and the senders of its batches: scoring.v1 over gRPC, or /v1/score (one model)
+and /v1/rewards (several, weighted) over HTTP."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from pickscore.client.aio import AsyncClient
-from pickscore.client.wire import ImageRef, image_message, renumbered
+from pickscore.client.wire import ImageRef, Weights, image_message, model_weights, normalize_of, renumbered
 from pickscore.errors import InvalidInput, Overloaded, Unavailable
 from pickscore.model import scoring
 from pickscore.status import error_for_http
@@ -37,6 +38,11 @@ class RewardClient:
     resolves them to 0.0 with a warning (training goes on without that reward). ``scale``: "raw" PickScore,
     or "div26" (score / 26, a scale RL code for diffusion models commonly uses). Images: encoded bytes, paths,
     uint8 arrays (H, W, 3), or PIL images. In asyncio code, ``await asyncio.wrap_future(future)``.
+
+    Which model: ``model`` names one of the server's models (empty: its default). Or ``models`` ({name: weight})
+    makes each reward the server's weighted sum of those models' scores (scoring.v1's Rewards; /v1/rewards over
+    HTTP), each score first normalised as ``normalize`` says: "none", "declared" (the model's declared map) or
+    "running" (the server's statistics of that model's scores). ``scale`` then applies to that sum.
     """
 
     SCALES = ("raw", "div26")
@@ -53,8 +59,15 @@ class RewardClient:
         scale: str = "raw",
         token: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        model: str = "",
+        models: Weights | None = None,
+        normalize: str = "none",
         **tls,
     ):
+        if model and models is not None:
+            raise ValueError("give model (one model's scores) or models (a weighted sum of several), not both")
+        if models is None and normalize_of(normalize) != "none":
+            raise ValueError(f"normalize {normalize!r} applies to the scores of models=...; give models")
         if scale not in self.SCALES:
             raise ValueError(f"scale {scale!r}; one of {', '.join(self.SCALES)}")
         if max_batch < 1 or max_inflight < 1:
@@ -63,6 +76,8 @@ class RewardClient:
         self.max_batch, self.max_delay_s, self.max_inflight = max_batch, max_delay_s, max_inflight
         self.timeout, self.required, self.scale = timeout, required, scale
         self._token, self._metadata, self._tls = token, tuple(metadata), tls
+        self.model, self.normalize = model, normalize_of(normalize)
+        self.models = None if models is None else model_weights(models)  # (name, weight) pairs
         self._http = address.startswith(("http://", "https://"))
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pickscore-rewards", daemon=True)
@@ -202,23 +217,37 @@ def _reward_image(image) -> ImageRef:
 
 
 class _GrpcBatchSender:
-    """Sends a RewardClient's batches as scoring.v1 Score requests of prompt-image pairs, on an AsyncClient."""
+    """Sends a RewardClient's batches as scoring.v1 Score requests of prompt-image pairs (its model), or Rewards
+    requests (its models), on an AsyncClient."""
 
     def __init__(self, owner: RewardClient):
-        self.client = AsyncClient(owner.address, metadata=owner._metadata, token=owner._token, **owner._tls)
+        self.models, self.normalize = owner.models, owner.normalize
+        self.client = AsyncClient(
+            owner.address, metadata=owner._metadata, token=owner._token, model=owner.model, **owner._tls
+        )
 
     async def score(self, prompts: list[str], images: list[ImageRef], timeout: float) -> list[float]:
-        return await self.client.score_pairs(prompts, images, timeout=max(timeout, 0.001))
+        timeout = max(timeout, 0.001)
+        if self.models is None:
+            return await self.client.score_pairs(prompts, images, timeout=timeout)
+        answer = await self.client.rewards("", images, self.models, self.normalize, prompts=prompts, timeout=timeout)
+        return answer.rewards.tolist()
 
     async def close(self) -> None:
         await self.client.close()
 
 
 class _HttpBatchSender:
-    """Sends a RewardClient's batches as POST /v1/score in msgpack (images raw, never base64)."""
+    """Sends a RewardClient's batches as POST /v1/score (its model) or /v1/rewards (its models) in msgpack (images
+    raw, never base64)."""
 
     def __init__(self, owner: RewardClient):
-        self.url = owner.address.rstrip("/") + "/v1/score"
+        self.url = owner.address.rstrip("/") + ("/v1/score" if owner.models is None else "/v1/rewards")
+        if owner.models is None:  # what each body carries besides its prompts and images
+            self.fields: dict = {"model": owner.model} if owner.model else {}
+        else:
+            models = [{"model": name, "weight": weight} for name, weight in owner.models]
+            self.fields = {"models": models, "normalize": owner.normalize}
         self.headers = {"Content-Type": "application/msgpack", **dict(owner._metadata)}
         if owner._token:
             self.headers["authorization"] = f"Bearer {owner._token}"
@@ -231,7 +260,7 @@ class _HttpBatchSender:
 
         if self.session is None:
             self.session = aiohttp.ClientSession()
-        body = msgpack.packb({"prompts": prompts, "images": [_plain_image(i) for i in images]})
+        body = msgpack.packb({"prompts": prompts, "images": [_plain_image(i) for i in images], **self.fields})
         headers = {**self.headers, "timeout": f"{max(timeout, 0.001):.3f}"}
         try:
             async with self.session.post(
@@ -239,7 +268,7 @@ class _HttpBatchSender:
             ) as r:
                 payload = msgpack.unpackb(await r.read()) if r.content_type == "application/msgpack" else {}
                 if r.status == 200:
-                    return [result["score"] for result in payload["results"]]
+                    return payload["rewards"] if "rewards" in payload else [x["score"] for x in payload["results"]]
                 hint = r.headers.get("retry-after-ms") or (
                     str(float(r.headers["Retry-After"]) * 1000) if "Retry-After" in r.headers else None
                 )

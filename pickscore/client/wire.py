@@ -3,9 +3,11 @@ a server's refusal renumbered to the caller's call, a gRPC failure as its domain
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -64,13 +66,17 @@ def score_requests(
     prompt: str = "",
     prompts: Sequence[str] | None = None,
     ids: Sequence[str] | None = None,
+    model: str = "",
 ) -> list[pb.ScoreRequest]:
-    """One prompt for all images, or ``prompts`` paired with them, split into requests of ``per_request`` images."""
+    """One prompt for all images, or ``prompts`` paired with them, split into requests of ``per_request`` images,
+    each scored by ``model`` (empty: the server's default)."""
     if prompts is not None and len(prompts) != len(images):
         raise InvalidInput(f"{len(prompts)} prompts for {len(images)} images")
     messages = image_messages(images, ids)
     return [
-        pb.ScoreRequest(prompt=prompt, prompts=[] if prompts is None else prompts[part], images=messages[part])
+        pb.ScoreRequest(
+            prompt=prompt, prompts=[] if prompts is None else prompts[part], images=messages[part], model=model
+        )
         for part in _chunks(len(messages), per_request)
     ]
 
@@ -83,7 +89,9 @@ def ranking(response: pb.RankResponse, n: int, top_k: int | None) -> Ranking:
     return rank_scores(scores, top_k)
 
 
-def stream_requests(prompt: str, refs: Iterable[ImageRef], per_request: int) -> Iterator[pb.ScoreStreamRequest]:
+def stream_requests(
+    prompt: str, refs: Iterable[ImageRef], per_request: int, model: str = ""
+) -> Iterator[pb.ScoreStreamRequest]:
     """Tag = index of the request's first image; images read lazily, so memory stays bounded.
 
     Ids are the paths, or the image's position in the whole job for bytes, so errors name the item.
@@ -93,10 +101,12 @@ def stream_requests(prompt: str, refs: Iterable[ImageRef], per_request: int) -> 
     for i, ref in enumerate(refs):
         batch.append(image_message(ref, None if isinstance(ref, (str, os.PathLike)) else f"#{i}"))
         if len(batch) == per_request:
-            yield pb.ScoreStreamRequest(tag=str(start), request=pb.ScoreRequest(prompt=prompt, images=batch))
+            yield pb.ScoreStreamRequest(
+                tag=str(start), request=pb.ScoreRequest(prompt=prompt, images=batch, model=model)
+            )
             batch, start = [], i + 1
     if batch:
-        yield pb.ScoreStreamRequest(tag=str(start), request=pb.ScoreRequest(prompt=prompt, images=batch))
+        yield pb.ScoreStreamRequest(tag=str(start), request=pb.ScoreRequest(prompt=prompt, images=batch, model=model))
 
 
 def collect(
@@ -112,3 +122,95 @@ def collect(
         return
     for r in response.response.results:
         scores[start + r.index] = r.score
+
+
+# Rewards: one request scored by several models, weighted ----------------------------------------------------
+
+NORMALIZE = {"none": pb.NORMALIZE_NONE, "declared": pb.NORMALIZE_DECLARED, "running": pb.NORMALIZE_RUNNING}
+Weights = Mapping[str, float] | Sequence[tuple[str, float]]  # {"pickscore": 1.0, "other": 0.5}, or such pairs
+
+
+def model_weights(models: Weights | None) -> list[tuple[str, float]]:
+    """``models`` as (name, weight) pairs in the caller's order; none: the server's default model, weight 1. A
+    ValueError names a model whose weight is not a finite number, or one named twice."""
+    if models is None:
+        return []
+    pairs = [(str(name), weight) for name, weight in (models.items() if isinstance(models, Mapping) else models)]
+    if not pairs:
+        raise ValueError("models: name at least one model and its weight (or give none: the default model)")
+    for name, weight in pairs:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"models: model {name!r}: weight {weight!r} is not a finite number")
+    names = [name for name, _ in pairs]
+    if len(set(names)) < len(names):
+        raise ValueError(f"models: {', '.join(sorted({n for n in names if names.count(n) > 1}))} named twice")
+    return [(name, float(weight)) for name, weight in pairs]
+
+
+def normalize_of(normalize: str) -> str:
+    """``normalize`` checked: none, declared or running (protobuf's NORMALIZE_* names too)."""
+    name = normalize.lower().removeprefix("normalize_")
+    if name not in NORMALIZE:
+        raise ValueError(f"normalize {normalize!r}: one of {', '.join(NORMALIZE)}")
+    return name
+
+
+def rewards_requests(
+    images: Sequence[ImageRef],
+    per_request: int,
+    models: list[tuple[str, float]],
+    normalize: str,
+    prompt: str = "",
+    prompts: Sequence[str] | None = None,
+) -> list[pb.RewardsRequest]:
+    """One prompt for all images, or ``prompts`` paired with them, split into Rewards requests of ``per_request``."""
+    if prompts is not None and len(prompts) != len(images):
+        raise InvalidInput(f"{len(prompts)} prompts for {len(images)} images")
+    messages = image_messages(images, None)
+    weights = [pb.ModelWeight(model=name, weight=weight) for name, weight in models]
+    return [
+        pb.RewardsRequest(
+            prompt=prompt,
+            prompts=[] if prompts is None else prompts[part],
+            images=messages[part],
+            models=weights,
+            normalize=NORMALIZE[normalize_of(normalize)],
+        )
+        for part in _chunks(len(messages), per_request)
+    ]
+
+
+@dataclass(frozen=True)
+class ModelRewards:
+    """One model's part of the rewards: the version that scored, its weight, its raw and its normalised scores."""
+
+    model: str
+    version: str
+    weight: float
+    scores: np.ndarray  # (N,) raw, in input order
+    normalized: np.ndarray  # (N,) what the weighted sum took (the raw scores with normalize "none")
+
+
+@dataclass(frozen=True)
+class Rewards:
+    """Per image, in input order, the sum over models of weight x normalised score; and each model's part, by name
+    in the order asked (the default model under its own name)."""
+
+    rewards: np.ndarray  # (N,) float32
+    models: dict[str, ModelRewards]
+
+
+def rewards_of(responses: Sequence[pb.RewardsResponse]) -> Rewards:
+    """The answers to one call's Rewards requests, joined in order."""
+    rewards = np.array([r for response in responses for r in response.rewards], np.float32)
+    parts: dict[str, ModelRewards] = {}
+    for k, first in enumerate(responses[0].models if responses else ()):
+        column = [response.models[k] for response in responses]
+        parts[first.model] = ModelRewards(
+            first.model,
+            ",".join(dict.fromkeys(m.version for m in column)),  # one, unless a new version came in mid-call
+            first.weight,
+            np.array([s for m in column for s in m.scores], np.float32),
+            np.array([s for m in column for s in m.normalized], np.float32),
+        )
+    return Rewards(rewards, parts)

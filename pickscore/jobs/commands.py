@@ -10,7 +10,7 @@ from pathlib import Path
 from pickscore.backends import add_backend_flags, backend_options
 from pickscore.datasets.image_sets import IMAGE_EXTENSIONS
 from pickscore.flags import int_at_least
-from pickscore.places import add_place_flags, add_where_flags
+from pickscore.places import add_place_flags, add_where_flags, check_model_name
 from pickscore.tls import add_client_flags, connection
 
 
@@ -82,6 +82,7 @@ def _add_batch_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
+    check_model_name(args)
     if args.ray:
         if not args.model:
             raise ValueError("--ray scores with --model on the cluster's own workers, not on --server")
@@ -113,7 +114,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         **backend_options(args),
         batch_size=args.batch_size,
         timeout=args.timeout,
-        **(connection(args) if args.server else {}),
+        **({**connection(args), "model_name": args.model_name} if args.server else {}),
     )
     return _report(args, manifest)
 
