@@ -154,8 +154,10 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model",
         required=True,
+        action="append",
         metavar="REF",
-        help="the model to evaluate (any model reference, an ONNX export included)",
+        help="the model to evaluate (any model reference, an ONNX export included); repeat it to compare several "
+        "side by side on the same pairs and thresholds' rule",
     )
     p.add_argument(
         "--data",
@@ -166,8 +168,10 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--baseline",
+        action="append",
+        default=[],
         metavar="REF",
-        help="also evaluate this model, e.g. the untrained start written by `train --init-only`",
+        help="also evaluate this model, e.g. the untrained start written by `train --init-only` (repeatable)",
     )
     p.add_argument(
         "--limit", type=int_at_least(0), default=0, metavar="N", help="use at most N pairs per split (0: all)"
@@ -284,29 +288,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from pickscore.backends import load_backend
     from pickscore.training.evaluate import evaluate, plot_threshold_curves
 
+    refs = list(dict.fromkeys([*args.baseline, *args.model]))  # baselines first, as the table prints them
     results = {}
-    for name, ref in (("model", args.model), ("baseline", args.baseline)):
-        if ref:
-            backend = load_backend(ref, args.backend, args.device, args.dtype)
-            results[name] = evaluate(backend, args.data, args.limit)
+    for ref in refs:
+        results[ref] = evaluate(load_backend(ref, args.backend, args.device, args.dtype), args.data, args.limit)
     if args.plot:
-        plot_threshold_curves(
-            {(args.model if k == "model" else args.baseline): v for k, v in results.items()}, args.plot
-        )
-    summary = {k: v for k, v in results["model"].items() if k != "curves"}
-    summary["model"] = args.model
-    summary["random_baseline"] = 0.5
-    if "baseline" in results:
-        summary["baseline"] = {
-            "model": args.baseline,
-            **{k: v for k, v in results["baseline"].items() if k != "curves"},
-        }
+        plot_threshold_curves(results, args.plot)
+    plain = {ref: {k: v for k, v in r.items() if k != "curves"} for ref, r in results.items()}
+    first = args.model[0]
+    summary = {**plain[first], "model": first, "random_baseline": 0.5}
+    if args.baseline:
+        summary["baseline"] = {"model": args.baseline[0], **plain[args.baseline[0]]}
+    if len(refs) > 1:  # every model and baseline, in the table's order
+        summary["models"] = [{"model": ref, **plain[ref]} for ref in refs]
     if args.json:
         print(json.dumps(summary, allow_nan=False))
         return 0
     rows = [("random", "0.5000", "-")]
-    rows += [(args.baseline, f"{r['accuracy']:.4f}", f"{r['threshold']:.3f}") for r in [results.get("baseline")] if r]
-    rows.append((args.model, f"{summary['accuracy']:.4f}", f"{summary['threshold']:.3f}"))
+    rows += [(ref, f"{plain[ref]['accuracy']:.4f}", f"{plain[ref]['threshold']:.3f}") for ref in refs]
     width = max(len(str(name)) for name, _, _ in rows)
     print(f"{'model':{width}s}  accuracy  threshold")
     for name, accuracy, threshold in rows:

@@ -54,3 +54,20 @@ def test_an_int8_export_beside_its_checkpoint(capsys, heldout, exports):
 def test_an_export_on_the_torch_backend_is_refused_clearly(capsys, heldout, exports):
     assert main(["eval", "--model", str(exports / "fp32"), "--backend", "torch", "--data", str(heldout)]) == 1
     assert "is an ONNX export" in capsys.readouterr().err
+
+
+def test_several_models_side_by_side_each_as_evaluated_alone(capsys, heldout, exports):
+    """`eval --model A --model B`: the paper's table, one row a scorer, each row what evaluating it alone gives."""
+    refs = ["demo", str(exports / "fp32"), str(exports / "int8")]
+    together = _eval(capsys, *(a for ref in refs for a in ("--model", ref)), "--data", str(heldout))
+    assert [m["model"] for m in together["models"]] == refs and together["model"] == "demo"
+    for row in together["models"]:
+        alone = _eval(capsys, "--model", row["model"], "--data", str(heldout))
+        assert (row["accuracy"], row["threshold"], row["test_pairs"]) == (
+            alone["accuracy"],
+            pytest.approx(alone["threshold"], abs=1e-6),
+            alone["test_pairs"],
+        )
+    assert main(["eval", *(a for ref in refs for a in ("--model", ref)), "--data", str(heldout)]) == 0
+    header, _, *rows = capsys.readouterr().out.splitlines()
+    assert [r.split()[0] for r in rows] == refs
