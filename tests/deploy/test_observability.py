@@ -24,6 +24,7 @@ import yaml
 from pickscore.client import Client
 from pickscore.errors import InvalidInput
 from pickscore.server.app import ServerThread
+from pickscore.server.metrics import SPECS
 from tests.server.conftest import jpeg, settings_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +32,13 @@ PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "pickscore.json"
 ADAPTER = ROOT / "deploy" / "kubernetes" / "prometheus-adapter.yaml"
 # Grafana's variables, as a person looking at all replicas of the job would have them.
-GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "15s", "$job": "pickscore", "$instance": ".*"}
+GRAFANA_VARS = {
+    "$__rate_interval": "1m",
+    "$__interval": "15s",
+    "$job": "pickscore",
+    "$instance": ".*",
+    "$model": ".*",
+}
 GPU_ONLY = "pickscore_gpu_"  # series a CPU-only server does not have
 
 
@@ -229,11 +236,33 @@ def test_gpu_panels_are_the_only_ones_allowed_to_be_empty_here(prometheus):
 def test_dashboard_variables_resolve(prometheus):
     variables = {v["name"]: v for v in json.loads(DASHBOARD.read_text())["templating"]["list"]}
     assert variables["datasource"]["query"] == "prometheus"
-    for name in ("job", "instance"):
+    for name in ("job", "instance", "model"):
         m = re.fullmatch(r"label_values\((.+), (\w+)\)", variables[name]["definition"])
         body = prometheus.get(f"/api/v1/label/{m.group(2)}/values", **{"match[]": grafana(m.group(1))})
         assert body["status"] == "success" and body["data"], (name, body)
-    assert variables["instance"]["allValue"] == GRAFANA_VARS["$instance"]
+    assert body["data"] == ["pickscore"]  # the served model's name
+    for name in ("instance", "model"):
+        assert variables[name]["allValue"] == GRAFANA_VARS[f"${name}"]
+        assert variables[name]["multi"] and variables[name]["includeAll"]
+
+
+def test_every_per_model_series_follows_the_model_variable():
+    """Each selector of a family labelled by model (pickscore.server.metrics) filters on $model, and a panel that
+    draws lines names the model in its legend unless it adds the models up."""
+    families = [name for _, name, _, labels, *_ in SPECS.values() if labels[:1] == ("model",)]
+    selector = re.compile(rf"({'|'.join(families)})(?:_total|_bucket|_sum|_count)?{{([^}}]*)}}")
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    seen = set()
+    for p in panels:
+        for t in p.get("targets", []):
+            found = selector.findall(t["expr"])
+            seen |= {family for family, _ in found}
+            for family, matchers in found:
+                assert 'model=~"$model' in matchers, (p["title"], family, t["expr"])
+            aggregated = re.match(r"\s*(sum|max|avg|min) by \(([^)]*)\)", t["expr"])
+            if found and p["type"] == "timeseries" and aggregated and "model" in aggregated.group(2):
+                assert "{{model}}" in t["legendFormat"], (p["title"], t["legendFormat"])
+    assert len(seen) >= 12, sorted(seen)  # nearly every per-model family has a panel
 
 
 def test_dashboard_panels_use_the_datasource_variable():
