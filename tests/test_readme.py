@@ -3,7 +3,8 @@
 They run in one fresh directory with this environment's ``bin`` first on PATH, against what a reader would have:
 the bundled demo model, a tiny random CLIP in the published layout standing in for ``./PickScore_v1`` (and, in a
 Hugging Face cache, for the hub id), drawn-scene images under the names the examples use, and a running
-``pickscore serve --model demo`` whose free ports replace the defaults the examples name (8001, 8000, 8002).
+``pickscore serve --model pickscore=demo --model other=./PickScore_v1 --model-control-mode explicit`` whose free
+ports replace the defaults the examples name (8001, 8000, 8002).
 
 A block that cannot run here says so on the line above it: ``<!-- not run: REASON -->`` (a server that does not
 return, a GPU, the network, a cluster). ```console and ```text blocks show output and are not run.
@@ -109,7 +110,8 @@ def workspace(tmp_path_factory):
     bin_dir = Path(sys.executable).parent
     env = {k: v for k, v in os.environ.items() if not k.startswith("PICKSCORE_")}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", HF_HUB_CACHE=str(home / "hub"), HF_HUB_OFFLINE="1")
-    proc, serving, _ = start_server("demo")
+    models = f"pickscore=demo,other={home / 'PickScore_v1'}"
+    proc, serving, _ = start_server(models, "--model-control-mode", "explicit")
     ports = {"8001": serving["port"], "8000": serving["http_port"], "8002": serving["metrics_port"]}
     yield home, env, ports
     proc.send_signal(signal.SIGTERM)
