@@ -1,15 +1,15 @@
 """The ``pickscore`` command: each subpackage owns its subcommands; this module only assembles them.
 
-    pickscore score|rank (--model REF | --server HOST:PORT) --prompt TEXT [--json] IMAGE_OR_DIR...
+    pickscore score|rank (--model REF | --server HOST:PORT [--model-name NAME]) --prompt TEXT [--json] IMAGE_OR_DIR...
     pickscore convert --model REF --out DIR
     pickscore data synthetic --out DIR --pairs N [--seed S] [--image-size PX] [--held-out F]
     pickscore train --data DIR --out DIR [--model REF] [--preset NAME] [--init-only] [settings]
-    pickscore eval --model REF --data DIR [--baseline REF] [--backend B] [--json]
+    pickscore eval --model REF [--model REF...] --data DIR [--baseline REF] [--backend B] [--json]
     pickscore export onnx|tensorrt|triton --model REF ...
-    pickscore serve [--model REF] [--port 8001] [--http-port 8000] [--metrics-port 8002] [settings]
+    pickscore serve [--model [NAME=]REF... | --model-repository DIR] [--port 8001] [--http-port 8000] [settings]
     pickscore health [--server HOST:PORT]
-    pickscore batch --input PATH... --output DIR (--model REF | --server ADDR[,ADDR...]) [--resume]
-    pickscore evaluate-models --prompts FILE --images NAME=PATH... (--model REF | --server HOST:PORT)
+    pickscore batch --input PATH... --output DIR (--model REF | --server ADDR[,ADDR...] [--model-name NAME]) [--resume]
+    pickscore evaluate-models --prompts FILE --images NAME=PATH... (--model REF | --server HOST:PORT [--model-name N])
     pickscore collect [--db URL] [--candidates synthetic|pool:PATH|http://...] [--port 8080]
     pickscore collect export --db URL --out DIR
     pickscore collect invite --db URL [--count N]
