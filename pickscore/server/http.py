@@ -260,7 +260,7 @@ class HttpFrontDoor:
         return _reply(request, {"models": [_record(m) for m in self.scoring.models()]})
 
     async def openapi(self, request: web.Request) -> web.Response:
-        return web.json_response(document(self.scoring.model_info()))
+        return web.json_response(document(self.scoring.models(), self.scoring.settings.max_images_per_request))
 
 
 # Helpers: request parsing and response encoding -----------------------------------------------------------

@@ -9,6 +9,7 @@ documented here and every documented path is served.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
@@ -313,15 +314,17 @@ def _paths() -> dict[str, Any]:
     return {**_v1_paths(), "/openapi.json": _get("This document", {"type": "object"}), **_v2_paths()}
 
 
-def document(info: ModelInfo) -> dict[str, Any]:
+def document(models: Sequence[ModelInfo], max_images_per_request: int) -> dict[str, Any]:
+    """The document, its description naming ``models`` (the models in service, the default first; none while
+    every model is unloaded)."""
+    served = "; ".join(f"{m.model} ({m.source}, {m.backend}, {m.device})" for m in models) or "none right now"
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "PickScore",
             "version": __version__,
-            "description": f"Human-preference scores for text-to-image generations. Default model {info.model!r}: "
-            f"{info.source} ({info.backend}, {info.device}); every model served: GET /v1/models. At most "
-            f"{info.max_images_per_request} images a request.",
+            "description": f"Human-preference scores for text-to-image generations. Models in service, the default "
+            f"first: {served} (GET /v1/models). At most {max_images_per_request} images a request.",
         },
         "components": {
             "schemas": _schemas(),

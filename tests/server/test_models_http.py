@@ -373,3 +373,21 @@ def test_the_repository_calls_need_the_token(explicit):
             assert error.value.status() == "StatusCode.UNAUTHENTICATED"
     with triton_http.InferenceServerClient(f"127.0.0.1:{explicit.server.http_port}") as http:
         assert states(http.get_model_repository_index(headers=TOKEN))["other"] == "READY"  # nothing changed
+
+
+def test_the_document_is_served_while_the_default_model_is_unloaded(explicit, expected):
+    with triton_http.InferenceServerClient(f"127.0.0.1:{explicit.server.http_port}") as http:
+        http.unload_model("pickscore", headers=TOKEN)
+        try:
+            status, _, body = get(explicit, "/openapi.json")
+            assert status == 200, body
+            assert "other" in json.loads(body)["info"]["description"]
+            status, _, body = post(explicit, "/v1/score", b'{"prompt": "x"}', "application/json", TOKEN)
+            assert status == 404
+            assert "the default model 'pickscore' is not served; this server serves other" in json.loads(body)["error"]
+        finally:
+            http.load_model("pickscore", headers=TOKEN)
+        close(
+            http.infer("pickscore", ensemble_inputs(triton_http), headers=TOKEN).as_numpy("SCORE")[:, 0],
+            expected["pickscore"],
+        )
