@@ -83,7 +83,7 @@ class KServeV2Service(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryModelUnload(self, request, context):
         async with boundary(self.state, "RepositoryModelUnload", context, admit=False):
-            _no_parameters(request.parameters)
+            _no_parameters(request.parameters, unload=True)
             await self.models.unload(request.model_name)
             return pb.RepositoryModelUnloadResponse()
 
@@ -133,10 +133,16 @@ def infer_request(request: pb.ModelInferRequest) -> InferRequest:
     )
 
 
-def _no_parameters(parameters) -> None:
-    """A load's or unload's parameters (Triton's config and file overrides, unload_dependents) are not taken."""
-    if parameters:
-        raise InvalidInput(f"parameters {', '.join(parameters)}: not supported; the repository's files are loaded")
+def _no_parameters(parameters, unload: bool = False) -> None:
+    """A load's or unload's parameters (Triton's config and file overrides) are not taken; an unload's
+    ``unload_dependents`` (tritonclient always sends it) is: a model's towers go with it anyway."""
+    given = [
+        key
+        for key, p in parameters.items()
+        if not (unload and key == "unload_dependents" and _plain(p) in (True, False))
+    ]
+    if given:
+        raise InvalidInput(f"parameters {', '.join(given)}: not supported; the repository's files are loaded")
 
 
 def _typed(tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[int, ...]) -> np.ndarray:

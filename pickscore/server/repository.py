@@ -385,13 +385,14 @@ class Repository:
         if not await model.drained(self.settings.grace_period_s):
             log.warning("grace period over; stopping a draining model", extra={"model": model.name})
         engine, model.engine = model.engine, None
-        b = engine.backend
+        b, m = engine.backend, self.metrics
         await engine.release()
         self.metrics.model_info.remove(model.name, model.version, b.source, b.name, b.description, __version__)
         self.metrics.model_weights.remove(model.name, model.version)
-        if not successor:  # the scrape-time gauges would otherwise keep the stopped batchers (and weights) alive
-            for tower in ("image", "text"):
-                self.metrics.queue_depth.labels(model.name, tower).set_function(lambda: 0)
+        if not successor:  # the model's tower series go with it (the scrape-time gauge would keep its batcher)
+            for family in (m.queue_depth, m.queue_capacity, m.estimated_wait, m.tower_hung):
+                for tower in ("image", "text"):
+                    family.remove(model.name, tower)
         del engine, b
         self._retiring.remove(model)
         model.state = "UNLOADED"

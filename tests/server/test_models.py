@@ -23,7 +23,7 @@ from pickscore.server.repository import ModelSpec, parse_models
 from pickscore.v1 import scoring_pb2 as pb
 from pickscore.v1 import scoring_pb2_grpc
 from tests.conftest import TINY_HF_CONFIG, make_hf_clip, save_hf_clip
-from tests.server.conftest import PROMPT, jpeg, metric, settings_for
+from tests.server.conftest import PROMPT, jpeg, metric, scrape, settings_for
 
 IMAGES = [jpeg(i) for i in range(6)]
 
@@ -289,6 +289,8 @@ def test_a_swap_under_load_answers_every_request_from_one_version_and_releases_t
             with pytest.raises(grpc.RpcError) as error:
                 scores_of(stub, "m")
             assert error.value.code() == grpc.StatusCode.NOT_FOUND
+            for family in ("pickscore_queue_capacity", "pickscore_estimated_wait_seconds", "pickscore_model_info"):
+                assert f'{family}{{model="m"' not in scrape(server)  # its series left with it
 
 
 def test_a_watched_repository_serves_new_versions_and_drops_removed_models(

@@ -11,15 +11,12 @@ import json
 import shutil
 import struct
 
-import grpc
 import jsonschema
 import msgpack
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
-from tritonclient.grpc import service_pb2 as kpb
-from tritonclient.grpc import service_pb2_grpc as kgrpc
 from tritonclient.utils import InferenceServerException
 
 from pickscore import Scorer
@@ -286,11 +283,7 @@ def test_model_control_is_refused_unless_explicit(server):
     assert json.loads(get(server, "/v1/models/other")[2])["model"] == "other"  # still served
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kserve_v2._no_parameters refuses the unload_dependents parameter tritonclient.grpc always sends",
-)
-def test_tritonclient_grpc_unload_is_refused_for_the_mode_not_its_parameters(server):
+def test_tritonclient_grpc_unload_is_refused_for_the_mode(server):
     with triton_grpc.InferenceServerClient(server.address) as client:
         with pytest.raises(InferenceServerException) as error:
             client.unload_model("other")
@@ -337,9 +330,7 @@ def test_tritonclient_grpc_unloads_and_loads_a_model(explicit, expected):
     with triton_grpc.InferenceServerClient(explicit.address) as client:
         index = client.get_model_repository_index(headers=token, as_json=True)["models"]
         assert states(index) == {"pickscore": "READY", "other": "READY"}
-        with grpc.insecure_channel(explicit.address) as channel:  # tritonclient's unload_model: see the xfail above
-            unload = kpb.RepositoryModelUnloadRequest(model_name="other")
-            kgrpc.GRPCInferenceServiceStub(channel).RepositoryModelUnload(unload, metadata=[*token.items()], timeout=60)
+        client.unload_model("other", headers=token)
         with pytest.raises(InferenceServerException) as error:
             client.infer("other", ensemble_inputs(triton_grpc), headers=token)
         assert error.value.status() == "StatusCode.NOT_FOUND" and "unknown model 'other'" in error.value.message()
