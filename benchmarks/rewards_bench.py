@@ -1,6 +1,6 @@
 """A two-model reward: two servers called one after the other against one server's Rewards request.
 
-    python benchmarks/rewards_bench.py              # two reduced ViT-B-32-like models, 512 px JPEGs (~3 min, 2 cores)
+    python benchmarks/rewards_bench.py              # two reduced ViT-B-32-like models, 512 px JPEGs (~1.5 min, 2 cores)
     python benchmarks/rewards_bench.py --smoke      # tiny towers, small images, a few requests: seconds
 
 Two models of different shapes with random weights (Hugging Face CLIP layout, the same CLIP-H preprocessing), each
