@@ -70,10 +70,15 @@ SHAPES = {
 
 def write_model(shape: str, directory: Path, seed: int = 0) -> Path:
     """A Hugging Face CLIP directory of ``shape`` with random weights, in the PickScore_v1 layout."""
+    return write_clip(SHAPES[shape], directory, seed)
+
+
+def write_clip(cfg: dict, directory: Path, seed: int = 0) -> Path:
+    """A transformers CLIPModel of ``cfg`` (text_config, vision_config, projection_dim) with random weights, saved in
+    the PickScore_v1 layout: weights, tokenizer, CLIP-H preprocessing."""
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
-    cfg = SHAPES[shape]
     model = CLIPModel(
         CLIPConfig(
             text_config=cfg["text_config"], vision_config=cfg["vision_config"], projection_dim=cfg["projection_dim"]

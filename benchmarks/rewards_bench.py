@@ -47,6 +47,7 @@ from common import (  # noqa: E402
     latency_stats,
     machine,
     serve,
+    write_clip,
 )
 
 WEIGHTS = {"a": 1.0, "b": 0.5}
@@ -70,27 +71,6 @@ SIZES = {
     "bench": {"a": _clip((384, 6, 6), (256, 6, 4), 256), "b": _clip((512, 8, 8), (384, 6, 6), 384)},
     "smoke": {"a": _clip((32, 2, 4), (32, 2, 4), 16), "b": _clip((48, 3, 4), (32, 2, 4), 24)},
 }
-
-
-def write_clip(cfg: dict, directory: Path, seed: int) -> Path:
-    """A transformers CLIPModel of ``cfg`` with random weights, saved in the PickScore_v1 layout (weights,
-    tokenizer, CLIP-H preprocessing), as tests/conftest.py's make_hf_clip + save_hf_clip do."""
-    import torch
-    from transformers import CLIPConfig, CLIPModel
-
-    from pickscore.model.preprocess import PreprocessConfig
-    from pickscore.model.tokenizer import save_hf_files
-
-    torch.manual_seed(seed)
-    model = CLIPModel(
-        CLIPConfig(
-            text_config=cfg["text_config"], vision_config=cfg["vision_config"], projection_dim=cfg["projection_dim"]
-        )
-    ).eval()
-    model.save_pretrained(directory)
-    save_hf_files(directory)
-    (directory / "preprocessor_config.json").write_text(json.dumps(PreprocessConfig().to_hf()))
-    return directory
 
 
 def describe_machine() -> str:
