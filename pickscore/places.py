@@ -72,41 +72,79 @@ MODEL_NAME_HELP = (
     "with --server: which of the servers' models scores, by the name they serve it under (see `GET /v1/models`); "
     "empty (the default): the server's default model"
 )
+SEVERAL_MODEL_NAMES_HELP = (
+    "; several, comma-separated (pickscore,other): every image scored by each of them in one request (decoded "
+    "once), each model's scores reported apart. Several models need --server (--model loads one model here)"
+)
 
 
-def add_where_flags(parser: argparse.ArgumentParser) -> None:
+def model_names(text: str | Sequence[str] | None) -> list[str]:
+    """``--model-name`` as a list: "" -> [] (the server's default), "a" -> ["a"], "a,b" -> ["a", "b"] (a list is
+    taken as is). ValueError for an empty name among several or a name given twice."""
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text or ())]
+    if names == [""]:
+        return []
+    if "" in names:
+        raise ValueError(f"--model-name {','.join(names)}: an empty name (give names separated by commas)")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"--model-name {','.join(names)}: {repeated[0]} is named twice")
+    return names
+
+
+def add_where_flags(parser: argparse.ArgumentParser, several: bool = False) -> None:
     """--model REF or --server ADDRESS[,ADDRESS...], one of them required, and --model-name NAME (with --server):
-    what ``place_from_args`` reads."""
+    what ``place_from_args`` reads. ``several``: the subcommand takes several comma-separated names (``batch``,
+    ``evaluate-models``), each model's scores apart."""
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--model", metavar="REF", help=MODEL_HELP)
     where.add_argument("--server", metavar="ADDRESS", help=SERVER_HELP)
-    parser.add_argument("--model-name", default="", metavar="NAME", help=MODEL_NAME_HELP)
-    parser.set_defaults(where_usage=parser.error)  # check_model_name's usage error names this subcommand
+    parser.add_argument(
+        "--model-name",
+        default="",
+        metavar="NAME[,NAME...]" if several else "NAME",
+        help=MODEL_NAME_HELP + (SEVERAL_MODEL_NAMES_HELP if several else ""),
+    )
+    parser.set_defaults(where_usage=parser.error, several_model_names=several)  # for check_model_name's errors
 
 
 def check_model_name(args: Any) -> None:
-    """A usage error (exit 2) for --model-name without --server: it chooses among a server's models, and a
-    model loaded here is --model itself."""
-    if getattr(args, "model_name", "") and not getattr(args, "server", None):
+    """A usage error (exit 2) for --model-name without --server (it chooses among a server's models, and a model
+    loaded here is --model itself), for a malformed list of names, or for several names where the subcommand
+    takes one."""
+    text = getattr(args, "model_name", "") or ""
+    message = ""
+    if text and not getattr(args, "server", None):
         message = (
-            f"--model-name {args.model_name} chooses one of the models a server serves: give it with --server "
-            "(with --model, REF is the model)"
+            f"--model-name {text} chooses one of the models a server serves: give it with --server (with --model, "
+            "REF is the model; several models need --server too)"
         )
+    else:
+        try:
+            names = model_names(text)
+        except ValueError as e:
+            message = str(e)
+        else:
+            if len(names) > 1 and not getattr(args, "several_model_names", False):
+                message = (
+                    f"--model-name {text}: this command scores with one model (batch and evaluate-models take several)"
+                )
+    if message:
         usage = getattr(args, "where_usage", None)
         if usage is not None:
             usage(message)
         raise ValueError(message)
 
 
-def add_place_flags(parser: argparse.ArgumentParser) -> None:
-    """``add_where_flags`` with everything either place takes: the backend flags, --batch-size and --max-pixels
-    (with --model), --timeout and the client's security flags (with --server)."""
+def add_place_flags(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    """``add_where_flags`` (``several``: as it says) with everything either place takes: the backend flags,
+    --batch-size and --max-pixels (with --model), --timeout and the client's security flags (with --server)."""
     from pickscore.backends import add_backend_flags
     from pickscore.flags import int_at_least
     from pickscore.limits import DEFAULT_MAX_PIXELS
     from pickscore.tls import add_client_flags
 
-    add_where_flags(parser)
+    add_where_flags(parser, several)
     add_backend_flags(parser)
     parser.add_argument(
         "--batch-size", type=int_at_least(1), default=16, metavar="N", help="images per forward pass (default 16; "
@@ -155,7 +193,13 @@ def open_place(
     token); a ``model_name`` among them (as ``run_batch`` forwards its keywords) counts as the argument."""
     connection = dict(connection or {})
     model_name = model_name or connection.pop("model_name", "") or ""
+    connection.pop("model_name", None)
     check_where(model, servers, embeddings, model_name)
+    if len(model_names(model_name)) > 1:
+        raise ValueError(
+            f"--model-name {model_name}: a place scores with one model; several score together in batch and "
+            "evaluate-models (pickscore.jobs.several_models.ModelsOnServers)"
+        )
     if model:
         from pickscore.scorer import Scorer
 
@@ -172,7 +216,10 @@ def check_where(model: str | None, servers: Sequence[str], embeddings: bool = Fa
     if embeddings and servers:
         raise ValueError("--embeddings needs --model: the servers answer scores, not embeddings")
     if model_name and not servers:
-        raise ValueError(f"--model-name {model_name} chooses one of the models a server serves: with --server only")
+        raise ValueError(
+            f"--model-name {model_name} chooses one of the models a server serves: with --server only (several "
+            "models need --server too)"
+        )
 
 
 def place_from_args(args: Any, embeddings: bool = False) -> Place:

@@ -2,6 +2,7 @@
 
     run_batch(["data/*.parquet"], "out/", model="demo")                   # in-process
     run_batch(["shards/"], "out/", servers=["10.0.0.1:8001", "10.0.0.2:8001"])   # on running servers
+    run_batch(["shards/"], "out/", servers=["10.0.0.1:8001"], model_name="pickscore,other")   # two of their models
 
 Inputs (``pickscore.datasets.inputs.read_rows``), in a fixed order: Parquet files (columns ``prompt`` and
 ``image`` (encoded bytes) or ``image_path``; optional ``group`` and ``id``; Pick-a-Pic's ``caption``/``jpg_0``/
@@ -9,6 +10,14 @@ Inputs (``pickscore.datasets.inputs.read_rows``), in a fixed order: Parquet file
 ``KEY.txt`` or ``KEY.json`` holding the prompt), and directories holding ``manifest.jsonl`` (``{"image": relative
 path, "prompt": ..., "group"?: ..., "id"?: ...}`` per line). Rows of one group (default: one group per prompt) are
 ranked together.
+
+Several models (``model_name="a,b"``, ``--model-name a,b``; with servers only): every row is scored by each of the
+servers' models in ONE request per batch of rows (scoring.v1 ``Rewards`` / ``POST /v1/rewards``: each image decoded
+once; ``several_models``), and the output has a score column per model, ``score_a`` and ``score_b``, each ranked
+apart (``rank_a``, ``probability_a``, ...): a column of ranks is a scorer's verdict on the group, and comparing
+scorers is why one asks for several, so no model's ranking stands for the others'. One model (or none: the servers'
+default) keeps the columns ``score``, ``rank`` and ``probability``. The model names are part of the job:
+``--resume`` with other names is refused, never mixing two models' scores in one column.
 
 Two phases, each restartable, in the job directory ``jobdir`` describes. Scoring: rows are cut into shards of
 ``shard_size`` in input order; each shard is decoded, scored and written to ``OUT/_scores/shard-NNNNN.parquet`` in
@@ -40,11 +49,12 @@ from pickscore.jobs.jobdir import (
     claim,
     finalise,
     finished_shards,
+    score_columns,
     shard_path,
     shard_table,
     write_table_atomically,
 )
-from pickscore.places import Place, check_where, open_place
+from pickscore.places import Place, check_where, model_names, open_place
 
 
 def shards(rows: Iterator[Row], size: int) -> Iterator[tuple[int, list[Row]]]:
@@ -76,33 +86,44 @@ def run_batch(
     batch_size: int = 32,
     timeout: float = 600.0,
     progress: bool = True,
+    model_name: str | Sequence[str] = "",
     **connection,
 ) -> dict[str, Any]:
-    """Run (or resume) the job; returns the _SUCCESS manifest."""
-    _check_arguments(model, servers, embeddings, shard_size)
+    """Run (or resume) the job; returns the _SUCCESS manifest. ``model_name``: the servers' model that scores
+    (empty: their default), or several ("a,b" or a list): a score column each."""
+    names = model_names(model_name)
+    _check_arguments(model, servers, embeddings, shard_size, names)
     out = Path(output)
-    spec = JobSpec(list(inputs), model or ",".join(servers), shard_size, embeddings)
+    spec = JobSpec(list(inputs), model or ",".join(servers), shard_size, embeddings, names)
     claim(out, spec, resume)
     files = input_files(inputs)
 
     def place() -> Place:
-        opened = open_place(
-            model, servers, embeddings=embeddings, batch_size=batch_size, timeout=timeout, connection=connection,
-            device=device, dtype=dtype, backend=backend,
-        )  # fmt: skip
-        opened.model  # noqa: B018 - a server that does not answer fails the job here, naming its address
+        if len(names) > 1:
+            from pickscore.jobs.several_models import ModelsOnServers
+
+            opened: Any = ModelsOnServers(servers, timeout, connection, names)
+        else:
+            opened = open_place(
+                model, servers, embeddings=embeddings, batch_size=batch_size, timeout=timeout, connection=connection,
+                device=device, dtype=dtype, backend=backend, model_name=names[0] if names else "",
+            )  # fmt: skip
+        opened.model  # noqa: B018 - a server that does not answer (or serve a model) fails the job here, naming it
         return opened
 
     total = count_rows(files)
     start = time.perf_counter()
-    scored = _score_shards(out, read_rows(files), shard_size, place, total, progress)
+    columns = score_columns(names)
+    scored = _score_shards(out, read_rows(files), shard_size, place, total, progress, columns)
     manifest = finalise(out, spec)
     manifest["images_per_s_this_run"] = scored / max(time.perf_counter() - start, 1e-9)
     return manifest
 
 
-def _check_arguments(model: str | None, servers: Sequence[str], embeddings: bool, shard_size: int) -> None:
-    check_where(model, servers, embeddings)
+def _check_arguments(
+    model: str | None, servers: Sequence[str], embeddings: bool, shard_size: int, names: list[str]
+) -> None:
+    check_where(model, servers, embeddings, ",".join(names))
     if shard_size < 1:
         raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
 
@@ -114,6 +135,7 @@ def _score_shards(
     opener: Callable[[], Place],
     total: int | None,
     progress: bool,
+    columns: list[str],
 ) -> int:
     """Score and write every shard not yet in OUT; the next shard is prepared (decoded, or sent to the servers)
     while the current one completes. The place is opened at the first shard to score. -> the rows scored."""
@@ -131,10 +153,10 @@ def _score_shards(
                     place = opener()
                 following = (number, shard, ahead.submit(place.prepare, shard))
                 if pending is not None:
-                    scored += _complete(out, place, *pending, bar)
+                    scored += _complete(out, place, *pending, bar, columns)
                 pending = following
             if pending is not None:
-                scored += _complete(out, place, *pending, bar)
+                scored += _complete(out, place, *pending, bar, columns)
     finally:
         ahead.shutdown(wait=True, cancel_futures=True)
         if place is not None:
@@ -142,9 +164,11 @@ def _score_shards(
     return scored
 
 
-def _complete(out: Path, place: Place, number: int, rows: list[Row], prepared: Future, bar: tqdm) -> int:
-    """Collect one prepared shard and write its shard file -> its rows."""
+def _complete(
+    out: Path, place: Place, number: int, rows: list[Row], prepared: Future, bar: tqdm, columns: list[str]
+) -> int:
+    """Collect one prepared shard and write its shard file (a score column a model) -> its rows."""
     scores, errors, extra = place.complete(rows, prepared.result())
-    write_table_atomically(shard_table(rows, scores, errors, extra), shard_path(out, number))
+    write_table_atomically(shard_table(rows, scores, errors, extra, columns), shard_path(out, number))
     bar.update(len(rows))
     return len(rows)

@@ -27,14 +27,15 @@ def _add_batch_parser(sub: argparse._SubParsersAction) -> None:
         "prompt). Inputs: Parquet (prompt + image or image_path, optional group and id; Pick-a-Pic's caption/"
         "jpg_0/jpg_1 as is), WebDataset .tar shards (KEY.jpg|png|webp + KEY.txt or KEY.json), or a directory "
         "with manifest.jsonl. Output: DIR/part-NNNNN.parquet (id, group, prompt, score, rank, probability "
-        "within the group; embeddings with --embeddings), DIR/errors.jsonl (a line per row that could not be "
+        "within the group; embeddings with --embeddings; with several --model-name a,b: score_a, rank_a, "
+        "probability_a, score_b, ... each model's own), DIR/errors.jsonl (a line per row that could not be "
         "scored: row, the input file and position in it, id, and the reason as error) and DIR/_SUCCESS "
         "(counts). Killed at any point, the same command with --resume continues where it stopped and ends with "
         "the same rows as an uninterrupted run.",
     )
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, directories or globs")
     p.add_argument("--output", required=True, metavar="DIR", help="output directory (new, or this job's with --resume)")
-    add_where_flags(p)
+    add_where_flags(p, several=True)
     p.add_argument("--resume", action="store_true", help="continue the job already in --output (same arguments)")
     p.add_argument(
         "--ray",
@@ -141,7 +142,10 @@ def _add_evaluate_models_parser(sub: argparse._SubParsersAction) -> None:
         "outscores the other's best; ties count half); Elo ratings fitted to those per-prompt games by maximum "
         "likelihood (Bradley-Terry; scale 400, mean 1000; one virtual tie per pair keeps an undefeated model "
         "finite), which rank the models; and the expected score of the best of N random images of a prompt "
-        "against one random image, computed exactly. Bad images are skipped and listed, not fatal.",
+        "against one random image, computed exactly. Bad images are skipped and listed, not fatal. With --server and "
+        "several --model-name a,b, each of the servers' models scores every image (one request, one decode) and the "
+        "report compares the scoring functions: the models ranked by each side by side, then each one's tables "
+        "(report.json: scorers, a list of what one scorer's report holds).",
     )
     p.add_argument(
         "--prompts",
@@ -161,7 +165,7 @@ def _add_evaluate_models_parser(sub: argparse._SubParsersAction) -> None:
         "columns prompt (the text, as in --prompts) or prompt_index, and image (encoded bytes); PATH alone is "
         "named after its last component, so `--images gens/generator-*` works",
     )
-    add_place_flags(p)
+    add_place_flags(p, several=True)
     p.add_argument(
         "--out",
         type=Path,

@@ -3,6 +3,7 @@
 OUT/_job.json                    the job's arguments (``JobSpec``), first: ``--resume`` continues only them
 OUT/_scores/shard-NNNNN.parquet  a shard's rows scored (``shard_table``), each file one atomic rename
 OUT/part-NNNNN.parquet           a shard's scored rows with rank and probability in their groups (``finalise``)
+                                 (with several models, score/rank/probability per model: ``score_columns``)
 OUT/errors.jsonl                 the rows that could not be scored (``ERROR_FIELDS``)
 OUT/_SUCCESS                     the counts, written last
 """
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +34,20 @@ ERROR_FIELDS = ("row", "file", "position", "id", "error")
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What makes two runs the same job (checked on --resume)."""
+    """What makes two runs the same job (checked on --resume). ``model``: the model (in-process) or the servers'
+    addresses; ``model_names``: the servers' models that score (``--model-name``; none: each server's default)."""
 
     inputs: list[str]
     model: str
     shard_size: int
     embeddings: bool
+    model_names: list[str] = field(default_factory=list)
+
+
+def score_columns(model_names: Sequence[str]) -> list[str]:
+    """A job's score columns: ``score`` for one model (or the default), ``score_<name>`` per model for several; the
+    rank and probability columns are named alike (``rank``, ``rank_<name>``, ...)."""
+    return ["score"] if len(model_names) <= 1 else [f"score_{name}" for name in model_names]
 
 
 def claim(out: Path, spec: JobSpec, resume: bool) -> None:
@@ -48,7 +58,7 @@ def claim(out: Path, spec: JobSpec, resume: bool) -> None:
             raise ValueError(f"--output {out} is not empty; pass --resume to continue the job there, or pick a new one")
         if not job.exists():
             raise ValueError(f"--output {out} holds no batch job (no _job.json); pick a new --output")
-        if json.loads(job.read_text()) != asdict(spec):
+        if {"model_names": [], **json.loads(job.read_text())} != asdict(spec):  # a job from before model_names
             raise ValueError(
                 f"--output {out} holds a different job ({job.read_text().strip()}); resume it with the same "
                 "arguments, or pick a new --output"
@@ -82,15 +92,29 @@ def write_text_atomically(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def shard_table(rows: list[Row], scores: np.ndarray, errors: dict[int, str], extra: dict[str, np.ndarray]) -> pa.Table:
-    """A scored shard: its rows (where they are in their inputs too), scores, errors by position in the shard, and
-    the embeddings by column when asked."""
+def shard_table(
+    rows: list[Row],
+    scores: np.ndarray,
+    errors: dict[int, str],
+    extra: dict[str, np.ndarray],
+    names: Sequence[str] = ("score",),
+) -> pa.Table:
+    """A scored shard: its rows (where they are in their inputs too), scores ((N,), or (N, models) with a column
+    name each in ``names``), errors by position in the shard, and the embeddings by column when asked."""
+    by_model = np.asarray(scores).reshape(len(rows), -1)
+    if by_model.shape[1] != len(names):
+        raise ValueError(f"{by_model.shape[1]} scores a row for the columns {', '.join(names)}")
     columns: dict[str, Any] = {
         "row": pa.array([r.index for r in rows], pa.int64()),
         "id": pa.array([r.id for r in rows], pa.string()),
         "group": pa.array([r.group for r in rows], pa.string()),
         "prompt": pa.array([r.prompt for r in rows], pa.string()),
-        "score": pa.array([None if i in errors else float(s) for i, s in enumerate(scores)], pa.float32()),
+    }
+    for k, name in enumerate(names):
+        columns[name] = pa.array(
+            [None if i in errors else float(s) for i, s in enumerate(by_model[:, k])], pa.float32()
+        )
+    columns |= {
         "error": pa.array([errors.get(i) for i in range(len(rows))], pa.string()),
         "file": pa.array([r.file for r in rows], pa.string()),  # where the row is in its input, for errors.jsonl
         "position": pa.array([r.position for r in rows], pa.int64()),
@@ -103,13 +127,16 @@ def shard_table(rows: list[Row], scores: np.ndarray, errors: dict[int, str], ext
 
 
 def finalise(out: Path, spec: JobSpec) -> dict[str, Any]:
-    """Ranks and probabilities within groups, from the shard files; the output parts, errors.jsonl, _SUCCESS."""
+    """Ranks and probabilities within groups (per model's score column), from the shard files; the output parts,
+    errors.jsonl, _SUCCESS."""
     files = sorted((out / SCORES).glob("shard-*.parquet"))
-    keys = pa.concat_tables([pq.read_table(f, columns=["row", "group", "score"]) for f in files])
+    names = score_columns(spec.model_names)
+    keys = pa.concat_tables([pq.read_table(f, columns=["row", "group", *names]) for f in files])
     rows = keys.column("row").to_numpy()
     groups = keys.column("group").to_pylist()
-    score = keys.column("score").to_numpy(zero_copy_only=False).astype(np.float64)  # NaN for failed rows
-    rank, probability = group_ranks(groups, score)
+    ranked = {}  # score column -> (rank, probability) over every row; NaN scores for failed rows
+    for name in names:
+        ranked[name] = group_ranks(groups, keys.column(name).to_numpy(zero_copy_only=False).astype(np.float64))
     by_row = {int(r): k for k, r in enumerate(rows)}
     errors, n_ok = [], 0
     for f in files:
@@ -119,18 +146,23 @@ def finalise(out: Path, spec: JobSpec) -> dict[str, Any]:
         errors += table.filter(pa.array(failed)).select(list(ERROR_FIELDS)).to_pylist()
         kept = table.filter(pa.array(~failed)).drop(["error", "file", "position"])
         positions = positions[~failed]
-        kept = kept.append_column("rank", pa.array(rank[positions], pa.int32()))
-        kept = kept.append_column("probability", pa.array(probability[positions], pa.float32()))
+        for name in names:
+            rank, probability = ranked[name]
+            suffix = name.removeprefix("score")
+            kept = kept.append_column(f"rank{suffix}", pa.array(rank[positions], pa.int32()))
+            kept = kept.append_column(f"probability{suffix}", pa.array(probability[positions], pa.float32()))
         n_ok += kept.num_rows
         write_table_atomically(kept, out / f.name.replace("shard-", "part-"))
     write_text_atomically("".join(json.dumps(e, allow_nan=False) + "\n" for e in errors), out / "errors.jsonl")
+    first = keys.column(names[0]).to_numpy(zero_copy_only=False).astype(np.float64)  # failed rows fail every model
     manifest = {
         "rows": int(len(rows)),
         "scored": n_ok,
         "errors": len(errors),
-        "groups": len(set(g for g, s in zip(groups, score) if not np.isnan(s))),
+        "groups": len(set(g for g, s in zip(groups, first) if not np.isnan(s))),
         "parts": len(files),
         "model": spec.model,
+        **({"model_names": list(spec.model_names), "score_columns": names} if spec.model_names else {}),
     }
     write_text_atomically(json.dumps(manifest, indent=2, allow_nan=False) + "\n", out / "_SUCCESS")
     return manifest

@@ -11,11 +11,50 @@ import numpy as np
 
 def markdown(report: Mapping[str, Any], skipped_in: str | None = None) -> str:
     """The report's three tables (ranking, win rates, best of N) as markdown, then the skipped images: a pointer to
-    ``skipped_in`` (the report.json written beside it) when given, else a table of them with the reasons."""
+    ``skipped_in`` (the report.json written beside it) when given, else a table of them with the reasons. A report
+    of several scorers (``scorers``) opens with the text-to-image models ranked by each, side by side, then each
+    scorer's own tables."""
+    if "scorers" in report:
+        lines = _side_by_side_lines(report)
+        for scorer in report["scorers"]:
+            lines += ["", *_tables(scorer, "###")]
+    else:
+        lines = _tables(report, "##")
+    if report.get("skipped"):
+        lines += ["", *_skipped_lines(report["skipped"], skipped_in)]
+    return "\n".join(lines)
+
+
+def _side_by_side_lines(report: Mapping[str, Any]) -> list[str]:
+    """One row per text-to-image model (in the first scorer's order): its rank, Elo and mean score by each scorer."""
+    scorers = report["scorers"]
+    head = " | ".join(f"{s['model_name']}: rank | {s['model_name']}: Elo | {s['model_name']}: mean" for s in scorers)
+    lines = [
+        f"## Text-to-image models by {len(scorers)} scorers, side by side",
+        "",
+        f"{report['prompts']} prompts; every image scored by each scorer, in one request ("
+        + "; ".join(f"{s['model_name']}: {s['scorer']}" for s in scorers)
+        + "). Each ranks by its own Elo; mean scores are on each scorer's own scale.",
+        "",
+        f"| model | {head} |",
+        "|---|" + "---:|---:|---:|" * len(scorers),
+    ]
+    by_name = [{m["name"]: m for m in s["models"]} for s in scorers]
+    for model in scorers[0]["models"]:
+        cells = []
+        for models in by_name:
+            m = models[model["name"]]
+            cells += [str(m["rank"]), _f(m["elo"], 0), _f(m["mean_score"], 3)]
+        lines.append(f"| {model['name']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _tables(report: Mapping[str, Any], heading: str) -> list[str]:
+    """One scorer's tables: ranking, win rates, best of N."""
     boot = report["bootstrap"]
     intervals = boot["resamples"] > 0
     lines = [
-        f"## Text-to-image models by PickScore ({report['scorer']})",
+        f"{heading} Text-to-image models by PickScore ({report['scorer']})",
         "",
         f"{report['prompts']} prompts. Ranked by Elo ({report['elo_method']}). "
         + (
@@ -46,10 +85,7 @@ def markdown(report: Mapping[str, Any], skipped_in: str | None = None) -> str:
     ]
     for a, row in enumerate(matrix):
         lines.append(f"| {order[a]} | " + " | ".join("–" if a == b else _f(v, 3) for b, v in enumerate(row)) + " |")
-    lines += _best_of_lines(report)
-    if report.get("skipped"):
-        lines += ["", *_skipped_lines(report["skipped"], skipped_in)]
-    return "\n".join(lines)
+    return lines + _best_of_lines(report)
 
 
 def _best_of_lines(report: Mapping[str, Any]) -> list[str]:
@@ -102,17 +138,30 @@ def _range(interval: Sequence[float | None], digits: int) -> str:
 
 
 def plot(report: Mapping[str, Any], png: Path) -> None:
-    """The win-rate matrix as a heatmap beside each model's mean score with its interval."""
+    """The win-rate matrix as a heatmap beside each model's mean score with its interval; a row of the two per
+    scorer when several scored."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    scorers = report.get("scorers") or [report]
+    size = len(scorers[0]["win_rates"]["models"])
+    fig, axes = plt.subplots(
+        len(scorers), 2, figsize=(6 + 1.2 * size, (1.5 + 0.9 * size) * len(scorers)), squeeze=False
+    )
+    for scorer, (heat, bars) in zip(scorers, axes):
+        _plot_scorer(fig, heat, bars, scorer, f" ({scorer['model_name']})" if "scorers" in report else "")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def _plot_scorer(fig, heat, bars, report: Mapping[str, Any], title: str) -> None:
     order = report["win_rates"]["models"]
     matrix = np.array([[np.nan if v is None else v for v in row] for row in report["win_rates"]["matrix"]])
     np.fill_diagonal(matrix, np.nan)
     size = len(order)
-    fig, (heat, bars) = plt.subplots(1, 2, figsize=(6 + 1.2 * size, 1.5 + 0.9 * size))
     image = heat.imshow(matrix, vmin=0, vmax=1, cmap="RdYlGn")
     for a in range(size):
         for b in range(size):
@@ -120,7 +169,7 @@ def plot(report: Mapping[str, Any], png: Path) -> None:
                 heat.text(b, a, f"{matrix[a, b]:.2f}", ha="center", va="center", fontsize=9)
     heat.set_xticks(range(size), order, rotation=30, ha="right")
     heat.set_yticks(range(size), order)
-    heat.set_title("win rate: row's best image beats column's", fontsize=9)
+    heat.set_title(f"win rate: row's best image beats column's{title}", fontsize=9)
     fig.colorbar(image, ax=heat, fraction=0.046, pad=0.04)
     models = report["models"]
     means = np.array([np.nan if m["mean_score"] is None else m["mean_score"] for m in models])
@@ -131,8 +180,6 @@ def plot(report: Mapping[str, Any], png: Path) -> None:
     bars.errorbar(means, y, xerr=errors, fmt="o", capsize=4)
     bars.set_yticks(y, [f"{m['name']} (Elo {_f(m['elo'], 0)})" for m in models])
     level = report["bootstrap"]["level"]
-    bars.set_xlabel(f"mean PickScore ({level:.0%} bootstrap interval)" if report["bootstrap"]["resamples"] else "mean")
+    label = f"mean PickScore ({level:.0%} bootstrap interval)" if report["bootstrap"]["resamples"] else "mean"
+    bars.set_xlabel(label + title)
     bars.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
