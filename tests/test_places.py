@@ -118,3 +118,19 @@ def test_a_model_name_chooses_among_a_servers_models_only():
         open_place("demo", model_name="hps")
     place = open_place(servers=["127.0.0.1:1"], connection={"model_name": "hps"})  # as run_batch forwards it
     assert isinstance(place, OnServers) and place.model_name == "hps" and "model_name" not in place.connection
+
+
+def test_model_names_are_a_list_each_named_once(capsys):
+    from pickscore.cli import main
+    from pickscore.places import model_names
+
+    assert model_names("") == [] and model_names("hps") == ["hps"] and model_names("a, b") == ["a", "b"]
+    assert model_names(["a", "b"]) == ["a", "b"]
+    for bad, reason in (("a,,b", "an empty name"), ("a,b,a", "a is named twice")):
+        with pytest.raises(ValueError, match=reason):
+            model_names(bad)
+    with pytest.raises(ValueError, match="a place scores with one model; several score together in batch"):
+        open_place(servers=["127.0.0.1:1"], model_name="a,b")
+    with pytest.raises(SystemExit):  # score and rank take one model; batch and evaluate-models several
+        main(["score", "--server", "127.0.0.1:1", "--model-name", "a,b", "--prompt", PROMPT, "x.png"])
+    assert "--model-name a,b: this command scores with one model" in capsys.readouterr().err

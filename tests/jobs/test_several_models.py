@@ -153,3 +153,18 @@ def test_evaluate_models_reports_each_scorer_as_alone(tmp_path, server, capsys):
     assert text.count("| model | pickscore: rank | pickscore: Elo | pickscore: mean |") == 1  # side by side
     assert all(f"({s['scorer']})" in text for s in both["scorers"])  # then each scorer's own tables
     assert (tmp_path / "report" / "report.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_an_unknown_model_is_named_and_a_token_is_sent(tmp_path, tiny_hf_dir, other_hf_dir, data, transport):
+    from pickscore.errors import NotFound, Unauthenticated
+
+    settings = settings_for(f"pickscore={tiny_hf_dir},other={other_hf_dir}", auth_token="s3cret")
+    with ServerThread(settings) as two:
+        where = address(two, transport)
+        with pytest.raises(NotFound, match="'nope'"):
+            batch(data, tmp_path / "nope", where, "pickscore,nope", token="s3cret")
+        with pytest.raises(Unauthenticated):
+            batch(data, tmp_path / "no", where, "pickscore,other")
+        manifest = batch(data, tmp_path / "yes", where, "pickscore,other", token="s3cret")
+    assert (manifest["scored"], manifest["errors"]) == (10, 1)
