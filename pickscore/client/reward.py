@@ -256,30 +256,39 @@ class _HttpBatchSender:
 
     async def score(self, prompts: list[str], images: list[ImageRef], timeout: float) -> list[float]:
         import aiohttp
-        import msgpack
 
         if self.session is None:
             self.session = aiohttp.ClientSession()
-        body = msgpack.packb({"prompts": prompts, "images": [_plain_image(i) for i in images], **self.fields})
-        headers = {**self.headers, "timeout": f"{max(timeout, 0.001):.3f}"}
-        try:
-            async with self.session.post(
-                self.url, data=body, headers=headers, ssl=self.ssl, timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as r:
-                payload = msgpack.unpackb(await r.read()) if r.content_type == "application/msgpack" else {}
-                if r.status == 200:
-                    return payload["rewards"] if "rewards" in payload else [x["score"] for x in payload["results"]]
-                hint = r.headers.get("retry-after-ms") or (
-                    str(float(r.headers["Retry-After"]) * 1000) if "Retry-After" in r.headers else None
-                )
-                message = f"server: HTTP {r.status}: {payload.get('error', r.reason)}"
-                raise error_for_http(r.status, message, None if hint is None else float(hint) / 1000)
-        except aiohttp.ClientError as e:
-            raise Unavailable(f"{self.url}: {type(e).__name__}: {e}") from e
+        fields = {"prompts": prompts, "images": [_plain_image(i) for i in images], **self.fields}
+        payload = await post_msgpack(self.session, self.url, fields, self.headers, self.ssl, timeout)
+        return payload["rewards"] if "rewards" in payload else [x["score"] for x in payload["results"]]
 
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
+
+
+async def post_msgpack(session, url: str, fields: dict, headers: dict, ssl, timeout: float) -> dict:
+    """POST ``fields`` as msgpack to a /v1 route; the answer's fields, or the domain error its status maps to
+    (with the server's retry hint), Unavailable when the server cannot be reached."""
+    import aiohttp
+    import msgpack
+
+    headers = {**headers, "timeout": f"{max(timeout, 0.001):.3f}"}
+    try:
+        async with session.post(
+            url, data=msgpack.packb(fields), headers=headers, ssl=ssl, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as r:
+            payload = msgpack.unpackb(await r.read()) if r.content_type == "application/msgpack" else {}
+            if r.status == 200:
+                return payload
+            hint = r.headers.get("retry-after-ms") or (
+                str(float(r.headers["Retry-After"]) * 1000) if "Retry-After" in r.headers else None
+            )
+            message = f"server: HTTP {r.status}: {payload.get('error', r.reason)}"
+            raise error_for_http(r.status, message, None if hint is None else float(hint) / 1000)
+    except aiohttp.ClientError as e:
+        raise Unavailable(f"{url}: {type(e).__name__}: {e}") from e
 
 
 def _plain_image(ref: ImageRef) -> dict:

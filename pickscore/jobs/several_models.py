@@ -255,28 +255,14 @@ class _HttpSender:
 
     async def scores(self, prompts: list[str], images: list[bytes], timeout: float) -> np.ndarray:
         import aiohttp
-        import msgpack
 
-        from pickscore.status import error_for_http
+        from pickscore.client.reward import post_msgpack
 
         if self.session is None:
             self.session = aiohttp.ClientSession()
-        body = msgpack.packb({"prompts": prompts, "images": [{"data": i} for i in images], **self.fields})
-        headers = {**self.headers, "timeout": f"{timeout:.3f}"}
-        try:
-            async with self.session.post(
-                self.url, data=body, headers=headers, ssl=self.ssl, timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as r:
-                payload = msgpack.unpackb(await r.read()) if r.content_type == "application/msgpack" else {}
-                if r.status == 200:
-                    return np.array([m["scores"] for m in payload["models"]], np.float32).T
-                hint = r.headers.get("retry-after-ms") or (
-                    str(float(r.headers["Retry-After"]) * 1000) if "Retry-After" in r.headers else None
-                )
-                message = f"server: HTTP {r.status}: {payload.get('error', r.reason)}"
-                raise error_for_http(r.status, message, None if hint is None else float(hint) / 1000)
-        except aiohttp.ClientError as e:
-            raise Unavailable(f"{self.url}: {type(e).__name__}: {e}") from e
+        fields = {"prompts": prompts, "images": [{"data": i} for i in images], **self.fields}
+        payload = await post_msgpack(self.session, self.url, fields, self.headers, self.ssl, timeout)
+        return np.array([m["scores"] for m in payload["models"]], np.float32).T
 
     async def close(self) -> None:
         if self.session is not None:
