@@ -15,7 +15,7 @@ import numpy as np
 
 from pickscore.errors import InvalidInput, PickScoreError
 from pickscore.model.scoring import Ranking, rank_scores
-from pickscore.status import error_for
+from pickscore.status import RETRY_PUSHBACK, error_for
 from pickscore.v1 import scoring_pb2 as pb
 
 ImageRef = bytes | str | os.PathLike | np.ndarray  # encoded bytes, a file, or uint8 pixels (H, W[, 3 or 4])
@@ -115,7 +115,8 @@ def collect(
     """One ScoreStream response into ``scores`` (or ``errors``, by the request's first image, with ``skip_invalid``)."""
     start = int(response.tag)
     if response.HasField("error"):
-        error = renumbered(error_for(response.error.code, f"server: {response.error.message}"), start)
+        hint = [(RETRY_PUSHBACK, str(response.error.retry_after_ms))] if response.error.retry_after_ms else []
+        error = renumbered(error_for(response.error.code, f"server: {response.error.message}", hint), start)
         if not skip_invalid:
             raise error
         errors[start] = error

@@ -48,7 +48,9 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
                 )
             except PickScoreError as e:  # in-band: this request failed, the stream goes on
                 code, text = status_of(e)
-                return pb.ScoreStreamResponse(tag=message.tag, error=pb.Error(code=code.value[0], message=text))
+                retry = getattr(e, "retry_after_s", None)  # an Overloaded's hint, as the unary trailer carries it
+                error = pb.Error(code=code.value[0], message=text, retry_after_ms=_ms(retry))
+                return pb.ScoreStreamResponse(tag=message.tag, error=error)
 
         async with boundary(self.state, "ScoreStream", context):
             async for response in windowed(requests, one, self.scoring.settings.stream_window):
@@ -80,6 +82,11 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         items = _items(request.images)
         results = await self.scoring.score(request.prompt, request.prompts, items, deadline, request.model)
         return pb.ScoreResponse(results=[pb.ScoredImage(index=r.index, id=r.id, score=r.score) for r in results])
+
+
+def _ms(seconds: float | None) -> int:
+    """A retry hint in whole milliseconds, at least 1 when there is one; 0: none."""
+    return 0 if seconds is None else max(1, round(seconds * 1000))
 
 
 def _items(images: Iterable[pb.Image]) -> list[ImageItem]:

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apickscore/v1/scoring.proto\x12\x0cpickscore.v1\"G\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\n\n\x02id\x18\x02 \x01(\t\x12$\n\x06pixels\x18\x03 \x01(\x0b\x32\x14.pickscore.v1.Pixels\"G\n\x06Pixels\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x10\n\x08\x63hannels\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"c\n\x0cScoreRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.pickscore.v1.Image\x12\x0f\n\x07prompts\x18\x03 \x03(\t\x12\r\n\x05model\x18\x04 \x01(\t\"7\n\x0bScoredImage\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\";\n\rScoreResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.pickscore.v1.ScoredImage\"`\n\x0bRankRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.pickscore.v1.Image\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\"L\n\x0bRankedImage\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x13\n\x0bprobability\x18\x04 \x01(\x02\":\n\x0cRankResponse\x12*\n\x07ranking\x18\x01 \x03(\x0b\x32\x19.pickscore.v1.RankedImage\"N\n\x12ScoreStreamRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x1a.pickscore.v1.ScoreRequest\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x83\x01\n\x13ScoreStreamResponse\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1b.pickscore.v1.ScoreResponseH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.pickscore.v1.ErrorH\x00\x42\x08\n\x06result\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xf6\x02\n\x14GetModelInfoResponse\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tembed_dim\x18\x04 \x01(\r\x12\x13\n\x0blogit_scale\x18\x05 \x01(\x02\x12\x12\n\nimage_size\x18\x06 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\t \x01(\r\x12\x17\n\x0fmax_image_bytes\x18\n \x01(\x04\x12\x0f\n\x07version\x18\x0b \x01(\t\x12\r\n\x05model\x18\x0c \x01(\t\x12\x15\n\rmodel_version\x18\r \x01(\t\x12\x15\n\rweights_bytes\x18\x0e \x01(\x04\x12\x13\n\x0bscores_seen\x18\x0f \x01(\x04\x12\x12\n\nscore_mean\x18\x10 \x01(\x01\x12\x11\n\tscore_std\x18\x11 \x01(\x01\"\x13\n\x11ListModelsRequest\"H\n\x12ListModelsResponse\x12\x32\n\x06models\x18\x01 \x03(\x0b\x32\".pickscore.v1.GetModelInfoResponse\",\n\x0bModelWeight\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\xad\x01\n\x0eRewardsRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.pickscore.v1.Image\x12\x0f\n\x07prompts\x18\x03 \x03(\t\x12)\n\x06models\x18\x04 \x03(\x0b\x32\x19.pickscore.v1.ModelWeight\x12*\n\tnormalize\x18\x05 \x01(\x0e\x32\x17.pickscore.v1.Normalize\"a\n\x0bModelScores\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x02\x12\x0e\n\x06scores\x18\x04 \x03(\x02\x12\x12\n\nnormalized\x18\x05 \x03(\x02\"M\n\x0fRewardsResponse\x12\x0f\n\x07rewards\x18\x01 \x03(\x02\x12)\n\x06models\x18\x02 \x03(\x0b\x32\x19.pickscore.v1.ModelScores*N\n\tNormalize\x12\x12\n\x0eNORMALIZE_NONE\x10\x00\x12\x16\n\x12NORMALIZE_DECLARED\x10\x01\x12\x15\n\x11NORMALIZE_RUNNING\x10\x02\x32\xd9\x03\n\x0eScoringService\x12@\n\x05Score\x12\x1a.pickscore.v1.ScoreRequest\x1a\x1b.pickscore.v1.ScoreResponse\x12=\n\x04Rank\x12\x19.pickscore.v1.RankRequest\x1a\x1a.pickscore.v1.RankResponse\x12V\n\x0bScoreStream\x12 .pickscore.v1.ScoreStreamRequest\x1a!.pickscore.v1.ScoreStreamResponse(\x01\x30\x01\x12U\n\x0cGetModelInfo\x12!.pickscore.v1.GetModelInfoRequest\x1a\".pickscore.v1.GetModelInfoResponse\x12\x46\n\x07Rewards\x12\x1c.pickscore.v1.RewardsRequest\x1a\x1d.pickscore.v1.RewardsResponse\x12O\n\nListModels\x12\x1f.pickscore.v1.ListModelsRequest\x1a .pickscore.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apickscore/v1/scoring.proto\x12\x0cpickscore.v1\"G\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\n\n\x02id\x18\x02 \x01(\t\x12$\n\x06pixels\x18\x03 \x01(\x0b\x32\x14.pickscore.v1.Pixels\"G\n\x06Pixels\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x10\n\x08\x63hannels\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"c\n\x0cScoreRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.pickscore.v1.Image\x12\x0f\n\x07prompts\x18\x03 \x03(\t\x12\r\n\x05model\x18\x04 \x01(\t\"7\n\x0bScoredImage\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\";\n\rScoreResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.pickscore.v1.ScoredImage\"`\n\x0bRankRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.pickscore.v1.Image\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\"L\n\x0bRankedImage\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x13\n\x0bprobability\x18\x04 \x01(\x02\":\n\x0cRankResponse\x12*\n\x07ranking\x18\x01 \x03(\x0b\x32\x19.pickscore.v1.RankedImage\"N\n\x12ScoreStreamRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x1a.pickscore.v1.ScoreRequest\">\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x03 \x01(\r\"\x83\x01\n\x13ScoreStreamResponse\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1b.pickscore.v1.ScoreResponseH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.pickscore.v1.ErrorH\x00\x42\x08\n\x06result\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xf6\x02\n\x14GetModelInfoResponse\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tembed_dim\x18\x04 \x01(\r\x12\x13\n\x0blogit_scale\x18\x05 \x01(\x02\x12\x12\n\nimage_size\x18\x06 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\t \x01(\r\x12\x17\n\x0fmax_image_bytes\x18\n \x01(\x04\x12\x0f\n\x07version\x18\x0b \x01(\t\x12\r\n\x05model\x18\x0c \x01(\t\x12\x15\n\rmodel_version\x18\r \x01(\t\x12\x15\n\rweights_bytes\x18\x0e \x01(\x04\x12\x13\n\x0bscores_seen\x18\x0f \x01(\x04\x12\x12\n\nscore_mean\x18\x10 \x01(\x01\x12\x11\n\tscore_std\x18\x11 \x01(\x01\"\x13\n\x11ListModelsRequest\"H\n\x12ListModelsResponse\x12\x32\n\x06models\x18\x01 \x03(\x0b\x32\".pickscore.v1.GetModelInfoResponse\",\n\x0bModelWeight\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\xad\x01\n\x0eRewardsRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.pickscore.v1.Image\x12\x0f\n\x07prompts\x18\x03 \x03(\t\x12)\n\x06models\x18\x04 \x03(\x0b\x32\x19.pickscore.v1.ModelWeight\x12*\n\tnormalize\x18\x05 \x01(\x0e\x32\x17.pickscore.v1.Normalize\"a\n\x0bModelScores\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x02\x12\x0e\n\x06scores\x18\x04 \x03(\x02\x12\x12\n\nnormalized\x18\x05 \x03(\x02\"M\n\x0fRewardsResponse\x12\x0f\n\x07rewards\x18\x01 \x03(\x02\x12)\n\x06models\x18\x02 \x03(\x0b\x32\x19.pickscore.v1.ModelScores*N\n\tNormalize\x12\x12\n\x0eNORMALIZE_NONE\x10\x00\x12\x16\n\x12NORMALIZE_DECLARED\x10\x01\x12\x15\n\x11NORMALIZE_RUNNING\x10\x02\x32\xd9\x03\n\x0eScoringService\x12@\n\x05Score\x12\x1a.pickscore.v1.ScoreRequest\x1a\x1b.pickscore.v1.ScoreResponse\x12=\n\x04Rank\x12\x19.pickscore.v1.RankRequest\x1a\x1a.pickscore.v1.RankResponse\x12V\n\x0bScoreStream\x12 .pickscore.v1.ScoreStreamRequest\x1a!.pickscore.v1.ScoreStreamResponse(\x01\x30\x01\x12U\n\x0cGetModelInfo\x12!.pickscore.v1.GetModelInfoRequest\x1a\".pickscore.v1.GetModelInfoResponse\x12\x46\n\x07Rewards\x12\x1c.pickscore.v1.RewardsRequest\x1a\x1d.pickscore.v1.RewardsResponse\x12O\n\nListModels\x12\x1f.pickscore.v1.ListModelsRequest\x1a .pickscore.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pickscore.v1.scoring_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NORMALIZE']._serialized_start=1809
-  _globals['_NORMALIZE']._serialized_end=1887
+  _globals['_NORMALIZE']._serialized_start=1833
+  _globals['_NORMALIZE']._serialized_end=1911
   _globals['_IMAGE']._serialized_start=44
   _globals['_IMAGE']._serialized_end=115
   _globals['_PIXELS']._serialized_start=117
@@ -52,25 +52,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORESTREAMREQUEST']._serialized_start=645
   _globals['_SCORESTREAMREQUEST']._serialized_end=723
   _globals['_ERROR']._serialized_start=725
-  _globals['_ERROR']._serialized_end=763
-  _globals['_SCORESTREAMRESPONSE']._serialized_start=766
-  _globals['_SCORESTREAMRESPONSE']._serialized_end=897
-  _globals['_GETMODELINFOREQUEST']._serialized_start=899
-  _globals['_GETMODELINFOREQUEST']._serialized_end=935
-  _globals['_GETMODELINFORESPONSE']._serialized_start=938
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1312
-  _globals['_LISTMODELSREQUEST']._serialized_start=1314
-  _globals['_LISTMODELSREQUEST']._serialized_end=1333
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1335
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1407
-  _globals['_MODELWEIGHT']._serialized_start=1409
-  _globals['_MODELWEIGHT']._serialized_end=1453
-  _globals['_REWARDSREQUEST']._serialized_start=1456
-  _globals['_REWARDSREQUEST']._serialized_end=1629
-  _globals['_MODELSCORES']._serialized_start=1631
-  _globals['_MODELSCORES']._serialized_end=1728
-  _globals['_REWARDSRESPONSE']._serialized_start=1730
-  _globals['_REWARDSRESPONSE']._serialized_end=1807
-  _globals['_SCORINGSERVICE']._serialized_start=1890
-  _globals['_SCORINGSERVICE']._serialized_end=2363
+  _globals['_ERROR']._serialized_end=787
+  _globals['_SCORESTREAMRESPONSE']._serialized_start=790
+  _globals['_SCORESTREAMRESPONSE']._serialized_end=921
+  _globals['_GETMODELINFOREQUEST']._serialized_start=923
+  _globals['_GETMODELINFOREQUEST']._serialized_end=959
+  _globals['_GETMODELINFORESPONSE']._serialized_start=962
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1336
+  _globals['_LISTMODELSREQUEST']._serialized_start=1338
+  _globals['_LISTMODELSREQUEST']._serialized_end=1357
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1359
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1431
+  _globals['_MODELWEIGHT']._serialized_start=1433
+  _globals['_MODELWEIGHT']._serialized_end=1477
+  _globals['_REWARDSREQUEST']._serialized_start=1480
+  _globals['_REWARDSREQUEST']._serialized_end=1653
+  _globals['_MODELSCORES']._serialized_start=1655
+  _globals['_MODELSCORES']._serialized_end=1752
+  _globals['_REWARDSRESPONSE']._serialized_start=1754
+  _globals['_REWARDSRESPONSE']._serialized_end=1831
+  _globals['_SCORINGSERVICE']._serialized_start=1914
+  _globals['_SCORINGSERVICE']._serialized_end=2387
 # @@protoc_insertion_point(module_scope)

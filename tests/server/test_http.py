@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 import re
 import threading
@@ -13,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import msgpack
@@ -414,6 +416,26 @@ def test_a_body_over_the_message_limit_is_400_naming_the_limit(tiny_hf_dir):
         form, kind = multipart([("prompt", PROMPT)], [("a.jpg", IMAGES[0] * 2)])
         status, _, answer = post(server, "/v1/rank", form, kind)
         assert status == 400 and "request body over 4096 bytes" in json.loads(answer)["error"]
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_bodies_are_decoded_and_bounded_after_decompression(http, expected, tiny_hf_dir, algorithm):
+    """tritonclient's request_compression_algorithm (Content-Encoding gzip or deflate) and a compressed /v1 body score
+    as the plain ones; --max-message-bytes bounds the decompressed size, so a compression bomb is refused while
+    it is read, never held whole."""
+    compress = gzip.compress if algorithm == "gzip" else zlib.compress
+    result = http.infer("pickscore", ensemble_inputs(triton_http, True), request_compression_algorithm=algorithm)
+    np.testing.assert_allclose(result.as_numpy("SCORE")[:, 0], expected, atol=1e-6)
+    with ServerThread(settings_for(tiny_hf_dir, max_message_bytes=1 << 20)) as server:
+        body = json.dumps({"prompt": PROMPT, "images": [{"data": base64.b64encode(i).decode()} for i in IMAGES]})
+        status, _, answer = post(
+            server, "/v1/score", compress(body.encode()), "application/json", {"Content-Encoding": algorithm}
+        )
+        assert status == 200
+        np.testing.assert_allclose([r["score"] for r in json.loads(answer)["results"]], expected, atol=1e-5)
+        bomb = compress(b'{"prompt": "' + b" " * (64 << 20) + b'"}')  # 64 MB of spaces in 65 kB
+        status, _, answer = post(server, "/v1/score", bomb, "application/json", {"Content-Encoding": algorithm})
+        assert status == 400 and "request body over 1048576 bytes (--max-message-bytes)" in json.loads(answer)["error"]
 
 
 # The HTTP codecs without a server: JSON, msgpack and binary tensors straight to the api's values and back ------

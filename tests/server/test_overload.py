@@ -119,6 +119,29 @@ def test_past_saturation_refusals_are_fast_with_a_hint_and_admitted_requests_mee
     assert np.median([t for _, t in refused]) < np.median(ok) / 4
 
 
+def test_a_refusal_on_a_stream_carries_its_retry_hint_in_band(tiny_hf_dir):
+    """ScoreStream answers a refused request in-band; its retry hint is a field (Error.retry_after_ms), what a unary
+    refusal's grpc-retry-pushback-ms trailer says, and the client hands it on as Overloaded.retry_after_s."""
+    backend = SlowBackend(str(tiny_hf_dir), per_item=0.02)
+    settings = settings_for(tiny_hf_dir, max_batch_size=8, max_queue_wait_s=0.3, stream_window=16)
+    images = [pb.Image(data=jpeg(i)) for i in range(8)]
+    requests = [
+        pb.ScoreStreamRequest(tag=str(i), request=pb.ScoreRequest(prompt=PROMPT, images=images)) for i in range(32)
+    ]
+    with ServerThread(settings, backend=backend) as server:
+        with grpc.insecure_channel(server.address) as channel:
+            responses = list(scoring_pb2_grpc.ScoringServiceStub(channel).ScoreStream(iter(requests), timeout=120))
+        refused = [r.error for r in responses if r.HasField("error")]
+        assert refused and len(refused) < len(responses), len(refused)
+        assert all(e.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] for e in refused)
+        assert all(e.retry_after_ms > 0 for e in refused)
+        hinted = [float(e.message.split("retry in ")[1].split(" s")[0]) for e in refused]  # the message says it too
+        assert all(e.retry_after_ms == pytest.approx(h * 1000, rel=0.1, abs=10) for e, h in zip(refused, hinted))
+        with Client(server.address) as client:
+            _, errors = client.score_many(PROMPT, [jpeg(i) for i in range(256)], per_request=8, skip_invalid=True)
+        assert errors and all(isinstance(e, Overloaded) and e.retry_after_s > 0 for e in errors.values())
+
+
 def test_a_failed_image_takes_its_queued_siblings_out_before_they_cost_compute(tiny_hf_dir, slow):
     settings = settings_for(tiny_hf_dir, max_batch_size=4)
     with ServerThread(settings, backend=slow) as server, Client(server.address) as client:
