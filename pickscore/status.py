@@ -80,10 +80,16 @@ def error_for_http(status: int, message: str, retry_after_s: float | None = None
     return Overloaded(message, retry_after_s) if cls is Overloaded else cls(message)
 
 
+def retry_after_ms(error: BaseException) -> int | None:
+    """An Overloaded refusal's retry hint in whole milliseconds (at least 1), or None when it has none."""
+    retry = getattr(error, "retry_after_s", None)
+    return None if retry is None else max(1, round(retry * 1000))
+
+
 def trailing_metadata(error: BaseException) -> tuple[tuple[str, str], ...]:
     """The trailers that go with ``error``'s status: an Overloaded refusal's retry hint, if it has one."""
-    retry = getattr(error, "retry_after_s", None)
-    return () if retry is None else ((RETRY_PUSHBACK, str(max(1, round(retry * 1000)))),)
+    retry = retry_after_ms(error)
+    return () if retry is None else ((RETRY_PUSHBACK, str(retry)),)
 
 
 def error_for(

@@ -189,17 +189,21 @@ class KServeModels:
 
     # the repository extension (Triton's explicit model control) ----------------------------------------------
 
-    def index(self) -> list[dict[str, str]]:
-        """Every model known, in service or not: name, version, state (READY, UNLOADING, UNAVAILABLE), reason."""
-        return self.repository.index()
+    def index(self, ready: bool = False) -> list[dict[str, str]]:
+        """Every model known, in service or not (``ready``: only those in service): name, version, state (READY,
+        UNLOADING, UNAVAILABLE), reason."""
+        rows = self.repository.index()
+        return [r for r in rows if r["state"] == "READY"] if ready else rows
 
-    async def load(self, name: str) -> None:
+    async def load(self, name: str, parameters: Mapping[str, Any]) -> None:
         """Load (or reload) ``name``'s newest version, warm it, then put it in service; the old version drains."""
+        _check_parameters(parameters)
         self._control()
         await self.repository.load(self.repository.spec_to_load(name))
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str, parameters: Mapping[str, Any]) -> None:
         """Take ``name`` out of service once its admitted requests finished."""
+        _check_parameters(parameters, taken=("unload_dependents",))
         self._control()
         await self.repository.unload(name)
 
@@ -238,6 +242,15 @@ class KServeModels:
         stats.last_inference_ms = int(time.time() * 1000)
         tensors = [Tensor(name, "FP32", outputs[name].astype(np.float32, copy=False)) for name in wanted]
         return InferResponse(cfg.name, served.version, request.id, tensors)
+
+
+def _check_parameters(parameters: Mapping[str, Any], taken: tuple[str, ...] = ()) -> None:
+    """A load's or unload's parameters (plain values): Triton's config and file overrides are not taken; the boolean
+    ``taken`` ones are (an unload's ``unload_dependents``, which tritonclient always sends, changes nothing: a
+    model's towers are unloaded with it whatever it says)."""
+    refused = [key for key, value in parameters.items() if not (key in taken and isinstance(value, bool))]
+    if refused:
+        raise InvalidInput(f"parameters {', '.join(refused)}: not supported; the repository's files are loaded")
 
 
 async def _run(

@@ -50,7 +50,7 @@ from pickscore.server.boundary import Call, ServerState, new_request_id, scope
 from pickscore.server.engine import ImageItem
 from pickscore.server.http_kserve import HEADER_LENGTH, infer_request, infer_response
 from pickscore.server.openapi import document
-from pickscore.status import http_status_of, status_of
+from pickscore.status import http_status_of, retry_after_ms, status_of
 
 MSGPACK = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
 MAX_BODY = web.AppKey("max_body_bytes", int)
@@ -215,17 +215,14 @@ class HttpFrontDoor:
             ready = bool(json.loads(body).get("ready", False)) if body.strip() else False
         except (ValueError, AttributeError):
             raise InvalidInput('request body: {"ready": true|false} or nothing expected') from None
-        rows = self.models.index()
-        return web.json_response([r for r in rows if r["state"] == "READY"] if ready else rows)
+        return web.json_response(self.models.index(ready))
 
     async def load(self, request: web.Request) -> web.Response:
-        await _no_parameters(request)
-        await self.models.load(request.match_info["name"])
+        await self.models.load(request.match_info["name"], await _parameters(request))
         return web.json_response({})
 
     async def unload(self, request: web.Request) -> web.Response:
-        await _no_parameters(request, unload=True)
-        await self.models.unload(request.match_info["name"])
+        await self.models.unload(request.match_info["name"], await _parameters(request))
         return web.json_response({})
 
     # scoring.v1 over HTTP ---------------------------------------------------------------------------------
@@ -272,7 +269,7 @@ def _error(error: BaseException, as_msgpack: bool) -> web.Response:
     headers = {}
     if (retry := getattr(error, "retry_after_s", None)) is not None:
         headers["Retry-After"] = str(max(1, math.ceil(retry)))  # whole seconds, as HTTP has it
-        headers["retry-after-ms"] = str(max(1, round(retry * 1000)))
+        headers["retry-after-ms"] = str(retry_after_ms(error))
     elif status in (429, 503):
         headers["Retry-After"] = "1"
     if status == 401:
@@ -426,10 +423,8 @@ def _model_of(request: web.Request, fields: dict[str, Any]) -> str:
     return path or body
 
 
-async def _no_parameters(request: web.Request, unload: bool = False) -> None:
-    """A load's or unload's body: nothing, or no parameters (Triton's config and file overrides are not taken). An
-    unload's ``unload_dependents`` (tritonclient always sends it) is taken and changes nothing: a model's towers
-    are unloaded with it whatever it says."""
+async def _parameters(request: web.Request) -> dict[str, Any]:
+    """A load's or unload's parameters from its body: nothing, or ``{"parameters": {...}}``."""
     body = await _body(request)
     try:
         parameters = json.loads(body).get("parameters") if body.strip() else None
@@ -437,10 +432,7 @@ async def _no_parameters(request: web.Request, unload: bool = False) -> None:
         raise InvalidInput('request body: {"parameters": {}} or nothing expected') from None
     if parameters is not None and not isinstance(parameters, dict):
         raise InvalidInput(f"parameters: a JSON object expected, got {type(parameters).__name__}")
-    taken = ("unload_dependents",) if unload else ()
-    refused = [k for k, v in (parameters or {}).items() if not (k in taken and isinstance(v, bool))]
-    if refused:
-        raise InvalidInput(f"parameters {', '.join(refused)}: not supported; the repository's files are loaded")
+    return parameters or {}
 
 
 def _images(fields: dict[str, Any]) -> list[ImageItem]:

@@ -70,21 +70,17 @@ class KServeV2Service(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryIndex(self, request, context):
         async with boundary(self.state, "RepositoryIndex", context, admit=False):
-            rows = self.models.index()
-            if request.ready:
-                rows = [r for r in rows if r["state"] == "READY"]
+            rows = self.models.index(request.ready)
             return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in rows])
 
     async def RepositoryModelLoad(self, request, context):
         async with boundary(self.state, "RepositoryModelLoad", context, admit=False):
-            _no_parameters(request.parameters)
-            await self.models.load(request.model_name)
+            await self.models.load(request.model_name, _plain_parameters(request.parameters))
             return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
         async with boundary(self.state, "RepositoryModelUnload", context, admit=False):
-            _no_parameters(request.parameters, unload=True)
-            await self.models.unload(request.model_name)
+            await self.models.unload(request.model_name, _plain_parameters(request.parameters))
             return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
@@ -129,20 +125,8 @@ def infer_request(request: pb.ModelInferRequest) -> InferRequest:
         request.id,
         inputs,
         [o.name for o in request.outputs],
-        {key: _plain(p) for key, p in request.parameters.items()},
+        _plain_parameters(request.parameters),
     )
-
-
-def _no_parameters(parameters, unload: bool = False) -> None:
-    """A load's or unload's parameters (Triton's config and file overrides) are not taken; an unload's
-    ``unload_dependents`` (tritonclient always sends it) is: a model's towers go with it anyway."""
-    given = [
-        key
-        for key, p in parameters.items()
-        if not (unload and key == "unload_dependents" and _plain(p) in (True, False))
-    ]
-    if given:
-        raise InvalidInput(f"parameters {', '.join(given)}: not supported; the repository's files are loaded")
 
 
 def _typed(tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[int, ...]) -> np.ndarray:
@@ -150,6 +134,10 @@ def _typed(tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[int, ...]
         raise InvalidInput(f"input {tensor.name!r}: {tensor.datatype} must come in raw_input_contents")
     values = getattr(tensor.contents, TYPED[tensor.datatype])
     return tensors.from_values(tensor.name, tensor.datatype, shape, values)
+
+
+def _plain_parameters(parameters) -> dict[str, Any]:
+    return {key: _plain(p) for key, p in parameters.items()}
 
 
 def _plain(parameter: pb.InferParameter) -> Any:

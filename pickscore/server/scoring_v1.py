@@ -10,7 +10,7 @@ from pickscore.server.api import RawPixels, Scoring, image_item
 from pickscore.server.boundary import ServerState, boundary, deadline_of
 from pickscore.server.engine import ImageItem
 from pickscore.server.streams import windowed
-from pickscore.status import status_of
+from pickscore.status import retry_after_ms, status_of
 from pickscore.v1 import scoring_pb2 as pb
 from pickscore.v1 import scoring_pb2_grpc
 
@@ -48,8 +48,8 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
                 )
             except PickScoreError as e:  # in-band: this request failed, the stream goes on
                 code, text = status_of(e)
-                retry = getattr(e, "retry_after_s", None)  # an Overloaded's hint, as the unary trailer carries it
-                error = pb.Error(code=code.value[0], message=text, retry_after_ms=_ms(retry))
+                # an Overloaded's hint, as a unary refusal's trailer carries it; 0: none
+                error = pb.Error(code=code.value[0], message=text, retry_after_ms=retry_after_ms(e) or 0)
                 return pb.ScoreStreamResponse(tag=message.tag, error=error)
 
         async with boundary(self.state, "ScoreStream", context):
@@ -82,11 +82,6 @@ class ScoringService(scoring_pb2_grpc.ScoringServiceServicer):
         items = _items(request.images)
         results = await self.scoring.score(request.prompt, request.prompts, items, deadline, request.model)
         return pb.ScoreResponse(results=[pb.ScoredImage(index=r.index, id=r.id, score=r.score) for r in results])
-
-
-def _ms(seconds: float | None) -> int:
-    """A retry hint in whole milliseconds, at least 1 when there is one; 0: none."""
-    return 0 if seconds is None else max(1, round(seconds * 1000))
 
 
 def _items(images: Iterable[pb.Image]) -> list[ImageItem]:
