@@ -204,10 +204,9 @@ class Repository:
         self.serving: dict[str, ServedModel] = {}
         self.default = ""
         self.specs: dict[str, ModelSpec] = {}  # what was asked for at start, by name: explicit loads reload these
-        self.problems: dict[str, tuple[str, str]] = {}  # name -> (version, why) of the last failed load
+        self.problems: dict[str, tuple[ModelSpec, str]] = {}  # name -> (what, why) of its last failed load
         self._retiring: list[ServedModel] = []
         self._lock = asyncio.Lock()
-        self._failed: dict[str, tuple[str, float]] = {}  # poll mode: (version, stamp) not to retry unchanged
         self._tasks: set[asyncio.Task] = set()  # versions draining after a swap
 
     async def start(self, specs: Sequence[ModelSpec]) -> None:
@@ -217,9 +216,6 @@ class Repository:
         for spec in specs:
             self.serving[spec.name] = await self._open(spec)
         self.default = default  # from now on a request naming no model is answered
-
-    def names(self) -> list[str]:
-        return list(self.serving)
 
     def get(self, name: str, version: str = "") -> ServedModel:
         """The version in service of ``name`` (empty: the default model); NotFound naming what is served."""
@@ -254,7 +250,7 @@ class Repository:
             try:
                 new = await self._open(spec)
             except ModelLoadError as e:
-                self.problems[spec.name] = (spec.version, str(e))
+                self.problems[spec.name] = (spec, str(e))
                 log.error("model load failed; the version in service stays", extra={"model": spec.name, "why": str(e)})
                 raise
             self.problems.pop(spec.name, None)
@@ -283,13 +279,13 @@ class Repository:
             current = self.serving.get(name)
             if current is not None and current.version == spec.version:
                 continue
-            if self._failed.get(name) == (spec.version, spec.stamp):  # failed as it is: wait for it to change
-                continue
+            problem = self.problems.get(name)
+            if problem and (problem[0].version, problem[0].stamp) == (spec.version, spec.stamp):
+                continue  # failed as it is: wait for its files to change
             try:
                 await self.load(spec)
-                self._failed.pop(name, None)
             except ModelLoadError:
-                self._failed[name] = (spec.version, spec.stamp)
+                pass  # reported by load; the version in service stays
         for name in [n for n in self.serving if n not in found]:
             await self.unload(name)
 
@@ -302,21 +298,24 @@ class Repository:
         """Every model known: in service (READY), draining (UNLOADING), failed or on disk only (UNAVAILABLE)."""
         rows = [{"name": m.name, "version": m.version, "state": "READY", "reason": ""} for m in self.serving.values()]
         rows += [{"name": m.name, "version": m.version, "state": "UNLOADING", "reason": ""} for m in self._retiring]
-        for name, (version, why) in self.problems.items():
-            rows.append({"name": name, "version": version, "state": "UNAVAILABLE", "reason": why})
-        on_disk = scan(self.settings.model_repository) if self.settings.model_repository else self.specs
-        for name, spec in on_disk.items():
+        for name, (spec, why) in self.problems.items():
+            rows.append({"name": name, "version": spec.version, "state": "UNAVAILABLE", "reason": why})
+        for name, spec in self._known().items():
             if not any(r["name"] == name for r in rows):
                 rows.append({"name": name, "version": spec.version, "state": "UNAVAILABLE", "reason": "unloaded"})
         return sorted(rows, key=lambda r: (r["name"], r["version"]))
 
     def spec_to_load(self, name: str) -> ModelSpec:
         """What an explicit load of ``name`` loads: the repository's highest version, or the --model it was."""
-        known = scan(self.settings.model_repository) if self.settings.model_repository else self.specs
+        known = self._known()
         if name not in known:
             where = "the repository has" if self.settings.model_repository else "this server was started with"
             raise NotFound(f"no model {name!r} to load; {where} {', '.join(known)}")
         return known[name]
+
+    def _known(self) -> dict[str, ModelSpec]:
+        """What can be loaded: the repository's models at their highest versions, or the --model specs."""
+        return scan(self.settings.model_repository) if self.settings.model_repository else self.specs
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -387,8 +386,8 @@ class Repository:
         engine, model.engine = model.engine, None
         b, m = engine.backend, self.metrics
         await engine.release()
-        self.metrics.model_info.remove(model.name, model.version, b.source, b.name, b.description, __version__)
-        self.metrics.model_weights.remove(model.name, model.version)
+        m.model_info.remove(model.name, model.version, b.source, b.name, b.description, __version__)
+        m.model_weights.remove(model.name, model.version)
         if not successor:  # the model's tower series go with it (the scrape-time gauge would keep its batcher)
             for family in (m.queue_depth, m.queue_capacity, m.estimated_wait, m.tower_hung):
                 for tower in ("image", "text"):
