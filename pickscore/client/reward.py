@@ -187,8 +187,7 @@ class RewardClient:
                     return
                 error: Exception = e
             except (Overloaded, Unavailable) as e:
-                hint = getattr(e, "retry_after_s", None)
-                wait = hint if hint else min(5.0, 0.05 * 2**attempt) * (0.5 + random.random())
+                wait = retry_wait(e, attempt)
                 attempt += 1
                 if loop.time() + wait < give_up:
                     await asyncio.sleep(wait)
@@ -206,6 +205,13 @@ class RewardClient:
             return
         for (_, _, future), score in zip(batch, scores):
             future.set_result(float(score) / 26 if self.scale == "div26" else float(score))
+
+
+def retry_wait(error: Overloaded | Unavailable, attempt: int) -> float:
+    """Seconds to wait before retrying after ``error``: the server's hint, else jittered exponential backoff from
+    50 ms, at most 5 s."""
+    hint = getattr(error, "retry_after_s", None)
+    return hint if hint else min(5.0, 0.05 * 2**attempt) * (0.5 + random.random())
 
 
 def _reward_image(image) -> ImageRef:

@@ -70,15 +70,20 @@ def score_requests(
 ) -> list[pb.ScoreRequest]:
     """One prompt for all images, or ``prompts`` paired with them, split into requests of ``per_request`` images,
     each scored by ``model`` (empty: the server's default)."""
+    return [
+        pb.ScoreRequest(prompt=prompt, prompts=part_prompts, images=part_images, model=model)
+        for part_prompts, part_images in _parts(images, per_request, prompts, ids)
+    ]
+
+
+def _parts(
+    images: Sequence[ImageRef], per_request: int, prompts: Sequence[str] | None, ids: Sequence[str] | None = None
+) -> list[tuple[Sequence[str], list[pb.Image]]]:
+    """(prompts, image messages) of each request of at most ``per_request`` images; no prompts: one for all."""
     if prompts is not None and len(prompts) != len(images):
         raise InvalidInput(f"{len(prompts)} prompts for {len(images)} images")
     messages = image_messages(images, ids)
-    return [
-        pb.ScoreRequest(
-            prompt=prompt, prompts=[] if prompts is None else prompts[part], images=messages[part], model=model
-        )
-        for part in _chunks(len(messages), per_request)
-    ]
+    return [([] if prompts is None else prompts[part], messages[part]) for part in _chunks(len(messages), per_request)]
 
 
 def ranking(response: pb.RankResponse, n: int, top_k: int | None) -> Ranking:
@@ -165,19 +170,16 @@ def rewards_requests(
     prompts: Sequence[str] | None = None,
 ) -> list[pb.RewardsRequest]:
     """One prompt for all images, or ``prompts`` paired with them, split into Rewards requests of ``per_request``."""
-    if prompts is not None and len(prompts) != len(images):
-        raise InvalidInput(f"{len(prompts)} prompts for {len(images)} images")
-    messages = image_messages(images, None)
     weights = [pb.ModelWeight(model=name, weight=weight) for name, weight in models]
     return [
         pb.RewardsRequest(
             prompt=prompt,
-            prompts=[] if prompts is None else prompts[part],
-            images=messages[part],
+            prompts=part_prompts,
+            images=part_images,
             models=weights,
             normalize=NORMALIZE[normalize_of(normalize)],
         )
-        for part in _chunks(len(messages), per_request)
+        for part_prompts, part_images in _parts(images, per_request, prompts)
     ]
 
 

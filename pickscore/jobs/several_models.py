@@ -17,7 +17,6 @@ does not serve) raises.
 from __future__ import annotations
 
 import asyncio
-import random
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -199,14 +198,15 @@ class ModelsOnServers:
 
     async def _retried(self, k: int, prompts: list[str], images: list[bytes]) -> np.ndarray:
         """Refusals and unavailability retried with backoff (the server's hint first) until ``timeout``."""
+        from pickscore.client.reward import retry_wait
+
         loop = asyncio.get_running_loop()
         give_up, attempt = loop.time() + self.timeout, 0
         while True:
             try:
                 return await self._senders[k].scores(prompts, images, max(give_up - loop.time(), 0.001))
             except (Overloaded, Unavailable) as e:
-                hint = getattr(e, "retry_after_s", None)
-                wait = hint if hint else min(5.0, 0.05 * 2**attempt) * (0.5 + random.random())
+                wait = retry_wait(e, attempt)
                 attempt += 1
                 if loop.time() + wait >= give_up:
                     raise
