@@ -144,6 +144,16 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
+def machine_with_flags() -> str:
+    """``machine()`` (CPU model, cores, GPU, torch), the usable cores and which matrix-unit flags the CPU has."""
+    from pickscore.resources import MATRIX_FLAGS, cpu_features, usable_cores
+
+    flags = cpu_features().flags
+    have = [f for f in MATRIX_FLAGS if f in flags]
+    missing = [f for f in MATRIX_FLAGS if f not in flags]
+    return f"{machine()}, {usable_cores()} usable; CPU flags: {', '.join(have) or 'none'} (no {', '.join(missing)})"
+
+
 def serve(model_dir: Path, *flags: str) -> tuple[subprocess.Popen, dict[str, Any]]:
     """Start `pickscore serve` on loopback (free ports) -> the process and its "serving" log entry (port,
     http_port, metrics_port, ...). The caller terminates the process."""

@@ -67,7 +67,7 @@ from common import (  # noqa: E402
     descendants,
     git_revision,
     jpegs,
-    machine,
+    machine_with_flags,
     serve,
     write_model,
 )
@@ -330,17 +330,6 @@ def project(r: dict, cores: int, target: float) -> None:
     r["meets_target"] = r["ceiling"] >= target
 
 
-def describe_machine() -> str:
-    flags = set()
-    try:
-        flags = set(next(x for x in open("/proc/cpuinfo") if x.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        pass
-    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "amx_tile") if f in flags]
-    missing = [f for f in ("avx512f", "avx512_vnni", "amx_tile") if f not in flags]
-    return f"{machine()}; CPU flags: {', '.join(simd)} (no {', '.join(missing)})"
-
-
 LABELS = {
     "exact": "exact path (JPEG, Pillow in the server)",
     "device": "`--decode-on-device`, host part",
@@ -440,7 +429,7 @@ def main(argv=None) -> int:
     args.device_share = device_share(images) if "device" in modes else 0.0
     decode_ms = decode_alone_ms(images)
     results: dict = {
-        "machine": describe_machine(),
+        "machine": machine_with_flags(),
         "image_side": args.image_side,
         "concurrency": args.concurrency,
         "window_s": args.window_s,

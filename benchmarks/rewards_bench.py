@@ -45,7 +45,7 @@ from common import (  # noqa: E402
     git_revision,
     jpegs,
     latency_stats,
-    machine,
+    machine_with_flags,
     serve,
     write_clip,
 )
@@ -71,16 +71,6 @@ SIZES = {
     "bench": {"a": _clip((384, 6, 6), (256, 6, 4), 256), "b": _clip((512, 8, 8), (384, 6, 6), 384)},
     "smoke": {"a": _clip((32, 2, 4), (32, 2, 4), 16), "b": _clip((48, 3, 4), (32, 2, 4), 24)},
 }
-
-
-def describe_machine() -> str:
-    """common.machine() (CPU model, cores, GPU, torch) and which matrix-unit flags the CPU has."""
-    from pickscore.resources import MATRIX_FLAGS, cpu_features, usable_cores
-
-    flags = cpu_features().flags
-    have = [f for f in MATRIX_FLAGS if f in flags]
-    missing = [f for f in MATRIX_FLAGS if f not in flags]
-    return f"{machine()}, {usable_cores()} usable; CPU flags: {', '.join(have) or 'none'} (no {', '.join(missing)})"
 
 
 def decoded(metrics_port: int) -> float:
@@ -253,7 +243,7 @@ def main(argv=None) -> int:
             measured = asyncio.run(measure(started, images, levels, args.requests, args.rounds))
         finally:
             stop(started)
-    results = {"machine": describe_machine(), "commit": git_revision(), "sizes": SIZES[size], "weights": WEIGHTS}
+    results = {"machine": machine_with_flags(), "commit": git_revision(), "sizes": SIZES[size], "weights": WEIGHTS}
     results.update(image_side=args.image_side, **measured)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"rewards-{size}-{args.image_side}px"
