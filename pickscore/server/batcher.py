@@ -122,6 +122,7 @@ class Batcher:
             self._fail(self._queue.get_nowait(), Unavailable("server stopped"))
         if self._owns_executor:
             self._executor.shutdown(wait=not self.hung)  # a hung thread is abandoned, not waited for
+        self.fn = None  # a stopped tower holds no model: its admission's callbacks and this form cycles with it
 
     @contextmanager
     def admit(self, n: int, deadline: float | None = None, priority: int = 0) -> Iterator[None]:
@@ -217,7 +218,8 @@ class Batcher:
 
     async def _forward(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         rows = [item.x for item in batch]  # stacked on the tower's thread: megabytes of copying, off the event loop
-        call = loop.run_in_executor(self._executor, lambda: self.fn(np.stack(rows)))
+        fn = self.fn  # taken now: a pass queued on a shared thread may start after this tower stopped
+        call = loop.run_in_executor(self._executor, lambda: fn(np.stack(rows)))
         done, _ = await asyncio.wait({call}, timeout=self.timeout_s or None)
         if not done:
             self._hang(len(batch))
