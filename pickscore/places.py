@@ -190,10 +190,7 @@ def open_place(
 ) -> Place:
     """In this process when ``model`` is given (``backend``: device, dtype, backend), else on ``servers``, scoring
     with their model ``model_name`` (empty: each server's default). ``connection``: the clients' keywords (TLS,
-    token); a ``model_name`` among them (as ``run_batch`` forwards its keywords) counts as the argument."""
-    connection = dict(connection or {})
-    model_name = model_name or connection.pop("model_name", "") or ""
-    connection.pop("model_name", None)
+    token)."""
     check_where(model, servers, embeddings, model_name)
     if len(model_names(model_name)) > 1:
         raise ValueError(
@@ -205,7 +202,7 @@ def open_place(
 
         limits = {} if max_pixels is None else {"max_pixels": max_pixels}
         return InProcess(model, Scorer.from_pretrained(model, **backend, batch_size=batch_size, **limits), embeddings)
-    return OnServers(servers, timeout, connection, model_name)
+    return OnServers(servers, timeout, connection or {}, model_name)
 
 
 def check_where(model: str | None, servers: Sequence[str], embeddings: bool = False, model_name: str = "") -> None:

@@ -116,8 +116,8 @@ def test_one_place_exactly(model, servers):
 def test_a_model_name_chooses_among_a_servers_models_only():
     with pytest.raises(ValueError, match="--model-name hps chooses one of the models a server serves"):
         open_place("demo", model_name="hps")
-    place = open_place(servers=["127.0.0.1:1"], connection={"model_name": "hps"})  # as run_batch forwards it
-    assert isinstance(place, OnServers) and place.model_name == "hps" and "model_name" not in place.connection
+    place = open_place(servers=["127.0.0.1:1"], connection={"token": "t"}, model_name="hps")
+    assert isinstance(place, OnServers) and place.model_name == "hps" and place.connection == {"token": "t"}
 
 
 def test_model_names_are_a_list_each_named_once(capsys):

@@ -115,7 +115,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         **backend_options(args),
         batch_size=args.batch_size,
         timeout=args.timeout,
-        **({**connection(args), "model_name": args.model_name} if args.server else {}),
+        model_name=args.model_name,
+        **(connection(args) if args.server else {}),
     )
     return _report(args, manifest)
 

@@ -51,7 +51,7 @@ class ModelsOnServers:
         if len(names) < 1 or not servers:
             raise ValueError("ModelsOnServers needs servers and at least one model name")
         self.servers, self.timeout = list(servers), timeout
-        self.connection = {k: v for k, v in connection.items() if k != "model_name"}
+        self.connection = connection
         self.names = list(names)
         self._sources: dict[str, str] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
