@@ -54,7 +54,7 @@ class Scorer:
 
     @property
     def logit_scale(self) -> float:
-        """The learned temperature (scores are multiplied by its exp)."""
+        """The learned temperature of a dual-encoder kind (scores are multiplied by its exp)."""
         return self.backend.logit_scale
 
     @property
@@ -62,7 +62,7 @@ class Scorer:
         return self.backend.embed_dim
 
     def encode_text(self, prompts: Sequence[str]) -> np.ndarray:
-        """Prompts -> L2-normalised float32 embeddings (N, D)."""
+        """Prompts -> the text tower's rows (N, D'): L2-normalised embeddings for CLIP-style kinds."""
         return self.backend.encode_text(self.tokenizer(list(prompts)))
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
@@ -95,8 +95,8 @@ class Scorer:
         return text[[position[p] for p in prompts]]
 
     def paired_scores(self, text_embeds: np.ndarray, image_embeds: np.ndarray) -> np.ndarray:
-        """Row i's prompt against row i's image -> (N,) scores."""
-        return scoring.paired_scores(text_embeds, image_embeds, self.logit_scale)
+        """Row i's prompt against row i's image -> (N,) scores, by the model's own rule (``Backend.scores``)."""
+        return self.backend.scores(text_embeds, image_embeds)
 
     def _load_or_error(self, index: int, item: ImageInput) -> np.ndarray | InvalidInput:
         try:
@@ -130,7 +130,7 @@ class Scorer:
                 ok = [i for i, r in enumerate(loaded) if not isinstance(r, InvalidInput)]
                 if ok:
                     pixels = np.stack([loaded[i] for i in ok])  # (n, H, W, 3) uint8
-                    out[[start + i for i in ok]] = scoring.scores(text, self.encode_pixels(pixels), self.logit_scale)
+                    out[[start + i for i in ok]] = self.backend.scores(text[None], self.encode_pixels(pixels))
                 bar.update(len(items))
         return out, errors
 

@@ -2,7 +2,14 @@
 
     backend = load_backend("demo", kind="torch", device="auto", dtype="auto")
     backend.encode_image(crops)    # (B, H, W, 3) uint8 crops, or (B, 3, H, W) float32 pixels -> (B, D) float32
-    backend.encode_text(tokens)    # (B, 77) int64 -> (B, D) float32; both L2-normalised
+    backend.encode_text(tokens)    # (B, L) int64 -> (B, D') float32
+    backend.scores(text, images)   # paired rows (or one text row for all images) -> (N,) float32
+
+What the towers return and how two rows make a score is the model's kind (``kind``; README, "Supported
+scorers"): PickScore and any CLIP, HPS v2 -- L2-normalised embeddings, exp(logit_scale) times their dot product;
+the LAION aesthetic predictor -- its score from the image tower, a constant 1 from the text tower; ImageReward --
+``joint``: the image tower's tokens and the prompt's ids meet in a forward pass of their own (``scores`` runs it,
+so callers put it on a compute thread, as the server's pair batcher does).
 
 Each backend also carries what the model needs around it: ``preprocess`` (a PreprocessConfig),
 ``tokenizer``, ``logit_scale`` (fp32), ``embed_dim``, ``source`` and a human ``description``.
@@ -17,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from pickscore.backends.manifest import is_export
+from pickscore.model import scoring
 
 if TYPE_CHECKING:  # preprocessing loads Pillow, the tokenizer regex: parsers and clients need neither
     from pickscore.model.preprocess import PreprocessConfig
@@ -28,6 +36,8 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")  # the torch backend's compute precisi
 
 class Backend(Protocol):
     name: str  # "torch" or "onnxruntime"
+    kind: str  # what the model is: "clip" (PickScore and any CLIP), "hps", "aesthetic", "image_reward"
+    joint: bool  # scores(text, images) is a forward pass (ImageReward), not a dot product of the towers' outputs
     source: str  # where the model came from
     description: str  # device and precision, e.g. "cpu fp32"
     accelerated: bool  # a GPU computes (the host only launches kernels); False: the forward pass uses the CPU cores
@@ -42,8 +52,25 @@ class Backend(Protocol):
 
     def encode_text(self, tokens: np.ndarray) -> np.ndarray: ...
 
+    def scores(self, text: np.ndarray, images: np.ndarray) -> np.ndarray:
+        """Row i of ``text`` with row i of ``images`` (one text row: with every image) -> (N,) float32 scores."""
+        ...
+
     def warm(self, max_batch_size: int, text_max_batch_size: int) -> None:
         """Do whatever the first batches of each size would do slowly (compilation), before serving."""
+
+
+class DualEncoder:
+    """The scoring rule of a model whose towers' outputs meet in a dot product: exp(logit_scale) * <text, image>."""
+
+    kind = "clip"
+    joint = False
+    logit_scale: float
+
+    def scores(self, text: np.ndarray, images: np.ndarray) -> np.ndarray:
+        if len(text) == 1:
+            return scoring.scores(text[0], images, self.logit_scale)
+        return scoring.paired_scores(text, images, self.logit_scale)
 
 
 def load_backend(

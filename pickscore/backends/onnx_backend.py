@@ -13,13 +13,14 @@ from typing import Any
 
 import numpy as np
 
+from pickscore.backends import DualEncoder
 from pickscore.backends.manifest import load_manifest
 from pickscore.model.preprocess import PreprocessConfig, normalize
 from pickscore.model.tokenizer import Tokenizer
 from pickscore.resources import compute_threads
 
 
-class OnnxBackend:
+class OnnxBackend(DualEncoder):
     name = "onnxruntime"
     pipeline_depth = 1  # one run at a time per session
 
@@ -40,6 +41,7 @@ class OnnxBackend:
         self.source = str(directory)
         self.precision = manifest.get("precision", "fp32")
         self.logit_scale = float(manifest["logit_scale"])
+        self.kind = manifest.get("kind", "clip")  # exports of the dual-encoder kinds (README, "Supported scorers")
         self.embed_dim = int(manifest["embed_dim"])
         self.tokenizer = Tokenizer(context_length=int(manifest["context_length"]))
         self.preprocess = PreprocessConfig.from_hf(json.loads((directory / "preprocessor_config.json").read_text()))

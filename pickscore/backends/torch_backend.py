@@ -1,4 +1,5 @@
-"""The PyTorch backend: the CLIP model (``model.clip``) on CPU or CUDA (fp32, fp16 or bf16), eager or compiled.
+"""The PyTorch backend: any kind's model (``model.clip``, ``model.kinds``) on CPU or CUDA (fp32, fp16 or bf16), eager
+or compiled.
 
 Images arrive as uint8 crops (B, H, W, 3), a quarter of the bytes of float32 pixels: they are copied to the
 device (from pinned memory, asynchronously, on CUDA) and rescaled and normalised there (``DeviceNormalizer``),
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pickscore.backends import DualEncoder
 from pickscore.model.checkpoint import LoadedModel, resolve
 from pickscore.model.clip import ResidualAttentionBlock
 from pickscore.model.preprocess import PreprocessConfig, exact_divisor, normalize_constants, normalize_table
@@ -147,7 +149,7 @@ def pack_for_cpu(model: torch.nn.Module) -> int:
     return len(blocks)
 
 
-class TorchBackend:
+class TorchBackend(DualEncoder):
     """Takes ownership of ``loaded.model``: it is moved to ``device`` and cast to ``dtype`` in place.
 
     ``compile``: the towers go through ``torch.compile`` (inductor; on CUDA with CUDA graphs, mode
@@ -167,12 +169,15 @@ class TorchBackend:
         self.loaded = loaded
         self.device = torch.device(device)
         self.dtype = dtype
-        self.logit_scale = float(loaded.model.logit_scale.detach().float())  # fp32, before any cast
+        self.logit_scale = loaded.logit_scale  # fp32, before any cast
         self.model = loaded.model.to(self.device, dtype).eval()
         self.tokenizer = loaded.tokenizer()
         self.preprocess = loaded.preprocess
         self.source = loaded.source
-        self.embed_dim = int(loaded.model_cfg["embed_dim"])
+        self.embed_dim = loaded.embed_dim
+        self.kind = loaded.kind
+        self.joint = loaded.joint
+        self._unit = loaded.unit_features
         self.description = f"{self.device} {DTYPE_NAMES[dtype]}"
         self.weights_bytes = sum(t.nbytes for t in (*self.model.parameters(), *self.model.buffers()))
         self.accelerated = self.device.type != "cpu"
@@ -234,7 +239,9 @@ class TorchBackend:
     @torch.inference_mode()
     def encode_text(self, tokens: np.ndarray) -> np.ndarray:
         """Token ids (B, 77) int64 -> (B, D) float32."""
-        if not self.compiled:  # compiled towers keep the whole context (see __init__)
+        # Compiled towers keep the whole context (see __init__); a joint kind's text rows are its ids, which meet
+        # the image in ``scores``, whole.
+        if not self.compiled and not self.joint:
             used = np.flatnonzero((tokens != self.tokenizer.pad_id).any(axis=0))
             tokens = tokens[:, : int(used[-1]) + 1 if len(used) else 1]
         with self._stream():
@@ -250,8 +257,19 @@ class TorchBackend:
         for n in sorted({bucket(k) for k in range(1, text_max_batch_size + 1)}):
             self.encode_text(np.zeros((n, self.tokenizer.context_length), np.int64))
 
+    @torch.inference_mode()
+    def scores(self, text: np.ndarray, images: np.ndarray) -> np.ndarray:
+        """A dot product (``DualEncoder``), or for a joint kind the model's forward pass over the pairs."""
+        if not self.joint:
+            return super().scores(text, images)
+        text = np.broadcast_to(text, (len(images), text.shape[1]))
+        with self._stream():
+            out = self.model.score_pairs(self._to_device(text), self._to_device(images).to(self.dtype))
+        return out.float().cpu().numpy()
+
     def _run(self, tower, batch: torch.Tensor) -> np.ndarray:
         n = len(batch)
         if self.compiled and bucket(n) != n:  # pad to the compiled shape; the padding rows are dropped below
             batch = torch.cat([batch, batch.new_zeros((bucket(n) - n, *batch.shape[1:]))])
-        return F.normalize(tower(batch)[:n].float(), dim=-1).cpu().numpy()  # (B, D); sync point
+        out = tower(batch)[:n].float()
+        return (F.normalize(out, dim=-1) if self._unit else out).cpu().numpy()  # (B, D); sync point

@@ -6,7 +6,10 @@ A reference is one of:
     this project writes (plus preprocessor_config.json);
   * ``demo``: the small model that ships inside the package, trained by this project on synthetic data;
   * a Hugging Face hub id such as ``yuvalkirstain/PickScore_v1``, taken from the local cache
-    (downloaded only when the hub is reachable and offline mode is off).
+    (downloaded only when the hub is reachable and offline mode is off);
+  * the other scorers' published files (``pickscore.model.kinds``): HPS v2/v2.1 (``HPS_v2*_compressed.pt``, the
+    file or its directory), the LAION aesthetic predictor (``*linearMSE.pth`` beside a CLIP ViT-L/14), ImageReward
+    (``ImageReward.pt`` + ``med_config.json`` + ``vocab.txt``).
 
 Weights are read with safetensors when present, else ``torch.load(weights_only=True)``:
 never an arbitrary unpickle.
@@ -27,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pickscore.errors import ModelLoadError
-from pickscore.model import architecture, hf_convert
+from pickscore.model import architecture, hf_convert, kinds
 from pickscore.model.clip import CLIP
 from pickscore.model.preprocess import PreprocessConfig
 from pickscore.model.tokenizer import Tokenizer, vocabulary
@@ -41,19 +44,42 @@ _INTERPOLATION = {"bicubic": 3, "bilinear": 2, "nearest": 0}
 
 @dataclass
 class LoadedModel:
-    """A model ready to score: weights, architecture, preprocessing and tokenizer settings."""
+    """A model ready to score: weights, architecture, preprocessing and tokenizer settings.
 
-    model: CLIP
+    ``model`` has ``encode_image`` and ``encode_text`` (and ``score_pairs`` when ``joint``): a ``CLIP`` for the
+    "clip" kind (PickScore and any CLIP checkpoint), a kind's own module otherwise (``pickscore.model.kinds``)."""
+
+    model: torch.nn.Module
     model_cfg: dict[str, Any]
     preprocess: PreprocessConfig
     source: str  # the reference it was resolved from
-    layout: str  # "huggingface" or "open_clip"
+    layout: str  # the files it came from: "huggingface", "open_clip", "hps", "aesthetic", "image_reward"
+    kind: str = "clip"
+    score_scale: float | None = None  # log of the factor on <text, image> when the kind fixes it (HPS: 0, cosine)
+    unit_features: bool = True  # the towers' outputs are L2-normalised before they meet
+    joint: bool = False  # the score is model.score_pairs(text rows, image rows), not a dot product
+    text_tokenizer: Any = None  # the kind's own tokenizer (ImageReward's WordPiece); None: the CLIP BPE
 
     @property
     def context_length(self) -> int:
+        if self.text_tokenizer is not None:
+            return int(self.text_tokenizer.context_length)
         return int(self.model_cfg["text_cfg"].get("context_length", 77))
 
+    @property
+    def logit_scale(self) -> float:
+        """Scores are exp(logit_scale) * <text, image> (fp32): the kind's fixed scale, else the model's own."""
+        if self.score_scale is not None:
+            return float(self.score_scale)
+        return float(self.model.logit_scale.detach().float())
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model_cfg["embed_dim"])
+
     def tokenizer(self) -> Tokenizer:
+        if self.text_tokenizer is not None:
+            return self.text_tokenizer
         return Tokenizer(context_length=self.context_length)
 
 
@@ -67,27 +93,106 @@ def resolve(ref: str | os.PathLike) -> LoadedModel:
     if path.is_dir():
         return load_directory(path, source=str(ref))
     if path.exists():
-        raise ModelLoadError(f"model {ref}: expected a directory, got a file")
+        if kinds.kind_of(path) in ("hps", "aesthetic"):  # one weights file names which of several to load
+            return load_directory(path, source=str(ref))
+        raise ModelLoadError(f"model {ref}: expected a directory or one of the published files of {kinds.EXPECTED}")
     if _looks_like_hub_id(str(ref)):
         return load_directory(_from_hub(str(ref)), source=str(ref))
     raise ModelLoadError(f"model {ref}: no such directory, and not a Hugging Face hub id (owner/name)")
 
 
 def load_directory(path: Path, source: str | None = None) -> LoadedModel:
-    """Load a model directory in Hugging Face or open_clip layout."""
+    """Load a model directory in Hugging Face or open_clip layout, or another kind's files (a directory, or the
+    one weights file of HPS or the aesthetic predictor)."""
     source = source or str(path)
     try:
-        if (path / "open_clip_config.json").is_file():
-            return _load_open_clip(path, source)
-        if (path / "config.json").is_file():
-            return _load_huggingface(path, source)
+        kind = kinds.kind_of(path)
+        if kind is not None:
+            return _KIND_LOADERS[kind](path, source)
+        return _load_clip_directory(path, source)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelLoadError(f"model {source}: {e}") from e
-    raise ModelLoadError(
-        f"model {source}: {path} holds neither config.json (Hugging Face CLIP) nor open_clip_config.json (open_clip)"
+
+
+def _load_clip_directory(path: Path, source: str) -> LoadedModel:
+    if (path / "open_clip_config.json").is_file():
+        return _load_open_clip(path, source)
+    if (path / "config.json").is_file():
+        return _load_huggingface(path, source)
+    raise ModelLoadError(f"model {source}: {path} holds none of the layouts this package loads: {kinds.EXPECTED}")
+
+
+def _load_hps(path: Path, source: str) -> LoadedModel:
+    """HPS v2 / v2.1: an open_clip state dict; ViT-H-14 unless an open_clip_config.json beside it says otherwise."""
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir():
+        found = [name for name in kinds.HPS_FILES if (path / name).is_file()]
+        if len(found) > 1:
+            raise ModelLoadError(
+                f"model {source}: holds {' and '.join(found)}; pass the file to load, e.g. --model {path / found[0]}"
+            )
+        path = path / found[0]
+    config = _read_json(folder / "open_clip_config.json") if (folder / "open_clip_config.json").is_file() else {}
+    model_cfg = config.get("model_cfg", config) or kinds.VIT_H_14
+    weights = _read_weight_file(path)
+    weights = weights.get("state_dict", weights) if isinstance(weights.get("state_dict"), dict) else weights
+    model = _materialize(model_cfg, {k.removeprefix("module."): v for k, v in weights.items()}, source)
+    preprocess = kinds.torchvision_preprocess(int(model_cfg["vision_cfg"].get("image_size", 224)))
+    return LoadedModel(model, model_cfg, preprocess, source, "hps", kind="hps", score_scale=0.0)
+
+
+def _load_aesthetic(path: Path, source: str) -> LoadedModel:
+    """The aesthetic predictor's MLP (``path``, or the *linearMSE.pth in it) over the CLIP beside it."""
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir():
+        path = next(p for p in sorted(path.iterdir()) if p.name.endswith(kinds.AESTHETIC_SUFFIX))
+    clip_dir = folder / "clip" if (folder / "clip").is_dir() else folder
+    if not any((clip_dir / n).is_file() for n in ("config.json", "open_clip_config.json")):
+        raise ModelLoadError(
+            f"model {source}: the aesthetic predictor ({path.name}) scores OpenAI CLIP ViT-L/14 image embeddings; "
+            f"put that CLIP model (e.g. openai/clip-vit-large-patch14: config.json and its weights) in {folder} "
+            f"or {folder / 'clip'}"
+        )
+    clip = _load_clip_directory(clip_dir, f"{source} (its CLIP)")
+    try:
+        head = kinds.MLPHead(_read_weight_file(path))
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"model {source}: {path.name} is not the aesthetic predictor's MLP ({e})") from e
+    if head.in_features != clip.embed_dim:
+        raise ModelLoadError(
+            f"model {source}: {path.name} takes {head.in_features}-dimensional embeddings; the CLIP in {clip_dir} "
+            f"makes {clip.embed_dim} (the predictor needs OpenAI CLIP ViT-L/14's 768)"
+        )
+    model_cfg = {"embed_dim": 1, "clip": clip.model_cfg}
+    preprocess = kinds.torchvision_preprocess(clip.preprocess.crop_size[0])
+    model = kinds.AestheticPredictor(clip.model, head)
+    return LoadedModel(
+        model, model_cfg, preprocess, source, "aesthetic", kind="aesthetic", score_scale=0.0, unit_features=False
     )
+
+
+def _load_image_reward(path: Path, source: str) -> LoadedModel:
+    from pickscore.model.image_reward import load_image_reward
+
+    model, tokenizer, info = load_image_reward(path, source)
+    preprocess = kinds.torchvision_preprocess(int(info["image_size"]))
+    return LoadedModel(
+        model,
+        {"embed_dim": int(info["embed_dim"]), **info},
+        preprocess,
+        source,
+        "image_reward",
+        kind="image_reward",
+        score_scale=0.0,
+        unit_features=False,
+        joint=True,
+        text_tokenizer=tokenizer,
+    )
+
+
+_KIND_LOADERS = {"hps": _load_hps, "aesthetic": _load_aesthetic, "image_reward": _load_image_reward}
 
 
 def save(loaded: LoadedModel, out: str | os.PathLike) -> Path:
@@ -249,7 +354,14 @@ def _from_hub(repo_id: str) -> Path:
     """A hub model's snapshot directory from the local cache, downloading only when allowed."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.txt", "*.safetensors"]
+    patterns = [
+        "*.json",
+        "*.txt",
+        "*.safetensors",
+        *kinds.HPS_FILES,
+        kinds.IMAGE_REWARD_FILE,
+        f"*{kinds.AESTHETIC_SUFFIX}",
+    ]
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     errors = []
     for local_only in (True,) if offline else (True, False):

@@ -1,6 +1,7 @@
-"""The engine of one model version: validation, caches and the two batchers behind every transport; the resources
-every model of a server shares (``Shared``: the decode pools, one per preprocessing, the CPU's forward-pass thread and
-the tokenizer thread); and ``score_together``, one request scored by several models with one decode per image.
+"""The engine of one model version: validation, caches and the batchers behind every transport (image and text; a
+joint kind's pair tower); the resources every model of a server shares (``Shared``: the decode pools, one per
+preprocessing, the CPU's forward-pass thread and the tokenizer thread); and ``score_together``, one request scored
+by several models with one decode per image.
 
     shared = Shared(settings)
     engine = Engine(backend, settings, metrics.for_model("pickscore"), shared)
@@ -153,6 +154,13 @@ class Engine:
         self.text_batcher = Batcher(
             "text", backend.encode_text, s.text_max_batch_size, delay, s.max_queue_size, metrics, **limits
         )
+        # A joint kind (ImageReward) scores each (prompt, image) pair in a forward pass of its own: a third tower,
+        # batched like the others, over rows that join the text tower's and the image tower's outputs.
+        self.pair_batcher = (
+            Batcher("pair", self._pair_scores, s.max_batch_size, delay, s.max_queue_size, metrics, **limits)
+            if backend.joint
+            else None
+        )
         self.text_cache = EmbeddingCache("text", settings.text_cache_bytes, metrics)
         self.image_cache = EmbeddingCache("image", settings.image_cache_bytes, metrics)
         self.decoder: DecodePool | None = None  # shared's pool for this preprocessing, from start()
@@ -160,8 +168,8 @@ class Engine:
 
     async def start(self) -> None:
         self.decoder = await self.shared.decoder(self.backend)
-        await self.image_batcher.start()
-        await self.text_batcher.start()
+        for batcher in self.batchers:
+            await batcher.start()
         if self.settings.warmup:
             await self.warmup()
 
@@ -176,16 +184,23 @@ class Engine:
         pixels = np.zeros((*size, 3), np.uint8)
         tokens = self.backend.tokenizer(["warm-up"])[0]
         with self.image_batcher.admit(1), self.text_batcher.admit(1):
-            await asyncio.gather(self.image_batcher.submit(pixels), self.text_batcher.submit(tokens))
+            image, text = await asyncio.gather(self.image_batcher.submit(pixels), self.text_batcher.submit(tokens))
+        if self.pair_batcher is not None:
+            with self.pair_batcher.admit(1):
+                await self.pair_batcher.submit(np.concatenate([text, image]))
+
+    @property
+    def batchers(self) -> list[Batcher]:
+        return [b for b in (self.image_batcher, self.text_batcher, self.pair_batcher) if b is not None]
 
     @property
     def hung(self) -> bool:
-        return bool(self.image_batcher.hung or self.text_batcher.hung)
+        return any(b.hung for b in self.batchers)
 
     async def stop(self) -> None:
         """Fail what is queued (Unavailable) and stop the towers; the shared pools stay (``Shared.close``)."""
-        await self.image_batcher.stop()
-        await self.text_batcher.stop()
+        for batcher in self.batchers:
+            await batcher.stop()
 
     async def release(self) -> None:
         """Stop, then drop the backend (a stopped batcher drops its own): its weights are freed at once rather than
@@ -260,14 +275,35 @@ class Engine:
 
         return await _all(*(one(p) for p in prompts))
 
-    async def _embed(
-        self, prompts: list[str], images: Sequence[ImageItem], crops: _Crops, deadline: float | None, priority: int
-    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """(the prompts' embeddings, the images' embeddings), the images cropped through ``crops``."""
-        return await _all(
-            self._embed_prompts(prompts, deadline, priority),
+    async def _score(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[ImageItem],
+        crops: _Crops,
+        deadline: float | None,
+        priority: int,
+    ) -> np.ndarray:
+        """Scores (N,) float32, the images cropped through ``crops``: the towers' rows, then the model's rule."""
+        unique = list(dict.fromkeys(prompts))
+        texts, embeds = await _all(
+            self._embed_prompts(unique, deadline, priority),
             _all(*(self._embed_image(i, item, crops, deadline, priority) for i, item in enumerate(images))),
         )
+        by_prompt = dict(zip(unique, texts))
+        text = np.stack([by_prompt[p] for p in prompts])  # (1 or N, D')
+        if self.pair_batcher is None:
+            out = self.backend.scores(text, np.stack(embeds))
+        else:
+            rows = (np.concatenate([text[i if len(text) > 1 else 0], e]) for i, e in enumerate(embeds))
+            out = np.asarray(await _all(*(self.pair_batcher.submit(r, deadline, priority) for r in rows)), np.float32)
+        self.metrics.images_scored.labels().inc(len(images))
+        self.stats.add(out)
+        return out
+
+    def _pair_scores(self, rows: np.ndarray) -> np.ndarray:
+        """The pair tower: rows of [text row, image row] -> (B,) scores."""
+        width = self.backend.tokenizer.context_length
+        return self.backend.scores(rows[:, :width], rows[:, width:])
 
     async def _embed_image(
         self, index: int, item: ImageItem, crops: _Crops, deadline: float | None, priority: int
@@ -280,18 +316,6 @@ class Engine:
         if not self.image_cache.capacity:
             return await compute()
         return await self.image_cache.get_or_compute(item.digest(), compute)
-
-    def _scores(self, prompts: Sequence[str], unique: list[str], texts: list, images: list) -> np.ndarray:
-        by_prompt = dict(zip(unique, texts))
-        text_embeds = np.stack([by_prompt[p] for p in prompts])  # (1 or N, D)
-        image_embeds = np.stack(images)  # (N, D)
-        if len(prompts) == 1:
-            out = scoring.scores(text_embeds[0], image_embeds, self.backend.logit_scale)
-        else:
-            out = scoring.paired_scores(text_embeds, image_embeds, self.backend.logit_scale)
-        self.metrics.images_scored.labels().inc(len(images))
-        self.stats.add(out)
-        return out
 
     async def _tokenize(self, prompts: list[str]) -> np.ndarray:
         start = time.perf_counter()
@@ -313,15 +337,15 @@ async def score_together(
     """Each engine's scores (N,) float32 of one request: admitted by every engine's image tower or by none,
     each image decoded once per preprocessing, the first failure (a bad image, a refusal) failing it for all."""
     engines[0].validate(prompts, images)
-    unique = list(dict.fromkeys(prompts))
     crops = _Crops(engines[0].metrics)
     with ExitStack() as admitted:
         for engine in engines:  # refused here costs nothing
-            admitted.enter_context(engine.image_batcher.admit(len(images), deadline, priority))
-        embedded = await _within(
-            deadline, _all(*(engine._embed(unique, images, crops, deadline, priority) for engine in engines))
+            for batcher in (engine.image_batcher, engine.pair_batcher):
+                if batcher is not None:
+                    admitted.enter_context(batcher.admit(len(images), deadline, priority))
+        return await _within(
+            deadline, _all(*(engine._score(prompts, images, crops, deadline, priority) for engine in engines))
         )
-    return [engine._scores(prompts, unique, *out) for engine, out in zip(engines, embedded)]
 
 
 class _Crops:

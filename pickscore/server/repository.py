@@ -390,8 +390,8 @@ class Repository:
         m.model_weights.remove(model.name, model.version)
         if not successor:  # the model's tower series go with it (the scrape-time gauge would keep its batcher)
             for family in (m.queue_depth, m.queue_capacity, m.estimated_wait, m.tower_hung):
-                for tower in ("image", "text"):
-                    family.remove(model.name, tower)
+                for batcher in engine.batchers:
+                    family.remove(model.name, batcher.tower)
         del engine, b
         self._retiring.remove(model)
         model.state = "UNLOADED"

@@ -131,7 +131,7 @@ def test_hub_id_from_the_local_cache_offline(tmp_path, tiny_hf_dir, monkeypatch)
 @pytest.mark.parametrize(
     "files,message",
     [
-        ({}, "neither config.json"),
+        ({}, "none of the layouts this package loads"),
         ({"config.json": "{not json"}, "invalid JSON"),
         ({"config.json": json.dumps({"model_type": "siglip"})}, "model_type 'siglip'"),
         ({"config.json": "{}"}, "no weights"),
