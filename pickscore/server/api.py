@@ -49,6 +49,7 @@ class ModelInfo:
     scores_seen: int  # the running statistics of normalize=running
     score_mean: float
     score_std: float
+    kind: str  # what the model is: clip, hps, aesthetic, image_reward
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ class Scoring:
             scores_seen=stats.count,
             score_mean=stats.mean,
             score_std=stats.std,
+            kind=backend.kind,
         )
 
     async def score(

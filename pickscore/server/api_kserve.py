@@ -115,6 +115,11 @@ class KServeModels:
                 name=model.name,
             )
             kinds = dict(zip((model.name, *tower_names(model.name)), ("ensemble", "image", "text")))
+            if b.joint:  # its towers' rows are not embeddings (ImageReward's: ViT tokens, prompt ids): SCORE only,
+                # from one model that runs on torch rather than an ensemble of towers
+                configs = {model.name: configs[model.name]}
+                configs[model.name].ClearField("ensemble_scheduling")
+                configs[model.name].platform, configs[model.name].backend = "", "pytorch"
             self._configs[model] = {n: (kinds[n], cfg, triton_json(cfg)) for n, cfg in configs.items()}
         return self._configs[model]
 
