@@ -20,6 +20,7 @@ import asyncio
 import gc
 import json
 import logging
+import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -36,7 +37,7 @@ from pickscore.version import __version__
 log = logging.getLogger("pickscore.server")
 DEFAULT_NAME = "pickscore"  # a single --model REF is served under this name (KServe: pickscore, pickscore_image, ...)
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-CONFIG = "model.json"  # a repository model's own settings (the declared normalisation)
+CONFIG = "model.json"  # a repository model's own settings: the declared normalisation, a fixed score scale
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class ModelSpec:
     ref: str  # a model reference (load_backend's), or a repository's version directory
     version: str = "1"
     normalize: Normalize | None = None
+    score_scale: float | None = None  # model.json's: scores are score_scale * cosine (zero-shot CLIP's 100 * cos)
     stamp: float = 0.0  # the newest modification time under a repository version: a changed failed one is retried
 
 
@@ -88,7 +90,7 @@ def scan(directory: str | Path) -> dict[str, ModelSpec]:
             path.name,
             str(where),
             str(int(where.name)) if versions else "1",
-            _normalize(path / CONFIG),
+            *_config(path / CONFIG),
             max((f.stat().st_mtime for f in where.rglob("*")), default=where.stat().st_mtime),
         )
     return found
@@ -130,22 +132,34 @@ def _unique(names: list[str], where: str) -> None:
             raise ValueError(f"{where}: model {name!r} would share a KServe name with another model's tower")
 
 
-def _normalize(path: Path) -> Normalize | None:
+def _config(path: Path) -> tuple[Normalize | None, float | None]:
+    """model.json's declared normalisation and score scale (each None when not given)."""
     if not path.is_file():
-        return None
+        return None, None
     try:
         config = json.loads(path.read_text())
-        n = config.get("normalize")
-        if n is None:
-            return None
-        mean, std = float(n["mean"]), float(n["std"])
+        n, scale = config.get("normalize"), config.get("score_scale")
+        normalize = None if n is None else Normalize(float(n["mean"]), float(n["std"]))
+        scale = None if scale is None else float(scale)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(
-            f'{path}: expected {{"normalize": {{"mean": M, "std": S}}}} ({type(e).__name__}: {e})'
+            f'{path}: expected {{"normalize": {{"mean": M, "std": S}}, "score_scale": K}}, each optional '
+            f"({type(e).__name__}: {e})"
         ) from None
-    if not std > 0:
-        raise ValueError(f"{path}: normalize.std must be positive, got {std}")
-    return Normalize(mean, std)
+    if normalize is not None and not normalize.std > 0:
+        raise ValueError(f"{path}: normalize.std must be positive, got {normalize.std}")
+    if scale is not None and not scale > 0:
+        raise ValueError(f"{path}: score_scale must be positive, got {scale}")
+    return normalize, scale
+
+
+def _rescale(backend: Backend, spec: ModelSpec) -> None:
+    """A declared score scale replaces a CLIP-style model's own (scores = score_scale * cosine)."""
+    if spec.score_scale is None:
+        return
+    if backend.kind not in ("clip", "hps"):
+        raise ValueError(f"score_scale applies to CLIP-style models (clip, hps); this one is {backend.kind}")
+    backend.logit_scale = math.log(spec.score_scale)
 
 
 class ServedModel:
@@ -348,6 +362,7 @@ class Repository:
                     s.compute_threads,
                     s.compile,
                 )
+            _rescale(backend, spec)
             engine = Engine(backend, s, self.metrics.for_model(spec.name), self.shared, self.on_hung)
             await engine.start()
         except ModelLoadError as e:

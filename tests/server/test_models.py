@@ -173,6 +173,21 @@ def test_normalisation_by_the_declared_map_or_the_running_statistics(server, exp
         )
 
 
+def test_a_declared_score_scale_gives_zero_shot_clip_its_100_cos(tmp_path, tiny_hf_dir, expected):
+    version(tmp_path, "clip100", 1, tiny_hf_dir)
+    (tmp_path / "clip100" / "model.json").write_text(json.dumps({"score_scale": 100}))
+    own = float(np.exp(Scorer.from_pretrained(tiny_hf_dir, device="cpu").logit_scale))
+    with ServerThread(settings_for("unused", model_repository=str(tmp_path))) as s:
+        channel, stub, _ = stubs(s)
+        with channel:
+            np.testing.assert_allclose(scores_of(stub, "clip100"), expected["pickscore"] * 100 / own, atol=1e-4)
+            info = stub.GetModelInfo(pb.GetModelInfoRequest(model="clip100"))
+            assert info.logit_scale == pytest.approx(np.log(100)) and info.kind == "clip"
+    (tmp_path / "clip100" / "model.json").write_text(json.dumps({"score_scale": -1}))
+    with pytest.raises(ValueError, match="score_scale must be positive, got -1"):
+        ServerThread(settings_for("unused", model_repository=str(tmp_path)))
+
+
 def test_a_bad_image_fails_the_same_item_for_every_model(server):
     channel, stub, _ = stubs(server)
     with channel:
