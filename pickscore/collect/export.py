@@ -3,6 +3,10 @@
 
     export(store, "data/mine")   # DIR/<split>/part-00000.parquet for the five splits, agreement.json, export.json
 
+agreement.json is ``report.agreement`` over every choice of the export, with ``tie_aware_rate`` added (the people row
+``pickscore eval`` prints beside the models: two people's choices for one pair scored against each other with the
+points eval gives a model) and ``definitions``, a sentence per figure saying what it counts.
+
 Rows follow ``pickscore.training.data.SCHEMA``: the prompt, both images' bytes, label_0/label_1 (1/0, 0/1, or 0.5/0.5
 for a tie), the models, the image ids (SHA-256), the user, the choice id as ``ranking_id`` and its time.
 
@@ -79,6 +83,38 @@ def check_splits(split_of: dict[str, str], validation: float, test: float) -> No
     )
 
 
+AGREEMENT_DEFINITIONS = {
+    "tie_aware_rate": "people's agreement as `pickscore eval` scores a model against a person (the paper's human "
+    "baseline): for every two people who chose for the same pair (the same prompt and two images, on either side; "
+    "each person's latest choice; every split of this export), 1 when both chose the same image or both called a "
+    "tie, 0.5 when exactly one called a tie, 0 when they chose opposite images; the mean over those comparisons",
+    "rate": "the fraction of those comparisons where both chose the same image or both called a tie (a tie against "
+    "a choice counts as disagreement)",
+    "decisive_rate": "rate over the decisive_comparisons, those where neither called a tie",
+    "comparisons": "one per two people who chose for the same pair",
+    "pairs": "pairs chosen for by two or more people",
+    "users": "per user id: the comparisons they take part in, and how many agree exactly (as rate)",
+}
+
+
+def people_agreement(choices: list[dict[str, Any]]) -> dict[str, Any]:
+    """``report.agreement`` with ``tie_aware_rate`` and ``definitions`` (``AGREEMENT_DEFINITIONS``).
+
+    The tie-aware points come from agreement's counts: of C comparisons, A agree exactly and D are decisive, A_d of
+    them agreeing; the other C - D have a tie, and A - A_d of those are two ties (1 point each), the rest one tie
+    (0.5 each); so the points are A + (C - D - (A - A_d)) / 2."""
+    agreed = agreement(choices)
+    comparisons, decisive = agreed["comparisons"], agreed["decisive_comparisons"]
+    exact = round((agreed["rate"] or 0.0) * comparisons)  # counts, back from agreement's fractions
+    decisive_exact = round((agreed["decisive_rate"] or 0.0) * decisive)
+    points = exact + (comparisons - decisive - (exact - decisive_exact)) / 2
+    return {
+        "tie_aware_rate": points / comparisons if comparisons else None,
+        **agreed,
+        "definitions": AGREEMENT_DEFINITIONS,
+    }
+
+
 def export(
     store: Store, out: str | Path, validation: float = 0.1, test: float = 0.1, seed: int = 0, progress: bool = False
 ) -> dict[str, Any]:
@@ -99,14 +135,14 @@ def export(
     with tqdm(total=total, unit="pair", disable=not progress or None, file=sys.stderr, desc="export") as bar:
         for split in SPLITS:
             _write_split(store, out / split / "part-00000.parquet", rows[split], bar)
-    agreed = agreement(choices)
+    agreed = people_agreement(choices)
     (out / "agreement.json").write_text(json.dumps(agreed, indent=2) + "\n")
     manifest = {
         "rows": {s: len(rows[s]) for s in SPLITS},
         "prompts": {s: len({c["prompt"] for c in rows[s]}) for s in SPLITS},
         "fractions": {"validation": validation, "test": test, "seed": seed},
         "ties": sum(c["label"] == "tie" for c in choices),
-        "agreement": {k: agreed[k] for k in ("rate", "decisive_rate", "comparisons", "pairs")},
+        "agreement": {k: agreed[k] for k in ("tie_aware_rate", "rate", "decisive_rate", "comparisons", "pairs")},
     }
     (out / "export.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -159,7 +195,13 @@ def markdown(manifest: dict[str, Any], agreed: dict[str, Any], names: dict[int, 
         "",
         f"Agreement between users: {'-' if rate is None else f'{rate:.3f}'} over {agreed['comparisons']} "
         f"comparisons on {agreed['pairs']} pairs judged by two or more users"
-        + ("" if agreed["decisive_rate"] is None else f"; {agreed['decisive_rate']:.3f} leaving out ties"),
+        + ("" if agreed["decisive_rate"] is None else f"; {agreed['decisive_rate']:.3f} leaving out ties")
+        + (
+            ""
+            if rate is None
+            else f"; {agreed['tie_aware_rate']:.3f} with a tie against a choice as half "
+            "(the people row of `pickscore eval`)"
+        ),
     ]
     if agreed["users"]:
         lines += ["", "| user | comparisons | agreed | rate |", "|---|---:|---:|---:|"]

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pickscore.backends import add_backend_flags
+from pickscore.backends import add_backend_flags, backend_options
 from pickscore.flags import add_flags, given, int_at_least
 from pickscore.training.config import TrainConfig, preset_names
 from pickscore.training.dials import (
@@ -148,8 +148,12 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
         help="tie-aware preference accuracy on a dataset",
         description="Tie-aware accuracy as in the paper: a tie is predicted when |p0 - p1| <= threshold, the threshold "
         "is chosen on validation_unique and applied to test_unique; 1 point per right answer, 0.5 when "
-        "either side is a tie. Prints the model beside the baselines. Any model reference works, ONNX "
-        "exports included, so an fp16 or int8 export can be compared with its checkpoint.",
+        "either side is a tie. Each scorer scores by its own rule (PickScore, CLIP, HPS v2, ImageReward, the "
+        "aesthetic predictor) and is loaded alone, freed before the next. Prints the paper's table, best first: "
+        "every --model and --baseline, random choice (0.5) and, when DIR/agreement.json exists (`pickscore collect "
+        "export` writes it), people: how well one person's choice predicts another's for the same pair, scored "
+        "with the same points. Any model reference works, ONNX exports included, so an fp16 or int8 export can be "
+        "compared with its checkpoint.",
     )
     p.add_argument(
         "--model",
@@ -164,7 +168,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
         required=True,
         type=Path,
         metavar="DIR",
-        help="dataset directory with validation_unique and test_unique",
+        help="dataset directory with validation_unique and test_unique (and agreement.json for the people row)",
     )
     p.add_argument(
         "--baseline",
@@ -179,7 +183,11 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", type=Path, metavar="PNG", help="write accuracy against the tie threshold to this PNG")
     add_backend_flags(p, dtype_default="fp32")
     p.add_argument(
-        "--json", action="store_true", help='print {"accuracy": ..., "threshold": ..., ...} instead of a table'
+        "--json",
+        action="store_true",
+        help='print {"accuracy": ..., "threshold": ..., ...} of the first --model instead of a table, with '
+        '"ranking" (the table\'s rows, best first) and "human_agreement" (the people row, when DIR/agreement.json '
+        "exists)",
     )
     p.set_defaults(func=_cmd_eval)
 
@@ -285,31 +293,39 @@ def _write_init(cfg: TrainConfig, args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from pickscore.backends import load_backend
-    from pickscore.training.evaluate import evaluate, plot_threshold_curves
+    from pickscore.training.evaluate import evaluate_refs, human_agreement, plot_threshold_curves, ranking
 
-    refs = list(dict.fromkeys([*args.baseline, *args.model]))  # baselines first, as the table prints them
-    results = {}
-    for ref in refs:
-        results[ref] = evaluate(load_backend(ref, args.backend, args.device, args.dtype), args.data, args.limit)
+    refs = list(dict.fromkeys([*args.baseline, *args.model]))  # baselines first, as --json's "models" lists them
+    people = human_agreement(args.data)  # read first: a malformed file fails before any model loads
+    results = evaluate_refs(refs, args.data, args.limit, **backend_options(args))
     if args.plot:
         plot_threshold_curves(results, args.plot)
     plain = {ref: {k: v for k, v in r.items() if k != "curves"} for ref, r in results.items()}
     first = args.model[0]
-    summary = {**plain[first], "model": first, "random_baseline": 0.5}
+    table = ranking(plain, people)
+    summary = {**plain[first], "model": first, "random_baseline": 0.5, "ranking": table}
     if args.baseline:
         summary["baseline"] = {"model": args.baseline[0], **plain[args.baseline[0]]}
-    if len(refs) > 1:  # every model and baseline, in the table's order
+    if len(refs) > 1:  # every model and baseline, baselines first
         summary["models"] = [{"model": ref, **plain[ref]} for ref in refs]
+    if people is not None:
+        summary["human_agreement"] = people
+        if people["rate"] is None:
+            print(f"no people row: {people['file']}: {people['note']}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary, allow_nan=False))
         return 0
-    rows = [("random", "0.5000", "-")]
-    rows += [(ref, f"{plain[ref]['accuracy']:.4f}", f"{plain[ref]['threshold']:.3f}") for ref in refs]
-    width = max(len(str(name)) for name, _, _ in rows)
+    width = max(len(row["name"]) for row in table)
     print(f"{'model':{width}s}  accuracy  threshold")
-    for name, accuracy, threshold in rows:
-        print(f"{str(name):{width}s}  {accuracy}    {threshold}")
+    for row in table:
+        threshold = "-" if row["threshold"] is None else f"{row['threshold']:.3f}"
+        print(f"{row['name']:{width}s}  {row['accuracy']:.4f}    {threshold}")
+    if people is not None and people["rate"] is not None:
+        print(
+            f"\npeople: one person's choice for a pair scored against another's, as a model's is (1 same, 0.5 when "
+            f"one is a tie, 0 opposite): {people['comparisons']} comparisons on {people['pairs']} pairs "
+            f"({people['file']})"
+        )
     return 0
 
 

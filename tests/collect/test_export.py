@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from pickscore.cli import main
-from pickscore.collect.export import assign_splits
+from pickscore.collect.export import assign_splits, people_agreement
 from pickscore.collect.report import agreement
 from pickscore.datasets.pickapic import SCHEMA, SPLITS
 from tests.collect.conftest import Visitor
@@ -153,6 +153,8 @@ def test_agreement_between_users_on_the_same_pair(start_app, tmp_path):
     assert report["pairs"] == 3 and report["comparisons"] == 9
     assert report["rate"] == pytest.approx(5 / 9)
     assert report["decisive_rate"] == pytest.approx(2 / 6)
+    assert report["tie_aware_rate"] == pytest.approx(5 / 9)  # no tie against a choice here: as exact agreement
+    assert set(report["definitions"]) >= {"tie_aware_rate", "rate", "decisive_rate", "comparisons", "pairs"}
     names = app.store.user_names()
     per_user = {names[int(u)]: (v["agreed"], v["comparisons"]) for u, v in report["users"].items()}
     assert per_user == {"ada": (3, 6), "bob": (4, 6), "cy": (3, 6)}
@@ -172,6 +174,28 @@ def test_agreement_counts_each_user_s_latest_judgment_and_ignores_unshared_pairs
     assert (report["pairs"], report["comparisons"], report["rate"]) == (1, 1, 1.0)
     assert set(report["users"]) == {1, 2}
     assert agreement([c(1, "x", "y", "left")])["rate"] is None
+
+
+def test_tie_aware_agreement_counts_a_tie_against_a_choice_as_half():
+    """The people row of `pickscore eval`: two people's choices scored as eval scores a model against a person."""
+
+    def c(user, label, prompt="p", a="x", b="y"):
+        return {"user_id": user, "image_0": a, "image_1": b, "label": label, "prompt": prompt}
+
+    choices = [
+        c(1, "left"),  # p: 1 chose x, 2 called a tie, 3 chose y (shown on the other side): 0.5, 0 and 0.5
+        c(2, "tie"),
+        c(3, "left", a="y", b="x"),
+        c(1, "tie", prompt="q"),  # q: both called a tie: 1
+        c(2, "tie", prompt="q"),
+        c(1, "right", prompt="r"),  # r: both chose y: 1
+        c(2, "left", prompt="r", a="y", b="x"),
+    ]
+    agreed = people_agreement(choices)
+    assert (agreed["comparisons"], agreed["decisive_comparisons"], agreed["pairs"]) == (5, 2, 3)
+    assert agreed["tie_aware_rate"] == pytest.approx((0.5 + 0 + 0.5 + 1 + 1) / 5)
+    assert agreed["rate"] == pytest.approx(2 / 5) and agreed["decisive_rate"] == pytest.approx(1 / 2)
+    assert people_agreement([c(1, "left")])["tie_aware_rate"] is None
 
 
 def test_splits_are_by_prompt_stable_and_never_empty_with_three_prompts():
