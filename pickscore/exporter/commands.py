@@ -21,10 +21,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     onnx = kinds.add_parser(
         "onnx",
         help="image and text towers as ONNX graphs (DIR is a --model reference)",
-        description="Write DIR/image.onnx and DIR/text.onnx (symbolic batch axis, L2-normalised "
-        "embeddings) with the model's preprocessing, tokenizer and logit_scale, so "
-        "DIR works as --model for score, rank, eval and serve. Verified with ONNX "
-        "Runtime.",
+        description="Write DIR/image.onnx and DIR/text.onnx (symbolic batch axis) with the model's kind, "
+        "preprocessing, tokenizer and the logit_scale its scores use, so DIR works as --model for score, rank, "
+        "eval and serve. PickScore, any CLIP and HPS v2 export L2-normalised embeddings; the LAION aesthetic "
+        "predictor its score from the image tower (the prompt is ignored). ImageReward is refused: its score is a "
+        "joint forward pass over each (prompt, image) pair, not two towers meeting in a dot product; serve it "
+        "with the torch backend. Verified with ONNX Runtime.",
     )
     onnx.add_argument("--model", required=True, metavar="REF", help="model reference to export (as for score)")
     onnx.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (replaced atomically)")
@@ -65,7 +67,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="a Triton Inference Server model repository",
         description="Write REPO with pickscore (ensemble: PROMPT, IMAGE -> SCORE), "
         "pickscore_image and pickscore_text (ONNX) and two Python-backend steps "
-        "that use this package.",
+        "that use this package. The kinds `export onnx` takes (PickScore/CLIP, HPS v2, the aesthetic "
+        "predictor); ImageReward is refused.",
     )
     triton.add_argument("--model", required=True, metavar="REF", help="model reference, or an ONNX export to reuse")
     triton.add_argument(

@@ -2,10 +2,16 @@
 
     pickscore export onnx --model REF --out DIR [--precision fp32|fp16|int8]
 
-DIR holds ``image.onnx`` (pixel_values [B, 3, H, W] float32 -> image_embeds [B, D], L2-normalised),
-``text.onnx`` (input_ids [B, 77] int64 -> text_embeds [B, D], L2-normalised), ``pickscore_onnx.json``
-(logit_scale, precision, what it was verified to), ``preprocessor_config.json`` and the tokenizer files,
-so DIR is itself a model reference (``--model DIR``) for the CLI, the scorer and the server.
+DIR holds ``image.onnx`` (pixel_values [B, 3, H, W] float32 -> image_embeds [B, D]), ``text.onnx`` (input_ids
+[B, 77] int64 -> text_embeds [B, D]), ``pickscore_onnx.json`` (the model's kind, the logit_scale its scores use,
+precision, what it was verified to), ``preprocessor_config.json`` and the tokenizer files, so DIR is itself a
+model reference (``--model DIR``) for the CLI, the scorer and the server.
+
+The towers compute what the model's kind says (``LoadedModel``): PickScore, any CLIP and HPS v2 give L2-normalised
+embeddings, the LAION aesthetic predictor its score (D = 1) from the image tower and 1 from the text tower; a score
+is exp(logit_scale) * <text, image> with the kind's effective logit_scale (0 for HPS v2 and the aesthetic
+predictor). A joint kind (ImageReward), whose score is a forward pass over each (prompt, image) pair, is refused:
+its towers do not meet in a dot product, which this export and the Triton ensemble built on it assume.
 
 Graphs come from the torch.export-based exporter (``torch.onnx.export(dynamo=True)``); the batch axis is
 checked to be symbolic in the written files. fp16 converts the fp32 graphs to half precision behind float32
@@ -26,20 +32,23 @@ import torch.nn.functional as F
 from pickscore.backends.manifest import FORMAT, PRECISIONS, write_manifest
 from pickscore.exporter.verify import TOLERANCE, verify_export
 from pickscore.model.checkpoint import LoadedModel, atomic_directory, resolve
+from pickscore.model.preprocess import PreprocessConfig
 from pickscore.model.tokenizer import save_hf_files
 
 
 class _Tower(torch.nn.Module):
-    """One tower of ``model`` as a graph: float32 (or int64) in, float32 L2-normalised embeddings out."""
+    """One tower of ``model`` as a graph: float32 (or int64) in, float32 out, L2-normalised when ``unit``."""
 
-    def __init__(self, model: torch.nn.Module, tower: str):
+    def __init__(self, model: torch.nn.Module, tower: str, unit: bool):
         super().__init__()
         self.model = model
         self.tower = tower
+        self.unit = unit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         encode = self.model.encode_image if self.tower == "image" else self.model.encode_text
-        return F.normalize(encode(x), dim=-1)
+        out = encode(x).float()
+        return F.normalize(out, dim=-1) if self.unit else out
 
 
 def export_onnx(
@@ -59,6 +68,12 @@ def export_onnx(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     loaded = resolve(ref)
+    if loaded.joint:
+        raise ValueError(
+            f"{ref} is a {loaded.kind} model: its score is a joint forward pass over each (prompt, image) pair, "
+            "and an ONNX export (and the Triton ensemble built on it) holds two towers whose outputs meet in a dot "
+            "product; serve it with the torch backend (pickscore serve --model REF)"
+        )
     model = loaded.model.float().eval()
     with atomic_directory(Path(out)) as tmp:
         fp32_dir = tmp / "fp32" if precision != "fp32" else tmp
@@ -71,12 +86,13 @@ def export_onnx(
             "version": 1,
             "precision": precision,
             "source": loaded.source,
-            "logit_scale": float(model.logit_scale.detach()),
-            "embed_dim": int(loaded.model_cfg["embed_dim"]),
+            "kind": loaded.kind,
+            "logit_scale": loaded.logit_scale,  # the kind's effective one: 0 (a factor of 1) for HPS, aesthetic
+            "embed_dim": loaded.embed_dim,
             "context_length": loaded.context_length,
             "model_cfg": loaded.model_cfg,
         }
-        (tmp / "preprocessor_config.json").write_text(json.dumps(loaded.preprocess.to_hf(), indent=2) + "\n")
+        write_preprocess(tmp, loaded.preprocess)
         save_hf_files(tmp)
         if verify:
             manifest["verification"] = verify_export(tmp, loaded, manifest, tolerance, min_agreement)
@@ -89,9 +105,14 @@ def export_onnx(
 def _export(model, loaded: LoadedModel, out: Path, opset: int) -> None:
     h, w = loaded.preprocess.output_size
     towers = {
-        "image": (_Tower(model, "image").eval(), torch.zeros(2, 3, h, w), "pixel_values", "image_embeds"),
+        "image": (
+            _Tower(model, "image", loaded.unit_features).eval(),
+            torch.zeros(2, 3, h, w),
+            "pixel_values",
+            "image_embeds",
+        ),
         "text": (
-            _Tower(model, "text").eval(),
+            _Tower(model, "text", loaded.unit_features).eval(),
             torch.zeros(2, loaded.context_length, dtype=torch.long),
             "input_ids",
             "text_embeds",
@@ -112,6 +133,18 @@ def _export(model, loaded: LoadedModel, out: Path, opset: int) -> None:
             verbose=False,
         )
         check_symbolic_batch(out / f"{name}.onnx")
+
+
+def write_preprocess(directory: Path, preprocess: PreprocessConfig) -> None:
+    """DIR/preprocessor_config.json, which the onnxruntime backend and the Triton preprocessing step read back;
+    ValueError when reading it back would not give ``preprocess`` (scores would silently differ)."""
+    written = preprocess.to_hf()
+    if PreprocessConfig.from_hf(written) != preprocess:
+        raise ValueError(
+            f"preprocessor_config.json cannot carry this model's preprocessing: {preprocess} is read back as "
+            f"{PreprocessConfig.from_hf(written)}; not written"
+        )
+    (directory / "preprocessor_config.json").write_text(json.dumps(written, indent=2) + "\n")
 
 
 def check_symbolic_batch(path: Path) -> None:

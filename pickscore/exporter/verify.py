@@ -3,6 +3,8 @@
     pixels, tokens = verification_inputs(preprocess, tokenizer, 64)   # rendered scenes and their captions
     rank_agreement(candidate, reference, pixels, tokens)              # fraction of best-of-8 pairs ordered alike
 
+Scores are each backend's own (``Backend.scores``: the kind's rule with the logit_scale it carries, the manifest's
+for an export), so an export whose manifest scales or combines the towers differently from the model fails.
 Inputs are drawn scenes (``pickscore.scenes``), preprocessed exactly like real requests, so a check exercises
 varied colours, shapes and layouts and captions that describe them.
 """
@@ -10,6 +12,7 @@ varied colours, shapes and layouts and captions that describe them.
 from __future__ import annotations
 
 import io
+import math
 import random
 from itertools import combinations
 from pathlib import Path
@@ -26,29 +29,35 @@ from pickscore.model.preprocess import PreprocessConfig, load_pixels
 from pickscore.model.tokenizer import Tokenizer
 from pickscore.scenes import random_scene, render
 
-TOLERANCE = 1e-4  # largest |embedding difference| accepted for fp32 against torch
+TOLERANCE = 1e-4  # largest |tower output difference| accepted for fp32 against torch; scores: times exp(logit_scale)
 
 
 def verify_export(
     directory: Path, loaded: LoadedModel, manifest: dict[str, Any], tolerance: float, min_agreement: float
 ) -> dict[str, Any]:
-    """ONNX Runtime against torch at batch sizes 1 and 7; rank agreement with fp32 on best-of-8 sets."""
+    """ONNX Runtime against torch at batch sizes 1 and 7, the towers' outputs and the scores they make; rank
+    agreement with fp32 on best-of-8 sets."""
     precision = manifest["precision"]
     ours = OnnxBackend(directory, manifest=manifest)
     reference = TorchBackend(loaded, device="cpu", dtype=torch.float32)
     pixels, tokens = verification_inputs(loaded.preprocess, loaded.tokenizer(), 8 * 8)
-    result: dict[str, Any] = {}
-    worst = 0.0
+    worst = worst_score = 0.0
     for batch in (1, 7):
-        worst = max(
-            worst,
-            float(np.abs(ours.encode_image(pixels[:batch]) - reference.encode_image(pixels[:batch])).max()),
-            float(np.abs(ours.encode_text(tokens[:batch]) - reference.encode_text(tokens[:batch])).max()),
-        )
-    result["max_abs_diff"] = worst
+        pairs = []
+        for backend in (ours, reference):
+            images, text = backend.encode_image(pixels[:batch]), backend.encode_text(tokens[:batch])
+            pairs.append((images, text, backend.scores(text, images)))
+        (image_a, text_a, score_a), (image_b, text_b, score_b) = pairs
+        worst = max(worst, float(np.abs(image_a - image_b).max()), float(np.abs(text_a - text_b).max()))
+        worst_score = max(worst_score, float(np.abs(score_a - score_b).max()))
+    result: dict[str, Any] = {"max_abs_diff": worst, "max_score_diff": worst_score}
     if precision == "fp32":
-        if worst > tolerance:
-            raise ValueError(f"ONNX Runtime differs from torch by {worst:.2e} > {tolerance:.0e}; not written")
+        score_tolerance = tolerance * max(1.0, math.exp(loaded.logit_scale))
+        if worst > tolerance or worst_score > score_tolerance:
+            raise ValueError(
+                f"ONNX Runtime differs from torch by {worst:.2e} in the towers' outputs (accepted {tolerance:.0e}) "
+                f"and {worst_score:.2e} in scores (accepted {score_tolerance:.0e}); not written"
+            )
         return result
     agreement = rank_agreement(ours, reference, pixels, tokens)
     result["rank_agreement"] = agreement
@@ -63,12 +72,12 @@ def verify_export(
 def rank_agreement(
     candidate: Backend, reference: Backend, pixels: np.ndarray, tokens: np.ndarray, per_set: int = 8
 ) -> float:
-    """Fraction of image pairs, within best-of-8 sets (one prompt each), that both backends order alike."""
+    """Fraction of image pairs, within best-of-8 sets (one prompt each), that both backends' scores order alike."""
     agree = total = 0
     for s in range(len(pixels) // per_set):
-        images = pixels[s * per_set : (s + 1) * per_set]
-        a = candidate.encode_image(images) @ candidate.encode_text(tokens[s : s + 1])[0]
-        b = reference.encode_image(images) @ reference.encode_text(tokens[s : s + 1])[0]
+        images, text = pixels[s * per_set : (s + 1) * per_set], tokens[s : s + 1]
+        a = candidate.scores(candidate.encode_text(text), candidate.encode_image(images))
+        b = reference.scores(reference.encode_text(text), reference.encode_image(images))
         alike, pairs = pairs_ordered_alike(a, b)
         agree, total = agree + alike, total + pairs
     return float(agree / total)
