@@ -9,6 +9,8 @@ never (benchmarks/device_decode_bench.py measures the rank agreement with the ex
 Everything else takes the exact path (``preprocess.load_uint8``): other formats, CMYK JPEGs, configs that do
 not resize the short side and centre-crop, and shapes whose whole-image resize would cost more than
 ``FULL_RESIZE_AREA`` crops. The pixel and aspect-ratio limits are checked from the header first, as there.
+The crop window is the config's style's (``preprocess.crop_offsets``: floor offsets for transformers, rounded for
+torchvision); a JPEG is RGB or grayscale, so resizing it in its own mode (torchvision) or as RGB is the same.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pickscore.model.preprocess import (
     FULL_RESIZE_AREA,
     PreprocessConfig,
     check_size,
+    crop_offsets,
     load_uint8,
     resize_size,
 )
@@ -61,7 +64,7 @@ def crop_on_device(
         pixels[None].float(), size=(height, width), mode="bicubic", antialias=True, align_corners=False
     )
     resized = resized.round_().clamp_(0, 255).to(torch.uint8)[0]  # (3, height, width)
-    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    top, left = crop_offsets(width, height, cfg)
     out = torch.zeros((3, crop_h, crop_w), dtype=torch.uint8, device=resized.device)  # outside the image: 0
     y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + crop_h, height), min(left + crop_w, width)
     out[:, y0 - top : y1 - top, x0 - left : x1 - left] = resized[:, y0:y1, x0:x1]

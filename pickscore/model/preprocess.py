@@ -1,28 +1,37 @@
-"""Image decoding and preprocessing, reproducing ``CLIPProcessor`` (PIL backend).
+"""Image decoding and preprocessing, reproducing the reference pipelines exactly, in one of two styles.
 
+``style="transformers"`` (the default): ``CLIPImageProcessor`` (PIL backend), PickScore's and HF CLIP's preprocessing
 decode (bounded, first frame) -> RGB (transparency composited onto white)
 -> resize shortest side (PIL, bicubic) -> centre crop (floor offsets, zero fill)   = ``crop_uint8``: (H, W, 3) uint8
 -> rescale (x/255) -> normalise ((x - mean) / std) -> float32 (3, H, W)            = ``normalize``
 
+``style="torchvision"`` (``PreprocessConfig.torchvision``): torchvision's ``Resize``, ``CenterCrop``,
+``convert("RGB")``, ``ToTensor``, ``Normalize``, as open_clip's eval transform (HPS v2), OpenAI CLIP's (the LAION
+aesthetic predictor) and ImageReward's preprocess: the image is resized in its own mode (Pillow's bicubic,
+premultiplied for RGBA/LA, nearest for P and 1), centre-cropped with rounded offsets (``round((h - 224) / 2)``,
+half to even; zero padding in the image's own mode when it is smaller than the crop), and only then converted
+to RGB by a plain convert (no compositing: transparent pixels keep their colour); then x / 255 and
+(x - mean) / std in float32.
+
 The two halves are separate so the expensive, exact part (decode, resize, crop) hands 3 x 224 x 224 bytes to
 whoever runs the model, and the cheap part runs where the model is (a backend normalises on its device, bit for
-bit what ``normalize`` computes here). ``normalize_table`` defines the values: what the reference's float64
-rescale then float32 normalise make of each uint8 value. Three float32 operations reproduce it exactly for
-CLIP's configs -- x / 255, minus the mean, over the std -- and since they act on each sample alone, checking the
-256 values of each channel (``exact_divisor``) proves it for every image; a config where they do not is looked
-up in the table instead.
+bit what ``normalize`` computes here). ``normalize_table`` defines the values: for the transformers style, what
+the reference's float64 rescale then float32 normalise make of each uint8 value; for the torchvision style,
+float32 x / 255 then float32 (x - mean) / std, as ``ToTensor`` and ``Normalize`` compute. Three float32
+operations reproduce it exactly for CLIP's configs in either style -- x / 255, minus the mean, over the std --
+and since they act on each sample alone, checking the 256 values of each channel (``exact_divisor``) proves it
+for every image; a config where they do not is looked up in the table instead.
 
-Every step follows ``transformers``' ``CLIPImageProcessorPil`` for the checkpoint's
-``preprocessor_config.json`` so that scores equal the reference. One deliberate
-difference: 16-bit grayscale images are scaled to 8 bits (x/257) where the
-reference clips them to white.
+One deliberate difference from both references: 16-bit grayscale images are scaled to 8 bits (x/257) where the
+references clip them to white.
 
 Cost is bounded by the output, not the input: when resizing the whole image would make more than
 ``FULL_RESIZE_AREA`` times the crop's pixels (an extreme aspect ratio: a 60000 x 1 strip would become
 13 million x 224), only the source region the crop keeps is resized, in Pillow's two passes and their order.
 The samples are those of resizing everything and cropping, except that Pillow takes the region as float32
-coordinates: on some images a few pixels differ by one or two levels. Every ordinary image takes the
-whole-image path and is bit-identical to the reference.
+coordinates: on some images a few pixels differ by one or two levels (nearest-neighbour resizes, P and 1 images
+included, replay Pillow's coordinate steps and stay exact). Every ordinary image takes the whole-image path and
+is bit-identical to the reference.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import PIL
 from PIL import Image, UnidentifiedImageError
 
 from pickscore.errors import InvalidInput
@@ -51,6 +61,7 @@ FULL_RESIZE_AREA = 4
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+STYLES = ("transformers", "torchvision")
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 # Half-width of each resampling filter's window at scale 1, as Pillow defines its filters.
 _SUPPORT = {
@@ -60,11 +71,20 @@ _SUPPORT = {
     Image.Resampling.BICUBIC: 2.0,
     Image.Resampling.LANCZOS: 3.0,
 }
+# Modes Pillow resizes premultiplied (converted, resized, converted back), and modes it resizes nearest-neighbour.
+_PREMULTIPLIED = {"RGBA": "RGBa", "LA": "La"}
+_NEAREST_MODES = ("1", "P")
+_NEAREST_CHUNK = 1 << 20  # coordinates replayed per step of _nearest_indices (bounds its memory)
+_PILLOW = tuple(int(part) for part in PIL.__version__.split(".")[:2])
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """What ``preprocessor_config.json`` says; defaults are PickScore_v1's (CLIP-H)."""
+    """What ``preprocessor_config.json`` says; defaults are PickScore_v1's (CLIP-H).
+
+    ``style``: which reference the pipeline reproduces, "transformers" (``CLIPImageProcessor``) or "torchvision"
+    (torchvision's transforms; see the module docstring). Configs that differ only in style preprocess differently.
+    """
 
     do_resize: bool = True
     shortest_edge: int | None = 224  # resize the short side to this, keeping aspect ratio
@@ -78,6 +98,35 @@ class PreprocessConfig:
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
     do_convert_rgb: bool = True
+    style: str = "transformers"
+
+    def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ValueError(f"unknown preprocessing style {self.style!r}; expected one of {', '.join(STYLES)}")
+        if self.style == "torchvision" and not (self.do_rescale and self.rescale_factor == 1 / 255):
+            raise ValueError(
+                "a torchvision-style config rescales by 1/255 (ToTensor): do_rescale=True, rescale_factor=1/255; "
+                f"got do_rescale={self.do_rescale}, rescale_factor={self.rescale_factor}"
+            )
+
+    @classmethod
+    def torchvision(
+        cls,
+        size: int = 224,
+        mean: tuple[float, float, float] = CLIP_MEAN,
+        std: tuple[float, float, float] = CLIP_STD,
+        resample: int = Image.Resampling.BICUBIC,
+    ) -> PreprocessConfig:
+        """``Compose([Resize(size, resample), CenterCrop(size), convert("RGB"), ToTensor(), Normalize(mean, std)])``:
+        open_clip's eval transform (resize_mode "shortest"), OpenAI CLIP's and ImageReward's."""
+        return cls(
+            shortest_edge=size,
+            resample=int(resample),
+            crop_size=(size, size),
+            image_mean=tuple(float(v) for v in mean),
+            image_std=tuple(float(v) for v in std),
+            style="torchvision",
+        )
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -90,7 +139,8 @@ class PreprocessConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> PreprocessConfig:
-        """Parse a Hugging Face ``preprocessor_config.json`` dict (legacy int sizes included)."""
+        """Parse a Hugging Face ``preprocessor_config.json`` dict (legacy int sizes included); its
+        "pickscore_style" key, which ``to_hf`` writes for a torchvision-style config, sets ``style``."""
         size = cfg.get("size", {"shortest_edge": 224})
         shortest_edge, resize_to = None, None
         if isinstance(size, int):
@@ -119,10 +169,12 @@ class PreprocessConfig:
             image_mean=tuple(float(v) for v in cfg.get("image_mean", CLIP_MEAN)),
             image_std=tuple(float(v) for v in cfg.get("image_std", CLIP_STD)),
             do_convert_rgb=bool(cfg.get("do_convert_rgb", True)),
+            style=str(cfg.get("pickscore_style", "transformers")),
         )
 
     def to_hf(self) -> dict[str, Any]:
-        """The ``preprocessor_config.json`` dict that ``CLIPImageProcessor`` reads."""
+        """The ``preprocessor_config.json`` dict that ``CLIPImageProcessor`` reads; a torchvision-style config adds
+        "pickscore_style": "torchvision" (which ``from_hf`` reads back; ``CLIPImageProcessor`` would not)."""
         if self.resize_to is None:
             size: dict[str, int] = {"shortest_edge": self.shortest_edge}
         else:
@@ -140,7 +192,7 @@ class PreprocessConfig:
             "image_mean": list(self.image_mean),
             "image_std": list(self.image_std),
             "do_convert_rgb": self.do_convert_rgb,
-        }
+        } | ({} if self.style == "transformers" else {"pickscore_style": self.style})
 
 
 def read_image_bytes(item: bytes | bytearray | memoryview | str | os.PathLike | Image.Image) -> bytes | Image.Image:
@@ -177,7 +229,8 @@ def from_pixels(
 ) -> Image.Image:
     """Decoded pixels a caller already holds -> the image a lossless PNG of them decodes to.
 
-    uint8, (H, W, 3) RGB, (H, W, 4) RGBA (composited onto white like any transparent image) or (H, W) gray.
+    uint8, (H, W, 3) RGB, (H, W, 4) RGBA (transparency treated as the config's style treats any transparent image:
+    composited onto white, or dropped after resizing) or (H, W) gray.
     """
     if pixels.dtype != np.uint8:
         raise InvalidInput(f"pixels must be uint8, got {pixels.dtype}")
@@ -209,12 +262,17 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect_r
     return img
 
 
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit integer) grayscale as 8-bit L, scaled (x/257) where Pillow's convert would clip at 255."""
+    if img.mode not in _SIXTEEN_BIT_MODES:
+        return img
+    wide = np.asarray(img, dtype=np.float64).clip(0, 65535)
+    return Image.fromarray(np.round(wide / 257).astype(np.uint8))
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB with transparency composited onto white, as ``transformers``' ``convert_to_rgb``."""
-    if img.mode in _SIXTEEN_BIT_MODES:
-        # PIL clips 16-bit values to 255 when converting; scale them to 8 bits instead.
-        wide = np.asarray(img, dtype=np.float64).clip(0, 65535)
-        img = Image.fromarray(np.round(wide / 257).astype(np.uint8), mode="L")
+    img = _eight_bit(img)
     if "A" in img.getbands() or img.info.get("transparency") is not None:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -222,8 +280,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def _plain_rgb(img: Image.Image) -> Image.Image:
+    """``img.convert("RGB")``, as torchvision's pipelines end: no compositing, transparent pixels keep their colour."""
+    if img.mode == "RGB":
+        return img
+    if "transparency" in img.info:  # the samples ignore it; dropping it spares Pillow's warning about it
+        img = img.copy()
+        del img.info["transparency"]
+    return img.convert("RGB")
+
+
 def resize_size(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, int]:
-    """Target (width, height), as ``get_resize_output_image_size(default_to_square=False)``."""
+    """Target (width, height), as ``get_resize_output_image_size(default_to_square=False)`` (and torchvision's
+    ``Resize``, which computes the same)."""
     if cfg.resize_to is not None:
         return cfg.resize_to[1], cfg.resize_to[0]
     short, long = (width, height) if width <= height else (height, width)
@@ -231,46 +300,81 @@ def resize_size(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, in
     return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
+def crop_offsets(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, int]:
+    """(top, left) of the centre crop in a (resized) image of width x height; negative where the crop is larger
+    (the image is padded with zeros). transformers: floor((size - crop) / 2); torchvision's ``center_crop``:
+    round((size - crop) / 2), half to even, and a larger crop pads floor((crop - size) / 2) before the image."""
+    crop_h, crop_w = cfg.crop_size
+    if cfg.style == "transformers":
+        return (height - crop_h) // 2, (width - crop_w) // 2
+
+    def offset(size: int, crop: int) -> int:
+        return int(round((size - crop) / 2.0)) if size >= crop else -((crop - size) // 2)
+
+    return offset(height, crop_h), offset(width, crop_w)
+
+
 def crop_uint8(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
-    """One decoded image -> the resized, centre-cropped RGB samples, uint8 (H, W, 3)."""
-    if cfg.do_convert_rgb:
+    """One decoded image -> the resized, centre-cropped RGB samples, uint8 (H, W, 3), in the config's style."""
+    if not cfg.do_convert_rgb:
+        if img.mode != "RGB":
+            raise InvalidInput(f"image mode {img.mode} is not RGB and the model's preprocessing does not convert")
+    elif cfg.style == "transformers":
         img = to_rgb(img)
-    elif img.mode != "RGB":
-        raise InvalidInput(f"image mode {img.mode} is not RGB and the model's preprocessing does not convert")
+    else:  # torchvision: resized and cropped in its own mode, converted last (_plain_rgb)
+        img = _eight_bit(img)
     width, height = resize_size(*img.size, cfg) if cfg.do_resize else img.size
     if not cfg.do_center_crop:
-        return np.array(img.resize((width, height), resample=cfg.resample) if cfg.do_resize else img)
+        return np.array(_plain_rgb(img.resize((width, height), resample=cfg.resample) if cfg.do_resize else img))
     crop_h, crop_w = cfg.crop_size
-    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    top, left = crop_offsets(width, height, cfg)
     if not cfg.do_resize or width * height <= FULL_RESIZE_AREA * crop_h * crop_w:
         if cfg.do_resize:
             img = img.resize((width, height), resample=cfg.resample)
-        return np.array(img.crop((left, top, left + crop_w, top + crop_h)))  # owned, writable; out of bounds: 0
+        return np.array(_plain_rgb(img.crop((left, top, left + crop_w, top + crop_h))))  # out of bounds: 0
     # Only the part of the resized image inside the crop window: x0..x1, y0..y1 in resized coordinates.
     x0, y0, x1, y1 = max(left, 0), max(top, 0), min(left + crop_w, width), min(top + crop_h, height)
     region = _resize_region(img, (width, height), (x0, y0, x1, y1), cfg.resample)
-    out = np.zeros((crop_h, crop_w, 3), np.uint8)
-    out[y0 - top : y1 - top, x0 - left : x1 - left] = np.asarray(region)
-    return out
+    return np.array(_plain_rgb(region.crop((left - x0, top - y0, left - x0 + crop_w, top - y0 + crop_h))))
 
 
 def _resize_region(img: Image.Image, size: tuple[int, int], region: tuple[int, int, int, int], resample: int):
     """``img.resize(size).crop(region)``, computing only the region: two one-axis passes over the source rows
-    (or columns) the region reads, in the order a whole-image resize takes (the smaller intermediate first),
-    so the samples are those of the whole-image resize (up to the float32 rounding of Pillow's box argument)."""
+    (or columns) the region reads, in the order Pillow's whole-image resize takes (``_vertical_first``),
+    premultiplied where Pillow's resize is, so the samples are those of the whole-image resize up to the float32
+    rounding of Pillow's box argument. Nearest-neighbour (forced for P and 1 images, as Pillow does) is exact."""
     (width, height), (x0, y0, x1, y1) = size, region
+    if resample == Image.Resampling.NEAREST or img.mode in _NEAREST_MODES:
+        return _nearest_region(img, size, region)
     sx, sy = img.width / width, img.height / height
-    if resample not in _SUPPORT:  # nearest: no filter window, one pass is exact
+    if resample not in _SUPPORT:  # a filter whose window is not known here: one pass over the box
         return img.resize((x1 - x0, y1 - y0), resample=resample, box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy))
-    if width * img.height <= img.width * height:  # horizontal pass first, over the rows the region reads
+    if _vertical_first(img.size, size):  # over the columns the region reads
+        c0, c1 = _window(img.width, width, x0, x1, _SUPPORT[resample])
+        part = img.crop((c0, 0, c1, img.height))
+        first = ((c1 - c0, y1 - y0), (0, y0 * sy, c1 - c0, y1 * sy))
+        second = (x0 * sx - c0, 0, x1 * sx - c0, y1 - y0)
+    else:  # horizontal first, over the rows the region reads
         r0, r1 = _window(img.height, height, y0, y1, _SUPPORT[resample])
-        rows = img.crop((0, r0, img.width, r1))
-        tmp = rows.resize((x1 - x0, r1 - r0), resample=resample, box=(x0 * sx, 0, x1 * sx, r1 - r0))
-        return tmp.resize((x1 - x0, y1 - y0), resample=resample, box=(0, y0 * sy - r0, x1 - x0, y1 * sy - r0))
-    c0, c1 = _window(img.width, width, x0, x1, _SUPPORT[resample])  # vertical first, over the columns it reads
-    columns = img.crop((c0, 0, c1, img.height))
-    tmp = columns.resize((c1 - c0, y1 - y0), resample=resample, box=(0, y0 * sy, c1 - c0, y1 * sy))
-    return tmp.resize((x1 - x0, y1 - y0), resample=resample, box=(x0 * sx - c0, 0, x1 * sx - c0, y1 - y0))
+        part = img.crop((0, r0, img.width, r1))
+        first = ((x1 - x0, r1 - r0), (x0 * sx, 0, x1 * sx, r1 - r0))
+        second = (0, y0 * sy - r0, x1 - x0, y1 * sy - r0)
+    if img.mode in _PREMULTIPLIED:  # once around both passes, as Pillow's resize does around its own two
+        part = part.convert(_PREMULTIPLIED[img.mode])
+    tmp = part.resize(first[0], resample=resample, box=first[1])
+    out = tmp.resize((x1 - x0, y1 - y0), resample=resample, box=second)
+    return out.convert(img.mode) if img.mode in _PREMULTIPLIED else out
+
+
+def _vertical_first(source: tuple[int, int], size: tuple[int, int]) -> bool:
+    """Whether Pillow resizes ``source`` (width, height) to ``size`` vertical pass first. Before 12.2 it never
+    does; 12.2 and 12.3 when the height shrinks and the source is over 100 times taller than wide (``Image.resize``,
+    python-pillow/Pillow#9524); from 13, when the height shrinks by more than twice as many samples as the width
+    (in C, #9549: the condition as Pillow 13.0.0 behaves, which the tests check against the installed Pillow)."""
+    (in_w, in_h), (out_w, out_h) = source, size
+    if _PILLOW >= (13, 0):
+        return out_h < in_h and in_h - out_h > 2 * (in_w - out_w)
+    return _PILLOW >= (12, 2) and out_h < in_h and in_h > 100 * in_w
 
 
 def _window(in_size: int, out_size: int, lo: int, hi: int, support: float) -> tuple[int, int]:
@@ -282,11 +386,48 @@ def _window(in_size: int, out_size: int, lo: int, hi: int, support: float) -> tu
     return first, last
 
 
+def _nearest_region(img: Image.Image, size: tuple[int, int], region: tuple[int, int, int, int]) -> Image.Image:
+    """``img.resize(size, NEAREST).crop(region)`` exactly, picking only the region's samples."""
+    (width, height), (x0, y0, x1, y1) = size, region
+    if img.mode == "1":
+        img = img.convert("L")  # pointwise (0 or 255), so it commutes with picking samples; its bytes are plain
+    rows = _nearest_indices(img.height, height, y0, y1)
+    cols = _nearest_indices(img.width, width, x0, x1)
+    source = np.asarray(img.crop((int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)))
+    picked = source[(rows - rows[0])[:, None], cols - cols[0]]
+    out = img.crop((0, 0, x1 - x0, y1 - y0))  # the mode, palette and info; its samples are replaced
+    out.frombytes(np.ascontiguousarray(picked).tobytes())
+    return out
+
+
+def _nearest_indices(in_size: int, out_size: int, lo: int, hi: int) -> np.ndarray:
+    """The source sample of each output sample lo..hi-1 in Pillow's nearest resize of in_size samples to out_size.
+    Pillow (ImagingScaleAffine) starts the source coordinate at scale / 2 and adds scale once per output sample
+    in double precision, truncating each: the same additions, in order (``np.add.accumulate``), give the same
+    indices where (x + 0.5) * scale would round differently; in chunks, so a long side costs little memory."""
+    scale = in_size / out_size
+    coordinate, kept = scale * 0.5, []
+    for start in range(0, hi, _NEAREST_CHUNK):
+        steps = np.full(min(_NEAREST_CHUNK, hi - start), scale)
+        steps[0] = coordinate
+        coordinates = np.add.accumulate(steps)
+        coordinate = coordinates[-1] + scale
+        if start + len(steps) > lo:
+            kept.append(coordinates[max(lo - start, 0) :].astype(np.int64))
+    return np.concatenate(kept)
+
+
 @functools.lru_cache(maxsize=16)
 def normalize_table(cfg: PreprocessConfig) -> np.ndarray:
-    """(3, 256) float32, read-only: what rescale + normalise make of each uint8 value in each channel."""
+    """(3, 256) float32, read-only: what rescale + normalise make of each uint8 value in each channel. The rescale
+    is the style's: float64 x * factor, then float32 (transformers); float32 x / 255 (torchvision's ToTensor)."""
     values = np.arange(256, dtype=np.float64)[:, None].repeat(3, axis=1)  # (256, 3)
-    x = (values * cfg.rescale_factor).astype(np.float32) if cfg.do_rescale else values.astype(np.float32)
+    if cfg.style == "torchvision":
+        x = values.astype(np.float32) / np.float32(255)
+    elif cfg.do_rescale:
+        x = (values * cfg.rescale_factor).astype(np.float32)
+    else:
+        x = values.astype(np.float32)
     if cfg.do_normalize:
         x = (x - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
     table = np.ascontiguousarray(x.T)

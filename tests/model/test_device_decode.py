@@ -62,3 +62,14 @@ def test_limits_are_checked_from_the_header_and_broken_jpegs_are_named():
         crop_on_device(encoded(_picture(np.random.default_rng(4), 400, 40)), CFG, "cpu", DEFAULT_MAX_PIXELS, 5.0)
     with pytest.raises(InvalidInput, match="not a decodable image"):
         crop_on_device(data[: len(data) // 3], CFG, "cpu", DEFAULT_MAX_PIXELS)
+
+
+@pytest.mark.parametrize("size", [(227, 224), (454, 448), (448, 454)])
+def test_torchvision_style_crops_its_own_window(size):
+    """Resized, these leave 3 samples beyond the crop: torchvision's window starts at 2 (1.5 rounded), transformers'
+    at 1. The device path follows the config's style: close to the exact torchvision crop, not to the other."""
+    data = encoded(_picture(np.random.default_rng(5), *size))
+    near = crop_on_device(data, PreprocessConfig.torchvision(), "cpu", DEFAULT_MAX_PIXELS).astype(int)
+    own = np.abs(near - load_uint8(data, PreprocessConfig.torchvision()))
+    other = np.abs(near - load_uint8(data, CFG))
+    assert own.mean() < 0.5 and np.percentile(own, 99) <= 2 and other.mean() > 1.5, (own.mean(), other.mean())
