@@ -1,4 +1,4 @@
-"""The ``batch`` and ``evaluate-models`` subcommands (parsers stay light; torch loads on run)."""
+"""The ``batch``, ``evaluate-models`` and ``compare-selectors`` subcommands (parsers stay light; torch loads on run)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from pickscore.backends import add_backend_flags, backend_options
 from pickscore.datasets.image_sets import IMAGE_EXTENSIONS
 from pickscore.flags import int_at_least
+from pickscore.limits import DEFAULT_MAX_PIXELS
 from pickscore.places import add_place_flags, add_where_flags, check_model_name
 from pickscore.tls import add_client_flags, connection
 
@@ -17,6 +18,7 @@ from pickscore.tls import add_client_flags, connection
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     _add_batch_parser(sub)
     _add_evaluate_models_parser(sub)
+    _add_compare_selectors_parser(sub)
 
 
 def _add_batch_parser(sub: argparse._SubParsersAction) -> None:
@@ -220,6 +222,133 @@ def _cmd_evaluate_models(args: argparse.Namespace) -> int:
         print(
             f"skipped: {item['model']}: prompt {item['prompt_index']}: {item['image']}: {item['error']}",
             file=sys.stderr,
+        )
+    text = markdown(report, "report.json" if args.out else None)
+    print(json.dumps(report, ensure_ascii=False, allow_nan=False) if args.json else text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=1, allow_nan=False) + "\n")
+        (args.out / "report.md").write_text(text + "\n")
+        plot(report, args.out / "report.png")
+        print(f"wrote {args.out}/report.json, report.md, report.png", file=sys.stderr)
+    return 0
+
+
+def _add_compare_selectors_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare-selectors",
+        help="which scorer picks the best of N images: a judge (a scorer or people's choices) compares their picks",
+        description="The paper's selection experiment (Kirstain et al. 2023, section 5). For every prompt, each "
+        "selector picks one of its N candidate images (a scorer its highest-scoring one, random one at random), "
+        "and a judge compares the picks of every two selectors: a scorer (--judge: the pick it scores higher wins) "
+        "or people's choices (--judge-choices: rows naming two images by content). Reports, for every two "
+        "selectors A and B, how often the judge prefers A's pick (judge ties and identical picks count half) with "
+        "a 95% percentile bootstrap interval over prompts, and the prompts where they picked the same image, the "
+        "judge tied, or nobody judged the two picks. In-process scorers are loaded one at a time.",
+    )
+    p.add_argument(
+        "--prompts",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help='the prompts: a text file with one prompt a line, or JSONL (.jsonl) with {"prompt": ..., "id": ...} '
+        "a line, as evaluate-models reads them",
+    )
+    p.add_argument(
+        "--images",
+        required=True,
+        nargs="+",
+        metavar="NAME=PATH",
+        help="the candidates, in evaluate-models' layouts: a directory PATH/<prompt index>/<any name>"
+        f"{{{','.join(IMAGE_EXTENSIONS)}}} or a Parquet file (prompt or prompt_index, image); several sets are "
+        "pooled, so a prompt's candidates are every set's images for it (e.g. `--images gens/generator-*`)",
+    )
+    p.add_argument(
+        "--selector",
+        required=True,
+        action="append",
+        metavar="NAME=REF",
+        help="a selector (repeatable), named NAME in the report: REF is a model reference (any kind: PickScore, "
+        "CLIP, HPS v2, ImageReward, the aesthetic predictor, an ONNX export), or with --server the name of one of "
+        "the servers' models; REF random picks uniformly at random (seeded by --seed and NAME). A selector "
+        "random=random is added unless one picks at random",
+    )
+    judge = p.add_mutually_exclusive_group(required=True)
+    judge.add_argument(
+        "--judge",
+        metavar="REF",
+        help="a scorer as the judge (REF as --selector's; a selector's REF is not loaded again): of two picks, the "
+        "one it scores higher is preferred, equal scores are a tie",
+    )
+    judge.add_argument(
+        "--judge-choices",
+        metavar="PATH",
+        help="people's choices as the judge: a Pick-a-Pic-layout Parquet file (caption, jpg_0, jpg_1, label_0, "
+        "label_1), a directory or glob of them, or a `pickscore collect export` directory (its train, validation "
+        "and test splits). A row judges its two images, matched to the picks by the SHA-256 of their bytes, for "
+        "its caption, matched to the prompt's text; several rows on one pair count by their mean; two picks no row "
+        "judges are reported as unjudged",
+    )
+    p.add_argument(
+        "--server",
+        metavar="ADDRESS",
+        help="score on running `pickscore serve` servers instead of loading models here: HOST:PORT (gRPC) or "
+        "http[s]://HOST:PORT, several separated by commas; each --selector and --judge REF then names one of "
+        "their models",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="seed of the random selectors' picks and of the bootstrap resamples (default 0); same seed, same report",
+    )
+    p.add_argument(
+        "--bootstrap",
+        type=int_at_least(0),
+        default=1000,
+        metavar="B",
+        help="bootstrap resamples of the prompts behind the 95%% intervals (default 1000; 0: no intervals)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="also write DIR/report.json (every comparison, each prompt's picks, skipped images), DIR/report.md "
+        "and DIR/report.png (the comparisons as a matrix)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object instead of markdown")
+    add_backend_flags(p)
+    p.add_argument(
+        "--batch-size", type=int_at_least(1), default=16, metavar="N", help="images per forward pass (default 16; "
+        "in-process scorers)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-pixels",
+        type=int_at_least(1),
+        default=DEFAULT_MAX_PIXELS,
+        metavar="PIXELS",
+        help=f"an image with more pixels than this fails, alone (default {DEFAULT_MAX_PIXELS}; in-process scorers: "
+        "a server applies its own limit)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="give up on a server request after this long, retries included (default 600; with --server)",
+    )
+    add_client_flags(p.add_argument_group("server security (with --server only)"))
+    p.set_defaults(func=_cmd_compare_selectors)
+
+
+def _cmd_compare_selectors(args: argparse.Namespace) -> int:
+    from pickscore.jobs.selection import compare_selectors, markdown, plot
+
+    report = compare_selectors(args)
+    for item in report["skipped"]:
+        print(
+            f"skipped: {item['by']}: prompt {item['prompt_index']}: {item['image']}: {item['error']}", file=sys.stderr
         )
     text = markdown(report, "report.json" if args.out else None)
     print(json.dumps(report, ensure_ascii=False, allow_nan=False) if args.json else text)
