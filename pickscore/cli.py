@@ -4,11 +4,12 @@
     pickscore convert --model REF --out DIR
     pickscore data synthetic --out DIR --pairs N [--seed S] [--image-size PX] [--held-out F]
     pickscore train --data DIR --out DIR [--model REF] [--preset NAME] [--init-only] [settings]
-    pickscore eval --model REF [--model REF...] --data DIR [--baseline REF] [--backend B] [--json]
+    pickscore eval --model REF [--model REF...] --data DIR [--baseline REF...] [--backend B] [--json]
     pickscore export onnx|tensorrt|triton --model REF ...
     pickscore serve [--model [NAME=]REF... | --model-repository DIR] [--port 8001] [--http-port 8000] [settings]
     pickscore health [--server HOST:PORT]
     pickscore batch --input PATH... --output DIR (--model REF | --server ADDR[,ADDR...] [--model-name NAME]) [--resume]
+    pickscore compare-selectors --prompts FILE --images PATH... --selector NAME=REF... (--judge REF | --judge-choices P)
     pickscore evaluate-models --prompts FILE --images NAME=PATH... (--model REF | --server HOST:PORT [--model-name N])
     pickscore collect [--db URL] [--candidates synthetic|pool:PATH|http://...] [--port 8080]
     pickscore collect export --db URL --out DIR

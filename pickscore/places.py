@@ -245,6 +245,12 @@ class InProcess(_Closing):
     """A model loaded here: images decoded on every core, prompts and images encoded in batches."""
 
     def __init__(self, model: str, scorer: Scorer, embeddings: bool = False):
+        if embeddings and scorer.backend.joint:
+            scorer.close()
+            raise ValueError(
+                f"--embeddings: {model} is {scorer.backend.kind}, whose prompt and image meet inside one forward "
+                "pass: it has no text embedding to write"
+            )
         self.model = self.name = model
         self.scorer = scorer
         self.embeddings = embeddings

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from pickscore.backends.manifest import is_export
-from pickscore.model import scoring
 
 if TYPE_CHECKING:  # preprocessing loads Pillow, the tokenizer regex: parsers and clients need neither
     from pickscore.model.preprocess import PreprocessConfig
@@ -58,19 +57,6 @@ class Backend(Protocol):
 
     def warm(self, max_batch_size: int, text_max_batch_size: int) -> None:
         """Do whatever the first batches of each size would do slowly (compilation), before serving."""
-
-
-class DualEncoder:
-    """The scoring rule of a model whose towers' outputs meet in a dot product: exp(logit_scale) * <text, image>."""
-
-    kind = "clip"
-    joint = False
-    logit_scale: float
-
-    def scores(self, text: np.ndarray, images: np.ndarray) -> np.ndarray:
-        if len(text) == 1:
-            return scoring.scores(text[0], images, self.logit_scale)
-        return scoring.paired_scores(text, images, self.logit_scale)
 
 
 def load_backend(

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pickscore.backends import DualEncoder
+from pickscore.backends.dual import DualEncoder
 from pickscore.backends.manifest import load_manifest
 from pickscore.model.preprocess import PreprocessConfig, normalize
 from pickscore.model.tokenizer import Tokenizer
@@ -40,8 +40,7 @@ class OnnxBackend(DualEncoder):
         # exported from (the manifest's "source"): an fp32 and an int8 export of one model must be told apart.
         self.source = str(directory)
         self.precision = manifest.get("precision", "fp32")
-        self.logit_scale = float(manifest["logit_scale"])
-        self.kind = manifest.get("kind", "clip")  # exports of the dual-encoder kinds (README, "Supported scorers")
+        self.logit_scale, self.kind = float(manifest["logit_scale"]), manifest.get("kind", "clip")
         self.embed_dim = int(manifest["embed_dim"])
         self.tokenizer = Tokenizer(context_length=int(manifest["context_length"]))
         self.preprocess = PreprocessConfig.from_hf(json.loads((directory / "preprocessor_config.json").read_text()))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pickscore.backends import DualEncoder
+from pickscore.backends.dual import DualEncoder
 from pickscore.model.checkpoint import LoadedModel, resolve
 from pickscore.model.clip import ResidualAttentionBlock
 from pickscore.model.preprocess import PreprocessConfig, exact_divisor, normalize_constants, normalize_table
@@ -83,6 +83,9 @@ class DeviceNormalizer:
 
     def __init__(self, cfg: PreprocessConfig, device: torch.device | str = "cpu"):
         self.divisor = exact_divisor(cfg)
+        if self.divisor is not None:  # a tensor on the device: CUDA turns a division by a Python number into a
+            # multiplication by its reciprocal, which differs from the CPU's division in the last bit
+            self.divisor = torch.tensor(self.divisor, dtype=torch.float32, device=device).view(1, 1, 1, 1)
         mean, std = normalize_constants(cfg)
         self.mean = torch.from_numpy(mean).view(1, 3, 1, 1).to(device)
         self.std = torch.from_numpy(std).view(1, 3, 1, 1).to(device)

@@ -169,7 +169,15 @@ def _load_aesthetic(path: Path, source: str) -> LoadedModel:
     preprocess = kinds.torchvision_preprocess(clip.preprocess.crop_size[0])
     model = kinds.AestheticPredictor(clip.model, head)
     return LoadedModel(
-        model, model_cfg, preprocess, source, "aesthetic", kind="aesthetic", score_scale=0.0, unit_features=False
+        model,
+        model_cfg,
+        preprocess,
+        source,
+        "aesthetic",
+        kind="aesthetic",
+        score_scale=0.0,
+        unit_features=False,
+        text_tokenizer=clip.tokenizer(),  # prompts are checked and tokenised as for any model, then ignored
     )
 
 
@@ -254,7 +262,7 @@ def _load_huggingface(path: Path, source: str) -> LoadedModel:
     except KeyError as e:
         raise ModelLoadError(f"model {source}: {e.args[0]}") from e
     model = _materialize(model_cfg, state, source)
-    return LoadedModel(model, model_cfg, _preprocess_config(path, model_cfg, {}), source, "huggingface")
+    return LoadedModel(model, model_cfg, _preprocess_config(path, model_cfg, None), source, "huggingface")
 
 
 def _load_open_clip(path: Path, source: str) -> LoadedModel:
@@ -276,13 +284,18 @@ def _materialize(model_cfg: dict[str, Any], state: dict[str, torch.Tensor], sour
         raise ModelLoadError(f"model {source}: {e.args[0]}") from e
 
 
-def _preprocess_config(path: Path, model_cfg: dict[str, Any], open_clip_pp: dict[str, Any]) -> PreprocessConfig:
-    """preprocessor_config.json when present, else derived from the architecture (CLIP defaults)."""
+def _preprocess_config(path: Path, model_cfg: dict[str, Any], open_clip_pp: dict[str, Any] | None) -> PreprocessConfig:
+    """preprocessor_config.json when present, else derived from the architecture: CLIPImageProcessor's defaults for
+    a Hugging Face layout (``open_clip_pp`` None), open_clip's own transform (torchvision's) for an open_clip one."""
     if (path / "preprocessor_config.json").is_file():
         return PreprocessConfig.from_hf(_read_json(path / "preprocessor_config.json"))
     size = model_cfg["vision_cfg"].get("image_size", 224)
     size = size if isinstance(size, int) else size[0]
     fields: dict[str, Any] = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
+    if open_clip_pp is None:
+        open_clip_pp = {}
+    else:
+        fields["pickscore_style"] = "torchvision"
     if open_clip_pp.get("resize_mode") == "squash":
         fields["size"] = {"height": size, "width": size}
     if "mean" in open_clip_pp:
