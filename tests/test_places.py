@@ -4,6 +4,7 @@ scores, the same errors naming the same items, for every way in (score_all, a jo
 from __future__ import annotations
 
 import asyncio
+import io
 import re
 from types import SimpleNamespace
 
@@ -134,3 +135,20 @@ def test_model_names_are_a_list_each_named_once(capsys):
     with pytest.raises(SystemExit):  # score and rank take one model; batch and evaluate-models several
         main(["score", "--server", "127.0.0.1:1", "--model-name", "a,b", "--prompt", PROMPT, "x.png"])
     assert "--model-name a,b: this command scores with one model" in capsys.readouterr().err
+
+
+def test_a_joint_kind_scores_in_process_by_its_own_rule_and_has_no_embeddings_to_write(tmp_path):
+    from PIL import Image
+
+    from tests.model.image_reward_layout import write_image_reward
+    from tests.model.test_image_reward import image_reward_reference_scores
+
+    directory = write_image_reward(tmp_path / "imagereward", seed=3)
+    blobs = [jpeg(i, size=100 + 23 * i) for i in range(3)]
+    with open_place(str(directory), device="cpu", dtype="fp32") as place:
+        scores, errors = place.score_all(PROMPT, blobs)
+    pictures = [Image.open(io.BytesIO(b)) for b in blobs]
+    np.testing.assert_allclose(scores, image_reward_reference_scores(directory, PROMPT, pictures), atol=1e-4)
+    assert not errors
+    with pytest.raises(ValueError, match="is image_reward, whose prompt and image meet inside one forward pass"):
+        open_place(str(directory), embeddings=True, device="cpu")
