@@ -120,19 +120,31 @@ def _export(model, loaded: LoadedModel, out: Path, opset: int) -> None:
     }
     batch = torch.export.Dim("batch", min=1, max=4096)
     for name, (tower, example, input_name, output_name) in towers.items():
-        torch.onnx.export(
-            tower,
-            (example,),
-            str(out / f"{name}.onnx"),
-            dynamo=True,
-            opset_version=opset,
-            input_names=[input_name],
-            output_names=[output_name],
-            dynamic_shapes=({0: batch},),
-            external_data=False,
-            verbose=False,
-        )
-        check_symbolic_batch(out / f"{name}.onnx")
+        path = out / f"{name}.onnx"
+        _write_graph(tower, example, path, input_name, output_name, batch, opset)
+        if fixed_batch_axes(path):
+            # torch.onnx's own (non-strict) capture turns a batch size the tower reads as a Python int -- len(x),
+            # as the aesthetic predictor's constant text tower does -- into a constant; dynamo (strict) keeps it
+            # symbolic.
+            program = torch.export.export(tower, (example,), dynamic_shapes=({0: batch},), strict=True)
+            _write_graph(program, example, path, input_name, output_name, batch, opset)
+        check_symbolic_batch(path)
+
+
+def _write_graph(tower, example: torch.Tensor, path: Path, input_name: str, output_name: str, batch, opset: int):
+    """One graph file from a tower (or its already captured program: ``dynamic_shapes`` is then its own)."""
+    torch.onnx.export(
+        tower,
+        (example,),
+        str(path),
+        dynamo=True,
+        opset_version=opset,
+        input_names=[input_name],
+        output_names=[output_name],
+        dynamic_shapes=({0: batch},),
+        external_data=False,
+        verbose=False,
+    )
 
 
 def write_preprocess(directory: Path, preprocess: PreprocessConfig) -> None:
@@ -147,17 +159,19 @@ def write_preprocess(directory: Path, preprocess: PreprocessConfig) -> None:
     (directory / "preprocessor_config.json").write_text(json.dumps(written, indent=2) + "\n")
 
 
-def check_symbolic_batch(path: Path) -> None:
-    """Raise ValueError unless the first axis of every graph input and output is symbolic."""
+def fixed_batch_axes(path: Path) -> list[str]:
+    """The graph inputs and outputs of ``path`` whose first axis is a constant, each as 'name (size)'."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    for value in [*graph.input, *graph.output]:
-        first = value.type.tensor_type.shape.dim[0]
-        if not first.dim_param:
-            raise ValueError(
-                f"{path.name}: the batch axis of {value.name!r} was fixed to {first.dim_value} by the exporter"
-            )
+    dims = [(value.name, value.type.tensor_type.shape.dim[0]) for value in [*graph.input, *graph.output]]
+    return [f"{name!r} ({first.dim_value})" for name, first in dims if not first.dim_param]
+
+
+def check_symbolic_batch(path: Path) -> None:
+    """Raise ValueError unless the first axis of every graph input and output is symbolic."""
+    if fixed := fixed_batch_axes(path):
+        raise ValueError(f"{path.name}: the exporter fixed the batch axis of {', '.join(fixed)}")
 
 
 def _lower_precision(fp32_dir: Path, out: Path, precision: str) -> None:
