@@ -122,17 +122,11 @@ def _export(model, loaded: LoadedModel, out: Path, opset: int) -> None:
     for name, (tower, example, input_name, output_name) in towers.items():
         path = out / f"{name}.onnx"
         _write_graph(tower, example, path, input_name, output_name, batch, opset)
-        if fixed_batch_axes(path):
-            # torch.onnx's own (non-strict) capture turns a batch size the tower reads as a Python int -- len(x),
-            # as the aesthetic predictor's constant text tower does -- into a constant; dynamo (strict) keeps it
-            # symbolic.
-            program = torch.export.export(tower, (example,), dynamic_shapes=({0: batch},), strict=True)
-            _write_graph(program, example, path, input_name, output_name, batch, opset)
         check_symbolic_batch(path)
 
 
 def _write_graph(tower, example: torch.Tensor, path: Path, input_name: str, output_name: str, batch, opset: int):
-    """One graph file from a tower (or its already captured program: ``dynamic_shapes`` is then its own)."""
+    """One graph file from a tower, its batch axis symbolic."""
     torch.onnx.export(
         tower,
         (example,),

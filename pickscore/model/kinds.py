@@ -103,4 +103,4 @@ class AestheticPredictor(nn.Module):
         return self.head(features.to(self.head.layers[0].weight.dtype)).float()  # (B, 1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return torch.ones((len(tokens), 1), device=tokens.device)
+        return torch.ones_like(tokens[:, :1], dtype=torch.float32)  # from the tensor: its batch axis stays symbolic

@@ -1,4 +1,4 @@
-"""Triton Python backend: text_embeds, image_embeds (L2-normalised) -> SCORE = exp(logit_scale) * <text, image>."""
+"""Triton Python backend: text_embeds, image_embeds (the towers' rows) -> SCORE = exp(logit_scale) * <text, image>."""
 
 import json
 
