@@ -137,18 +137,23 @@ def check_model_name(args: Any) -> None:
 
 
 def add_place_flags(parser: argparse.ArgumentParser, several: bool = False) -> None:
-    """``add_where_flags`` (``several``: as it says) with everything either place takes: the backend flags,
-    --batch-size and --max-pixels (with --model), --timeout and the client's security flags (with --server)."""
+    """``add_where_flags`` (``several``: as it says) with ``add_scoring_flags``."""
+    add_where_flags(parser, several)
+    add_scoring_flags(parser)
+
+
+def add_scoring_flags(parser: argparse.ArgumentParser) -> None:
+    """What either place takes, for a command that chooses its models itself: the backend flags, --batch-size and
+    --max-pixels (in this process), --timeout and the client's security flags (with --server)."""
     from pickscore.backends import add_backend_flags
     from pickscore.flags import int_at_least
     from pickscore.limits import DEFAULT_MAX_PIXELS
     from pickscore.tls import add_client_flags
 
-    add_where_flags(parser, several)
     add_backend_flags(parser)
     parser.add_argument(
         "--batch-size", type=int_at_least(1), default=16, metavar="N", help="images per forward pass (default 16; "
-        "with --model)",
+        "scoring in this process)",
     )  # fmt: skip
     parser.add_argument(
         "--max-pixels",
@@ -156,7 +161,7 @@ def add_place_flags(parser: argparse.ArgumentParser, several: bool = False) -> N
         default=DEFAULT_MAX_PIXELS,
         metavar="PIXELS",
         help=f"an image with more pixels than this fails, alone: a guard against decompression bombs (default "
-        f"{DEFAULT_MAX_PIXELS}; with --model: a server applies its own limit)",
+        f"{DEFAULT_MAX_PIXELS}; scoring in this process: a server applies its own limit)",
     )
     parser.add_argument(
         "--timeout",

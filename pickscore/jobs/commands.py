@@ -10,8 +10,7 @@ from pathlib import Path
 from pickscore.backends import add_backend_flags, backend_options
 from pickscore.datasets.image_sets import IMAGE_EXTENSIONS
 from pickscore.flags import int_at_least
-from pickscore.limits import DEFAULT_MAX_PIXELS
-from pickscore.places import add_place_flags, add_where_flags, check_model_name
+from pickscore.places import add_place_flags, add_scoring_flags, add_where_flags, check_model_name
 from pickscore.tls import add_client_flags, connection
 
 
@@ -318,27 +317,7 @@ def _add_compare_selectors_parser(sub: argparse._SubParsersAction) -> None:
         "and DIR/report.png (the comparisons as a matrix)",
     )
     p.add_argument("--json", action="store_true", help="print the report as one JSON object instead of markdown")
-    add_backend_flags(p)
-    p.add_argument(
-        "--batch-size", type=int_at_least(1), default=16, metavar="N", help="images per forward pass (default 16; "
-        "in-process scorers)",
-    )  # fmt: skip
-    p.add_argument(
-        "--max-pixels",
-        type=int_at_least(1),
-        default=DEFAULT_MAX_PIXELS,
-        metavar="PIXELS",
-        help=f"an image with more pixels than this fails, alone (default {DEFAULT_MAX_PIXELS}; in-process scorers: "
-        "a server applies its own limit)",
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=600.0,
-        metavar="SECONDS",
-        help="give up on a server request after this long, retries included (default 600; with --server)",
-    )
-    add_client_flags(p.add_argument_group("server security (with --server only)"))
+    add_scoring_flags(p)
     p.set_defaults(func=_cmd_compare_selectors)
 
 
