@@ -115,10 +115,16 @@ class Tokenizer:
 
     def __call__(self, prompts: str | list[str]) -> np.ndarray:
         """Tokenize prompts into an int64 array (N, context_length)."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        out = np.full((len(prompts), self.context_length), self.pad_id, dtype=np.int64)
-        for row, prompt in enumerate(prompts):
-            ids = [self.bos_id, *self.encode(prompt)[: self.context_length - 2], self.eos_id]
-            out[row, : len(ids)] = ids
-        return out
+        return pack(self, prompts, self.bos_id, self.eos_id)
+
+
+def pack(tokenizer, prompts: str | list[str], first: int, last: int) -> np.ndarray:
+    """Each prompt's ids between ``first`` and ``last`` (truncated so ``last`` is always kept), padded with the
+    tokenizer's ``pad_id`` to its ``context_length`` -> (N, context_length) int64: every tokenizer's output form."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    out = np.full((len(prompts), tokenizer.context_length), tokenizer.pad_id, dtype=np.int64)
+    for row, prompt in enumerate(prompts):
+        ids = [first, *tokenizer.encode(prompt)[: tokenizer.context_length - 2], last]
+        out[row, : len(ids)] = ids
+    return out

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pickscore.model.tokenizer import pack
+
 CONTEXT_LENGTH = 35
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 ADDED = ("[DEC]", "[ENC]")  # BLIP's additions, given the ids after the vocabulary's
@@ -150,11 +152,5 @@ class WordPiece:
         return ids
 
     def __call__(self, prompts: str | list[str]) -> np.ndarray:
-        """Tokenize prompts into an int64 array (N, context_length)."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        out = np.full((len(prompts), self.context_length), self.pad_id, dtype=np.int64)
-        for row, prompt in enumerate(prompts):
-            ids = [self.cls_id, *self.encode(prompt)[: self.context_length - 2], self.sep_id]
-            out[row, : len(ids)] = ids
-        return out
+        """Tokenize prompts into an int64 array (N, context_length): [CLS] pieces [SEP] [PAD]..."""
+        return pack(self, prompts, self.cls_id, self.sep_id)
