@@ -24,8 +24,9 @@ def build(model_cfg: Mapping[str, Any], device: str | torch.device = "cpu") -> C
         return CLIP(**{k: v for k, v in model_cfg.items() if k in MODEL_KEYS}, init=str(device) != "meta")
 
 
-def load_weights(model: CLIP, state_dict: Mapping[str, torch.Tensor]) -> CLIP:
-    """Load every tensor strictly (missing or unexpected keys raise) and return the model on CPU, fp32.
+def load_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """Load every tensor strictly (missing or unexpected keys raise) and return the model (a CLIP, or any module:
+    ImageReward's towers load the same way) on CPU, fp32.
 
     Works for models built on the meta device: parameters are assigned (the causal mask, not a weight, was made
     on the CPU).
