@@ -38,6 +38,8 @@ class StubEngine:
             preprocess=SimpleNamespace(output_size=(224, 224)),
             tokenizer=SimpleNamespace(context_length=77, encoder=dict.fromkeys(range(10))),
             weights_bytes=1234,
+            kind="clip",
+            joint=False,
         )
         self.calls = []
         self.stats = ScoreStats()
