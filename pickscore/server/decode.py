@@ -217,6 +217,11 @@ class DecodePool:
         """The worker processes decoding now."""
         return [w.process for w in self._live]
 
+    @property
+    def in_hand(self) -> int:
+        """Images the worker processes hold now (sent, not yet answered)."""
+        return sum(len(w.jobs) for w in self._live)
+
     def close(self) -> None:
         self._closing = True
         if self._executor is not None:

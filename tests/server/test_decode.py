@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -42,6 +43,14 @@ def big_jpeg(side: int = 5000) -> bytes:
     return buf.getvalue()
 
 
+def wait_until(condition, what: str, timeout: float = 30.0) -> None:
+    """Poll ``condition`` every few milliseconds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout:g} s for: {what}"
+        time.sleep(0.002)
+
+
 def test_processes_score_as_the_in_process_scorer(server, tiny_hf_dir):
     expected = Scorer.from_pretrained(tiny_hf_dir, device="cpu", dtype="fp32").score(PROMPT, IMAGES)
     with Client(server.address) as client:
@@ -68,7 +77,7 @@ def test_a_killed_worker_fails_only_what_it_held_and_is_replaced(server):
     slow = threading.Thread(target=call, args=([big_jpeg()],))
     slow.start()
     workers = decoder.processes_alive()
-    threading.Event().wait(0.3)  # the big image is being decoded now
+    wait_until(lambda: decoder.in_hand, "the big image reached a worker")  # it takes it a fraction of a second
     for process in workers:
         process.kill()
     slow.join(60)
@@ -219,7 +228,8 @@ def test_a_killed_worker_fails_its_images_with_internal_and_the_pool_decodes_on(
         try:
             (process,) = pool.processes_alive()
             held = asyncio.ensure_future(pool.crop(big_jpeg()))
-            await asyncio.sleep(0.3)  # the big image is being decoded now
+            while not pool.in_hand:  # sent to the worker, which takes a fraction of a second to decode it
+                await asyncio.sleep(0.002)
             process.kill()
             with pytest.raises(Internal, match="a decode worker process died while preprocessing this image"):
                 await held
