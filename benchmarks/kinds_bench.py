@@ -222,7 +222,7 @@ def served(dirs: dict[str, Path], sets: list, runs: int) -> dict:
     address, metrics = f"127.0.0.1:{entry['port']}", entry["metrics_port"]
     clients = {kind: Client(address, model=kind, timeout=3600) for kind in dirs}
     try:
-        sides = {"in_turn": _in_turn(clients), "rewards": _rewards(clients[KINDS[0]], list(dirs))}
+        sides = {"in_turn": _in_turn(clients), "rewards": _rewards(clients[next(iter(dirs))], list(dirs))}
         for side in sides.values():
             side(f"warm-up {sets[0][0]}", sets[0][1])
         measured: dict[str, list[dict]] = {"in_turn": [], "rewards": []}
