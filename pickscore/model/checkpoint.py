@@ -137,8 +137,7 @@ def _load_hps(path: Path, source: str) -> LoadedModel:
     config = _read_json(folder / "open_clip_config.json") if (folder / "open_clip_config.json").is_file() else {}
     model_cfg = config.get("model_cfg", config) or kinds.VIT_H_14
     weights = _read_weight_file(path)
-    weights = weights.get("state_dict", weights) if isinstance(weights.get("state_dict"), dict) else weights
-    model = _materialize(model_cfg, {k.removeprefix("module."): v for k, v in weights.items()}, source)
+    model = _materialize(model_cfg, _open_clip_state(weights), source)
     preprocess = kinds.torchvision_preprocess(int(model_cfg["vision_cfg"].get("image_size", 224)))
     return LoadedModel(model, model_cfg, preprocess, source, "hps", kind="hps", score_scale=0.0)
 
@@ -269,12 +268,18 @@ def _load_open_clip(path: Path, source: str) -> LoadedModel:
     config = _read_json(path / "open_clip_config.json")
     model_cfg = config.get("model_cfg", config)
     weights = _read_weights(path, OPEN_CLIP_WEIGHTS, source)
-    if "state_dict" in weights and isinstance(weights["state_dict"], dict):  # an open_clip training checkpoint
-        weights = weights["state_dict"]
-    weights = {k.removeprefix("module."): v for k, v in weights.items()}
+    weights = _open_clip_state(weights)
     model = _materialize(model_cfg, weights, source)
     preprocess = _preprocess_config(path, model_cfg, config.get("preprocess_cfg", {}))
     return LoadedModel(model, model_cfg, preprocess, source, "open_clip")
+
+
+def _open_clip_state(weights: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model's tensors from an open_clip file: a training checkpoint's ``state_dict`` (HPS v2's files are one)
+    or the state dict itself, with DistributedDataParallel's ``module.`` prefix dropped."""
+    if isinstance(weights.get("state_dict"), dict):
+        weights = weights["state_dict"]
+    return {k.removeprefix("module."): v for k, v in weights.items()}
 
 
 def _materialize(model_cfg: dict[str, Any], state: dict[str, torch.Tensor], source: str) -> CLIP:
