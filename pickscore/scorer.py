@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from tqdm import tqdm
 
-from pickscore.backends import Backend, load_backend
+from pickscore.backends import DEFAULT_NAME, Backend, load_backend, model_identity
 from pickscore.errors import InvalidInput, describe_item
 from pickscore.model import scoring
 from pickscore.model.preprocess import DEFAULT_MAX_PIXELS, ImageInput, load_uint8
@@ -60,6 +60,12 @@ class Scorer:
     @property
     def embed_dim(self) -> int:
         return self.backend.embed_dim
+
+    @property
+    def identity(self) -> str:
+        """What this model is (``model_identity``), as a server given the same weights at the same precision under
+        ``--model REF`` reports it: ``pickscore:KIND:PRECISION:DIGEST16``."""
+        return model_identity(DEFAULT_NAME, self.backend)
 
     def encode_text(self, prompts: Sequence[str]) -> np.ndarray:
         """Prompts -> the text tower's rows (N, D'): L2-normalised embeddings for CLIP-style kinds."""

@@ -12,7 +12,10 @@ the LAION aesthetic predictor -- its score from the image tower, a constant 1 fr
 so callers put it on a compute thread, as the server's pair batcher does).
 
 Each backend also carries what the model needs around it: ``preprocess`` (a PreprocessConfig),
-``tokenizer``, ``logit_scale`` (fp32), ``embed_dim``, ``source`` and a human ``description``.
+``tokenizer``, ``logit_scale`` (fp32), ``embed_dim``, ``source`` and a human ``description``; and what tells two
+loads apart: ``precision`` and ``weights_digest`` (SHA-256 of the weights as loaded, computed once), which
+``model_identity`` composes with a name and the kind into the one string a fleet compares (docs/DESIGN.md,
+"Model identity").
 Backends are called from one thread per tower (the batcher's executor), never concurrently per tower.
 """
 
@@ -31,6 +34,7 @@ if TYPE_CHECKING:  # preprocessing loads Pillow, the tokenizer regex: parsers an
 
 KINDS = ("auto", "torch", "onnxruntime")
 DTYPES = ("auto", "fp32", "fp16", "bf16")  # the torch backend's compute precision; auto: bf16 on CUDA, fp32 on CPU
+DEFAULT_NAME = "pickscore"  # the name one model is known by: a single ``serve --model REF``'s, and in process
 
 
 class Backend(Protocol):
@@ -39,6 +43,8 @@ class Backend(Protocol):
     joint: bool  # scores(text, images) is a forward pass (ImageReward), not a dot product of the towers' outputs
     source: str  # where the model came from
     description: str  # device and precision, e.g. "cpu fp32"
+    precision: str  # the compute precision as the user names it: "fp32", "bf16", "fp16", "int8"
+    weights_digest: str  # lowercase hex SHA-256 of the weights as loaded, computed once at load
     accelerated: bool  # a GPU computes (the host only launches kernels); False: the forward pass uses the CPU cores
     pipeline_depth: int  # batches of one tower it runs at once: 2 where a copy overlaps the other's compute, else 1
     preprocess: PreprocessConfig
@@ -57,6 +63,12 @@ class Backend(Protocol):
 
     def warm(self, max_batch_size: int, text_max_batch_size: int) -> None:
         """Do whatever the first batches of each size would do slowly (compilation), before serving."""
+
+
+def model_identity(name: str, backend: Backend) -> str:
+    """What a served (or in-process) model is, as one string that changes when its weights or precision do:
+    ``NAME:KIND:PRECISION:DIGEST16``, e.g. ``pickscore:clip:fp32:3f2a9c0d1e2b4a5c``. The one place it is composed."""
+    return f"{name}:{backend.kind}:{backend.precision}:{backend.weights_digest[:16]}"
 
 
 def load_backend(

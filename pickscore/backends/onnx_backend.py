@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pickscore.backends.digest import sha256_of
 from pickscore.backends.dual import DualEncoder
 from pickscore.backends.manifest import load_manifest
 from pickscore.model.preprocess import PreprocessConfig, normalize
@@ -81,7 +83,7 @@ class OnnxBackend(DualEncoder):
                 str(directory / f"{tower}.onnx"), session_options, providers=options
             )
         active = self._sessions["image"].get_providers()[0].removesuffix("ExecutionProvider")
-        self.weights_bytes = _weights_bytes(directory)
+        self.weights_bytes, self.weights_digest = _weights(directory)
         self.description = f"{active} {self.precision}"  # e.g. "CPU int8": the precision is reported with it
         self.accelerated = active != "CPU"
 
@@ -98,6 +100,15 @@ class OnnxBackend(DualEncoder):
         """Nothing to do ahead: ONNX Runtime needs no per-shape compilation (the server still runs one batch)."""
 
 
-def _weights_bytes(directory: Path) -> int:
-    """The graphs' files, external weights included: what the sessions hold."""
-    return sum(f.stat().st_size for f in directory.iterdir() if f.suffix in (".onnx", ".data"))
+def _weights(directory: Path) -> tuple[int, str]:
+    """The graphs' files, external weights included (what the sessions hold): their bytes, and the SHA-256 of their
+    contents one file after another in name order."""
+    files = sorted((f for f in directory.iterdir() if f.suffix in (".onnx", ".data")), key=lambda f: f.name)
+    return sum(f.stat().st_size for f in files), sha256_of(chunk for f in files for chunk in _read_chunks(f))
+
+
+def _read_chunks(path: Path, size: int = 1 << 24) -> Iterator[bytes]:
+    """A file's bytes, 16 MiB at a time."""
+    with path.open("rb") as f:
+        while chunk := f.read(size):
+            yield chunk

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pickscore.backends.digest import sha256_of
 from pickscore.backends.dual import DualEncoder
 from pickscore.model.checkpoint import LoadedModel, resolve
 from pickscore.model.clip import ResidualAttentionBlock
@@ -152,6 +154,16 @@ def pack_for_cpu(model: torch.nn.Module) -> int:
     return len(blocks)
 
 
+def state_chunks(state: dict[str, torch.Tensor]) -> Iterator[bytes | memoryview]:
+    """A state dict as bytes to hash, tensor by tensor in sorted name order: each one's name, dtype and shape, then
+    its raw bytes (from the host: a GPU tensor is copied over alone, so at most one tensor is ever duplicated)."""
+    for name in sorted(state):
+        tensor = state[name].detach()
+        yield f"{name}\0{str(tensor.dtype).removeprefix('torch.')}\0{tuple(tensor.shape)}\0".encode()
+        host = tensor.cpu().contiguous().reshape(-1)
+        yield memoryview(host.view(torch.uint8).numpy())
+
+
 class TorchBackend(DualEncoder):
     """Takes ownership of ``loaded.model``: it is moved to ``device`` and cast to ``dtype`` in place.
 
@@ -181,8 +193,10 @@ class TorchBackend(DualEncoder):
         self.kind = loaded.kind
         self.joint = loaded.joint
         self._unit = loaded.unit_features
-        self.description = f"{self.device} {DTYPE_NAMES[dtype]}"
+        self.precision = DTYPE_NAMES[dtype]
+        self.description = f"{self.device} {self.precision}"
         self.weights_bytes = sum(t.nbytes for t in (*self.model.parameters(), *self.model.buffers()))
+        self.weights_digest = sha256_of(state_chunks(self.model.state_dict()))  # as cast, before any CPU packing
         self.accelerated = self.device.type != "cpu"
         # On CUDA two batches of a tower run at once, each calling thread on its own stream, so one batch's
         # host-to-device copy overlaps the other's compute. Compiled towers (CUDA graphs) keep to one.

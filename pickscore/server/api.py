@@ -50,6 +50,7 @@ class ModelInfo:
     score_mean: float
     score_std: float
     kind: str  # what the model is: clip, hps, aesthetic, image_reward
+    identity: str  # name:kind:precision:weights digest (backends.model_identity), composed once at load
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ class Scoring:
             score_mean=stats.mean,
             score_std=stats.std,
             kind=backend.kind,
+            identity=model.identity,
         )
 
     async def score(

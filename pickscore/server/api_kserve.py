@@ -120,6 +120,8 @@ class KServeModels:
                 configs = {model.name: configs[model.name]}
                 configs[model.name].ClearField("ensemble_scheduling")
                 configs[model.name].platform, configs[model.name].backend = "", "pytorch"
+            for cfg in configs.values():  # what the model is, where the gRPC metadata message has no field for it
+                cfg.parameters["identity"].string_value = model.identity
             self._configs[model] = {n: (kinds[n], cfg, triton_json(cfg)) for n, cfg in configs.items()}
         return self._configs[model]
 
@@ -147,6 +149,8 @@ class KServeModels:
         return {"name": "pickscore", "version": __version__, "extensions": extensions}
 
     def metadata(self, name: str, version: str) -> dict[str, Any]:
+        """Triton's model metadata and the served model's ``identity`` (the gRPC message has no such field: it is
+        in the configuration's parameters there, as it is in every transport's)."""
         model, _, cfg, _ = self._find(name, version)
 
         def meta(t) -> dict[str, Any]:
@@ -158,6 +162,7 @@ class KServeModels:
             "platform": cfg.platform,
             "inputs": [meta(t) for t in cfg.input],
             "outputs": [meta(t) for t in cfg.output],
+            "identity": model.identity,
         }
 
     def config(self, name: str, version: str) -> dict[str, Any]:

@@ -57,7 +57,9 @@ class KServeV2Service(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         async with boundary(self.state, "ModelMetadata", context, admit=False):
-            return _message(self.models.metadata(request.name, request.version), pb.ModelMetadataResponse)
+            metadata = self.models.metadata(request.name, request.version)
+            del metadata["identity"]  # no field for it in the message: ModelConfig's parameters carry it
+            return _message(metadata, pb.ModelMetadataResponse)
 
     async def ModelConfig(self, request, context):
         async with boundary(self.state, "ModelConfig", context, admit=False):

@@ -87,8 +87,9 @@ SPECS: dict[str, tuple] = {
     "model_info": (
         Gauge,
         "pickscore_model_info",
-        "A model version in service (always 1); version is the package's",
-        ("model", "model_version", "source", "backend", "device", "version"),
+        "A model version in service (always 1); identity is what it is (name:kind:precision:weights digest), "
+        "version the package's",
+        ("model", "model_version", "source", "backend", "device", "identity", "version"),
     ),
     "model_weights": (
         Gauge,

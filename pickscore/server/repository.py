@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pickscore.backends import Backend, load_backend
+from pickscore.backends import DEFAULT_NAME, Backend, load_backend, model_identity
 from pickscore.errors import InvalidInput, ModelLoadError, NotFound, Unavailable
 from pickscore.server.engine import Engine, Shared
 from pickscore.server.metrics import Metrics
@@ -35,7 +35,7 @@ from pickscore.server.settings import Settings
 from pickscore.version import __version__
 
 log = logging.getLogger("pickscore.server")
-DEFAULT_NAME = "pickscore"  # a single --model REF is served under this name (KServe: pickscore, pickscore_image, ...)
+# DEFAULT_NAME (pickscore): a single --model REF is served under it (KServe: pickscore, pickscore_image, ...)
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 CONFIG = "model.json"  # a repository model's own settings: the declared normalisation, a fixed score scale
 
@@ -163,12 +163,14 @@ def _rescale(backend: Backend, spec: ModelSpec) -> None:
 
 
 class ServedModel:
-    """One loaded version of a model and the requests holding it."""
+    """One loaded version of a model and the requests holding it; ``identity``: what it is (``model_identity``),
+    composed once at load."""
 
     def __init__(self, spec: ModelSpec, engine: Engine):
         self.spec = spec
         self.engine: Engine | None = engine
         self.weights_bytes = engine.backend.weights_bytes
+        self.identity = model_identity(spec.name, engine.backend)
         self.state = "READY"
         self.inflight = 0
         self._idle = asyncio.Event()
@@ -381,9 +383,11 @@ class Repository:
                 "backend": b.name,
                 "device": b.description,
                 "weights_bytes": model.weights_bytes,
+                "identity": model.identity,
             },
         )
-        self.metrics.model_info.labels(spec.name, spec.version, b.source, b.name, b.description, __version__).set(1)
+        labels = (spec.name, spec.version, b.source, b.name, b.description, model.identity, __version__)
+        self.metrics.model_info.labels(*labels).set(1)
         self.metrics.model_weights.labels(spec.name, spec.version).set(model.weights_bytes)
         return model
 
@@ -401,7 +405,7 @@ class Repository:
         engine, model.engine = model.engine, None
         b, m = engine.backend, self.metrics
         await engine.release()
-        m.model_info.remove(model.name, model.version, b.source, b.name, b.description, __version__)
+        m.model_info.remove(model.name, model.version, b.source, b.name, b.description, model.identity, __version__)
         m.model_weights.remove(model.name, model.version)
         if not successor:  # the model's tower series go with it (the scrape-time gauge would keep its batcher)
             for family in (m.queue_depth, m.queue_capacity, m.estimated_wait, m.tower_hung):

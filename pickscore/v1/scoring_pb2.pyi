@@ -131,7 +131,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("source", "backend", "device", "embed_dim", "logit_scale", "image_size", "context_length", "max_batch_size", "max_images_per_request", "max_image_bytes", "version", "model", "model_version", "weights_bytes", "scores_seen", "score_mean", "score_std", "kind")
+    __slots__ = ("source", "backend", "device", "embed_dim", "logit_scale", "image_size", "context_length", "max_batch_size", "max_images_per_request", "max_image_bytes", "version", "model", "model_version", "weights_bytes", "scores_seen", "score_mean", "score_std", "kind", "identity")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,7 @@ class GetModelInfoResponse(_message.Message):
     SCORE_MEAN_FIELD_NUMBER: _ClassVar[int]
     SCORE_STD_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
     source: str
     backend: str
     device: str
@@ -168,7 +169,8 @@ class GetModelInfoResponse(_message.Message):
     score_mean: float
     score_std: float
     kind: str
-    def __init__(self, source: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., embed_dim: _Optional[int] = ..., logit_scale: _Optional[float] = ..., image_size: _Optional[int] = ..., context_length: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., weights_bytes: _Optional[int] = ..., scores_seen: _Optional[int] = ..., score_mean: _Optional[float] = ..., score_std: _Optional[float] = ..., kind: _Optional[str] = ...) -> None: ...
+    identity: str
+    def __init__(self, source: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., embed_dim: _Optional[int] = ..., logit_scale: _Optional[float] = ..., image_size: _Optional[int] = ..., context_length: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., weights_bytes: _Optional[int] = ..., scores_seen: _Optional[int] = ..., score_mean: _Optional[float] = ..., score_std: _Optional[float] = ..., kind: _Optional[str] = ..., identity: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -40,6 +40,8 @@ class StubEngine:
             weights_bytes=1234,
             kind="clip",
             joint=False,
+            precision="fp32",
+            weights_digest="0123456789abcdef" * 4,
         )
         self.calls = []
         self.stats = ScoreStats()
@@ -113,6 +115,7 @@ def test_model_info_is_the_backends_and_the_settings():
     )
     assert info.max_images_per_request == Settings(model="stub").max_images_per_request
     assert (info.model, info.model_version, info.weights_bytes) == ("pickscore", "1", 1234)
+    assert info.identity == "pickscore:clip:fp32:0123456789abcdef"
 
 
 def test_raw_pixels_are_checked_against_their_shape():
@@ -255,8 +258,12 @@ def test_plain_answers_are_the_protocols_json_form_of_the_grpc_messages():
         (models.server_metadata(), kpb.ServerMetadataResponse),
         (models.statistics("", ""), kpb.ModelStatisticsResponse),
     ]
+    identity = "pickscore:clip:fp32:0123456789abcdef"
     for name in ("pickscore", "pickscore_image", "pickscore_text"):
-        answers += [(models.metadata(name, ""), kpb.ModelMetadataResponse), (models.config(name, ""), mc.ModelConfig)]
+        metadata = models.metadata(name, "")  # the identity too, which the gRPC message has no field for:
+        assert metadata.pop("identity") == identity  # its configuration's parameters carry it there
+        assert models.model_config(name, "").parameters["identity"].string_value == identity
+        answers += [(metadata, kpb.ModelMetadataResponse), (models.config(name, ""), mc.ModelConfig)]
     for plain, cls in answers:
         assert triton_json(_message(plain, cls)) == plain
     assert models.config("pickscore", "")["input"][0]["dims"] == [1]
