@@ -50,11 +50,13 @@ class AsyncClient(Connection):
             raise domain_error(e) from None
 
     async def model_info(self) -> pb.GetModelInfoResponse:
+        """As ``Client.model_info``: the model's name, version, kind, ``identity`` and limits (asked once)."""
         if self._info is None:
             self._info = await self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest(model=self.model), None)
         return self._info
 
     async def list_models(self) -> list[pb.GetModelInfoResponse]:
+        """Every model the server serves, the default first, each with its ``identity``."""
         return list((await self._call(self.stub.ListModels, pb.ListModelsRequest(), None)).models)
 
     async def _scores(self, requests: list[pb.ScoreRequest], timeout: float | None) -> list[float]:

@@ -47,12 +47,15 @@ class Client(Connection):
             raise domain_error(e) from None
 
     def model_info(self) -> pb.GetModelInfoResponse:
+        """The model this client scores by (asked once, then kept): its name, version, kind, ``identity``
+        (NAME:KIND:PRECISION:DIGEST, equal wherever the same weights are served at the same precision) and limits."""
         if self._info is None:
             self._info = self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest(model=self.model), None)
         return self._info
 
     def list_models(self) -> list[pb.GetModelInfoResponse]:
-        """Every model the server serves, the default first: name, version, source, weights_bytes, statistics."""
+        """Every model the server serves, the default first: name, version, identity, source, weights_bytes,
+        statistics."""
         return list(self._call(self.stub.ListModels, pb.ListModelsRequest(), None).models)
 
     def _scores(self, requests: list[pb.ScoreRequest], timeout: float | None) -> list[float]:

@@ -35,6 +35,11 @@ _ERRORS = {
     "503": {**_ERROR, "description": "warming up, draining or out of service (UNAVAILABLE): retry elsewhere"},
     "504": {**_ERROR, "description": "the deadline passed before compute (DEADLINE_EXCEEDED)"},
 }
+_IDENTITY = {
+    "type": "string",
+    "description": "what the model version is, NAME:KIND:PRECISION:DIGEST (the first 16 hex digits of the SHA-256 of "
+    "its weights as loaded): equal on every replica serving the same weights at the same precision",
+}
 _COMMON = [
     {"name": "timeout", "in": "header", "required": False, "schema": {"type": "number"}, "description": "deadline, s"},
     {"name": "x-request-id", "in": "header", "required": False, "schema": {"type": "string"}},
@@ -282,9 +287,30 @@ def _v2_paths() -> dict[str, Any]:
         ),
         "/v2": _get("KServe v2 server metadata", obj),
         "/v2/models/stats": _get("KServe v2 statistics of every model", obj),
-        **_kserve("", _get("KServe v2 model metadata (NAME, NAME_image, NAME_text for each served model)", obj)),
+        **_kserve(
+            "",
+            _get(
+                "KServe v2 model metadata (NAME, NAME_image, NAME_text for each served model), with the served model's "
+                "identity",
+                {"type": "object", "properties": {"identity": _IDENTITY}},
+            ),
+        ),
         **_kserve("/ready", _get("200 when the model is ready, 503 otherwise", _health_body("ready", name=True))),
-        **_kserve("/config", _get("Triton model configuration", obj)),
+        **_kserve(
+            "/config",
+            _get(
+                "Triton model configuration; parameters.identity.string_value is the served model's identity",
+                {
+                    "type": "object",
+                    "properties": {
+                        "parameters": {
+                            "type": "object",
+                            "properties": {"identity": {"type": "object", "properties": {"string_value": _IDENTITY}}},
+                        }
+                    },
+                },
+            ),
+        ),
         **_kserve("/stats", _get("KServe v2 model statistics", obj)),
         **_kserve("/infer", _INFER),
         "/v2/repository/index": _repository(

@@ -1,6 +1,7 @@
 """A served ONNX export is named by its own directory, with its precision: the fp32 and the int8 export of the
 demo model are told apart in /v1/model, GetModelInfo, the model_info metric, the serving log and the JSON of
-`pickscore score --server`, not both reported as the checkpoint they came from."""
+`pickscore score --server`, not both reported as the checkpoint they came from; their identities differ (precision
+and digest) and each equals the in-process one."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import logging
 
 import pytest
 
+from pickscore import Scorer
+from pickscore.backends import model_identity
 from pickscore.backends.manifest import load_manifest
 from pickscore.cli import main
 from pickscore.client import Client
@@ -47,7 +50,18 @@ def test_an_export_is_served_under_its_own_name_and_precision(exports, precision
         assert over_http["source"] == over_grpc.source == str(directory)
         assert over_http["device"] == over_grpc.device == f"CPU {precision}"
         assert over_grpc.backend == "onnxruntime"
+        identity = Scorer.from_pretrained(directory).identity  # another load of the same files: the same identity
+        assert identity.startswith(f"pickscore:clip:{precision}:")
+        assert over_http["identity"] == over_grpc.identity == loaded.identity == identity
         labels = {"source": str(directory), "backend": "onnxruntime", "device": f"CPU {precision}"}
+        labels["identity"] = identity
         assert metric(server, "pickscore_model_info", **labels) == 1
         code, out, _ = run(capsys, "score", "--server", server.address, "--prompt", PROMPT, "--json", image)
         assert code == 0 and json.loads(out)["model"] == str(directory)
+
+
+def test_an_exports_precision_and_weights_are_in_its_identity(exports):
+    fp32, int8 = (Scorer.from_pretrained(exports / precision).backend for precision in PRECISIONS)
+    assert (fp32.precision, int8.precision) == ("fp32", "int8")
+    assert fp32.weights_digest != int8.weights_digest  # quantised weights: other bytes
+    assert model_identity("pickscore", fp32) != model_identity("pickscore", int8)
