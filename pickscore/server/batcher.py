@@ -1,7 +1,7 @@
 """Dynamic batching for one tower: many requests' items, one forward pass, behind its admission.
 
     batcher = Batcher("image", backend.encode_image, max_batch_size=32, max_delay_s=0.005, capacity=1024,
-                      metrics=m, max_wait_s=5.0, timeout_s=120.0, on_hung=print, max_gather_s=0.1)
+                      metrics=m, max_wait_s=AUTO, timeout_s=120.0, on_hung=print, max_gather_s=0.1)
     await batcher.start()
     with batcher.admit(n, deadline, priority):          # Overloaded at once: no room, or no time
         with batcher.preparing():                        # the batch being gathered waits for this item
@@ -20,9 +20,10 @@ With ``depth`` 2 (an accelerator) the runner gathers and starts the next batch w
 batch's copy to the device overlaps the other's compute.
 
 Admission. ``admit`` reserves room for a request's items for as long as the request runs, or refuses at once
-(Overloaded, with a retry hint): by count (``capacity``) and by estimated queue wait (``max_wait_s``, the
-request's deadline). The decision and the throughput estimate it rests on are ``pickscore.server.admission``'s;
-the batcher reports every finished batch to it and keeps the gauges.
+(Overloaded, with a retry hint): by count (``capacity``) and by estimated queue wait (``max_wait_s``: seconds, or
+``AUTO``, ``depth`` x this tower's measured batch time; the request's deadline). The decision and the throughput
+estimate it rests on are ``pickscore.server.admission``'s; the batcher reports every finished batch to it and
+keeps the gauges.
 
 Watchdog. A forward pass that has not returned after ``timeout_s`` fails its batch (Internal), marks the
 tower hung and calls ``on_hung``; from then on every item and every admission is refused (Unavailable):
@@ -65,7 +66,7 @@ class Batcher:
         max_delay_s: float,
         capacity: int,
         metrics: Metrics,
-        max_wait_s: float = 0.0,
+        max_wait_s: float | None = 0.0,
         timeout_s: float = 0.0,
         on_hung: Callable[[str], None] | None = None,
         max_gather_s: float = 0.0,
@@ -102,10 +103,12 @@ class Batcher:
         self.admission = Admission(
             tower,
             capacity,
-            max_wait_s,  # 0: admission by count alone
+            max_wait_s,  # 0: admission by count alone; AUTO: depth x the measured batch time
             clock=lambda: asyncio.get_running_loop().time(),  # deadlines are loop time
             on_refused=lambda reason: metrics.refusals.labels(reason).inc(),
             on_wait=self._wait.set,
+            batch_size=max_batch_size,
+            depth=depth,
         )
         metrics.queue_capacity.labels(tower).set(capacity)
         metrics.queue_depth.labels(tower).set_function(lambda: self.admission.admitted)  # read at scrape time

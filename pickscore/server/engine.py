@@ -140,7 +140,7 @@ class Engine:
         # On a GPU each tower has its own threads launching kernels, as many as the backend runs batches at once
         # (2: one batch's copy overlaps the other's compute); on a CPU the one shared thread.
         limits = dict(
-            max_wait_s=s.max_queue_wait_s,
+            max_wait_s=s.queue_wait_limit(),  # None: auto, from each tower's batch size and depth
             timeout_s=s.batch_timeout_s,
             on_hung=on_hung,
             max_gather_s=s.max_gather_ms / 1000,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -90,11 +91,13 @@ class Settings:
         "images (and prompts) admitted but not yet computed, per tower; beyond it "
         "requests get RESOURCE_EXHAUSTED at once",
     )
-    max_queue_wait_s: float = _f(
-        5.0,
-        "admission by time: a request whose estimated wait for the towers (queued work over each tower's "
-        "measured throughput) exceeds this, or its own deadline, is refused at once with RESOURCE_EXHAUSTED "
-        "and a retry hint; 0 admits by --max-queue-size alone",
+    max_queue_wait_s: str = _f(
+        "auto",
+        "admission by time: a request whose estimated wait for the towers (work admitted at its priority or above "
+        "x each tower's measured seconds per item) exceeds this bound, or its own deadline, is refused at once "
+        "with RESOURCE_EXHAUSTED and a retry hint. auto: the tower's batches in flight (1 on a CPU, 2 on a GPU) x "
+        "its measured batch time (max batch size x seconds per item), the work that keeps it busy and no more "
+        "(docs/DESIGN.md, 'Admission by time'); SECONDS: a fixed bound; 0 admits by --max-queue-size alone",
     )
     max_inflight_per_client: int = _f(
         0,
@@ -185,7 +188,6 @@ class Settings:
             "image_cache_bytes",
             "max_queue_delay_ms",
             "max_gather_ms",
-            "max_queue_wait_s",
             "max_inflight_per_client",
             "batch_timeout_s",
             "grace_period_s",
@@ -211,7 +213,24 @@ class Settings:
             raise ValueError("--tls-cert and --tls-key go together: give both to serve TLS, or neither")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca (mutual TLS) needs the server's own --tls-cert and --tls-key")
+        self.queue_wait_limit()  # ValueError naming the flag
         check_choices(self)
+
+    def queue_wait_limit(self) -> float | None:
+        """--max-queue-wait-s as admission takes it: seconds (0: by count alone), or None for auto."""
+        text = str(self.max_queue_wait_s).strip().lower()
+        if text == "auto":
+            return None
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = math.nan
+        if not seconds >= 0 or math.isinf(seconds):
+            raise ValueError(
+                f"max_queue_wait_s must be auto or a number of seconds, 0 or more; got {self.max_queue_wait_s!r} "
+                f"(--max-queue-wait-s or {env_name('max_queue_wait_s')})"
+            )
+        return seconds
 
     @property
     def workers(self) -> int:

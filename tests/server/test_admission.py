@@ -1,5 +1,6 @@
-"""Admission on a fake clock, without threads or sleeps: refusals by count, by queue wait and by deadline, counted
-per priority level, and the throughput estimate they rest on."""
+"""Admission on a fake clock, without threads or sleeps: refusals by count, by queue wait (a bound in seconds, or
+auto's, from the measured batch time) and by deadline, counted per priority level, and the throughput estimate they
+rest on; --max-queue-wait-s as the server reads it."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import asyncio
 import numpy as np
 import pytest
 
+from pickscore.cli import build_parser
 from pickscore.errors import Overloaded, Unavailable
-from pickscore.server.admission import Admission, Throughput
+from pickscore.server.admission import AUTO, Admission, Throughput
 from pickscore.server.batcher import Batcher
 from pickscore.server.metrics import Metrics
+from pickscore.server.settings import Settings
 
 
 class Clock:
@@ -27,9 +30,20 @@ class Clock:
         self.now += seconds
 
 
-def admission(capacity: int = 100, max_wait_s: float = 0.0) -> tuple[Admission, Clock, list[str], list[float]]:
+def admission(
+    capacity: int = 100, max_wait_s: float | None = 0.0, batch_size: int = 1, depth: int = 1
+) -> tuple[Admission, Clock, list[str], list[float]]:
     clock, refusals, waits = Clock(), [], []
-    adm = Admission("image", capacity, max_wait_s, clock=clock, on_refused=refusals.append, on_wait=waits.append)
+    adm = Admission(
+        "image",
+        capacity,
+        max_wait_s,
+        clock=clock,
+        on_refused=refusals.append,
+        on_wait=waits.append,
+        batch_size=batch_size,
+        depth=depth,
+    )
     return adm, clock, refusals, waits
 
 
@@ -91,6 +105,75 @@ def test_without_a_wait_limit_only_the_count_is_checked():
     with adm.reserve(50), adm.reserve(50, deadline=clock() + 1.0):
         pass
     assert refusals == [] and waits == []
+
+
+def refused_by(adm: Admission, n: int) -> Overloaded | None:
+    """The refusal of a request of ``n`` items at the default level, or None when it was admitted (and released)."""
+    try:
+        with adm.reserve(n):
+            return None
+    except Overloaded as e:
+        return e
+
+
+@pytest.mark.parametrize("seconds_per_item", [0.1, 0.3])
+def test_auto_bounds_the_wait_at_one_measured_batch_time_and_a_slower_tower_gets_a_longer_bound(seconds_per_item):
+    adm, clock, refusals, _ = admission(max_wait_s=AUTO, batch_size=4)
+    measure(adm, clock, items=10, seconds=10 * seconds_per_item)
+    with adm.reserve(4):  # one batch time ahead: the bound, not over it
+        assert refused_by(adm, 3) is None
+        with adm.reserve(1):  # one item over
+            refused = refused_by(adm, 2)
+    assert refusals == ["queue_wait"]
+    bound = 4 * seconds_per_item
+    assert refused.retry_after_s == pytest.approx(seconds_per_item)  # the one item over the bound drains first
+    assert str(refused) == (
+        f"image tower busy: 2 items would queue about {5 * seconds_per_item:.3g} s behind 5 admitted "
+        f"({seconds_per_item * 1000:.3g} ms each) over {bound:.3g} s (auto: 1 x the measured batch time, 4 items x "
+        f"{seconds_per_item * 1000:.3g} ms; --max-queue-wait-s); retry in {seconds_per_item:.2g} s"
+    )
+
+
+def test_auto_keeps_a_batch_for_each_batch_in_flight():
+    """An accelerator's tower runs ``depth`` batches at once: auto lets that many full batches queue."""
+    adm, clock, refusals, _ = admission(max_wait_s=AUTO, batch_size=4, depth=2)
+    measure(adm, clock)
+    with adm.reserve(8):
+        assert refused_by(adm, 8) is None
+        with adm.reserve(1):
+            assert "over 0.8 s (auto: 2 x the measured batch time, 4 items x 100 ms" in str(refused_by(adm, 1))
+    assert refusals == ["queue_wait"]
+
+
+def test_auto_counts_the_work_at_the_requests_level_or_above():
+    adm, clock, refusals, _ = admission(max_wait_s=AUTO, batch_size=4)
+    measure(adm, clock)
+    with adm.reserve(8):  # two batch times at the default level: nothing ahead of level 1
+        with adm.reserve(4, priority=1):
+            assert refused_by(adm, 1) is not None
+            with pytest.raises(Overloaded), adm.reserve(1, priority=1):  # 4 ahead at level 1: admitted; 5: not
+                with adm.reserve(1, priority=1):
+                    pass
+    assert refusals == ["queue_wait", "queue_wait"]
+
+
+def test_a_cold_tower_under_auto_admits_by_its_batch_count_until_something_is_measured():
+    """Before any completion there are no seconds per item, but auto's bound in items holds: a burst on a cold
+    server queues no more than ``depth`` batches (and one request) however large ``capacity`` is."""
+    adm, _, refusals, waits = admission(capacity=1000, max_wait_s=AUTO, batch_size=4)
+    with adm.reserve(4):
+        with adm.reserve(1):
+            refused = refused_by(adm, 3)
+    assert refusals == ["queue_wait"] and waits == []
+    assert refused.retry_after_s is None  # nothing measured: no hint in seconds
+    assert str(refused) == (
+        "image tower busy: 3 items would queue behind 5 admitted, over auto's 4 (1 x the measured batch time, 4 "
+        "items, nothing measured yet; --max-queue-wait-s); retry with backoff"
+    )
+    fixed, _, refusals, _ = admission(capacity=1000, max_wait_s=0.5)
+    with fixed.reserve(900):  # a bound in seconds has nothing to go by yet: count alone
+        assert refused_by(fixed, 100) is None
+    assert refusals == []
 
 
 def test_a_request_that_would_finish_past_its_deadline_is_refused():
@@ -221,3 +304,27 @@ def test_the_batcher_counts_refusals_and_refuses_everything_once_hung():
         await batcher.stop()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "argv, env, limit",
+    [
+        ([], {}, AUTO),  # the default
+        (["--max-queue-wait-s", "2.5"], {"PICKSCORE_MAX_QUEUE_WAIT_S": "auto"}, 2.5),  # a flag beats the variable
+        ([], {"PICKSCORE_MAX_QUEUE_WAIT_S": " AUTO "}, AUTO),
+        (["--max-queue-wait-s", "0"], {}, 0.0),  # admission by count alone
+    ],
+)
+def test_max_queue_wait_s_is_auto_unless_given_seconds(argv, env, limit):
+    settings = Settings.from_namespace(build_parser().parse_args(["serve", *argv]), environ=env)
+    assert settings.queue_wait_limit() == limit
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "nan", "inf"])
+def test_a_max_queue_wait_s_that_is_neither_auto_nor_seconds_is_refused_naming_the_flag(value):
+    with pytest.raises(ValueError) as refused:
+        Settings.from_namespace(build_parser().parse_args(["serve", "--max-queue-wait-s", value]), environ={})
+    assert str(refused.value) == (
+        f"max_queue_wait_s must be auto or a number of seconds, 0 or more; got {value!r} "
+        "(--max-queue-wait-s or PICKSCORE_MAX_QUEUE_WAIT_S)"
+    )
