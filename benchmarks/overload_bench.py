@@ -1,12 +1,14 @@
 """Overload benchmark: open-loop best-of-8 requests at 0.5x, 1x, 2x and 3x of measured saturation.
 
     python benchmarks/overload_bench.py                    # ViT-B-32 shape, CPU, 512 px JPEGs, 10 s deadlines
-    python benchmarks/overload_bench.py --levels 1,3 --duration 20
+    python benchmarks/overload_bench.py --policies defaults --levels 1,3 --duration 20
 
 For each admission policy, in one run against `pickscore serve` in its own process:
-  count  admission by queue size alone (--max-queue-wait-s 0): what the server did before admission by time
-  time   admission by time (this script's --max-queue-wait-s, default 5 s as the server's, and each
-         request's deadline)
+  count     admission by queue size alone (--max-queue-wait-s 0): what the server did before admission by time
+  defaults  the server's own defaults, no admission flag: --max-queue-wait-s auto, a bound that follows the
+            measured batch time (and each request's deadline)
+  time      a fixed bound in seconds (this script's --max-queue-wait-s, default 2.5 s, the one tuned by hand
+            before auto), and each request's deadline
 it measures saturation (closed loop, concurrency 8), the unloaded p50 (concurrency 1), then Poisson arrivals
 at each multiple of saturation for --duration seconds, every request with the same deadline. Reported per
 level: goodput (requests answered OK per second, and as a share of saturation), admitted p50/p99 (requests
@@ -31,9 +33,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PER_REQUEST, append_results, jpegs, machine, serve, write_model  # noqa: E402
+from common import PER_REQUEST, append_results, jpegs, machine_with_flags, serve, write_model  # noqa: E402
 
-POLICIES = {"count": "0"}  # --max-queue-wait-s of each policy; "time" takes the benchmark's --max-queue-wait-s
+# each policy's server flags; "time" takes the benchmark's --max-queue-wait-s
+POLICIES = {"count": ("--max-queue-wait-s", "0"), "defaults": ()}
 
 
 def start_server(model_dir: Path, args, extra: tuple[str, ...]) -> tuple[subprocess.Popen, str, int]:
@@ -204,17 +207,25 @@ def main(argv=None) -> int:
     p.add_argument(
         "--max-queue-wait-s",
         type=float,
-        default=5.0,
-        help="the server's --max-queue-wait-s under the time policy (default 5, the server's default)",
+        default=2.5,
+        help="the server's --max-queue-wait-s under the time policy (default 2.5, tuned by hand before auto)",
     )
-    p.add_argument("--policies", default="count,time", help="admission policies to compare (default count,time)")
+    p.add_argument(
+        "--policies",
+        default="count,defaults",
+        help="admission policies to compare, of count, defaults and time (default count,defaults)",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="directory for JSON, markdown, PNG")
     p.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     args.levels = [float(x) for x in args.levels.split(",")]
+    args.policies = args.policies.split(",")
+    for policy in args.policies:
+        if policy not in (*POLICIES, "time"):
+            p.error(f"--policies: unknown policy {policy!r}; count, defaults or time")
     images = jpegs(16, args.image_side)
     results = {
-        "machine": machine(),
+        "machine": machine_with_flags(),
         "shape": args.model or args.shape,
         "deadline_s": args.deadline,
         "duration_s": args.duration,
@@ -222,10 +233,10 @@ def main(argv=None) -> int:
     }
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else write_model(args.shape, Path(tmp) / args.shape)
-        for policy in args.policies.split(","):
-            print(f"{policy}: admission {'by queue size alone' if policy == 'count' else 'by time'}", flush=True)
-            wait = POLICIES.get(policy, str(args.max_queue_wait_s))
-            proc, address, metrics_port = start_server(model_dir, args, ("--max-queue-wait-s", wait))
+        for policy in args.policies:
+            flags = POLICIES.get(policy, ("--max-queue-wait-s", str(args.max_queue_wait_s)))
+            print(f"{policy}: {' '.join(flags) or 'the server defaults'}", flush=True)
+            proc, address, metrics_port = start_server(model_dir, args, flags)
             try:
                 results["policies"][policy] = asyncio.run(measure(address, metrics_port, images, args))
             finally:
