@@ -126,7 +126,10 @@ def test_metadata_config_and_statistics(tc, server):
     configs = model_configs(16, (224, 224), 77, 32, 256, 5000, pixels=True)
     exported = model_configs(16, (224, 224), 77, 32, 256, 5000)  # what the Triton export declares
     for name, config in configs.items():
-        assert tc.get_model_config(name).config == config
+        served = tc.get_model_config(name).config
+        assert served.parameters["identity"].string_value.startswith("pickscore:clip:fp32:")  # test_identity.py
+        del served.parameters["identity"]
+        assert served == config
         meta = tc.get_model_metadata(name)
         assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
             (t.name, {11: "FP32", 9: "INT64", 2: "UINT8", 13: "BYTES"}[t.data_type], [-1, *t.dims])
