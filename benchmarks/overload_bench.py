@@ -243,7 +243,7 @@ def main(argv=None) -> int:
                 proc.terminate()
                 proc.wait(timeout=60)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"overload-{results['shape'].replace('/', '_')}-{args.device}"
+    stem = f"overload-{results['shape'].replace('/', '_')}-{args.device}-{'-'.join(args.policies)}"
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     table = markdown(results)
     (args.out / f"{stem}.md").write_text(table)
