@@ -46,12 +46,16 @@ def start_server(model_dir: Path, args, extra: tuple[str, ...]) -> tuple[subproc
 
 
 def computed_images(metrics_port: int) -> float:
-    """Images the image tower has run forward passes on (the batch-size histogram's sum)."""
+    """Images the image towers have run forward passes on (the batch-size histograms' sum, over models)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith('pickscore_batch_size_sum{tower="image"}'):
-                return float(line.split()[-1])
-    raise RuntimeError("no pickscore_batch_size_sum for the image tower")
+        sums = [
+            float(line.split()[-1])
+            for line in r.read().decode().splitlines()
+            if line.startswith("pickscore_batch_size_sum{") and 'tower="image"' in line
+        ]
+    if not sums:
+        raise RuntimeError("no pickscore_batch_size_sum for the image tower")
+    return sum(sums)
 
 
 async def measure(address: str, metrics_port: int, images: list[bytes], args) -> dict:
