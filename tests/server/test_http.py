@@ -159,7 +159,10 @@ def _plain(message) -> dict:
 
 def test_metadata_config_readiness_and_statistics_equal_grpc(http, grpc_tc):
     for name in ("pickscore", "pickscore_image", "pickscore_text"):
-        assert http.get_model_metadata(name) == _plain(grpc_tc.get_model_metadata(name))
+        metadata = http.get_model_metadata(name)  # and the identity, which gRPC carries in the config's parameters
+        identity = metadata.pop("identity")
+        assert grpc_tc.get_model_config(name).config.parameters["identity"].string_value == identity
+        assert metadata == _plain(grpc_tc.get_model_metadata(name))
         assert http.get_model_metadata(name, "1") == http.get_model_metadata(name)
         assert http.get_model_config(name) == _plain(grpc_tc.get_model_config(name).config)
         assert http.is_model_ready(name) and http.is_model_ready(name, "1")
