@@ -9,9 +9,9 @@ For each admission policy, in one run against `pickscore serve` in its own proce
             measured batch time (and each request's deadline)
   time      a fixed bound in seconds (this script's --max-queue-wait-s, default 2.5 s, the one tuned by hand
             before auto), and each request's deadline
-it measures saturation (closed loop, concurrency 8), the unloaded p50 (concurrency 1), then Poisson arrivals
-at each multiple of saturation for --duration seconds, every request with the same deadline. Reported per
-level: goodput (requests answered OK per second, and as a share of saturation), admitted p50/p99 (requests
+it measures saturation (closed loop, concurrency 8, a refused caller waiting for its retry hint), the unloaded
+p50 (concurrency 1), then Poisson arrivals at each multiple of saturation for --duration seconds, every request
+with the same deadline. Reported per level: goodput (requests answered OK per second, and as a share of saturation), admitted p50/p99 (requests
 answered OK), p99 over the unloaded p50, refusals (RESOURCE_EXHAUSTED) and their p50/p99 latency,
 deadline failures, and the share of the image tower's compute spent on requests that then failed (from the
 server's own /metrics). Writes JSON, a markdown table, a plot, and a section of benchmarks/RESULTS.md.
@@ -66,27 +66,31 @@ async def measure(address: str, metrics_port: int, images: list[bytes], args) ->
         await client.model_info()
         counter = iter(range(10**9))
 
-        async def call() -> tuple[str, float]:
+        async def call() -> tuple[str, float, float]:
+            """(outcome, seconds, the retry hint of a refusal, else 0)"""
             i = next(counter)
             blobs = [images[(i * PER_REQUEST + k) % len(images)] for k in range(PER_REQUEST)]
-            start = time.perf_counter()
+            start, hint = time.perf_counter(), 0.0
             try:
                 await client.score(f"prompt number {i}", blobs)
                 outcome = "ok"
-            except Overloaded:
-                outcome = "refused"
+            except Overloaded as e:
+                outcome, hint = "refused", e.retry_after_s or 0.05
             except DeadlineExceeded:
                 outcome = "deadline"
             except Exception:  # noqa: BLE001 - counted, not hidden
                 outcome = "error"
-            return outcome, time.perf_counter() - start
+            return outcome, time.perf_counter() - start, hint
 
         async def closed(concurrency: int, n: int) -> list[tuple[str, float]]:
+            """``n`` answered requests from ``concurrency`` callers, each refused caller waiting for its hint (as a
+            well-behaved client does: refusals spun at once would take the cores saturation is measured on)."""
             out = []
 
             async def caller():
-                while len(out) < n:
+                while sum(o != "refused" for o, _, _ in out) < n:
                     out.append(await call())
+                    await asyncio.sleep(out[-1][2])
 
             await asyncio.gather(*(caller() for _ in range(concurrency)))
             return out
@@ -94,8 +98,8 @@ async def measure(address: str, metrics_port: int, images: list[bytes], args) ->
         await closed(2, 4)  # warm-up
         start = time.perf_counter()
         sat_runs = await closed(8, args.saturation_requests)
-        saturation = sum(o == "ok" for o, _ in sat_runs) / (time.perf_counter() - start)  # requests/s
-        unloaded = float(np.median([t for _, t in await closed(1, 5)]) * 1000)
+        saturation = sum(o == "ok" for o, _, _ in sat_runs) / (time.perf_counter() - start)  # requests/s
+        unloaded = float(np.median([t for _, t, _ in await closed(1, 5)]) * 1000)
         print(f"  saturation {saturation:.3f} requests/s, unloaded p50 {unloaded:.0f} ms", flush=True)
 
         levels = {}
@@ -113,8 +117,8 @@ async def measure(address: str, metrics_port: int, images: list[bytes], args) ->
             wall = time.perf_counter() - start
             await asyncio.sleep(0.5)
             computed = computed_images(metrics_port) - before
-            ok = [t * 1000 for o, t in results if o == "ok"]
-            refused = [t * 1000 for o, t in results if o == "refused"]
+            ok = [t * 1000 for o, t, _ in results if o == "ok"]
+            refused = [t * 1000 for o, t, _ in results if o == "refused"]
 
             def pct(xs, q):
                 return float(np.percentile(xs, q)) if xs else float("nan")
@@ -124,8 +128,8 @@ async def measure(address: str, metrics_port: int, images: list[bytes], args) ->
                 "requests": len(results),
                 "ok": len(ok),
                 "refused": len(refused),
-                "deadline": sum(o == "deadline" for o, _ in results),
-                "error": sum(o == "error" for o, _ in results),
+                "deadline": sum(o == "deadline" for o, _, _ in results),
+                "error": sum(o == "error" for o, _, _ in results),
                 "goodput_requests_per_s": len(ok) / wall,
                 "goodput_over_saturation": len(ok) / wall / saturation,
                 "admitted_p50_ms": pct(ok, 50),
