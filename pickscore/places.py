@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -39,6 +38,7 @@ class Place(Protocol):
 
     model: str
     name: str
+    identities: dict[str, str]  # model identity (name:kind:precision:digest) by served name
 
     def score_all(
         self, prompt: str, images: Sequence[Any], skip_invalid: bool = False, progress: bool = False
@@ -65,8 +65,10 @@ MODEL_HELP = (
 )
 SERVER_HELP = (
     "score on running `pickscore serve` servers instead of loading a model here: HOST:PORT (gRPC) or "
-    "http[s]://HOST:PORT, several separated by commas (images are spread over all of them, with bounded requests "
-    "in flight and retries on RESOURCE_EXHAUSTED/UNAVAILABLE)"
+    "http[s]://HOST:PORT, several separated by commas, or a DNS name whose every address is a server "
+    "(dns:///HOST:PORT for gRPC, dns+http://HOST:PORT for HTTP). Each batch of images goes to the server with the "
+    "least outstanding work; a server that fails is taken out and its batches go to the others (it is tried again "
+    "with backoff); refusals are retried. Every server must serve the same model (see --expect-model)"
 )
 MODEL_NAME_HELP = (
     "with --server: which of the servers' models scores, by the name they serve it under (see `GET /v1/models`); "
@@ -105,6 +107,14 @@ def add_where_flags(parser: argparse.ArgumentParser, several: bool = False) -> N
         metavar="NAME[,NAME...]" if several else "NAME",
         help=MODEL_NAME_HELP + (SEVERAL_MODEL_NAMES_HELP if several else ""),
     )
+    parser.add_argument(
+        "--expect-model",
+        default="",
+        metavar="IDENTITY[,IDENTITY...]",
+        help="with --server: score only on the servers serving this model identity (as GET /v1/model's `identity` "
+        "reports it, name:kind:precision:digest, or just the digest; one per --model-name). Without it, servers "
+        "serving different models (a half-finished rollout) are refused, naming what each serves",
+    )
     parser.set_defaults(where_usage=parser.error, several_model_names=several)  # for check_model_name's errors
 
 
@@ -119,6 +129,8 @@ def check_model_name(args: Any) -> None:
             f"--model-name {text} chooses one of the models a server serves: give it with --server (with --model, "
             "REF is the model; several models need --server too)"
         )
+    elif getattr(args, "expect_model", "") and not getattr(args, "server", None):
+        message = f"--expect-model {args.expect_model} checks what servers serve: give it with --server"
     else:
         try:
             names = model_names(text)
@@ -191,12 +203,13 @@ def open_place(
     timeout: float = 600.0,
     connection: dict[str, Any] | None = None,
     model_name: str = "",
+    expect_model: str = "",
     **backend: str,
 ) -> Place:
     """In this process when ``model`` is given (``backend``: device, dtype, backend), else on ``servers``, scoring
     with their model ``model_name`` (empty: each server's default). ``connection``: the clients' keywords (TLS,
-    token)."""
-    check_where(model, servers, embeddings, model_name)
+    token). ``expect_model``: the model identity the servers must serve (else they must all serve one)."""
+    check_where(model, servers, embeddings, model_name, expect_model)
     if len(model_names(model_name)) > 1:
         raise ValueError(
             f"--model-name {model_name}: a place scores with one model; several score together in batch and "
@@ -207,12 +220,14 @@ def open_place(
 
         limits = {} if max_pixels is None else {"max_pixels": max_pixels}
         return InProcess(model, Scorer.from_pretrained(model, **backend, batch_size=batch_size, **limits), embeddings)
-    return OnServers(servers, timeout, connection or {}, model_name)
+    return OnServers(servers, timeout, connection or {}, model_name, expect_model)
 
 
-def check_where(model: str | None, servers: Sequence[str], embeddings: bool = False, model_name: str = "") -> None:
-    """ValueError unless exactly one of ``model`` and ``servers`` is given (embeddings and ``model_name`` only with
-    the one that has them)."""
+def check_where(
+    model: str | None, servers: Sequence[str], embeddings: bool = False, model_name: str = "", expect_model: str = ""
+) -> None:
+    """ValueError unless exactly one of ``model`` and ``servers`` is given (embeddings, ``model_name`` and
+    ``expect_model`` only with the one that has them)."""
     if bool(model) == bool(servers):
         raise ValueError("give either --model (score here) or --server (score on running servers)")
     if embeddings and servers:
@@ -222,6 +237,8 @@ def check_where(model: str | None, servers: Sequence[str], embeddings: bool = Fa
             f"--model-name {model_name} chooses one of the models a server serves: with --server only (several "
             "models need --server too)"
         )
+    if expect_model and not servers:
+        raise ValueError(f"--expect-model {expect_model} checks what servers serve: with --server only")
 
 
 def place_from_args(args: Any, embeddings: bool = False) -> Place:
@@ -242,6 +259,7 @@ def place_from_args(args: Any, embeddings: bool = False) -> Place:
         timeout=getattr(args, "timeout", 600.0),
         connection=connection(args) if servers else None,
         model_name=getattr(args, "model_name", "") or "",
+        expect_model=getattr(args, "expect_model", "") or "",
         **({} if servers else backend_options(args)),
     )
 
@@ -259,6 +277,11 @@ class InProcess(_Closing):
         self.model = self.name = model
         self.scorer = scorer
         self.embeddings = embeddings
+
+    @property
+    def identities(self) -> dict[str, str]:
+        """The loaded model's identity, under the name ``pickscore serve --model`` would serve it."""
+        return {self.scorer.identity.split(":", 1)[0]: self.scorer.identity}
 
     def score_all(
         self, prompt: str, images: Sequence[Any], skip_invalid: bool = False, progress: bool = False
@@ -309,43 +332,60 @@ class InProcess(_Closing):
 
 
 class OnServers(_Closing):
-    """Running servers (gRPC ``host:port`` or HTTP ``http[s]://host:port``): images spread over the addresses,
-    bounded in flight, refusals and unavailability retried (``RewardClient``); a bad image fails only itself.
-    ``model_name``: which of the servers' models scores (empty: each one's default). Nothing is dialled until the
-    first use: a server that is not up yet costs nothing here."""
+    """Running servers (gRPC ``host:port`` or HTTP ``http[s]://host:port``, or a DNS name: see
+    ``pickscore.client.fleet``), as one ``RewardClient`` over all of them: each batch of images to the server with
+    the least outstanding work, bounded in flight, a failed server's batches to the others, refusals and
+    unavailability retried; a bad image fails only itself. ``model_name``: which of the servers' models scores
+    (empty: each one's default); every server must serve the same model, or the one ``expect_model`` names. Nothing
+    is dialled until the first use: a server that is not up yet costs nothing here."""
 
-    def __init__(self, servers: Sequence[str], timeout: float, connection: dict[str, Any], model_name: str = ""):
+    def __init__(
+        self,
+        servers: Sequence[str],
+        timeout: float,
+        connection: dict[str, Any],
+        model_name: str = "",
+        expect_model: str = "",
+    ):
         self.servers, self.timeout, self.connection = list(servers), timeout, connection
-        self.model_name = model_name
-        self._clients: list = []
-        self._model: str | None = None
-        self._sent = 0
+        self.model_name, self.expect_model = model_name, expect_model
+        self._client = None
+
+    def _rewards(self):
+        if self._client is None:
+            from pickscore.client import RewardClient
+
+            self._client = RewardClient(
+                self.servers,
+                max_batch=32,
+                max_inflight=4,
+                timeout=self.timeout,
+                model=self.model_name,
+                expect_model=self.expect_model,
+                **self.connection,
+            )
+        return self._client
 
     @property
     def model(self) -> str:
-        """The source of the model that scores, as the first server reports it (asked once); Unavailable naming the
-        address when it does not answer, NotFound naming the model when it does not serve it."""
-        if self._model is None:
-            self._model = served_model(self.servers[0], self.timeout, self.connection, self.model_name)
-        return self._model
+        """The source of the model that scores, as the servers report it (each asked once): Unavailable naming every
+        address when none answers, NotFound naming the model when they do not serve it, Conflict naming what each
+        serves when they serve different models."""
+        return next(iter(self._rewards().served().values())).source
+
+    @property
+    def identities(self) -> dict[str, str]:
+        from pickscore.client.fleet import by_name
+
+        return by_name(self._rewards().served())
 
     @property
     def name(self) -> str:
         return f"{self.model} on {','.join(self.servers)}"
 
     def submit(self, prompt: str, image: Any) -> Future:
-        """One image to the next server; a Future of its score."""
-        if not self._clients:
-            from pickscore.client import RewardClient
-
-            self._clients = [
-                RewardClient(
-                    a, max_batch=32, max_inflight=4, timeout=self.timeout, model=self.model_name, **self.connection
-                )
-                for a in self.servers
-            ]
-        self._sent += 1
-        return self._clients[self._sent % len(self._clients)].submit(prompt, image)
+        """One image, to be sent in a batch to the best server; a Future of its score."""
+        return self._rewards().submit(prompt, image)
 
     def score_all(
         self, prompt: str, images: Sequence[Any], skip_invalid: bool = False, progress: bool = False
@@ -397,38 +437,5 @@ class OnServers(_Closing):
         return scores, errors, {}
 
     def close(self) -> None:
-        for client in self._clients:
-            client.close()
-
-
-def served_model(address: str, timeout: float, connection: dict[str, Any], model_name: str = "") -> str:
-    """The reference (source) of the server's model ``model_name`` (empty: its default), over gRPC (host:port) or
-    HTTP (http[s]://host:port)."""
-    if not address.startswith(("http://", "https://")):
-        from pickscore.client import Client
-
-        with Client(address, timeout=timeout, model=model_name, **connection) as client:
-            return client.model_info().source
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-
-    from pickscore.errors import Unavailable
-    from pickscore.status import error_for_http
-    from pickscore.tls import ssl_context
-
-    context = ssl_context(connection.get("tls_ca"), connection.get("tls_cert"), connection.get("tls_key"))
-    headers = {"authorization": f"Bearer {connection['token']}"} if connection.get("token") else {}
-    query = "?" + urllib.parse.urlencode({"model": model_name}) if model_name else ""
-    request = urllib.request.Request(address.rstrip("/") + "/v1/model" + query, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout, context=context) as r:
-            return json.loads(r.read())["source"]
-    except urllib.error.HTTPError as e:  # the server answered: its error, mapped as the clients map it
-        try:
-            message = json.loads(e.read()).get("error", e.reason)
-        except ValueError:
-            message = e.reason
-        raise error_for_http(e.code, f"{address}: HTTP {e.code}: {message}") from None
-    except OSError as e:
-        raise Unavailable(f"{address}: {e}") from e
+        if self._client is not None:
+            self._client.close()

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import threading
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future
+from typing import Any
 
 import numpy as np
 
 from pickscore.client.aio import AsyncClient
+from pickscore.client.fleet import Fleet, Served, addresses_of
+from pickscore.client.http import post_msgpack
 from pickscore.client.wire import ImageRef, Weights, image_message, model_weights, normalize_of, renumbered
-from pickscore.errors import InvalidInput, Overloaded, Unavailable
+from pickscore.errors import Conflict, InvalidInput, PickScoreError
 from pickscore.model import scoring
-from pickscore.status import error_for_http
 from pickscore.tls import ssl_context
 
 
@@ -30,12 +31,21 @@ class RewardClient:
             probs = rewards.submit_group(prompt, images, softmax=True).result()   # (N,) per-group softmax
 
     Submitted images are sent in batches of up to ``max_batch`` (or whatever arrived within ``max_delay_s`` of
-    the first), each batch one request of prompt-image pairs, at most ``max_inflight`` requests at a time, on
-    a background thread: scoring overlaps with generation. Refusals (RESOURCE_EXHAUSTED / 429, following the
-    server's retry hint) and unavailability (UNAVAILABLE / 503) are retried with exponential backoff for up to
-    ``timeout`` seconds; a batch refused for one bad image is split so only that image fails. When the
+    the first), each batch one request of prompt-image pairs, at most ``max_inflight`` requests at a time on each
+    server, on a background thread: scoring overlaps with generation. Refusals (RESOURCE_EXHAUSTED / 429,
+    following the server's retry hint) and unavailability (UNAVAILABLE / 503) are retried with exponential backoff
+    for up to ``timeout`` seconds; a batch refused for one bad image is split so only that image fails. When the
     reward cannot be had, ``required=True`` fails the futures with the domain error; ``required=False``
-    resolves them to 0.0 with a warning (training goes on without that reward). ``scale``: "raw" PickScore,
+    resolves them to 0.0 with a warning (training goes on without that reward).
+
+    Several replicas: ``address`` may be a list of addresses, or a DNS name each of whose addresses is a replica
+    (``dns:///host:port`` for gRPC, ``dns+http://host:port`` for HTTP; resolved again every 30 s). Each batch goes
+    to the replica with the least outstanding work; a replica that fails is taken out and its batches go to the
+    others, and it is tried again with backoff, one batch at a time (``pickscore.client.fleet``). Before the first
+    batch every replica is asked which model it serves; replicas serving different models (a half-finished
+    rollout) fail every future with Conflict naming what each serves, ``required`` or not, unless
+    ``expect_model`` names the identity (``GET /v1/model``'s ``identity``, or its digest) to use: then only the
+    replicas serving it are used. ``scale``: "raw" PickScore,
     or "div26" (score / 26, a scale RL code for diffusion models commonly uses). Images: encoded bytes, paths,
     uint8 arrays (H, W, 3), or PIL images. In asyncio code, ``await asyncio.wrap_future(future)``.
 
@@ -49,7 +59,7 @@ class RewardClient:
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         *,
         max_batch: int = 32,
         max_delay_s: float = 0.01,
@@ -62,6 +72,7 @@ class RewardClient:
         model: str = "",
         models: Weights | None = None,
         normalize: str = "none",
+        expect_model: str | Sequence[str] = (),
         **tls,
     ):
         if model and models is not None:
@@ -72,13 +83,16 @@ class RewardClient:
             raise ValueError(f"scale {scale!r}; one of {', '.join(self.SCALES)}")
         if max_batch < 1 or max_inflight < 1:
             raise ValueError("max_batch and max_inflight must be at least 1")
-        self.address = address
+        self.addresses = [address] if isinstance(address, str) else addresses_of(address)
         self.max_batch, self.max_delay_s, self.max_inflight = max_batch, max_delay_s, max_inflight
         self.timeout, self.required, self.scale = timeout, required, scale
         self._token, self._metadata, self._tls = token, tuple(metadata), tls
         self.model, self.normalize = model, normalize_of(normalize)
         self.models = None if models is None else model_weights(models)  # (name, weight) pairs
-        self._http = address.startswith(("http://", "https://"))
+        names = [model] if self.models is None else [name for name, _ in self.models]
+        expect = expect_model.split(",") if isinstance(expect_model, str) and expect_model else list(expect_model)
+        connection = {"token": token, "metadata": self._metadata, **tls}
+        self._fleet = Fleet(self.addresses, self._sender, names, connection, expect=expect, per_replica=max_inflight)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pickscore-rewards", daemon=True)
         self._thread.start()
@@ -130,6 +144,15 @@ class RewardClient:
             part.add_done_callback(done)
         return group
 
+    def served(self) -> dict[str, Served]:
+        """What the replicas serve under each model name asked (source and identity), every replica asked once:
+        Unavailable when none answers, Conflict when they serve different models (see ``expect_model``)."""
+        return asyncio.run_coroutine_threadsafe(self._fleet.ready(), self._loop).result()
+
+    def replicas(self) -> dict[str, dict[str, Any]]:
+        """Each replica's rows answered, failures in a row and whether it is left out, by address."""
+        return asyncio.run_coroutine_threadsafe(_now(self._fleet.report), self._loop).result()
+
     def close(self) -> None:
         """Send what is pending, wait for it, and stop the background thread."""
         if self._closed:
@@ -147,9 +170,12 @@ class RewardClient:
         self._pending.append(item)
         self._arrived.set()
 
+    def _sender(self, address: str, server_name: str | None):
+        http = address.startswith(("http://", "https://"))
+        return (_HttpBatchSender if http else _GrpcBatchSender)(self, address, server_name)
+
     async def _batches(self) -> None:
-        sender = _HttpBatchSender(self) if self._http else _GrpcBatchSender(self)
-        slots = asyncio.Semaphore(self.max_inflight)
+        loop = asyncio.get_running_loop()
         tasks: set[asyncio.Task] = set()
         try:
             while not (self._closed and not self._pending):
@@ -157,61 +183,60 @@ class RewardClient:
                     self._arrived.clear()
                     await self._arrived.wait()
                     continue
-                close_at = asyncio.get_running_loop().time() + self.max_delay_s
+                close_at = loop.time() + self.max_delay_s
                 while len(self._pending) < self.max_batch and not self._closed:
                     self._arrived.clear()
                     try:
-                        await asyncio.wait_for(self._arrived.wait(), close_at - asyncio.get_running_loop().time())
+                        await asyncio.wait_for(self._arrived.wait(), close_at - loop.time())
                     except asyncio.TimeoutError:
                         break
                 batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-                await slots.acquire()
-                task = asyncio.create_task(self._send(sender, batch))
+                give_up = loop.time() + self.timeout
+                try:  # waits for a replica with room: what arrives meanwhile makes the next batch fuller
+                    await self._fleet.ready(give_up)
+                    replica = await self._fleet.lease(give_up)
+                except PickScoreError as e:
+                    self._fail(batch, e)
+                    continue
+                task = asyncio.create_task(self._send(batch, give_up, replica))
                 tasks.add(task)
-                task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
+                task.add_done_callback(tasks.discard)
             await asyncio.gather(*tasks)
         finally:
-            await sender.close()
+            await self._fleet.close()
 
-    async def _send(self, sender, batch: list) -> None:
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + self.timeout
-        attempt = 0
-        while True:
-            try:
-                scores = await sender.score([p for p, _, _ in batch], [i for _, i, _ in batch], give_up - loop.time())
-                break
-            except InvalidInput as e:
-                if len(batch) > 1:  # find the bad one: each image alone, so only it fails
-                    await asyncio.gather(*(self._send(sender, [item]) for item in batch))
-                    return
-                error: Exception = e
-            except (Overloaded, Unavailable) as e:
-                wait = retry_wait(e, attempt)
-                attempt += 1
-                if loop.time() + wait < give_up:
-                    await asyncio.sleep(wait)
-                    continue
-                error = e
-            except Exception as e:  # noqa: BLE001 - handed to the caller (or warned about), not lost
-                error = e
-            if self.required:
-                for _, _, future in batch:
-                    future.set_exception(error)
-            else:
-                warnings.warn(f"PickScore reward unavailable, {len(batch)} images scored 0: {error}", stacklevel=1)
-                for _, _, future in batch:
-                    future.set_result(0.0)
+    async def _send(self, batch: list, give_up: float, replica=None) -> None:
+        prompts, images = [p for p, _, _ in batch], [i for _, i, _ in batch]
+        try:
+            scores = await self._fleet.call(
+                len(batch), lambda sender, timeout: sender.score(prompts, images, timeout), give_up, replica
+            )
+        except InvalidInput as e:
+            if len(batch) > 1:  # find the bad one: each image alone, so only it fails
+                await asyncio.gather(*(self._send([item], give_up) for item in batch))
+                return
+            self._fail(batch, e)
+            return
+        except Exception as e:  # noqa: BLE001 - handed to the caller (or warned about), not lost
+            self._fail(batch, e)
             return
         for (_, _, future), score in zip(batch, scores):
             future.set_result(float(score) / 26 if self.scale == "div26" else float(score))
 
+    def _fail(self, batch: list, error: Exception) -> None:
+        """The reward cannot be had: the futures fail (``required``, or a fleet of mixed models: never scored as 0),
+        or resolve to 0.0 with a warning."""
+        if self.required or isinstance(error, Conflict):
+            for _, _, future in batch:
+                future.set_exception(error)
+        else:
+            warnings.warn(f"PickScore reward unavailable, {len(batch)} images scored 0: {error}", stacklevel=1)
+            for _, _, future in batch:
+                future.set_result(0.0)
 
-def retry_wait(error: Overloaded | Unavailable, attempt: int) -> float:
-    """Seconds to wait before retrying after ``error``: the server's hint, else jittered exponential backoff from
-    50 ms, at most 5 s."""
-    hint = getattr(error, "retry_after_s", None)
-    return hint if hint else min(5.0, 0.05 * 2**attempt) * (0.5 + random.random())
+
+async def _now(function):
+    return function()
 
 
 def _reward_image(image) -> ImageRef:
@@ -226,11 +251,12 @@ class _GrpcBatchSender:
     """Sends a RewardClient's batches as scoring.v1 Score requests of prompt-image pairs (its model), or Rewards
     requests (its models), on an AsyncClient."""
 
-    def __init__(self, owner: RewardClient):
+    def __init__(self, owner: RewardClient, address: str, server_name: str | None = None):
         self.models, self.normalize = owner.models, owner.normalize
-        self.client = AsyncClient(
-            owner.address, metadata=owner._metadata, token=owner._token, model=owner.model, **owner._tls
-        )
+        tls = dict(owner._tls)
+        if server_name and not tls.get("tls_server_name"):  # resolved from a DNS name: its certificate names that
+            tls["tls_server_name"] = server_name
+        self.client = AsyncClient(address, metadata=owner._metadata, token=owner._token, model=owner.model, **tls)
 
     async def score(self, prompts: list[str], images: list[ImageRef], timeout: float) -> list[float]:
         timeout = max(timeout, 0.001)
@@ -247,8 +273,8 @@ class _HttpBatchSender:
     """Sends a RewardClient's batches as POST /v1/score (its model) or /v1/rewards (its models) in msgpack (images
     raw, never base64)."""
 
-    def __init__(self, owner: RewardClient):
-        self.url = owner.address.rstrip("/") + ("/v1/score" if owner.models is None else "/v1/rewards")
+    def __init__(self, owner: RewardClient, address: str, server_name: str | None = None):
+        self.url = address.rstrip("/") + ("/v1/score" if owner.models is None else "/v1/rewards")
         if owner.models is None:  # what each body carries besides its prompts and images
             self.fields: dict = {"model": owner.model} if owner.model else {}
         else:
@@ -258,6 +284,7 @@ class _HttpBatchSender:
         if owner._token:
             self.headers["authorization"] = f"Bearer {owner._token}"
         self.ssl = ssl_context(owner._tls.get("tls_ca"), owner._tls.get("tls_cert"), owner._tls.get("tls_key"))
+        self.server_name = owner._tls.get("tls_server_name") or server_name
         self.session = None
 
     async def score(self, prompts: list[str], images: list[ImageRef], timeout: float) -> list[float]:
@@ -266,35 +293,12 @@ class _HttpBatchSender:
         if self.session is None:
             self.session = aiohttp.ClientSession()
         fields = {"prompts": prompts, "images": [_plain_image(i) for i in images], **self.fields}
-        payload = await post_msgpack(self.session, self.url, fields, self.headers, self.ssl, timeout)
+        payload = await post_msgpack(self.session, self.url, fields, self.headers, self.ssl, timeout, self.server_name)
         return payload["rewards"] if "rewards" in payload else [x["score"] for x in payload["results"]]
 
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
-
-
-async def post_msgpack(session, url: str, fields: dict, headers: dict, ssl, timeout: float) -> dict:
-    """POST ``fields`` as msgpack to a /v1 route; the answer's fields, or the domain error its status maps to
-    (with the server's retry hint), Unavailable when the server cannot be reached."""
-    import aiohttp
-    import msgpack
-
-    headers = {**headers, "timeout": f"{max(timeout, 0.001):.3f}"}
-    try:
-        async with session.post(
-            url, data=msgpack.packb(fields), headers=headers, ssl=ssl, timeout=aiohttp.ClientTimeout(total=timeout)
-        ) as r:
-            payload = msgpack.unpackb(await r.read()) if r.content_type == "application/msgpack" else {}
-            if r.status == 200:
-                return payload
-            hint = r.headers.get("retry-after-ms") or (
-                str(float(r.headers["Retry-After"]) * 1000) if "Retry-After" in r.headers else None
-            )
-            message = f"server: HTTP {r.status}: {payload.get('error', r.reason)}"
-            raise error_for_http(r.status, message, None if hint is None else float(hint) / 1000)
-    except aiohttp.ClientError as e:
-        raise Unavailable(f"{url}: {type(e).__name__}: {e}") from e
 
 
 def _plain_image(ref: ImageRef) -> dict:

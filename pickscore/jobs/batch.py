@@ -49,6 +49,7 @@ from pickscore.jobs.jobdir import (
     claim,
     finalise,
     finished_shards,
+    record_identities,
     score_columns,
     shard_path,
     shard_table,
@@ -87,12 +88,14 @@ def run_batch(
     timeout: float = 600.0,
     progress: bool = True,
     model_name: str | Sequence[str] = "",
+    expect_model: str = "",
     **connection,
 ) -> dict[str, Any]:
     """Run (or resume) the job; returns the _SUCCESS manifest. ``model_name``: the servers' model that scores
-    (empty: their default), or several ("a,b" or a list): a score column each."""
+    (empty: their default), or several ("a,b" or a list): a score column each. ``expect_model``: the model
+    identity (or identities, one per name) the servers must serve; without it they must all serve one."""
     names = model_names(model_name)
-    _check_arguments(model, servers, embeddings, shard_size, names)
+    _check_arguments(model, servers, embeddings, shard_size, names, expect_model)
     out = Path(output)
     spec = JobSpec(list(inputs), model or ",".join(servers), shard_size, embeddings, names)
     claim(out, spec, resume)
@@ -102,13 +105,18 @@ def run_batch(
         if len(names) > 1:
             from pickscore.jobs.several_models import ModelsOnServers
 
-            opened: Any = ModelsOnServers(servers, timeout, connection, names)
+            opened: Any = ModelsOnServers(servers, timeout, connection, names, expect_model)
         else:
             opened = open_place(
                 model, servers, embeddings=embeddings, batch_size=batch_size, timeout=timeout, connection=connection,
                 device=device, dtype=dtype, backend=backend, model_name=names[0] if names else "",
+                expect_model=expect_model,
             )  # fmt: skip
-        opened.model  # noqa: B018 - a server that does not answer (or serve a model) fails the job here, naming it
+        try:  # servers that do not answer, or serve different models, fail the job here, naming them
+            record_identities(out, opened.identities)
+        except BaseException:
+            opened.close()
+            raise
         return opened
 
     total = count_rows(files)
@@ -121,9 +129,9 @@ def run_batch(
 
 
 def _check_arguments(
-    model: str | None, servers: Sequence[str], embeddings: bool, shard_size: int, names: list[str]
+    model: str | None, servers: Sequence[str], embeddings: bool, shard_size: int, names: list[str], expect: str
 ) -> None:
-    check_where(model, servers, embeddings, ",".join(names))
+    check_where(model, servers, embeddings, ",".join(names), expect)
     if shard_size < 1:
         raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
 

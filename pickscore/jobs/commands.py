@@ -117,6 +117,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         timeout=args.timeout,
         model_name=args.model_name,
+        expect_model=args.expect_model,
         **(connection(args) if args.server else {}),
     )
     return _report(args, manifest)

@@ -40,13 +40,14 @@ def evaluate_models(args: argparse.Namespace) -> dict[str, Any]:
         from pickscore.jobs.several_models import ModelsOnServers
         from pickscore.tls import connection
 
-        with ModelsOnServers(args.server.split(","), args.timeout, connection(args), names) as place:
+        servers = args.server.split(",")
+        with ModelsOnServers(servers, args.timeout, connection(args), names, args.expect_model) as place:
             by_scorer, skipped = score_image_sets(prompts, sets, place, columns=len(names))
-            scorers = place.scorer_names()
+            scorers, identities = place.scorer_names(), place.identities
     else:
         with place_from_args(args) as place:
             by_scorer, skipped = score_image_sets(prompts, sets, place)
-            scorers = [place.name]
+            scorers, identities = [place.name], place.identities
     summaries = [summarize(scores, args.best_of, args.bootstrap, args.seed) for scores in by_scorer]
     several = names if len(names) > 1 else None
     if several is None:  # one scorer: its statistics at the top, as ever
@@ -56,6 +57,7 @@ def evaluate_models(args: argparse.Namespace) -> dict[str, Any]:
         head = {"prompts_file": str(args.prompts), "prompts": len(prompts), "scorers": side_by_side}
     return {
         **head,
+        "model_identity": identities,
         "inputs": {s.name: str(s.path) for s in sets},
         "skipped": skipped,
         "per_prompt": _per_prompt(prompts, by_scorer, several),

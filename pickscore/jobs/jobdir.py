@@ -1,11 +1,12 @@
 """A batch job's output directory: the protocol every runner (in-process, on servers, on Ray) writes by.
 
 OUT/_job.json                    the job's arguments (``JobSpec``), first: ``--resume`` continues only them
+OUT/_model.json                  the model identities that score it (``record_identities``): a resume must match
 OUT/_scores/shard-NNNNN.parquet  a shard's rows scored (``shard_table``), each file one atomic rename
 OUT/part-NNNNN.parquet           a shard's scored rows with rank and probability in their groups (``finalise``)
                                  (with several models, score/rank/probability per model: ``score_columns``)
 OUT/errors.jsonl                 the rows that could not be scored (``ERROR_FIELDS``)
-OUT/_SUCCESS                     the counts, written last
+OUT/_SUCCESS                     the counts and the model identities, written last
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pickscore.datasets.rows import Row
 from pickscore.model import scoring
 
 SCORES = "_scores"
+MODEL = "_model.json"
 # An errors.jsonl line: ``row``, the row's number in the job (from 0 over the input files in the order they are read,
 # as the part files' ``row`` column), ``file``, the input file that holds it, ``position``, where in that file (from
 # 0: the Parquet row, both candidates of a Pick-a-Pic row sharing it; the WebDataset sample; the manifest.jsonl
@@ -66,6 +68,26 @@ def claim(out: Path, spec: JobSpec, resume: bool) -> None:
     (out / SCORES).mkdir(parents=True, exist_ok=True)
     if not job.exists():
         write_text_atomically(json.dumps(asdict(spec), allow_nan=False), job)
+
+
+def record_identities(out: Path, identities: dict[str, str]) -> None:
+    """Write which model identities score this job (OUT/_model.json, at its first scoring run), or check that a
+    resumed run scores with the same ones: a job's shards never mix two models' scores. ValueError naming both."""
+    recorded = out / MODEL
+    if recorded.exists():
+        before = json.loads(recorded.read_text())["model_identity"]
+        if before != identities:
+            raise ValueError(
+                f"--output {out} was scored by {_listed(before)}, but the model now is {_listed(identities)}: "
+                f"resume against the same model (--expect-model {','.join(before.values())} picks its servers "
+                "from a mixed fleet), or pick a new --output"
+            )
+        return
+    write_text_atomically(json.dumps({"model_identity": identities}, allow_nan=False), recorded)
+
+
+def _listed(identities: dict[str, str]) -> str:
+    return ", ".join(identities.values())
 
 
 def shard_path(out: Path, number: int) -> Path:
@@ -163,6 +185,7 @@ def finalise(out: Path, spec: JobSpec) -> dict[str, Any]:
         "parts": len(files),
         "model": spec.model,
         **({"model_names": list(spec.model_names), "score_columns": names} if spec.model_names else {}),
+        **(json.loads((out / MODEL).read_text()) if (out / MODEL).exists() else {}),
     }
     write_text_atomically(json.dumps(manifest, indent=2, allow_nan=False) + "\n", out / "_SUCCESS")
     return manifest

@@ -7,11 +7,12 @@ A place like ``places.OnServers`` (same ways in: ``score_all``, ``prepare``/``co
 (N, models): each request of up to ``CHUNK`` prompt-image pairs is ONE scoring.v1 ``Rewards`` call (gRPC, by
 ``AsyncClient.rewards``) or ``POST /v1/rewards`` (HTTP, msgpack, images raw) naming every model, so the server
 decodes each image once for all of them; each model's raw ``scores`` are read (weights 1, no normalisation: the
-weighted sum is not used). Requests go round the addresses, ``INFLIGHT`` at a time on each, on a background event
-loop; refusals (RESOURCE_EXHAUSTED / 429) and unavailability are retried with backoff (the server's hint first)
-for up to ``timeout`` seconds; a request refused for a bad image is split into one request per image, so only that
-image fails, named as ``OnServers`` names it. A failure that is not the image's (an outage, a model the server
-does not serve) raises.
+weighted sum is not used). Requests go to the servers as a ``pickscore.client.fleet.Fleet`` sends them (the one with
+the least outstanding work, ``INFLIGHT`` at a time on each, a failed server's requests to the others, refusals
+retried with the server's hint) on a background event loop, for up to ``timeout`` seconds; a request refused for a
+bad image is split into one request per image, so only that image fails, named as ``OnServers`` names it. A failure
+that is not the image's (every server out, a model the servers do not serve) raises. Every server must serve the
+same model under each name (or the identities ``expect_model`` names).
 """
 
 from __future__ import annotations
@@ -24,17 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pickscore.errors import (
-    InvalidInput,
-    Overloaded,
-    PickScoreError,
-    Unavailable,
-    describe_item,
-    item_reason,
-    item_renamed,
-)
+from pickscore.errors import InvalidInput, PickScoreError, describe_item, item_reason, item_renamed
 
 if TYPE_CHECKING:
+    from pickscore.client.fleet import Fleet, Served
     from pickscore.datasets import Row
 
 CHUNK = 32  # prompt-image pairs a request (RewardClient's batches are as large)
@@ -47,18 +41,23 @@ class ModelsOnServers:
     """Running servers (gRPC ``host:port`` or HTTP ``http[s]://host:port``) scoring with each of ``names``, each
     request one Rewards call. Nothing is dialled until the first use."""
 
-    def __init__(self, servers: Sequence[str], timeout: float, connection: dict[str, Any], names: Sequence[str]):
+    def __init__(
+        self,
+        servers: Sequence[str],
+        timeout: float,
+        connection: dict[str, Any],
+        names: Sequence[str],
+        expect_model: str = "",
+    ):
         if len(names) < 1 or not servers:
             raise ValueError("ModelsOnServers needs servers and at least one model name")
         self.servers, self.timeout = list(servers), timeout
         self.connection = connection
         self.names = list(names)
-        self._sources: dict[str, str] | None = None
+        self.expect_model = expect_model
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._senders: list = []
-        self._slots: list[asyncio.Semaphore] = []
-        self._sent = 0
+        self._fleet: Fleet | None = None
 
     def __enter__(self) -> ModelsOnServers:
         return self
@@ -66,17 +65,23 @@ class ModelsOnServers:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def served(self) -> dict[str, Served]:
+        """What the servers serve under each name (every server asked once): Unavailable naming every address when
+        none answers, NotFound naming the model when they do not serve it, Conflict naming what each serves when
+        they serve different models."""
+        self._open()
+        return asyncio.run_coroutine_threadsafe(self._fleet.ready(), self._loop).result()
+
     @property
     def sources(self) -> dict[str, str]:
-        """Each model's source, as the first server reports it (asked once); Unavailable naming the address when it
-        does not answer, NotFound naming the model when it does not serve it."""
-        if self._sources is None:
-            from pickscore.places import served_model
+        """Each model's source, by name."""
+        return {name: served.source for name, served in self.served().items()}
 
-            self._sources = {
-                name: served_model(self.servers[0], self.timeout, self.connection, name) for name in self.names
-            }
-        return self._sources
+    @property
+    def identities(self) -> dict[str, str]:
+        from pickscore.client.fleet import by_name
+
+        return by_name(self.served())
 
     @property
     def model(self) -> str:
@@ -137,7 +142,7 @@ class ModelsOnServers:
     def close(self) -> None:
         if self._loop is None:
             return
-        asyncio.run_coroutine_threadsafe(self._close_senders(), self._loop).result()
+        asyncio.run_coroutine_threadsafe(self._fleet.close(), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
@@ -145,19 +150,28 @@ class ModelsOnServers:
 
     # On the background loop ---------------------------------------------------------------------------------
 
+    def _open(self) -> None:
+        if self._loop is not None:
+            return
+        from pickscore.client.fleet import Fleet
+
+        def sender(address: str, server_name: str | None):
+            http = address.startswith(("http://", "https://"))
+            return (_HttpSender if http else _GrpcSender)(address, self.connection, self.names, server_name)
+
+        expect = self.expect_model.split(",") if self.expect_model else []
+        self._fleet = Fleet(self.servers, sender, self.names, self.connection, expect=expect, per_replica=INFLIGHT)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="pickscore-models", daemon=True)
+        self._thread.start()
+
     def _submit_all(self, prompts: list[str], images: list[bytes]) -> list[Future]:
-        """Requests of up to CHUNK pairs, round the addresses -> a Future of each request's Answer."""
-        if self._loop is None:
-            self._loop = asyncio.new_event_loop()
-            self._thread = threading.Thread(target=self._loop.run_forever, name="pickscore-models", daemon=True)
-            self._thread.start()
-            asyncio.run_coroutine_threadsafe(self._open_senders(), self._loop).result()
+        """Requests of up to CHUNK pairs -> a Future of each request's Answer."""
+        self._open()
         futures = []
         for start in range(0, len(images), CHUNK):
-            k = self._sent % len(self.servers)
-            self._sent += 1
             part = slice(start, start + CHUNK)
-            futures.append(asyncio.run_coroutine_threadsafe(self._request(k, prompts[part], images[part]), self._loop))
+            futures.append(asyncio.run_coroutine_threadsafe(self._request(prompts[part], images[part]), self._loop))
         return futures
 
     def _collect(self, futures: list[Future], n: int, todo: list[int]) -> Answer:
@@ -173,44 +187,22 @@ class ModelsOnServers:
             done += len(values)
         return scores, errors
 
-    async def _open_senders(self) -> None:
-        self._senders = [
-            (_HttpSender if a.startswith(("http://", "https://")) else _GrpcSender)(a, self.connection, self.names)
-            for a in self.servers
-        ]
-        self._slots = [asyncio.Semaphore(INFLIGHT) for _ in self.servers]
+    async def _request(self, prompts: list[str], images: list[bytes], deadline: float | None = None) -> Answer:
+        """One request, to the best server; refused for a bad image, one request per image, so only that one
+        fails."""
+        deadline = deadline or asyncio.get_running_loop().time() + self.timeout
 
-    async def _close_senders(self) -> None:
-        for sender in self._senders:
-            await sender.close()
+        async def send(sender, timeout: float) -> np.ndarray:
+            return await sender.scores(prompts, images, timeout)
 
-    async def _request(self, k: int, prompts: list[str], images: list[bytes]) -> Answer:
-        """One request to address ``k``; refused for a bad image, one request per image, so only that one fails."""
-        async with self._slots[k]:
-            try:
-                return await self._retried(k, prompts, images), {}
-            except InvalidInput as e:
-                if len(images) == 1:
-                    return np.full((1, len(self.names)), np.nan, np.float32), {0: e}
-        parts = await asyncio.gather(*(self._request(k, [p], [i]) for p, i in zip(prompts, images)))
+        try:
+            return await self._fleet.call(len(images), send, deadline), {}
+        except InvalidInput as e:
+            if len(images) == 1:
+                return np.full((1, len(self.names)), np.nan, np.float32), {0: e}
+        parts = await asyncio.gather(*(self._request([p], [i], deadline) for p, i in zip(prompts, images)))
         errors = {j: failed[0] for j, (_, failed) in enumerate(parts) if failed}
         return np.concatenate([values for values, _ in parts]), errors
-
-    async def _retried(self, k: int, prompts: list[str], images: list[bytes]) -> np.ndarray:
-        """Refusals and unavailability retried with backoff (the server's hint first) until ``timeout``."""
-        from pickscore.client.reward import retry_wait
-
-        loop = asyncio.get_running_loop()
-        give_up, attempt = loop.time() + self.timeout, 0
-        while True:
-            try:
-                return await self._senders[k].scores(prompts, images, max(give_up - loop.time(), 0.001))
-            except (Overloaded, Unavailable) as e:
-                wait = retry_wait(e, attempt)
-                attempt += 1
-                if loop.time() + wait >= give_up:
-                    raise
-                await asyncio.sleep(wait)
 
 
 def _read(image: Any) -> bytes:
@@ -225,9 +217,11 @@ def _read(image: Any) -> bytes:
 class _GrpcSender:
     """scoring.v1 Rewards requests (``AsyncClient.rewards``): each pair scored by every model, raw scores read."""
 
-    def __init__(self, address: str, connection: dict[str, Any], names: list[str]):
+    def __init__(self, address: str, connection: dict[str, Any], names: list[str], server_name: str | None = None):
         from pickscore.client import AsyncClient
 
+        if server_name and not connection.get("tls_server_name"):  # resolved from a DNS name: its certificate names it
+            connection = {**connection, "tls_server_name": server_name}
         self.client = AsyncClient(address, **connection)
         self.weights = [(name, 1.0) for name in names]
 
@@ -242,7 +236,7 @@ class _GrpcSender:
 class _HttpSender:
     """POST /v1/rewards in msgpack (images raw, never base64), as RewardClient's HTTP sender; raw scores read."""
 
-    def __init__(self, address: str, connection: dict[str, Any], names: list[str]):
+    def __init__(self, address: str, connection: dict[str, Any], names: list[str], server_name: str | None = None):
         from pickscore.tls import ssl_context
 
         self.url = address.rstrip("/") + "/v1/rewards"
@@ -251,17 +245,18 @@ class _HttpSender:
         if connection.get("token"):
             self.headers["authorization"] = f"Bearer {connection['token']}"
         self.ssl = ssl_context(connection.get("tls_ca"), connection.get("tls_cert"), connection.get("tls_key"))
+        self.server_name = connection.get("tls_server_name") or server_name
         self.session = None
 
     async def scores(self, prompts: list[str], images: list[bytes], timeout: float) -> np.ndarray:
         import aiohttp
 
-        from pickscore.client.reward import post_msgpack
+        from pickscore.client.http import post_msgpack
 
         if self.session is None:
             self.session = aiohttp.ClientSession()
         fields = {"prompts": prompts, "images": [{"data": i} for i in images], **self.fields}
-        payload = await post_msgpack(self.session, self.url, fields, self.headers, self.ssl, timeout)
+        payload = await post_msgpack(self.session, self.url, fields, self.headers, self.ssl, timeout, self.server_name)
         return np.array([m["scores"] for m in payload["models"]], np.float32).T
 
     async def close(self) -> None:

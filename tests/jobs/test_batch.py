@@ -260,7 +260,7 @@ def test_on_a_server_equals_in_process(tmp_path, tiny_hf_dir, dataset, transport
     with ServerThread(settings_for(tiny_hf_dir)) as server:
         address = server.address if transport == "grpc" else f"http://127.0.0.1:{server.server.http_port}"
         manifest = run_batch(
-            [str(tmp_path / "data.parquet")], tmp_path / "out", servers=[address, address], shard_size=5, progress=False
+            [str(tmp_path / "data.parquet")], tmp_path / "out", servers=[address], shard_size=5, progress=False
         )
     assert manifest["errors"] == 1 and manifest["scored"] == len(dataset)
     check_rows = rows_of(tmp_path / "out")
