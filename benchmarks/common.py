@@ -154,9 +154,10 @@ def machine_with_flags() -> str:
     return f"{machine()}, {usable_cores()} usable; CPU flags: {', '.join(have) or 'none'} (no {', '.join(missing)})"
 
 
-def serve(model_dir: Path, *flags: str) -> tuple[subprocess.Popen, dict[str, Any]]:
+def serve(model_dir: Path, *flags: str, on_line=None) -> tuple[subprocess.Popen, dict[str, Any]]:
     """Start `pickscore serve` on loopback (free ports) -> the process and its "serving" log entry (port,
-    http_port, metrics_port, ...). The caller terminates the process."""
+    http_port, metrics_port, ...). Each later log line goes to ``on_line`` when given. The caller terminates the
+    process."""
     import sys
     import threading
 
@@ -166,9 +167,16 @@ def serve(model_dir: Path, *flags: str) -> tuple[subprocess.Popen, dict[str, Any
     for line in proc.stderr:
         entry = json.loads(line) if line.startswith("{") else {}
         if entry.get("message") == "serving":
-            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep draining the pipe
+            threading.Thread(target=_drain, args=(proc.stderr, on_line), daemon=True).start()
             return proc, entry
     raise RuntimeError(f"server exited with {proc.wait()} before serving")
+
+
+def _drain(pipe, on_line) -> None:
+    """Read ``pipe`` to its end (so the server never blocks on a full pipe), each line to ``on_line`` if given."""
+    for line in pipe:
+        if on_line is not None:
+            on_line(line)
 
 
 def descendants(pid: int) -> list[int]:

@@ -5,41 +5,16 @@ The wheels a GPU machine lacks are fetched and installed offline as the run ther
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "gpu_run.py"
+from tests.benchmarks.runs import ROOT, run_benchmark, servers_under
 
 
 def run(tmp_path: Path, *flags: str) -> dict:
-    out, work = tmp_path / "out", tmp_path / "work"  # the run's work directory (model, sections) lies in work/
-    work.mkdir()
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(out), "--no-append", *flags],
-        cwd=ROOT,
-        env={**os.environ, "TMPDIR": str(work)},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = run_benchmark(tmp_path, "gpu_run.py", "--cpu-smoke", *flags, timeout=900)
     return json.loads((out / "gpu-run.json").read_text())
-
-
-def servers_of(work: Path) -> list[str]:
-    """Command lines of living `pickscore serve` processes whose model lies under ``work``."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if "serve" in args and any(a.startswith(str(work)) for a in args):
-            found.append(" ".join(args))
-    return found
 
 
 def test_cpu_smoke_measures_every_section(tmp_path):
@@ -104,7 +79,7 @@ def test_a_section_over_budget_is_killed_with_its_servers_and_the_rest_goes_on(t
     assert sections["serve"]["status"].startswith("over budget")
     assert 8 <= sections["serve"]["seconds"] < 30
     assert sections["fidelity"]["status"] == "ok"
-    assert servers_of(tmp_path / "work") == []
+    assert servers_under(tmp_path / "work") == []
 
 
 def test_the_wheels_a_gpu_machine_lacks_fit_and_install_offline(tmp_path):

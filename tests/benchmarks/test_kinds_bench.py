@@ -6,30 +6,14 @@ behind."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-from tests.benchmarks.test_rewards_bench import servers_under
+from tests.benchmarks.runs import help_text, run_benchmark, servers_under
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "kinds_bench.py"
 KINDS = ["pickscore", "hps", "aesthetic", "image_reward"]
 
 
 def test_smoke_measures_every_kind_in_process_and_served(tmp_path):
-    out, work = tmp_path / "out", tmp_path / "work"  # the models lie in work/ (the script's temporary directory)
-    work.mkdir()
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--no-append"],
-        cwd=ROOT,
-        env={**os.environ, "TMPDIR": str(work)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = run_benchmark(tmp_path, "kinds_bench.py", "--smoke")
     report = json.loads((out / "kinds-smoke-64px.json").read_text())
 
     assert list(report["in_process"]) == KINDS and list(report["served"]["per_model"]) == KINDS
@@ -44,11 +28,10 @@ def test_smoke_measures_every_kind_in_process_and_served(tmp_path):
 
     table = (out / "kinds-smoke-64px.md").read_text()
     assert "| all 4 in turn |" in table and "| one Rewards request |" in table and "max abs difference" in table
-    assert servers_under(work) == []
+    assert servers_under(tmp_path / "work") == []
 
 
 def test_help_names_every_flag():
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0
+    text = help_text("kinds_bench.py")
     for flag in ("--smoke", "--image-side", "--sets", "--runs", "--kinds", "--models", "--tolerance", "--out"):
-        assert flag in proc.stdout
+        assert flag in text

@@ -5,40 +5,12 @@ measures both at two concurrencies, checks B's rewards against A's sums, and lea
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "rewards_bench.py"
-
-
-def servers_under(work: Path) -> list[str]:
-    """Command lines of living `pickscore serve` processes whose models lie under ``work``."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if "serve" in args and any(str(work) in a for a in args):
-            found.append(" ".join(args))
-    return found
+from tests.benchmarks.runs import help_text, run_benchmark, servers_under
 
 
 def test_smoke_measures_both_sides_and_checks_the_rewards(tmp_path):
-    out, work = tmp_path / "out", tmp_path / "work"  # the models lie in work/ (the script's temporary directory)
-    work.mkdir()
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--no-append"],
-        cwd=ROOT,
-        env={**os.environ, "TMPDIR": str(work)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = run_benchmark(tmp_path, "rewards_bench.py", "--smoke")
     report = json.loads((out / "rewards-smoke-64px.json").read_text())
 
     assert set(report["sides"]) == {"A", "B"}
@@ -56,11 +28,10 @@ def test_smoke_measures_both_sides_and_checks_the_rewards(tmp_path):
 
     table = (out / "rewards-smoke-64px.md").read_text()
     assert table.count("| B: one server, one Rewards |") == 2 and "max abs difference" in table
-    assert servers_under(work) == []
+    assert servers_under(tmp_path / "work") == []
 
 
 def test_help_names_every_flag():
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0
+    text = help_text("rewards_bench.py")
     for flag in ("--smoke", "--image-side", "--concurrency", "--requests", "--rounds", "--tolerance", "--out"):
-        assert flag in proc.stdout
+        assert flag in text
