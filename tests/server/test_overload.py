@@ -1,10 +1,12 @@
 """Overload without collapse, against a real server on loopback whose image tower is deliberately slow or stuck:
-admission by time, all-or-nothing requests, per-caller limits, priorities, and the hung-tower watchdog."""
+admission by time (a bound in seconds, and the default, auto, from the measured batch time), all-or-nothing
+requests, per-caller limits, priorities, and the hung-tower watchdog."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +27,7 @@ from pickscore.server.app import LIVENESS_SERVICE, ServerThread
 from pickscore.v1 import scoring_pb2 as pb
 from pickscore.v1 import scoring_pb2_grpc
 from tests.server.conftest import PROMPT, jpeg, metric, settings_for
+from tests.server.test_decode import wait_until
 
 RED, GREEN, MAGENTA = (255, 0, 0), (0, 255, 0), (255, 0, 255)
 _POOL = ThreadPoolExecutor(4)  # blocking calls left running while a test goes on
@@ -84,7 +87,7 @@ def test_past_saturation_refusals_are_fast_with_a_hint_and_admitted_requests_mee
     0.5 s queue-wait budget: the excess is refused at once with RESOURCE_EXHAUSTED and a retry hint, and every
     admitted request finishes within its deadline (before this, they queued until their deadlines expired)."""
     backend = SlowBackend(str(tiny_hf_dir), per_item=0.02)
-    settings = settings_for(tiny_hf_dir, max_batch_size=8, max_queue_wait_s=0.5)
+    settings = settings_for(tiny_hf_dir, max_batch_size=8, max_queue_wait_s="0.5")
     images = [jpeg(i) for i in range(8)]
 
     async def drive(address: str) -> list[tuple[object, float]]:
@@ -119,11 +122,87 @@ def test_past_saturation_refusals_are_fast_with_a_hint_and_admitted_requests_mee
     assert np.median([t for _, t in refused]) < np.median(ok) / 4
 
 
+def auto_bound(refusal: Overloaded) -> tuple[float, float]:
+    """(bound in seconds, measured ms per item) an auto refusal names; both as the message rounds them."""
+    found = re.search(r"over (\S+) s \(auto: 1 x the measured batch time, \d+ items x (\S+) ms", str(refusal))
+    assert found, str(refusal)
+    return float(found[1]), float(found[2])
+
+
+@pytest.mark.parametrize("warmup", [True, False], ids=["measured", "cold"])
+def test_by_default_a_burst_is_refused_at_once_beyond_one_batch_of_work_ahead(tiny_hf_dir, slow, warmup):
+    """Default settings (auto admission, batches of 32): twelve 4-image requests at once, behind a request holding
+    the tower. Admitted requests queue only while the work ahead of them is at most one batch (32 images, the
+    measured batch time): 8 are admitted (1 + 8 x 4 = 33 images), and the other 4 are refused with
+    RESOURCE_EXHAUSTED while every admitted one still waits -- nothing has been computed yet. Cold (no warm-up,
+    nothing measured), the same count holds, with no hint in seconds."""
+    settings = settings_for(tiny_hf_dir, warmup=warmup)
+    assert settings.queue_wait_limit() is None and settings.max_batch_size == 32  # the defaults
+
+    async def burst(address: str) -> tuple[list, int, float]:
+        async with AsyncClient(address, timeout=60) as client:
+            requests = [[jpeg(4 * i + k) for k in range(4)] for i in range(12)]
+            calls = [asyncio.ensure_future(client.score(PROMPT, images)) for images in requests]
+            done: set = set()
+            while len(done) < 4:  # the refusals come back while the tower is still held
+                finished, _ = await asyncio.wait(set(calls) - done, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+                assert finished, f"{len(done)} answers, then none within 30 s"
+                done |= finished
+            computed = len(slow.computed)  # nothing admitted has been computed: only the request holding the tower
+            depth = metric(server, "pickscore_queue_depth", tower="image")
+            slow.release.set()
+            return await asyncio.gather(*calls, return_exceptions=True), computed, depth
+
+    with ServerThread(settings, backend=slow) as server, Client(server.address) as client:
+        parked = _park(server, slow, client)
+        results, computed, depth = asyncio.run(burst(server.address))
+        assert len(parked.result(30)) == 1
+        assert metric(server, "pickscore_admission_refusals_total", reason="queue_wait") == 4
+    assert computed == 1 + warmup and depth == 33
+    refused = [r for r in results if isinstance(r, Overloaded)]
+    assert len(refused) == 4 and sum(isinstance(r, list) and len(r) == 4 for r in results) == 8, results
+    for refusal in refused:
+        assert "image tower busy: 4 items would queue" in str(refusal) and "behind 33 admitted" in str(refusal)
+        if warmup:
+            bound, ms = auto_bound(refusal)
+            assert bound == pytest.approx(32 * ms / 1000, rel=0.01)  # the bound is one measured batch time
+            assert refusal.retry_after_s == pytest.approx(ms / 1000, abs=0.001)  # the one image over it drains (ms)
+        else:
+            assert "over auto's 32 (1 x the measured batch time, 32 items, nothing measured yet" in str(refusal)
+            assert refusal.retry_after_s is None
+
+
+def test_the_default_bound_follows_the_measured_service_time(tiny_hf_dir):
+    """The same default admission over a tower 0.25 s an image slower: its bound, one measured batch time (4
+    images here), is at least 4 x 0.25 s, and more than twice the fast tower's."""
+    bounds = {}
+    for per_item in (0.0, 0.25):
+        backend = SlowBackend(str(tiny_hf_dir), per_item=per_item)
+        try:
+            with (
+                ServerThread(settings_for(tiny_hf_dir, max_batch_size=4), backend=backend) as server,
+                Client(server.address) as client,
+            ):
+                parked = _park(server, backend, client)
+                full = _POOL.submit(client.score, PROMPT, [jpeg(i) for i in range(4)])  # 5 images ahead of the next
+                wait_until(lambda: metric(server, "pickscore_queue_depth", tower="image") == 5, "5 images admitted")
+                with pytest.raises(Overloaded) as refused:
+                    client.score(PROMPT, [jpeg(9)])
+                backend.release.set()
+                assert len(full.result(30)) == 4 and len(parked.result(30)) == 1
+        finally:
+            backend.release.set()
+        bound, ms = auto_bound(refused.value)
+        assert bound == pytest.approx(4 * ms / 1000, rel=0.01)
+        bounds[per_item] = bound
+    assert bounds[0.25] >= 4 * 0.25 and bounds[0.25] > 2 * bounds[0.0], bounds
+
+
 def test_a_refusal_on_a_stream_carries_its_retry_hint_in_band(tiny_hf_dir):
     """ScoreStream answers a refused request in-band; its retry hint is a field (Error.retry_after_ms), what a unary
     refusal's grpc-retry-pushback-ms trailer says, and the client hands it on as Overloaded.retry_after_s."""
     backend = SlowBackend(str(tiny_hf_dir), per_item=0.02)
-    settings = settings_for(tiny_hf_dir, max_batch_size=8, max_queue_wait_s=0.3, stream_window=16)
+    settings = settings_for(tiny_hf_dir, max_batch_size=8, max_queue_wait_s="0.3", stream_window=16)
     images = [pb.Image(data=jpeg(i)) for i in range(8)]
     requests = [
         pb.ScoreStreamRequest(tag=str(i), request=pb.ScoreRequest(prompt=PROMPT, images=images)) for i in range(32)
@@ -156,7 +235,8 @@ def test_a_failed_image_takes_its_queued_siblings_out_before_they_cost_compute(t
 
 
 def test_a_caller_that_leaves_or_expires_costs_no_compute(tiny_hf_dir, slow):
-    settings = settings_for(tiny_hf_dir, max_batch_size=4)
+    # admission by count alone: two requests queue behind the parked one, past auto's one batch of 4
+    settings = settings_for(tiny_hf_dir, max_batch_size=4, max_queue_wait_s="0")
     with ServerThread(settings, backend=slow) as server, Client(server.address) as client:
         parked = _park(server, slow, client)
         channel = grpc.insecure_channel(server.address)
@@ -195,7 +275,7 @@ def test_one_caller_cannot_take_every_slot(tiny_hf_dir, slow):
 def test_priority_is_admitted_past_work_that_refuses_the_default_level(tiny_hf_dir):
     """Queue wait is counted at the request's own level: work at the default level does not delay level 1."""
     backend = SlowBackend(str(tiny_hf_dir), per_item=0.05)  # warm-up measures >= 50 ms an image
-    settings = settings_for(tiny_hf_dir, max_queue_wait_s=0.2)
+    settings = settings_for(tiny_hf_dir, max_queue_wait_s="0.2")
     with (
         ServerThread(settings, backend=backend) as server,
         Client(server.address) as client,
@@ -228,7 +308,8 @@ def test_a_hung_tower_fails_its_batch_and_takes_the_replica_out(tiny_hf_dir, slo
         with pytest.raises(Internal, match="image tower did not return a batch of 1 in 0.5 s"):
             client.score(PROMPT, [solid(MAGENTA)])
         assert time.perf_counter() - start < 10  # the watchdog answered, not the client's 60 s deadline
-        with pytest.raises(Unavailable, match="image tower is hung"):
+        # the text tower shares the stuck thread: its watchdog may fire first, and the replica names the first
+        with pytest.raises(Unavailable, match="(image|text) tower is hung"):
             client.score(PROMPT, [jpeg(0)])
         with grpc.insecure_channel(server.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
