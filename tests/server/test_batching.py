@@ -98,7 +98,10 @@ def test_forward_passes_at_once_cpu_one_gpu_per_tower_and_pipelined(
     core) no two forward passes overlap; on a GPU each tower has its own launching threads, one per batch the
     backend keeps in flight."""
     backend = TurnTakingBackend(str(tiny_hf_dir), accelerated, depth)
-    settings = settings_for(tiny_hf_dir, max_batch_size=2, text_max_batch_size=1, text_cache_bytes=0)
+    # admission by count alone: 16 callers queue far past auto's one batch of 2
+    settings = settings_for(
+        tiny_hf_dir, max_batch_size=2, text_max_batch_size=1, text_cache_bytes=0, max_queue_wait_s="0"
+    )
     with ServerThread(settings, backend=backend) as server, Client(server.address) as client:
         backend.most = dict.fromkeys(backend.most, 0)  # after warm-up
         with ThreadPoolExecutor(8) as pool:
