@@ -385,13 +385,20 @@ async def _within(deadline: float | None, work: Awaitable):
         raise DeadlineExceeded(f"deadline passed after {waited:.3f} s, before the towers answered") from None
 
 
-async def _all(*aws: Awaitable) -> list:
-    """Like gather, but the first failure cancels the rest (so a bad image stops its request's other work)."""
+def _all(*aws: Awaitable) -> asyncio.Future:
+    """Like gather, but the first failure cancels the rest (so a bad image stops its request's other work), and so
+    does cancelling the result. Each awaitable is a task from the call on: a request cancelled before its work ran
+    (a deadline already passed) cancels them, where coroutines held by a coroutine never started were dropped
+    unawaited (a RuntimeWarning on the server's stderr for each)."""
     tasks = [asyncio.ensure_future(a) for a in aws]
-    for task in tasks:  # later failures are superseded by the first; retrieve them so asyncio does not log them
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-    try:
-        return await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
+
+    def done(future: asyncio.Future) -> None:  # retrieves every failure, so asyncio does not log the superseded ones
+        if future.cancelled() or future.exception() is not None:
+            for task in tasks:
+                task.cancel()
+
+    for task in tasks:
+        task.add_done_callback(done)
+    gathered = asyncio.gather(*tasks)
+    gathered.add_done_callback(done)  # its failure too: a caller that left (wait_for cancelled) no longer awaits it
+    return gathered
