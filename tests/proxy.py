@@ -1,5 +1,6 @@
 """A TCP proxy on loopback, in its own thread, between a client and a real server: a slow replica (each chunk the
-server sends held ``delay_s``) or a hung one (``hang``: connections accepted, nothing forwarded, nothing answered)."""
+server sends held ``delay_s``) or a hung one (from its ``hang_from``-th connection on: connections accepted,
+nothing forwarded, nothing answered; the connections before it are forwarded)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import threading
 
 
 class Proxy:
-    def __init__(self, port: int, delay_s: float = 0.0, hang: bool = False):
-        self.target, self.delay_s, self.hang = port, delay_s, hang
+    def __init__(self, port: int, delay_s: float = 0.0, hang_from: int | None = None):
+        self.target, self.delay_s, self.hang_from = port, delay_s, hang_from
         self.connections = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="proxy", daemon=True)
@@ -21,7 +22,7 @@ class Proxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        if self.hang:  # read and drop whatever comes, answer nothing, until the client gives up
+        if self.hang_from is not None and self.connections > self.hang_from:  # read and drop, answer nothing
             while await reader.read(1 << 16):
                 pass
             writer.close()

@@ -43,6 +43,7 @@ from pickscore.errors import Conflict, DeadlineExceeded, Overloaded, PickScoreEr
 log = logging.getLogger("pickscore.fleet")
 
 BACKOFF_S = (0.2, 10.0)  # a failed replica's first and longest time out
+ASK_S = 5.0  # how long a replica has to say which model it serves (else it counts as down, asked again later)
 STALL_FACTOR = 8  # a call is hung once it has run this many times longer than the slowest recent success
 DNS_SCHEMES = {"dns:///": "", "dns+http://": "http://", "dns+https://": "https://"}  # -> what a replica is dialled as
 
@@ -449,7 +450,7 @@ async def describe(address: str, name: str, connection: dict[str, Any], server_n
         options = dict(connection)
         if server_name and not options.get("tls_server_name"):
             options["tls_server_name"] = server_name
-        async with AsyncClient(address, timeout=30.0, model=name, **options) as client:
+        async with AsyncClient(address, timeout=ASK_S, model=name, **options) as client:
             info = await client.model_info()
         return Served(info.source, info.identity)
     import aiohttp
@@ -464,5 +465,5 @@ async def describe(address: str, name: str, connection: dict[str, Any], server_n
     url, query = address.rstrip("/") + "/v1/model", {"model": name} if name else {}
     checked_as = connection.get("tls_server_name") or server_name
     async with aiohttp.ClientSession() as session:
-        info = await get_json(session, url, query, headers, ssl, server_name=checked_as)
+        info = await get_json(session, url, query, headers, ssl, ASK_S, checked_as)
     return Served(info["source"], info.get("identity", ""))
