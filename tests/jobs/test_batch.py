@@ -66,6 +66,8 @@ def check(out: Path, dataset: list[dict], model: Path) -> None:
         )
     success = json.loads((out / "_SUCCESS").read_text())
     assert success["scored"] == len(dataset) and success["errors"] == 0
+    identity = Scorer.from_pretrained(model, device="cpu", dtype="fp32").identity
+    assert success["model_identity"] == {"pickscore": identity}  # what scored the job, as a server reports it
 
 
 def test_parquet_with_image_bytes(tmp_path, tiny_hf_dir, dataset):

@@ -106,6 +106,8 @@ def test_a_server_scores_like_the_local_model_and_skips_bad_images(gens, tmp_pat
     code, local, _ = evaluate(capsys, sets, *LOCAL, "--bootstrap", "50")
     assert code == 0
     assert remote["scorer"] == f"demo on {server.address}" and local["scorer"] == "demo"
+    # the model that scored is named by its identity, the same served and in process (same weights, same precision)
+    assert remote["model_identity"] == local["model_identity"] and local["model_identity"]["pickscore"]
     for a, b in zip(remote["per_prompt"], local["per_prompt"]):
         assert a["best"] == pytest.approx(b["best"], abs=1e-3)
     assert [m["name"] for m in remote["models"]] == ORDER
