@@ -31,7 +31,9 @@ IMAGES = [data for _, data, _ in varied_images()[:8]]
 
 @pytest.fixture(scope="module")
 def server(tiny_hf_dir):
-    with ServerThread(settings_for(tiny_hf_dir, decode_processes=True, decode_workers=2)) as s:
+    # admission by count alone: many requests at once put 48 images in flight, past the default bound of one batch
+    settings = settings_for(tiny_hf_dir, decode_processes=True, decode_workers=2, max_queue_wait_s="0")
+    with ServerThread(settings) as s:
         yield s
 
 

@@ -180,7 +180,8 @@ def solid(rgb) -> bytes:
 
 
 def test_backend_failure_fails_only_its_batch_and_the_server_keeps_serving(tiny_hf_dir):
-    settings = settings_for(tiny_hf_dir, max_batch_size=1)  # one image per batch, so batches are told apart
+    # one image per batch, so batches are told apart; admission by count alone, as 7 requests queue past one batch
+    settings = settings_for(tiny_hf_dir, max_batch_size=1, max_queue_wait_s="0")
     with ServerThread(settings, backend=FlakyBackend(str(tiny_hf_dir))) as server, Client(server.address) as client:
         with ThreadPoolExecutor(8) as pool:
             good = [pool.submit(client.score, PROMPT, [jpeg(i)]) for i in range(6)]

@@ -32,7 +32,8 @@ def test_concurrent_clients_match_in_process_scoring_and_batches_form(server, re
     batches_before = metric(server, "pickscore_batch_size_count", tower="image")
     items_before = metric(server, "pickscore_batch_size_sum", tower="image")
 
-    with Client(server.address) as client, ThreadPoolExecutor(16) as pool:
+    # 8 callers of 3 images: within the default admission bound of one batch (32 images) ahead
+    with Client(server.address) as client, ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda job: client.score(*job), jobs))
 
     for (prompt, imgs), scores in zip(jobs, got):

@@ -64,7 +64,8 @@ def start_server(
 
 
 def test_sigterm_under_load_loses_no_admitted_request(tiny_hf_dir):
-    proc, started, log = start_server(tiny_hf_dir, "--grace-period-s", "30")
+    # admission by count alone: 8 callers of 6 images queue past the default bound of one batch
+    proc, started, log = start_server(tiny_hf_dir, "--grace-period-s", "30", "--max-queue-wait-s", "0")
     address = f"127.0.0.1:{started['port']}"
     images = [jpeg(i, size=384) for i in range(6)]
     expected = Scorer.from_pretrained(tiny_hf_dir, device="cpu", dtype="fp32").score(PROMPT, images)
