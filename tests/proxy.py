@@ -1,6 +1,6 @@
 """A TCP proxy on loopback, in its own thread, between a client and a real server: a slow replica (each chunk the
-server sends held ``delay_s``) or a hung one (from its ``hang_from``-th connection on: connections accepted,
-nothing forwarded, nothing answered; the connections before it are forwarded)."""
+server sends held ``delay_s``) or, once ``hung`` is set, a hung one (connections open and accepted, nothing
+forwarded either way, nothing answered)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import threading
 
 
 class Proxy:
-    def __init__(self, port: int, delay_s: float = 0.0, hang_from: int | None = None):
-        self.target, self.delay_s, self.hang_from = port, delay_s, hang_from
+    def __init__(self, port: int, delay_s: float = 0.0):
+        self.target, self.delay_s = port, delay_s
+        self.hung = False
         self.connections = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="proxy", daemon=True)
@@ -22,20 +23,16 @@ class Proxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        if self.hang_from is not None and self.connections > self.hang_from:  # read and drop, answer nothing
-            while await reader.read(1 << 16):
-                pass
-            writer.close()
-            return
         server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target)
         await asyncio.gather(self._pipe(reader, server_writer, 0.0), self._pipe(server_reader, writer, self.delay_s))
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float) -> None:
         try:
             while data := await reader.read(1 << 16):
                 if delay_s:
                     await asyncio.sleep(delay_s)
+                if self.hung:  # dropped
+                    continue
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):

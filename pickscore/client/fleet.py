@@ -217,7 +217,7 @@ class Fleet:
                     + "; ".join([f"{r.address} serves {what(r)}" for r in answered] + [self._lacks(r) for r in lacking])
                 )
         else:
-            kinds = {tuple(s.identity for s in r.served.values()) for r in answered}
+            kinds = {_identities(r.served) for r in answered}
             if len(kinds) > 1 or lacking:
                 raise Conflict(
                     "the servers serve different models: "
@@ -237,9 +237,11 @@ class Fleet:
         return all(any(matches(s.identity, e) for e in self.expect) for s in served.values())
 
     def _exclude(self, r: Replica) -> None:
-        served = ", ".join(s.identity for s in (r.served or {}).values()) or r.last_error
-        r.excluded = f"serves {served}, not the fleet's model"
-        log.warning("server %s left out: it %s", r.address, r.excluded)
+        if r.served is None:  # it answered, but not what it serves under a name (NotFound, Unauthenticated, ...)
+            r.excluded = f"left out: {r.last_error}"
+        else:
+            r.excluded = f"left out: serves {', '.join(s.identity for s in r.served.values())}, not the fleet's model"
+        log.warning("server %s %s", r.address, r.excluded)
 
     async def _ask(self, r: Replica) -> dict[str, Served]:
         """Ask ``r`` what it serves under each name (``r.served``); Unavailable when it does not answer, another
@@ -262,11 +264,11 @@ class Fleet:
             self._exclude(r)
             self._notify()
             return False
-        if self._served is not None and served != self._served and not (self.expect and self._expected(served)):
+        same = self._expected(served) if self.expect else _identities(served) == _identities(self._served)
+        if not same:
             self._exclude(r)
             self._notify()
-            return False
-        return True
+        return same
 
     # Calls -----------------------------------------------------------------------------------------------
 
@@ -325,7 +327,7 @@ class Fleet:
         task = None
         try:
             if r.served is None and not await self._admit(r):
-                raise _Failed(Unavailable(f"{r.address} {r.excluded}"))
+                raise _Failed(Unavailable(f"{r.address}: {r.excluded}"))
             start = loop.time()
             task = asyncio.ensure_future(send(self.sender(r), max(deadline - start, 0.001)))
             while not task.done():
@@ -422,6 +424,11 @@ class Fleet:
             r.address: {"rows": r.rows, "failures": r.failures, "excluded": r.excluded, "removed": r.removed}
             for r in self.replicas
         }
+
+
+def _identities(served: dict[str, Served]) -> tuple[str, ...]:
+    """What makes two replicas the same model: the identities (not the sources: one file may sit at two paths)."""
+    return tuple(s.identity for s in served.values())
 
 
 class _Failed(Exception):

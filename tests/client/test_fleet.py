@@ -87,17 +87,22 @@ async def _score_all(fleet: Fleet, requests: int, deadline_s: float = 60.0) -> l
 
 
 def test_a_hung_replica_is_left_behind(tiny_hf_dir, expected):
-    with ServerThread(settings_for(tiny_hf_dir)) as good, Proxy(good.port, hang_from=1) as hung:
-        addresses = [good.address, f"127.0.0.1:{hung.port}"]  # the hung one says which model it serves, then hangs
+    with ServerThread(settings_for(tiny_hf_dir)) as good, Proxy(good.port) as hung:
+        addresses = [good.address, f"127.0.0.1:{hung.port}"]
         fleet = Fleet(addresses, _Sender, [""], {}, stall_floor_s=0.5)
+
+        async def run() -> list[list[float]]:
+            await fleet.ready()  # both say which model they serve; then one hangs, its connections open
+            hung.hung = True
+            return await _score_all(fleet, 24)
+
         start = time.monotonic()
-        got = asyncio.run(_score_all(fleet, 24))
+        got = asyncio.run(run())
         took = time.monotonic() - start
     np.testing.assert_allclose(np.concatenate(got), np.tile(expected, 4), atol=1e-5)
     report = fleet.report()
     assert report[addresses[1]]["rows"] == 0 and report[addresses[1]]["failures"] >= 1
     assert took < 15  # left behind after the stall limit, not at gRPC's 20 s connection timeout or the deadline
-    assert hung.connections >= 2  # calls did go there
 
 
 def test_a_dns_name_is_resolved_and_refreshed(tiny_hf_dir, expected):
@@ -111,11 +116,12 @@ def test_a_dns_name_is_resolved_and_refreshed(tiny_hf_dir, expected):
         async def run() -> tuple[float, float, float]:
             fleet = Fleet(["dns:///scorers.internal:8001"], _Sender, [""], {}, refresh_s=0.1, resolve=resolve)
             loop = asyncio.get_running_loop()
-            calls = (
-                lambda: asyncio.gather(  # noqa: E731
+
+            def calls():
+                return asyncio.gather(
                     *(fleet.call(8, lambda s, t: s.score(IMAGES[:8], t), loop.time() + 30) for _ in range(8))
                 )
-            )
+
             try:
                 await calls()
                 only_a = scored(b)
