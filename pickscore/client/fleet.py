@@ -117,15 +117,13 @@ def _target(text: str) -> _Target:
 
 
 def addresses_of(addresses: Sequence[str]) -> list[str]:
-    """Several addresses, checked: ValueError for none, an empty one, a repeat or a malformed DNS name."""
+    """Several addresses, checked: ValueError for none, an empty one or a repeat."""
     items = [a.strip() for a in addresses]
     if not items or "" in items:
         raise ValueError(f"no server address in {addresses!r}")
     repeated = sorted({a for a in items if items.count(a) > 1})
     if repeated:
         raise ValueError(f"server address {repeated[0]} given twice")
-    for a in items:
-        _target(a)  # DNS names checked here, before anything is dialled
     return items
 
 
@@ -148,7 +146,7 @@ class Fleet:
         stall_floor_s: float = 10.0,
         resolve: Callable[[str, int], Awaitable[list[str]]] | None = None,
     ):
-        self._targets = [_target(a) for a in addresses]
+        self._targets = [_target(a) for a in addresses_of(addresses)]
         self._open_sender, self.names, self._connection = open_sender, list(names) or [""], connection
         self.expect, self.per_replica, self.refresh_s = list(expect), per_replica, refresh_s
         self.stall_floor_s = stall_floor_s

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from pickscore.client.aio import AsyncClient
-from pickscore.client.fleet import Fleet, Served, addresses_of
+from pickscore.client.fleet import Fleet, Served
 from pickscore.client.http import post_msgpack
 from pickscore.client.wire import ImageRef, Weights, image_message, model_weights, normalize_of, renumbered
 from pickscore.errors import Conflict, InvalidInput, PickScoreError
@@ -83,7 +83,7 @@ class RewardClient:
             raise ValueError(f"scale {scale!r}; one of {', '.join(self.SCALES)}")
         if max_batch < 1 or max_inflight < 1:
             raise ValueError("max_batch and max_inflight must be at least 1")
-        self.addresses = [address] if isinstance(address, str) else addresses_of(address)
+        self.addresses = [address] if isinstance(address, str) else list(address)
         self.max_batch, self.max_delay_s, self.max_inflight = max_batch, max_delay_s, max_inflight
         self.timeout, self.required, self.scale = timeout, required, scale
         self._token, self._metadata, self._tls = token, tuple(metadata), tls

@@ -165,3 +165,17 @@ def test_replicas_of_different_models_are_refused_even_when_not_required(tiny_hf
             np.testing.assert_allclose([f.result() for f in got], expected[:8], atol=1e-5)
             assert rewards.replicas()[http[1]]["excluded"]
         assert scored(new) == 0
+
+
+@pytest.mark.parametrize(
+    "addresses, message",
+    [
+        (["127.0.0.1:1", "127.0.0.1:1"], "server address 127.0.0.1:1 given twice"),
+        ([], "no server address"),
+        (["dns:///scorers"], "dns:///scorers: a DNS name needs a host and a port"),
+        (["dns+http://:8000"], "a DNS name needs a host and a port"),
+    ],
+)
+def test_bad_addresses_are_refused_before_anything_is_dialled(addresses, message):
+    with pytest.raises(ValueError, match=message):
+        RewardClient(addresses)
