@@ -66,7 +66,9 @@ class EmbeddingCache:
         size = _size(key, value)
         if size > self.capacity:
             return
-        self._entries[key] = value
+        # its own copy: a computed embedding is a row of its batch's output, a view that would keep the whole batch
+        # (up to max_batch_size rows) alive for as long as the entry, beyond the bytes the cache counts
+        self._entries[key] = value.copy()
         self.nbytes += size
         while self.nbytes > self.capacity:
             old_key, old = self._entries.popitem(last=False)
