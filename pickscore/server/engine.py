@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -66,7 +68,7 @@ class Shared:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.compute = ThreadPoolExecutor(1, thread_name_prefix="towers")
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix="towers", initializer=_behind_requests)
         self.tokenizer = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.decoders: dict[tuple, DecodePool] = {}
 
@@ -89,6 +91,17 @@ class Shared:
         self.tokenizer.shutdown(wait=False, cancel_futures=True)
         for pool in self.decoders.values():
             pool.close()
+
+
+def _behind_requests() -> None:
+    """The CPU's forward-pass thread runs at a lower priority (nice +10; the OpenMP workers it starts inherit it), so
+    the event loop takes a core the moment it wakes: the towers keep every core busy under load, and a refusal,
+    cheap in itself, would otherwise wait behind them for its turn (docs/DESIGN.md, "Admission by time"). Linux
+    sets it per thread; elsewhere, or where it is not allowed, nothing changes."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
 
 
 class ScoreStats:
