@@ -99,7 +99,8 @@ def _behind_requests() -> None:
     cheap in itself, would otherwise wait behind them for its turn (docs/DESIGN.md, "Admission by time"). Linux
     sets it per thread; elsewhere, or where it is not allowed, nothing changes."""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        me = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, me, min(os.getpriority(os.PRIO_PROCESS, me) + 10, 19))
     except (AttributeError, OSError):
         pass
 

@@ -1,22 +1,28 @@
 """A refusal costs no decode, on every transport: with the image tower's default admission bound reached (one batch
 of work ahead), a request whose image bytes are not an image is refused (RESOURCE_EXHAUSTED, 429) -- the admission
 decision came before anything read those bytes as an image -- and the same request once there is room is
-INVALID_ARGUMENT (400), naming the image."""
+INVALID_ARGUMENT (400), naming the image; and the CPU's forward-pass thread yields the cores to the loop that
+answers refusals."""
 
 from __future__ import annotations
 
 import base64
 import json
+import os
+import sys
+import threading
 
 import grpc
 import msgpack
 import numpy as np
+import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from pickscore.client import Client
 from pickscore.server.app import ServerThread
+from pickscore.server.engine import Shared
 from pickscore.v1 import scoring_pb2 as pb
 from pickscore.v1 import scoring_pb2_grpc
 from tests.server.conftest import PROMPT, jpeg, metric, settings_for
@@ -92,3 +98,14 @@ def test_a_refusal_reads_no_image_on_any_transport(tiny_hf_dir):
     for name, (code, message) in invalid.items():
         assert code in (invalid_argument, 400, "StatusCode.INVALID_ARGUMENT", "400"), (name, code, message)
         assert "image 0" in message and "not a decodable image" in message, (name, message)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own priority is Linux's")
+def test_the_cpu_forward_pass_thread_yields_to_the_event_loop(tiny_hf_dir):
+    """The towers' shared CPU thread runs at nice +10, so the loop that answers refusals is not queued behind it."""
+    shared = Shared(settings_for(tiny_hf_dir))
+    try:
+        own = shared.compute.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    finally:
+        shared.close(hung=False)
+    assert own == min(os.getpriority(os.PRIO_PROCESS, 0) + 10, 19)
