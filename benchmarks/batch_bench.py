@@ -61,7 +61,9 @@ def main(argv=None) -> int:
         pq.write_table(pa.Table.from_pylist(rows), data, row_group_size=64)
         local = batch(data, tmp / "a", "--model", str(model), "--device", "cpu")
         print(f"(a) in-process {local:.1f} images/s", flush=True)
-        proc, entry = serve(model, "--device", "cpu")
+        # closed loops measure saturation, as serve_bench's: admission by count alone (the default, auto, keeps
+        # the queue near one batch and refuses the rest, which the job retries; tests/jobs covers that path)
+        proc, entry = serve(model, "--device", "cpu", "--max-queue-wait-s", "0")
         try:
             remote = batch(data, tmp / "b", "--server", f"127.0.0.1:{entry['port']}")
             print(f"(b) on the server {remote:.1f} images/s", flush=True)

@@ -39,7 +39,10 @@ async def closed_loop(
 ) -> dict:
     """``concurrency`` callers, each sending its next best-of-8 request (``await call(prompt, blobs)``) as soon
     as the last one answered; images/s over the window, latency percentiles over requests (each latency, in
-    seconds, is also appended to ``latencies`` when given)."""
+    seconds, is also appended to ``latencies`` when given). A refused request (a server admitting by time: the
+    default) is sent again after the server's retry hint, its latency counting the wait, as a client would."""
+    from pickscore.errors import Overloaded
+
     todo = iter(range(requests))
     latencies = [] if latencies is None else latencies
     names = prompts(requests)
@@ -48,7 +51,12 @@ async def closed_loop(
         for i in todo:
             blobs = [images[(i * PER_REQUEST + k) % len(images)] for k in range(PER_REQUEST)]
             t = time.perf_counter()
-            await call(names[i], blobs)
+            while True:
+                try:
+                    await call(names[i], blobs)
+                    break
+                except Overloaded as e:
+                    await asyncio.sleep(e.retry_after_s or 0.05)
             latencies.append(time.perf_counter() - t)
 
     start = time.perf_counter()
