@@ -11,10 +11,10 @@ For each admission policy, in one run against `pickscore serve` in its own proce
             before auto), and each request's deadline
 it measures saturation (closed loop, concurrency 8, a refused caller waiting for its retry hint), the unloaded
 p50 (concurrency 1), then Poisson arrivals at each multiple of saturation for --duration seconds, every request
-with the same deadline. Reported per level: goodput (requests answered OK per second, and as a share of saturation), admitted p50/p99 (requests
-answered OK), p99 over the unloaded p50, refusals (RESOURCE_EXHAUSTED) and their p50/p99 latency,
-deadline failures, and the share of the image tower's compute spent on requests that then failed (from the
-server's own /metrics). Writes JSON, a markdown table, a plot, and a section of benchmarks/RESULTS.md.
+with the same deadline. Reported per level: goodput (requests answered OK per second, and as a share of
+saturation), admitted p50/p99 (requests answered OK), p99 over the unloaded p50, refusals (RESOURCE_EXHAUSTED) and
+their p50/p99 latency, deadline failures, and the share of the image tower's compute spent on requests that then
+failed (from the server's own /metrics). Writes JSON, a markdown table, a plot, and a section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
