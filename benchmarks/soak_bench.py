@@ -14,7 +14,8 @@ the others one caller each with --pause between calls):
              KServe v2 infer over gRPC and HTTP (tritonclient's aio clients); ScoreStream streams read to the end,
              and streams closed after their first answer
   invalid    corrupt images and empty prompts (both transports), an image over --max-pixels, a gRPC message and an
-             HTTP body over --max-message-bytes, too many images, an unknown model name (both transports)
+             HTTP body over --max-message-bytes, too many images, unknown model names (a new one each call, both
+             transports)
   abandoned  Score calls the client cancels mid-flight, calls with a 2 ms deadline, HTTP clients that disconnect
              with half a body sent or before the answer
 Each kind's outcomes (gRPC code, HTTP status, or what the client did) are checked against the ones it should get;
@@ -256,10 +257,10 @@ class Traffic:
         return await self.post("/v1/score", self.fields(prompt, [self.images[0]] * (MAX_IMAGES + 1)))
 
     async def unknown_model_grpc(self, prompt: str, i: int) -> str:
-        return await self.unary(prompt, self.blobs(i), model="no-such-model")
+        return await self.unary(prompt, self.blobs(i), model=f"no-such-model-{i}")  # a new name: nothing may keep it
 
     async def unknown_model_http(self, prompt: str, i: int) -> str:
-        return await self.post("/v1/models/no-such-model/score", self.fields(prompt, self.blobs(i)))
+        return await self.post(f"/v1/models/no-such-model-{i}/score", self.fields(prompt, self.blobs(i)))
 
     # abandoned
     async def cancelled_grpc(self, prompt: str, i: int) -> str:
@@ -388,10 +389,10 @@ class Soak:
             ]
             tasks = [asyncio.create_task(x) for x in loops]
             while time.monotonic() < stop_at:
-                await self.sample(session, start)
-                if self.proc.poll() is not None:
+                if self.proc.poll() is not None:  # before the scrape, which a dead server would refuse
                     self.crashed = self.proc.returncode
                     break
+                await self.sample(session, start)
                 await asyncio.sleep(min(args.sample_s, max(0.0, stop_at - time.monotonic())))
             await asyncio.gather(*tasks)
             await asyncio.sleep(2.0)  # what was abandoned leaves the queues
