@@ -72,7 +72,7 @@ KINDS: dict[str, tuple[str, set[str]]] = {
     "empty_prompt/http": ("invalid", {"400"}),
     "oversized_image/grpc": ("invalid", {"INVALID_ARGUMENT"}),
     "oversized_message/grpc": ("invalid", {"RESOURCE_EXHAUSTED"}),
-    "oversized_body/http": ("invalid", {"400", "413"}),  # InvalidInput naming --max-message-bytes; 413 once mapped
+    "oversized_body/http": ("invalid", {"413"}),  # TooLarge naming --max-message-bytes
     "too_many_images/http": ("invalid", {"400"}),
     "unknown_model/grpc": ("invalid", {"NOT_FOUND"}),
     "unknown_model/http": ("invalid", {"404"}),

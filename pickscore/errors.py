@@ -22,6 +22,11 @@ class InvalidInput(PickScoreError):
     """The caller sent something unusable: a bad image, an empty request, a bad tensor."""
 
 
+class TooLarge(InvalidInput):
+    """A request body over what the server reads (``--max-message-bytes``, after decompression): HTTP 413 (over
+    gRPC, the channel's own limit answers first)."""
+
+
 class Overloaded(PickScoreError):
     """Refused before any work: the queue is full, or would not be reached in time; retry later.
 

@@ -21,6 +21,7 @@ from pickscore.errors import (
     NotFound,
     Overloaded,
     PickScoreError,
+    TooLarge,
     Unauthenticated,
     Unavailable,
 )
@@ -40,8 +41,10 @@ STATUS: dict[type[PickScoreError], grpc.StatusCode] = {
 # (gRPC core's pending calls, grpc/grpc#41785): the replica went away, which is what UNAVAILABLE says. A caller's
 # own cancellation never reaches error_for (it ends in CancelledError or a cancelled future).
 _ERRORS = {code: cls for cls, code in STATUS.items()} | {grpc.StatusCode.CANCELLED: Unavailable}
-# The same errors as HTTP statuses (the HTTP front door and the reward client's HTTP path).
+# The same errors as HTTP statuses (the HTTP front door and the reward client's HTTP path); a subclass before its
+# base, since the first class an error is an instance of gives its status.
 HTTP_STATUS: dict[type[PickScoreError], int] = {
+    TooLarge: 413,
     InvalidInput: 400,
     Unauthenticated: 401,
     Forbidden: 403,

@@ -43,7 +43,7 @@ import numpy as np
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from pickscore.errors import InvalidInput
+from pickscore.errors import InvalidInput, TooLarge
 from pickscore.server.api import RawPixels, Scoring, image_item
 from pickscore.server.api_kserve import KServeModels
 from pickscore.server.boundary import Call, ServerState, new_request_id, scope
@@ -300,8 +300,8 @@ async def _body(request: web.Request) -> bytes:
         raise _too_large(request) from e
 
 
-def _too_large(request: web.Request) -> InvalidInput:
-    return InvalidInput(f"request body over {request.app[MAX_BODY]} bytes (--max-message-bytes)")
+def _too_large(request: web.Request) -> TooLarge:
+    return TooLarge(f"request body over {request.app[MAX_BODY]} bytes (--max-message-bytes)")
 
 
 def _deadline(request: web.Request) -> float | None:

@@ -9,6 +9,7 @@ import base64
 import gzip
 import json
 import re
+import resource
 import threading
 import time
 import urllib.error
@@ -411,14 +412,14 @@ def test_a_failed_batch_is_500(tiny_hf_dir):
         assert ok[0] == 200  # only that batch failed
 
 
-def test_a_body_over_the_message_limit_is_400_naming_the_limit(tiny_hf_dir):
+def test_a_body_over_the_message_limit_is_413_naming_the_limit(tiny_hf_dir):
     with ServerThread(settings_for(tiny_hf_dir, max_message_bytes=4096)) as server:
         big = json.dumps({"prompt": PROMPT, "images": [{"data": base64.b64encode(IMAGES[0] * 2).decode()}]})
         status, _, answer = post(server, "/v1/score", big.encode(), "application/json")
-        assert status == 400 and "request body over 4096 bytes (--max-message-bytes)" in json.loads(answer)["error"]
+        assert status == 413 and "request body over 4096 bytes (--max-message-bytes)" in json.loads(answer)["error"]
         form, kind = multipart([("prompt", PROMPT)], [("a.jpg", IMAGES[0] * 2)])
         status, _, answer = post(server, "/v1/rank", form, kind)
-        assert status == 400 and "request body over 4096 bytes" in json.loads(answer)["error"]
+        assert status == 413 and "request body over 4096 bytes" in json.loads(answer)["error"]
 
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
@@ -436,9 +437,20 @@ def test_compressed_bodies_are_decoded_and_bounded_after_decompression(http, exp
         )
         assert status == 200
         np.testing.assert_allclose([r["score"] for r in json.loads(answer)["results"]], expected, atol=1e-5)
-        bomb = compress(b'{"prompt": "' + b" " * (64 << 20) + b'"}')  # 64 MB of spaces in 65 kB
+        bomb = _bomb(algorithm, 512)  # 512 MB of spaces in about 0.5 MB, never held whole here either
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; the server runs in this process
         status, _, answer = post(server, "/v1/score", bomb, "application/json", {"Content-Encoding": algorithm})
-        assert status == 400 and "request body over 1048576 bytes (--max-message-bytes)" in json.loads(answer)["error"]
+        assert status == 413 and "request body over 1048576 bytes (--max-message-bytes)" in json.loads(answer)["error"]
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak
+        assert grown < 64 << 10, f"peak RSS grew {grown >> 10} MiB reading a 512 MiB bomb"  # read and refused in 1 MiB
+
+
+def _bomb(algorithm: str, megabytes: int) -> bytes:
+    """A JSON body of ``megabytes`` MB of spaces, gzip or deflate compressed a megabyte at a time."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31 if algorithm == "gzip" else 15)
+    spaces = b" " * (1 << 20)
+    parts = [packer.compress(b'{"prompt": "')] + [packer.compress(spaces) for _ in range(megabytes)]
+    return b"".join([*parts, packer.compress(b'"}'), packer.flush()])
 
 
 # The HTTP codecs without a server: JSON, msgpack and binary tensors straight to the api's values and back ------
