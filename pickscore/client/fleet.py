@@ -129,7 +129,8 @@ def addresses_of(addresses: Sequence[str]) -> list[str]:
 
 class Fleet:
     """The replicas behind one caller (see the module's docstring). Runs on one event loop: create it anywhere,
-    use it from that loop. ``open_sender(address, server_name)`` makes a replica's sender (with ``async close()``);
+    use it from that loop. ``open_sender(address, tls_server_name)`` makes a replica's sender (with ``async
+    close()``), checking a TLS certificate for that name when it is not None;
     ``names``: the model names the caller's requests use ("" for a server's default); ``connection``: the clients'
     keywords (TLS, token), for asking identities; ``resolve``: host, port -> addresses (default: the system's DNS)."""
 
@@ -245,7 +246,8 @@ class Fleet:
         """Ask ``r`` what it serves under each name (``r.served``); Unavailable when it does not answer, another
         domain error (NotFound: a name it does not serve) as it is."""
         try:
-            r.served = {name: await describe(r.address, name, self._connection, r.server_name) for name in self.names}
+            checked_as = self._checked_as(r)
+            r.served = {name: await describe(r.address, name, self._connection, checked_as) for name in self.names}
         except PickScoreError as e:
             r.served, r.last_error = None, str(e)
             raise
@@ -404,8 +406,13 @@ class Fleet:
 
     def sender(self, r: Replica) -> Any:
         if r.sender is None:
-            r.sender = self._open_sender(r.address, r.server_name)
+            r.sender = self._open_sender(r.address, self._checked_as(r))
         return r.sender
+
+    def _checked_as(self, r: Replica) -> str | None:
+        """The name a replica's TLS certificate is checked for: the caller's --tls-server-name, else the DNS name
+        its address was resolved from, else its address's host (None)."""
+        return self._connection.get("tls_server_name") or r.server_name
 
     async def close(self) -> None:
         if self._refresher is not None:
@@ -446,15 +453,13 @@ async def _resolve(host: str, port: int) -> list[str]:
     return found
 
 
-async def describe(address: str, name: str, connection: dict[str, Any], server_name: str | None = None) -> Served:
+async def describe(address: str, name: str, connection: dict[str, Any], tls_server_name: str | None = None) -> Served:
     """What the server at ``address`` serves under ``name`` (empty: its default): source and identity, over gRPC
-    (GetModelInfo) or HTTP (GET /v1/model)."""
+    (GetModelInfo) or HTTP (GET /v1/model); a TLS certificate is checked for ``tls_server_name`` when given."""
     if not address.startswith(("http://", "https://")):
         from pickscore.client.aio import AsyncClient
 
-        options = dict(connection)
-        if server_name and not options.get("tls_server_name"):
-            options["tls_server_name"] = server_name
+        options = {**connection, "tls_server_name": tls_server_name}
         async with AsyncClient(address, timeout=ASK_S, model=name, **options) as client:
             info = await client.model_info()
         return Served(info.source, info.identity)
@@ -468,7 +473,6 @@ async def describe(address: str, name: str, connection: dict[str, Any], server_n
     if connection.get("token"):
         headers["authorization"] = f"Bearer {connection['token']}"
     url, query = address.rstrip("/") + "/v1/model", {"model": name} if name else {}
-    checked_as = connection.get("tls_server_name") or server_name
     async with aiohttp.ClientSession() as session:
-        info = await get_json(session, url, query, headers, ssl, ASK_S, checked_as)
+        info = await get_json(session, url, query, headers, ssl, ASK_S, tls_server_name)
     return Served(info["source"], info.get("identity", ""))

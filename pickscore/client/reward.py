@@ -170,9 +170,9 @@ class RewardClient:
         self._pending.append(item)
         self._arrived.set()
 
-    def _sender(self, address: str, server_name: str | None):
+    def _sender(self, address: str, tls_server_name: str | None):
         http = address.startswith(("http://", "https://"))
-        return (_HttpBatchSender if http else _GrpcBatchSender)(self, address, server_name)
+        return (_HttpBatchSender if http else _GrpcBatchSender)(self, address, tls_server_name)
 
     async def _batches(self) -> None:
         loop = asyncio.get_running_loop()
@@ -251,11 +251,9 @@ class _GrpcBatchSender:
     """Sends a RewardClient's batches as scoring.v1 Score requests of prompt-image pairs (its model), or Rewards
     requests (its models), on an AsyncClient."""
 
-    def __init__(self, owner: RewardClient, address: str, server_name: str | None = None):
+    def __init__(self, owner: RewardClient, address: str, tls_server_name: str | None = None):
         self.models, self.normalize = owner.models, owner.normalize
-        tls = dict(owner._tls)
-        if server_name and not tls.get("tls_server_name"):  # resolved from a DNS name: its certificate names that
-            tls["tls_server_name"] = server_name
+        tls = {**owner._tls, "tls_server_name": tls_server_name}  # the fleet's choice (a DNS name's, or the caller's)
         self.client = AsyncClient(address, metadata=owner._metadata, token=owner._token, model=owner.model, **tls)
 
     async def score(self, prompts: list[str], images: list[ImageRef], timeout: float) -> list[float]:
@@ -273,7 +271,7 @@ class _HttpBatchSender:
     """Sends a RewardClient's batches as POST /v1/score (its model) or /v1/rewards (its models) in msgpack (images
     raw, never base64)."""
 
-    def __init__(self, owner: RewardClient, address: str, server_name: str | None = None):
+    def __init__(self, owner: RewardClient, address: str, tls_server_name: str | None = None):
         self.url = address.rstrip("/") + ("/v1/score" if owner.models is None else "/v1/rewards")
         if owner.models is None:  # what each body carries besides its prompts and images
             self.fields: dict = {"model": owner.model} if owner.model else {}
@@ -284,7 +282,7 @@ class _HttpBatchSender:
         if owner._token:
             self.headers["authorization"] = f"Bearer {owner._token}"
         self.ssl = ssl_context(owner._tls.get("tls_ca"), owner._tls.get("tls_cert"), owner._tls.get("tls_key"))
-        self.server_name = owner._tls.get("tls_server_name") or server_name
+        self.server_name = tls_server_name
         self.session = None
 
     async def score(self, prompts: list[str], images: list[ImageRef], timeout: float) -> list[float]:

@@ -155,9 +155,9 @@ class ModelsOnServers:
             return
         from pickscore.client.fleet import Fleet
 
-        def sender(address: str, server_name: str | None):
+        def sender(address: str, tls_server_name: str | None):
             http = address.startswith(("http://", "https://"))
-            return (_HttpSender if http else _GrpcSender)(address, self.connection, self.names, server_name)
+            return (_HttpSender if http else _GrpcSender)(address, self.connection, self.names, tls_server_name)
 
         expect = self.expect_model.split(",") if self.expect_model else []
         self._fleet = Fleet(self.servers, sender, self.names, self.connection, expect=expect, per_replica=INFLIGHT)
@@ -217,12 +217,10 @@ def _read(image: Any) -> bytes:
 class _GrpcSender:
     """scoring.v1 Rewards requests (``AsyncClient.rewards``): each pair scored by every model, raw scores read."""
 
-    def __init__(self, address: str, connection: dict[str, Any], names: list[str], server_name: str | None = None):
+    def __init__(self, address: str, connection: dict[str, Any], names: list[str], tls_server_name: str | None = None):
         from pickscore.client import AsyncClient
 
-        if server_name and not connection.get("tls_server_name"):  # resolved from a DNS name: its certificate names it
-            connection = {**connection, "tls_server_name": server_name}
-        self.client = AsyncClient(address, **connection)
+        self.client = AsyncClient(address, **{**connection, "tls_server_name": tls_server_name})
         self.weights = [(name, 1.0) for name in names]
 
     async def scores(self, prompts: list[str], images: list[bytes], timeout: float) -> np.ndarray:
@@ -236,7 +234,7 @@ class _GrpcSender:
 class _HttpSender:
     """POST /v1/rewards in msgpack (images raw, never base64), as RewardClient's HTTP sender; raw scores read."""
 
-    def __init__(self, address: str, connection: dict[str, Any], names: list[str], server_name: str | None = None):
+    def __init__(self, address: str, connection: dict[str, Any], names: list[str], tls_server_name: str | None = None):
         from pickscore.tls import ssl_context
 
         self.url = address.rstrip("/") + "/v1/rewards"
@@ -245,7 +243,7 @@ class _HttpSender:
         if connection.get("token"):
             self.headers["authorization"] = f"Bearer {connection['token']}"
         self.ssl = ssl_context(connection.get("tls_ca"), connection.get("tls_cert"), connection.get("tls_key"))
-        self.server_name = connection.get("tls_server_name") or server_name
+        self.server_name = tls_server_name
         self.session = None
 
     async def scores(self, prompts: list[str], images: list[bytes], timeout: float) -> np.ndarray:

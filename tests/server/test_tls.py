@@ -189,6 +189,20 @@ def test_tls_checks_the_name_the_client_asked_for(tls_server, pki):
     assert refused(pki.client(tls_server.address, "ca1", tls_server_name="scorer.example.com"))
 
 
+def test_reward_client_over_a_dns_name_checks_the_name_asked_for(tls_server, pki):
+    """RewardClient's fleet dials each address a DNS name resolves to, checking the certificate for the caller's
+    --tls-server-name when given (here one the certificate does not name: refused)."""
+    from pickscore.client import RewardClient
+
+    expected = scores(pki.client(tls_server.address, "ca1"))
+    with RewardClient(f"dns:///localhost:{tls_server.port}", tls_ca=pki["ca1.pem"], timeout=TIMEOUT) as rewards:
+        got = [rewards.submit(PROMPT, image) for image in IMAGES]
+        np.testing.assert_allclose([f.result() for f in got], expected, atol=1e-5)
+    other = dict(tls_ca=pki["ca1.pem"], tls_server_name="scorer.example.com", timeout=TIMEOUT)
+    with RewardClient(f"dns:///localhost:{tls_server.port}", **other) as rewards:
+        assert isinstance(rewards.submit(PROMPT, IMAGES[0]).exception(timeout=30), Unavailable)
+
+
 def test_async_client_over_tls(tls_server, pki):
     async def score() -> list[float]:
         async with AsyncClient(tls_server.address, timeout=TIMEOUT, tls_ca=pki["ca1.pem"]) as client:
