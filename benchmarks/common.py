@@ -219,6 +219,19 @@ def git_revision() -> str:
         return "unknown"
 
 
+def write_outputs(out: Path, stem: str, results: dict[str, Any], markdown, plot=None) -> str:
+    """A benchmark's outputs: OUT/STEM.json (``results``), OUT/STEM.md (``markdown(results)``, also printed) and,
+    with ``plot(results, path)``, OUT/STEM.png. -> the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    table = markdown(results)
+    (out / f"{stem}.md").write_text(table)
+    if plot is not None:
+        plot(results, out / f"{stem}.png")
+    print(table)
+    return table
+
+
 def append_results(title: str, markdown: str, meta: dict[str, Any]) -> None:
     """Append a dated section to benchmarks/RESULTS.md."""
     header = (

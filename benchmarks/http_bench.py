@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, closed_loop, jpegs, machine, serve, write_model  # noqa: E402
+from common import append_results, closed_loop, jpegs, machine, serve, write_model, write_outputs  # noqa: E402
 
 
 async def measure(entry: dict, images: list[bytes], levels: list[int], requests: int) -> dict:
@@ -90,12 +90,7 @@ def main(argv=None) -> int:
             proc.terminate()
             proc.wait(60)
     results = {"machine": machine(), "shape": args.shape, "transports": transports}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"transports-{args.shape}-{args.device}"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    table = markdown(results)
-    (args.out / f"{stem}.md").write_text(table)
-    print(table)
+    table = write_outputs(args.out, f"transports-{args.shape}-{args.device}", results, markdown)
     if not args.no_append:
         command = "python benchmarks/http_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
         append_results(

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PER_REQUEST, append_results, best_of_8, git_revision, machine_with_flags, serve  # noqa: E402
+from common import PER_REQUEST, append_results, best_of_8, git_revision, machine_with_flags, serve, write_outputs  # noqa: E402
 from rewards_bench import decoded  # noqa: E402
 
 from pickscore.model import architecture, kinds  # noqa: E402
@@ -398,12 +398,7 @@ def main(argv=None) -> int:
             measured = measure(args, Path(tmp))
     results = {"machine": machine_with_flags(), "commit": git_revision(), **measured}
     results.update(image_side=args.image_side, sets=args.sets, runs=args.runs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"kinds-{results['size']}-{args.image_side}px"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    table = markdown(results)
-    (args.out / f"{stem}.md").write_text(table)
-    print(table)
+    table = write_outputs(args.out, f"kinds-{results['size']}-{args.image_side}px", results, markdown)
     if results["served"]["check"]["max_abs_diff"] > args.tolerance:
         print(
             f"Rewards differ from the sums of the scores by more than {args.tolerance}: not appended", file=sys.stderr

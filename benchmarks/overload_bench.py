@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PER_REQUEST, append_results, jpegs, machine_with_flags, serve, write_model  # noqa: E402
+from common import PER_REQUEST, append_results, jpegs, machine_with_flags, serve, write_model, write_outputs  # noqa: E402
 
 # each policy's server flags; "time" takes the benchmark's --max-queue-wait-s
 POLICIES = {"count": ("--max-queue-wait-s", "0"), "defaults": ()}
@@ -250,13 +249,8 @@ def main(argv=None) -> int:
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"overload-{results['shape'].replace('/', '_')}-{args.device}-{'-'.join(args.policies)}"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    table = markdown(results)
-    (args.out / f"{stem}.md").write_text(table)
-    plot(results, args.out / f"{stem}.png")
-    print(table)
+    table = write_outputs(args.out, stem, results, markdown, plot)
     if not args.no_append:
         append_results(
             f"Overload ({results['shape']}, {args.device}, {args.deadline:g} s deadlines)",

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from common import (  # noqa: E402
     machine_with_flags,
     serve,
     write_clip,
+    write_outputs,
 )
 
 WEIGHTS = {"a": 1.0, "b": 0.5}
@@ -245,12 +245,7 @@ def main(argv=None) -> int:
             stop(started)
     results = {"machine": machine_with_flags(), "commit": git_revision(), "sizes": SIZES[size], "weights": WEIGHTS}
     results.update(image_side=args.image_side, **measured)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"rewards-{size}-{args.image_side}px"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    table = markdown(results)
-    (args.out / f"{stem}.md").write_text(table)
-    print(table)
+    table = write_outputs(args.out, f"rewards-{size}-{args.image_side}px", results, markdown)
     if results["check"]["max_abs_diff"] > args.tolerance:
         print(f"B's rewards differ from A's sums by more than {args.tolerance}: not appended", file=sys.stderr)
         return 1

@@ -48,7 +48,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, descendants, git_revision, jpegs, machine_with_flags, serve, write_model  # noqa: E402
+from common import (  # noqa: E402
+    append_results,
+    descendants,
+    git_revision,
+    jpegs,
+    machine_with_flags,
+    serve,
+    write_model,
+    write_outputs,
+)
 
 MAX_PIXELS, MAX_MESSAGE, MAX_IMAGES, CACHE_BYTES = 512 * 512, 1 << 20, 16, 1 << 20
 # The load is closed-loop and bounded (a few hundred items at most in flight), never an overload: with a fixed
@@ -605,13 +614,8 @@ def main(argv=None) -> int:
         "server_flags": server_flags(args),
         **report(run, final, code, args.minutes * 60),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"soak-{label}"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    table = markdown(results)
-    (args.out / f"{stem}.md").write_text(table)
-    plot(results, args.out / f"{stem}.png")
-    print(table)
+    table = write_outputs(args.out, stem, results, markdown, plot)
     problems = verdict(results, args.smoke)
     for problem in problems:
         print(f"soak: {problem}", file=sys.stderr)
