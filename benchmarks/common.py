@@ -7,7 +7,9 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -208,6 +210,12 @@ def cpu_seconds(pids: list[int]) -> dict[int, float]:
 def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds (user + system) used so far by process ``pid`` and its living descendants; 0 when it is gone."""
     return sum(cpu_seconds(descendants(pid)).values())
+
+
+def py_spy() -> str | None:
+    """The py-spy executable: on PATH, beside this Python, or in the bin/ of a PYTHONPATH entry (pip --target)."""
+    places = [Path(sys.executable).parent] + [Path(p) / "bin" for p in os.environ.get("PYTHONPATH", "").split(":") if p]
+    return shutil.which("py-spy") or next((str(d / "py-spy") for d in places if (d / "py-spy").is_file()), None)
 
 
 def git_revision() -> str:

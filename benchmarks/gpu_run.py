@@ -35,7 +35,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -59,6 +58,7 @@ from common import (  # noqa: E402
     git_revision,
     jpegs,
     machine,
+    py_spy,
     serve,
     tree_cpu_seconds,
     write_open_clip_model,
@@ -317,12 +317,6 @@ def stage_of(frames: list[str]) -> str:
             if key in keys:
                 return stage
     return "python"
-
-
-def py_spy() -> str | None:
-    """The py-spy executable: on PATH, beside this Python, or in the bin/ of a PYTHONPATH entry (pip --target)."""
-    places = [Path(sys.executable).parent] + [Path(p) / "bin" for p in os.environ.get("PYTHONPATH", "").split(":") if p]
-    return shutil.which("py-spy") or next((str(d / "py-spy") for d in places if (d / "py-spy").is_file()), None)
 
 
 def profile_second(pid: int, seconds: int = 1) -> dict[str, Any]:

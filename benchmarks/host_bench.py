@@ -49,7 +49,6 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,6 +67,7 @@ from common import (  # noqa: E402
     git_revision,
     jpegs,
     machine_with_flags,
+    py_spy,
     serve,
     write_model,
 )
@@ -84,8 +84,9 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def images_scored(metrics_port: int) -> float:
+    """The server's `pickscore_images_scored` counter, summed over its models."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    return float(re.search(r"^pickscore_images_scored_total (\S+)$", text, re.M).group(1))
+    return sum(float(n) for n in re.findall(r"^pickscore_images_scored_total(?:\{[^}]*\})? (\S+)$", text, re.M))
 
 
 def device_share(images: list[bytes], seconds: float = 3.0) -> float:
@@ -410,7 +411,9 @@ def main(argv=None) -> int:
         help="niceness of every server thread (default -10, needs root; 0 leaves it): other loads on the machine, "
         "the client included, then rarely keep a lock holder off its core",
     )
-    p.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy", help="py-spy executable (default: PATH)")
+    p.add_argument(
+        "--py-spy", default=py_spy() or "py-spy", help="py-spy executable (default: on PATH or beside this Python)"
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="directory for JSON and markdown")
     p.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
