@@ -25,7 +25,8 @@ it saturated. For each mode, over a steady window after a warm-up:
                   is kept (launching a forward pass is host work). On 2 shared cores a lock holder waiting for a
                   core still counts as holding it, so the figure is an upper bound; beside it, each thread's
                   samples times its on-a-core share of runnable time (/proc/PID/task/TID/schedstat) estimate the
-                  time held on a core. The server's threads run at nice -10 (--nice) to keep other loads off.
+                  time held on a core. The server's threads run at nice -10 (--nice), its decode workers 10 levels above
+                  their own (still below the event loop), to keep other loads off.
   projection      one server process on 16 cores (--cores) scores at most cores / CPU-s-per-image and at most
                   1 / GIL-s-per-image images/s; the ceiling is the smaller, against --target (2,400 images/s:
                   ViT-H-14 at an H200's roofline).
@@ -191,12 +192,16 @@ def schedstat(pids: list[int]) -> dict[int, tuple[int, int]]:
     return out
 
 
-def renice(pids: list[int], nice: int) -> None:
-    """Every thread of ``pids`` at ``nice`` (Linux keeps niceness per thread; new threads inherit their creator's)."""
+def renice(server: int, pids: list[int], nice: int) -> None:
+    """Every thread of the ``server`` process at ``nice`` (its towers' thread too, as on a GPU host, where the
+    threads launching forward passes are not lowered as a CPU's are), and the processes below it (decode workers)
+    moved as much, keeping their place below the server's event loop. Linux keeps niceness per thread; new threads
+    inherit their creator's."""
     for p in pids:
         try:
-            for tid in os.listdir(f"/proc/{p}/task"):
-                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+            for tid in map(int, os.listdir(f"/proc/{p}/task")):
+                level = nice if p == server else os.getpriority(os.PRIO_PROCESS, tid) + nice
+                os.setpriority(os.PRIO_PROCESS, tid, max(-20, min(19, level)))
         except (FileNotFoundError, ProcessLookupError):
             continue
 
@@ -230,17 +235,17 @@ async def measure_mode(mode: str, model_dir: Path, images, args) -> dict:
             driver = asyncio.create_task(closed_loop(call, payload, args.concurrency, 100_000))
             await asyncio.sleep(args.warmup_s)
 
-            def snapshot():
+            def snapshot(first: bool):
                 pids = descendants(proc.pid)
-                if args.nice:
-                    renice(pids, args.nice)
+                if first and args.nice:
+                    renice(proc.pid, pids, args.nice)
                 me = cpu_seconds([os.getpid()])[os.getpid()]
                 now = time.perf_counter(), images_scored(entry["metrics_port"]), cpu_seconds(pids), busy_cores_s()
                 return (*now, me, thread_cpu(pids))
 
-            t0, n0, c0, b0, m0, th0 = await loop.run_in_executor(None, snapshot)
+            t0, n0, c0, b0, m0, th0 = await loop.run_in_executor(None, snapshot, True)
             await asyncio.sleep(args.window_s)
-            t1, n1, c1, b1, m1, th1 = await loop.run_in_executor(None, snapshot)
+            t1, n1, c1, b1, m1, th1 = await loop.run_in_executor(None, snapshot, False)
             cpu = {p: c1[p] - c0.get(p, 0.0) for p in c1}
             images_in_window, wall = n1 - n0, t1 - t0
             result = {
@@ -361,8 +366,8 @@ def markdown(results: dict) -> str:
     notes = [
         "",
         f"Best-of-8 requests of {results['image_side']} px JPEGs, concurrency {results['concurrency']}, tiny towers "
-        f"(`--compute-threads 1`), the server's threads at nice {results['nice']}, the client on the same cores "
-        f"(not counted). CPU over {results['window_s']:.0f} s; the lock over {results['gil_window_s']:.0f} s at "
+        f"(`--compute-threads 1`), the server's threads at nice {results['nice']}, the client on the same "
+        f"cores (not counted). CPU over {results['window_s']:.0f} s; the lock over {results['gil_window_s']:.0f} s at "
         f"{results['rate']} samples/s (py-spy {results['py_spy_version']}); 1 ÷ GIL uses the whole py-spy figure, "
         "not the on-a-core share. The exact path alone (`load_uint8`, one thread, in-process, just before): "
         f"{results['decode_alone_ms_per_image']:.2f} ms of CPU an image. Device work subtracted: the towers' "
@@ -408,8 +413,8 @@ def main(argv=None) -> int:
         "--nice",
         type=int,
         default=-10,
-        help="niceness of every server thread (default -10, needs root; 0 leaves it): other loads on the machine, "
-        "the client included, then rarely keep a lock holder off its core",
+        help="niceness of the server's threads, its decode workers moved as much (default -10, needs root; 0 leaves "
+        "them): other loads on the machine, the client included, then rarely keep a lock holder off its core",
     )
     p.add_argument(
         "--py-spy", default=py_spy() or "py-spy", help="py-spy executable (default: on PATH or beside this Python)"

@@ -4,12 +4,14 @@ usable_cores()                           # CPUs in the affinity mask, capped by 
 compute_threads(0, accelerated=False)    # a forward pass's intra-op threads: all usable cores; 1 on a GPU
 cpu_features()                           # CpuFeatures(model, flags): the matrix units the CPU has (/proc/cpuinfo)
 cpu_path(features.flags)                 # the fastest CPU path that keeps ranking, for those units
+lower_priority(10)                       # the calling thread, and threads it starts, 10 nice levels lower
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,3 +90,16 @@ def cpu_path(flags: frozenset[str] | set[str]) -> str:
     if any(f in flags for f in INT8_FLAGS):
         return "onnx-int8"
     return "onnx-fp32"
+
+
+def lower_priority(levels: int) -> None:
+    """The calling thread ``levels`` nice levels below where it is (at most 19); the threads it starts inherit it.
+    The server's work that keeps cores busy (a CPU's forward passes, decode worker processes) runs below its event
+    loop, so the loop takes a core the moment it wakes: it admits, refuses and dispatches for every request, and a
+    process feeding a GPU is bound by it (docs/DESIGN.md, "Threads"). Linux sets it per thread; elsewhere, or
+    where it is not allowed, nothing changes."""
+    try:
+        me = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, me, min(os.getpriority(os.PRIO_PROCESS, me) + levels, 19))
+    except (AttributeError, OSError):
+        pass

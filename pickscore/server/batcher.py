@@ -4,14 +4,17 @@
                       metrics=m, max_wait_s=AUTO, timeout_s=120.0, on_hung=print, max_gather_s=0.1)
     await batcher.start()
     with batcher.admit(n, deadline, priority):          # Overloaded at once: no room, or no time
-        with batcher.preparing():                        # the batch being gathered waits for this item
-            crop = await decode(jpeg)
-        emb = await batcher.submit(crop, deadline, priority)     # (H, W, 3) -> (D,)
+        with batcher.preparing(n):                       # the batch being gathered waits for these items
+            crops = await decode(jpegs)
+        embs = await batcher.submit(crops, deadline, priority)   # (n, H, W, 3) -> (n, D)
 
 One task owns the queue and nobody else touches it: the runner. Whenever the tower is free it gathers the
 next batch -- up to ``max_batch_size`` items, by priority (KServe's ``priority`` parameter), then in arrival
-order -- and calls the backend on the tower's own thread. Items keep arriving while the tower computes, so
-the batch after a busy one is taken whole and at once. A batch stays open past its oldest item for
+order -- and calls the backend on the tower's own thread. A request's items enter the queue as one block and
+leave it with one future (the event loop's work is per request, not per image: what bounds one process feeding
+a GPU, docs/DESIGN.md "The host that feeds the GPU"); a block that does not fit the room left in a batch is
+split, its first rows filling the batch and the rest first in line for the next. Items keep arriving while the
+tower computes, so the batch after a busy one is taken whole and at once. A batch stays open past its oldest item for
 ``max_delay_s``, and for up to ``max_gather_s`` while items of admitted requests are still being prepared
 (decoded, tokenised: ``preparing``): a request's eight images go through one forward pass, not three
 uneven ones while its last images decode. Items whose caller is gone or whose deadline has passed are
@@ -48,13 +51,54 @@ from pickscore.server.metrics import Metrics
 log = logging.getLogger("pickscore.server")
 
 
+@dataclass(eq=False)
+class _Block:
+    """One request's rows for a tower: computed in one batch, or split over consecutive ones where they do not fit
+    the room left; ``future`` gets every row's output at once."""
+
+    x: np.ndarray | list[np.ndarray]  # k rows: an array (k, ...), or a list of arrays of one shape
+    deadline: float | None  # loop time
+    enqueued: float  # loop time
+    future: asyncio.Future = field(repr=False)
+    left: int = 0  # rows not yet computed
+    out: np.ndarray | None = None  # the rows computed so far, when the block was split
+
+    @property
+    def kind(self) -> tuple[str, tuple[int, ...]]:
+        """What its rows stack with: their dtype and shape."""
+        return self.x[0].dtype.str, self.x[0].shape
+
+    def deliver(self, lo: int, rows: np.ndarray) -> None:
+        """Rows ``lo`` ... of the block computed: the future's result once none is left."""
+        if self.future.done():
+            return
+        if len(rows) == len(self.x):  # the whole block in one pass: its rows of the batch's output, no copy
+            self.future.set_result(rows)
+            return
+        if self.out is None:
+            self.out = np.empty((len(self.x), *rows.shape[1:]), rows.dtype)
+        self.out[lo : lo + len(rows)] = rows
+        self.left -= len(rows)
+        if not self.left:
+            self.future.set_result(self.out)
+
+
 @dataclass(order=True)
-class _Item:
+class _Part:
+    """Rows ``lo:hi`` of a block, as the queue holds them."""
+
     rank: tuple[int, int]  # (priority level, arrival number): lower goes first
-    x: np.ndarray = field(compare=False)
-    deadline: float | None = field(compare=False)  # loop time
-    enqueued: float = field(compare=False)  # loop time
-    future: asyncio.Future = field(compare=False, repr=False)
+    block: _Block = field(compare=False)
+    lo: int = field(compare=False)
+    hi: int = field(compare=False)
+
+    @property
+    def rows(self) -> int:
+        return self.hi - self.lo
+
+    def split(self, n: int) -> tuple[_Part, _Part]:
+        """The first ``n`` rows, and the rest (same rank: still first in line)."""
+        return _Part(self.rank, self.block, self.lo, self.lo + n), _Part(self.rank, self.block, self.lo + n, self.hi)
 
 
 class Batcher:
@@ -83,7 +127,7 @@ class Batcher:
         self.on_hung = on_hung
         self.hung = ""  # why the tower is out of service, once a forward pass outlived timeout_s
         self.preparing_now = 0  # items of admitted requests being prepared (decoded) for this tower right now
-        self._queue: asyncio.PriorityQueue[_Item] = asyncio.PriorityQueue()  # bounded by admission, not by maxsize
+        self._queue: asyncio.PriorityQueue[_Part] = asyncio.PriorityQueue()  # bounded by admission, not by maxsize
         self._arrivals = 0
         self._arrived = asyncio.Event()
         # Batches in flight at once: 1, or 2 on an accelerator, where one batch's copy to the device overlaps the
@@ -137,36 +181,52 @@ class Batcher:
             yield
 
     @contextmanager
-    def preparing(self) -> Iterator[None]:
-        """Around the work that makes an admitted item (decoding an image): while it runs, the batch being
-        gathered waits for the item (up to ``max_gather_s``) instead of leaving it to a later forward pass."""
-        self.preparing_now += 1
+    def preparing(self, n: int = 1) -> Iterator[None]:
+        """Around the work that makes ``n`` admitted items (decoding a request's images): while it runs, the batch
+        being gathered waits for them (up to ``max_gather_s``) instead of leaving them to a later forward pass."""
+        self.preparing_now += n
         try:
             yield
         finally:
-            self.preparing_now -= 1
-            self._arrived.set()  # the gathering batch stops waiting for an item that failed to come
+            self.preparing_now -= n
+            self._arrived.set()  # the gathering batch stops waiting for items that failed to come
 
-    async def submit(self, x: np.ndarray, deadline: float | None = None, priority: int = 0) -> np.ndarray:
-        """One item (already admitted) -> its row of the backend's output. Priority 1 is the highest; 0 is default."""
+    async def submit(
+        self, x: np.ndarray | list[np.ndarray], deadline: float | None = None, priority: int = 0
+    ) -> np.ndarray:
+        """A request's items, already admitted: an array (k, ...) or a list of k arrays of one shape (stacked on
+        the tower's thread, not here) -> their rows of the backend's output (k, ...), computed in one forward pass
+        or, where they do not fit the batch being gathered, in consecutive ones. Priority 1 is the highest; 0 is
+        default."""
         if self.hung:
             raise Unavailable(self.hung)
+        if not len(x):
+            raise ValueError("no items to submit")
         loop = asyncio.get_running_loop()
         self._arrivals += 1
-        item = _Item((level(priority), self._arrivals), x, deadline, loop.time(), loop.create_future())
-        self._queue.put_nowait(item)
+        block = _Block(x, deadline, loop.time(), loop.create_future(), len(x))
+        self._queue.put_nowait(_Part((level(priority), self._arrivals), block, 0, len(x)))
         self._arrived.set()
-        return await item.future  # cancelling this (client gone) marks the item dropped
+        return await block.future  # cancelling this (client gone) marks its items dropped
 
-    async def _gather(self, loop: asyncio.AbstractEventLoop) -> list[_Item]:
-        """The next batch, taken when the tower is free: whatever is queued, up to ``max_batch_size``; open for
+    def _fit(self, part: _Part, room: int) -> _Part:
+        """At most ``room`` rows of a part taken from the queue (the rest goes back, still first in line)."""
+        if part.rows > room:
+            part, rest = part.split(room)
+            self._queue.put_nowait(rest)
+        return part
+
+    async def _gather(self, loop: asyncio.AbstractEventLoop) -> list[_Part]:
+        """The next batch, taken when the tower is free: whatever is queued, up to ``max_batch_size`` rows; open for
         ``max_delay_s`` past its oldest item, and up to ``max_gather_s`` past it while items are being prepared."""
-        batch = [await self._queue.get()]
-        delay_end = batch[0].enqueued + self.max_delay_s
-        gather_end = batch[0].enqueued + max(self.max_gather_s, self.max_delay_s)
-        while len(batch) < self.max_batch_size:
+        batch = [self._fit(await self._queue.get(), self.max_batch_size)]
+        rows = batch[0].rows
+        delay_end = batch[0].block.enqueued + self.max_delay_s
+        gather_end = batch[0].block.enqueued + max(self.max_gather_s, self.max_delay_s)
+        while rows < self.max_batch_size:
             if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+                batch.append(self._fit(self._queue.get_nowait(), self.max_batch_size - rows))
+                rows += batch[-1].rows
                 continue
             wait = (gather_end if self.preparing_now else delay_end) - loop.time()
             if wait <= 0:
@@ -194,54 +254,58 @@ class Batcher:
             self._computing.add(task)
             task.add_done_callback(self._computing.discard)
 
-    async def _compute(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+    async def _compute(self, loop: asyncio.AbstractEventLoop, batch: list[_Part]) -> None:
+        rows = sum(part.rows for part in batch)
         try:
             if self.hung:  # the tower's thread is stuck: nothing more can be computed here
-                for item in batch:
-                    self._fail(item, Unavailable(self.hung))
+                for part in batch:
+                    self._fail(part, Unavailable(self.hung))
                 return
             start = loop.time()
-            for item in batch:
-                self._queue_wait.observe(start - item.enqueued)
-            self._batch_size.observe(len(batch))
+            for part in batch:
+                self._queue_wait.observe(start - part.block.enqueued)
+            self._batch_size.observe(rows)
             # Items of one kind share a forward pass: uint8 crops and (KServe) float32 pixels do not stack.
-            kinds: dict[tuple[str, tuple[int, ...]], list[_Item]] = {}
-            for item in batch:
-                kinds.setdefault((item.x.dtype.str, item.x.shape), []).append(item)
+            kinds: dict[tuple[str, tuple[int, ...]], list[_Part]] = {}
+            for part in batch:
+                kinds.setdefault(part.block.kind, []).append(part)
             try:
-                for items in kinds.values():
-                    await self._forward(loop, items)
+                for parts in kinds.values():
+                    await self._forward(loop, parts)
             finally:
                 self._inference.observe(loop.time() - start)
-                self.admission.completed(len(batch))
+                self.admission.completed(rows)
                 if (per_item := self.admission.throughput.per_item) is not None:
                     self._wait.set(self.admission.admitted * per_item)
         finally:
             self._slots.release()
 
-    async def _forward(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
-        rows = [item.x for item in batch]  # stacked on the tower's thread: megabytes of copying, off the event loop
+    async def _forward(self, loop: asyncio.AbstractEventLoop, batch: list[_Part]) -> None:
+        # joined on the tower's thread: megabytes of copying, off the event loop
+        pieces = [part.block.x[part.lo : part.hi] for part in batch]
+        n = sum(len(p) for p in pieces)
         fn = self.fn  # taken now: a pass queued on a shared thread may start after this tower stopped
-        call = loop.run_in_executor(self._executor, lambda: fn(np.stack(rows)))
+        call = loop.run_in_executor(self._executor, lambda: fn(_join(pieces)))
         done, _ = await asyncio.wait({call}, timeout=self.timeout_s or None)
         if not done:
-            self._hang(len(batch))
-            error = Internal(f"the {self.tower} tower did not return a batch of {len(batch)} in {self.timeout_s:g} s")
-            for item in batch:
-                self._fail(item, error)
+            self._hang(n)
+            error = Internal(f"the {self.tower} tower did not return a batch of {n} in {self.timeout_s:g} s")
+            for part in batch:
+                self._fail(part, error)
             return
         try:
             out = call.result()
         except Exception as e:  # a backend failure fails this batch only
-            log.exception("%s tower failed on a batch of %d", self.tower, len(batch))
+            log.exception("%s tower failed on a batch of %d", self.tower, n)
             self.metrics.batch_failures.labels(self.tower).inc()
-            error = Internal(f"the {self.tower} tower failed on a batch of {len(batch)}: {type(e).__name__}: {e}")
-            for item in batch:
-                self._fail(item, error)
+            error = Internal(f"the {self.tower} tower failed on a batch of {n}: {type(e).__name__}: {e}")
+            for part in batch:
+                self._fail(part, error)
             return
-        for item, row in zip(batch, out):
-            if not item.future.done():
-                item.future.set_result(row)
+        start = 0
+        for part in batch:
+            part.block.deliver(part.lo, out[start : start + part.rows])
+            start += part.rows
 
     def _hang(self, n: int) -> None:
         """The watchdog fired: out of service for good (the thread cannot be taken back), and say so."""
@@ -257,25 +321,33 @@ class Batcher:
         if self.on_hung:
             self.on_hung(self.hung)
 
-    def _live(self, batch: list[_Item], now: float) -> list[_Item]:
-        """The items still worth computing; the rest are dropped (and told so, if anyone is waiting)."""
+    def _live(self, batch: list[_Part], now: float) -> list[_Part]:
+        """The parts still worth computing; the rest are dropped (and told so, if anyone is waiting)."""
         live = []
-        for item in batch:
-            if item.future.done():  # cancelled: the caller left
-                self.metrics.dropped.labels(self.tower, "cancelled").inc()
-            elif item.deadline is not None and now >= item.deadline:
-                self.metrics.dropped.labels(self.tower, "deadline").inc()
+        for part in batch:
+            block = part.block
+            if block.future.done():  # cancelled (the caller left), or failed in an earlier part
+                self.metrics.dropped.labels(self.tower, "cancelled").inc(part.rows)
+            elif block.deadline is not None and now >= block.deadline:
+                self.metrics.dropped.labels(self.tower, "deadline").inc(part.rows)
                 self._fail(
-                    item,
+                    part,
                     DeadlineExceeded(
-                        f"deadline passed after {now - item.enqueued:.3f} s in the {self.tower} queue, before compute"
+                        f"deadline passed after {now - block.enqueued:.3f} s in the {self.tower} queue, before compute"
                     ),
                 )
             else:
-                live.append(item)
+                live.append(part)
         return live
 
     @staticmethod
-    def _fail(item: _Item, error: Exception) -> None:
-        if not item.future.done():
-            item.future.set_exception(error)
+    def _fail(part: _Part, error: Exception) -> None:
+        if not part.block.future.done():
+            part.block.future.set_exception(error)
+
+
+def _join(pieces: list[np.ndarray | list[np.ndarray]]) -> np.ndarray:
+    """Parts' rows as one batch: arrays joined, lists of rows stacked."""
+    if all(isinstance(p, np.ndarray) for p in pieces):
+        return np.concatenate(pieces)
+    return np.stack([row for p in pieces for row in p])

@@ -1,16 +1,17 @@
 """Embedding caches bounded in bytes, least recently used out first.
 
-    emb = await cache.get_or_compute(key, compute)   # compute: async () -> (D,) float32 array
+    embs = await cache.get_many(keys, compute)   # compute: async (positions) -> (len(positions), D) float32
 
-Concurrent misses of one key share one computation (best-of-N clients often send the same prompt at
-once). A cache of 0 bytes is off: every call computes and nothing is counted.
+A request's keys are looked up together and its misses computed together (one call: one block through a tower).
+Concurrent misses of one key share one computation (best-of-N clients often send the same prompt at once), within
+a request and across requests. A cache of 0 bytes is off: every call computes and nothing is counted.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
@@ -34,33 +35,48 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def get_or_compute(self, key: str, compute: Callable[[], Awaitable[np.ndarray]]) -> np.ndarray:
+    async def get_many(self, keys: Sequence[str], compute: Callable[[list[int]], Awaitable[np.ndarray]]) -> np.ndarray:
+        """Each key's embedding, (len(keys), D) in order: hits from the cache, keys being computed right now from
+        that computation, and the rest from one ``compute(positions)`` -> (len(positions), D) over the positions of
+        ``keys`` to compute (a repeated key once)."""
         if not self.capacity:
-            return await compute()
-        if (hit := self._entries.get(key)) is not None:
-            self._entries.move_to_end(key)
-            self.metrics.cache_hits.labels(self.name).inc()
-            return hit
-        if (pending := self._pending.get(key)) is not None:  # someone is computing it right now
-            self.metrics.cache_hits.labels(self.name).inc()
+            return await compute(list(range(len(keys))))
+        rows: list[np.ndarray | None] = [None] * len(keys)
+        mine: list[int] = []  # positions this call computes
+        shared: list[tuple[int, asyncio.Future]] = []  # positions another computation (or this one) answers
+        loop = asyncio.get_running_loop()
+        for i, key in enumerate(keys):
+            if (hit := self._entries.get(key)) is not None:
+                self._entries.move_to_end(key)
+                rows[i] = hit
+            elif (pending := self._pending.get(key)) is not None:
+                shared.append((i, pending))
+            else:
+                self._pending[key] = loop.create_future()
+                mine.append(i)
+        if hits := len(keys) - len(mine):
+            self.metrics.cache_hits.labels(self.name).inc(hits)
+        if mine:
+            self.metrics.cache_misses.labels(self.name).inc(len(mine))
             try:
-                return await asyncio.shield(pending)
+                block = await compute(mine)
+            except BaseException as e:
+                own = isinstance(e, (asyncio.CancelledError, DeadlineExceeded))
+                for i in mine:  # the waiters of an abandoned computation compute for themselves
+                    future = self._pending.pop(keys[i])
+                    future.set_exception(_Abandoned() if own else e)
+                    future.exception()  # mark retrieved: nobody else may be waiting
+                raise
+            for i, row in zip(mine, block):
+                self._pending.pop(keys[i]).set_result(row)
+                self._put(keys[i], row)
+                rows[i] = row
+        for i, pending in shared:
+            try:
+                rows[i] = await asyncio.shield(pending)
             except _Abandoned:  # its owner left or ran out of time; that is not this caller's fault
-                return await self.get_or_compute(key, compute)
-        self.metrics.cache_misses.labels(self.name).inc()
-        future = self._pending[key] = asyncio.get_running_loop().create_future()
-        try:
-            value = await compute()
-        except BaseException as e:
-            own = isinstance(e, (asyncio.CancelledError, DeadlineExceeded))
-            future.set_exception(_Abandoned() if own else e)
-            future.exception()  # mark retrieved: nobody else may be waiting
-            raise
-        finally:
-            del self._pending[key]
-        future.set_result(value)
-        self._put(key, value)
-        return value
+                rows[i] = (await self.get_many([keys[i]], lambda _, i=i: compute([i])))[0]
+        return np.stack(rows)
 
     def _put(self, key: str, value: np.ndarray) -> None:
         size = _size(key, value)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
-import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,11 +29,16 @@ from pickscore.backends import Backend
 from pickscore.errors import DeadlineExceeded, InvalidInput
 from pickscore.model import scoring
 from pickscore.model.scoring import Ranking
+from pickscore.resources import lower_priority
 from pickscore.server.batcher import Batcher
 from pickscore.server.caches import EmbeddingCache
 from pickscore.server.decode import DecodePool
 from pickscore.server.metrics import ModelMetrics
 from pickscore.server.settings import Settings
+
+# Prompts up to this many characters in all are tokenised on the event loop (tens of microseconds for a prompt of
+# a sentence); longer ones on the tokenizer thread.
+INLINE_TOKENIZE_CHARS = 1000
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,7 +71,7 @@ class Shared:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.compute = ThreadPoolExecutor(1, thread_name_prefix="towers", initializer=_behind_requests)
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix="towers", initializer=lower_priority, initargs=(10,))
         self.tokenizer = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.decoders: dict[tuple, DecodePool] = {}
 
@@ -91,18 +94,6 @@ class Shared:
         self.tokenizer.shutdown(wait=False, cancel_futures=True)
         for pool in self.decoders.values():
             pool.close()
-
-
-def _behind_requests() -> None:
-    """The CPU's forward-pass thread runs at a lower priority (nice +10; the OpenMP workers it starts inherit it), so
-    the event loop takes a core the moment it wakes: the towers keep every core busy under load, and a refusal,
-    cheap in itself, would otherwise wait behind them for its turn (docs/DESIGN.md, "Admission by time"). Linux
-    sets it per thread; elsewhere, or where it is not allowed, nothing changes."""
-    try:
-        me = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, me, min(os.getpriority(os.PRIO_PROCESS, me) + 10, 19))
-    except (AttributeError, OSError):
-        pass
 
 
 class ScoreStats:
@@ -196,12 +187,14 @@ class Engine:
         )
         size = self.backend.preprocess.output_size
         pixels = np.zeros((*size, 3), np.uint8)
-        tokens = self.backend.tokenizer(["warm-up"])[0]
+        tokens = self.backend.tokenizer(["warm-up"])
         with self.image_batcher.admit(1), self.text_batcher.admit(1):
-            image, text = await asyncio.gather(self.image_batcher.submit(pixels), self.text_batcher.submit(tokens))
+            image, text = await asyncio.gather(
+                self.image_batcher.submit(pixels[None]), self.text_batcher.submit(tokens)
+            )
         if self.pair_batcher is not None:
             with self.pair_batcher.admit(1):
-                await self.pair_batcher.submit(np.concatenate([text, image]))
+                await self.pair_batcher.submit(np.concatenate([text, image], axis=1))
 
     @property
     def batchers(self) -> list[Batcher]:
@@ -238,16 +231,12 @@ class Engine:
     async def embed_pixels(self, pixels: np.ndarray, deadline: float | None, priority: int = 0) -> np.ndarray:
         """Preprocessed pixels (N, 3, H, W) -> image embeddings (N, D), through the image batcher."""
         with self.image_batcher.admit(len(pixels), deadline, priority):
-            return np.stack(
-                await _within(deadline, _all(*(self.image_batcher.submit(p, deadline, priority) for p in pixels)))
-            )
+            return await _within(deadline, self.image_batcher.submit(pixels, deadline, priority))
 
     async def embed_tokens(self, tokens: np.ndarray, deadline: float | None, priority: int = 0) -> np.ndarray:
         """Token ids (N, 77) -> text embeddings (N, D), through the text batcher."""
         with self.text_batcher.admit(len(tokens), deadline, priority):
-            return np.stack(
-                await _within(deadline, _all(*(self.text_batcher.submit(t, deadline, priority) for t in tokens)))
-            )
+            return await _within(deadline, self.text_batcher.submit(tokens, deadline, priority))
 
     def validate(self, prompts: Sequence[str], images: Sequence[ImageItem]) -> None:
         s = self.settings
@@ -277,17 +266,17 @@ class Engine:
                     f"{item.describe(i)}: {len(item.data)} bytes; at most {s.max_image_bytes} (--max-image-bytes)"
                 )
 
-    async def _embed_prompts(self, prompts: list[str], deadline: float | None, priority: int) -> list[np.ndarray]:
-        async def one(prompt: str) -> np.ndarray:
-            async def compute() -> np.ndarray:
-                with self.text_batcher.admit(1, deadline, priority):
-                    with self.text_batcher.preparing():
-                        tokens = await self._tokenize([prompt])
-                    return await self.text_batcher.submit(tokens[0], deadline, priority)
+    async def _embed_prompts(self, prompts: list[str], deadline: float | None, priority: int) -> np.ndarray:
+        """Distinct prompts -> their text rows (n, D'): cached ones from the cache, the rest tokenised and sent to
+        the text tower together."""
 
-            return await self.text_cache.get_or_compute(prompt, compute)
+        async def compute(positions: list[int]) -> np.ndarray:
+            with self.text_batcher.admit(len(positions), deadline, priority):
+                with self.text_batcher.preparing(len(positions)):
+                    tokens = await self._tokenize([prompts[i] for i in positions])
+                return await self.text_batcher.submit(tokens, deadline, priority)
 
-        return await _all(*(one(p) for p in prompts))
+        return await self.text_cache.get_many(prompts, compute)
 
     async def _score(
         self,
@@ -300,16 +289,15 @@ class Engine:
         """Scores (N,) float32, the images cropped through ``crops``: the towers' rows, then the model's rule."""
         unique = list(dict.fromkeys(prompts))
         texts, embeds = await _all(
-            self._embed_prompts(unique, deadline, priority),
-            _all(*(self._embed_image(i, item, crops, deadline, priority) for i, item in enumerate(images))),
+            self._embed_prompts(unique, deadline, priority), self._embed_images(len(images), crops, deadline, priority)
         )
-        by_prompt = dict(zip(unique, texts))
-        text = np.stack([by_prompt[p] for p in prompts])  # (1 or N, D')
+        position = {p: i for i, p in enumerate(unique)}
+        text = texts[[position[p] for p in prompts]]  # (1 or N, D')
         if self.pair_batcher is None:
-            out = self.backend.scores(text, np.stack(embeds))
+            out = self.backend.scores(text, embeds)
         else:
-            rows = (np.concatenate([text[i if len(text) > 1 else 0], e]) for i, e in enumerate(embeds))
-            out = np.asarray(await _all(*(self.pair_batcher.submit(r, deadline, priority) for r in rows)), np.float32)
+            rows = np.concatenate([np.broadcast_to(text, (len(embeds), text.shape[1])), embeds], axis=1)
+            out = np.asarray(await self.pair_batcher.submit(rows, deadline, priority), np.float32)
         self.metrics.images_scored.labels().inc(len(images))
         self.stats.add(out)
         return out
@@ -319,21 +307,39 @@ class Engine:
         width = self.backend.tokenizer.context_length
         return self.backend.scores(rows[:, :width], rows[:, width:])
 
-    async def _embed_image(
-        self, index: int, item: ImageItem, crops: _Crops, deadline: float | None, priority: int
-    ) -> np.ndarray:
-        async def compute() -> np.ndarray:
-            with self.image_batcher.preparing():
-                pixels = await crops.get(self.decoder, index, item)
-            return await self.image_batcher.submit(pixels, deadline, priority)
+    async def _embed_images(self, n: int, crops: _Crops, deadline: float | None, priority: int) -> np.ndarray:
+        """The request's ``n`` images -> their image rows (n, D): cached ones from the cache (by content), the rest
+        decoded and sent to the image tower together."""
+
+        async def compute(positions: list[int]) -> np.ndarray:
+            with self.image_batcher.preparing(len(positions)):
+                pixels = await crops.get(self.decoder, positions)
+            return await self._embed_crops(pixels, deadline, priority)
 
         if not self.image_cache.capacity:
-            return await compute()
-        return await self.image_cache.get_or_compute(item.digest(), compute)
+            return await compute(list(range(n)))
+        return await self.image_cache.get_many([item.digest() for item in crops.images], compute)
+
+    async def _embed_crops(self, pixels: list[np.ndarray], deadline: float | None, priority: int) -> np.ndarray:
+        """Crops -> image rows, one block per crop size (a preprocessing without a centre crop keeps each image's
+        own shape)."""
+        shapes = {p.shape for p in pixels}
+        if len(shapes) == 1:
+            return await self.image_batcher.submit(pixels, deadline, priority)
+        groups = [[i for i, p in enumerate(pixels) if p.shape == shape] for shape in shapes]
+        blocks = await _all(*(self.image_batcher.submit([pixels[i] for i in g], deadline, priority) for g in groups))
+        out = np.empty((len(pixels), *blocks[0].shape[1:]), blocks[0].dtype)
+        for g, block in zip(groups, blocks):
+            out[g] = block
+        return out
 
     async def _tokenize(self, prompts: list[str]) -> np.ndarray:
+        """Token ids (n, context length): on the event loop for short prompts (a thread's round trip costs more
+        than tokenising them), on the tokenizer thread for long ones (a megabyte takes the tokenizer a second)."""
         start = time.perf_counter()
         try:
+            if sum(map(len, prompts)) <= INLINE_TOKENIZE_CHARS:
+                return self.backend.tokenizer(prompts)
             return await asyncio.get_running_loop().run_in_executor(
                 self.shared.tokenizer, self.backend.tokenizer, prompts
             )
@@ -351,7 +357,7 @@ async def score_together(
     """Each engine's scores (N,) float32 of one request: admitted by every engine's image tower or by none,
     each image decoded once per preprocessing, the first failure (a bad image, a refusal) failing it for all."""
     engines[0].validate(prompts, images)
-    crops = _Crops(engines[0].metrics)
+    crops = _Crops(images, engines[0].metrics)
     with ExitStack() as admitted:
         for engine in engines:  # refused here costs nothing
             for batcher in (engine.image_batcher, engine.pair_batcher):
@@ -363,27 +369,38 @@ async def score_together(
 
 
 class _Crops:
-    """One request's crops: an image is decoded once per decode pool however many models ask for it."""
+    """One request's crops: an image is decoded once per decode pool however many models ask for it, and the images
+    a model asks for together go to the pool in one call."""
 
-    def __init__(self, metrics: ModelMetrics):
+    def __init__(self, images: Sequence[ImageItem], metrics: ModelMetrics):
+        self.images = images
         self.metrics = metrics
-        self._tasks: dict[tuple[int, int], asyncio.Future] = {}
+        self._asked: dict[tuple[int, int], tuple[asyncio.Future, int]] = {}  # (pool, image) -> (its call, place)
 
-    def get(self, decoder: DecodePool, index: int, item: ImageItem) -> Awaitable[np.ndarray]:
-        key = (id(decoder), index)
-        if key not in self._tasks:
-            self._tasks[key] = asyncio.ensure_future(self._crop(decoder, index, item))
-        return self._tasks[key]
+    async def get(self, decoder: DecodePool, indices: list[int]) -> list[np.ndarray]:
+        """The crops (H, W, 3) uint8 of the request's images ``indices``; InvalidInput naming the first bad one."""
+        new = [i for i in indices if (id(decoder), i) not in self._asked]
+        if new:
+            call = asyncio.ensure_future(self._decode(decoder, new))
+            for place, i in enumerate(new):
+                self._asked[(id(decoder), i)] = (call, place)
+        answers = {call: await call for call in {self._asked[(id(decoder), i)][0] for i in indices}}
+        out = []
+        for i in indices:
+            call, place = self._asked[(id(decoder), i)]
+            crop = answers[call][place]
+            if isinstance(crop, InvalidInput):
+                raise InvalidInput(f"{self.images[i].describe(i)}: {crop}") from crop
+            out.append(crop)
+        return out
 
-    async def _crop(self, decoder: DecodePool, index: int, item: ImageItem) -> np.ndarray:
+    async def _decode(self, decoder: DecodePool, indices: list[int]) -> list[np.ndarray | InvalidInput]:
         start = time.perf_counter()
         try:
-            return await decoder.crop(item.content)  # (H, W, 3) uint8
-        except InvalidInput as e:
-            raise InvalidInput(f"{item.describe(index)}: {e}") from e
+            return await decoder.crops([self.images[i].content for i in indices])  # each (H, W, 3) uint8, or why not
         finally:
             self.metrics.preprocess.labels("decode").observe(time.perf_counter() - start)
-            self.metrics.decoded.inc()
+            self.metrics.decoded.inc(len(indices))
 
 
 async def _within(deadline: float | None, work: Awaitable):

@@ -37,14 +37,14 @@ SPECS: dict[str, tuple] = {
     "queue_wait": (
         Histogram,
         "pickscore_queue_wait_seconds",
-        "Time an item waited in a tower's queue before its batch started",
+        "Time a request's items waited in a tower's queue before their batch started (one per batch they ran in)",
         TOWER,
         SECONDS,
     ),
     "preprocess": (
         Histogram,
         "pickscore_preprocess_seconds",
-        "Time to decode and preprocess one image, or tokenize one request's prompts",
+        "Time to decode and preprocess one request's images (for one preprocessing), or tokenize its prompts",
         ("stage",),
         SECONDS,
     ),

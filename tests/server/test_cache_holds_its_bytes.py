@@ -20,10 +20,10 @@ def test_a_cached_row_does_not_keep_its_batch_alive():
         batch = np.arange(32 * 8, dtype=np.float32).reshape(32, 8).copy()  # one forward pass's output: owns its data
         batch_ref = weakref.ref(batch)
 
-        async def compute() -> np.ndarray:
-            return batch[3]  # the row the batcher resolves this item's future with
+        async def compute(positions: list[int]) -> np.ndarray:
+            return batch[3:4]  # the rows the batcher resolves this request's future with: a view of its batch
 
-        answered = await cache.get_or_compute("a prompt", compute)
+        (answered,) = await cache.get_many(["a prompt"], compute)
         np.testing.assert_array_equal(answered, np.arange(24, 32, dtype=np.float32))
         return batch_ref, cache, answered.copy()
 
@@ -33,9 +33,9 @@ def test_a_cached_row_does_not_keep_its_batch_alive():
     assert cache.nbytes == 8 * 4 + len("a prompt")
 
     async def hit() -> np.ndarray:
-        async def never() -> np.ndarray:
+        async def never(positions: list[int]) -> np.ndarray:
             raise AssertionError("a hit computes nothing")
 
-        return await cache.get_or_compute("a prompt", never)
+        return (await cache.get_many(["a prompt"], never))[0]
 
     np.testing.assert_array_equal(asyncio.run(hit()), expected)

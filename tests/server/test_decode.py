@@ -1,10 +1,12 @@
-"""Decoding in worker processes: the same crops as threads, bad images named, and a dead worker costs only the
-images it held; through a server, and the pool on its own."""
+"""Decoding in worker processes: the same crops as threads, bad images named, a request's images grouped into
+jobs (spread over idle workers, few and large when they are busy), and a dead worker costs only the calls it held;
+through a server, and the pool on its own."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import re
 import threading
 import time
 from dataclasses import replace
@@ -20,7 +22,7 @@ from pickscore.model.checkpoint import resolve
 from pickscore.model.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig, load_uint8
 from pickscore.scorer import Scorer
 from pickscore.server.app import ServerThread
-from pickscore.server.decode import DEPTH, DecodePool
+from pickscore.server.decode import CHUNK, DEPTH, INPUT_BYTES, DecodePool
 from pickscore.server.engine import Engine, ImageItem, Shared
 from pickscore.server.metrics import Metrics
 from tests.conftest import varied_images
@@ -165,32 +167,122 @@ def odd_pixels() -> list[np.ndarray]:
     return [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(300, 500, 3), (224, 224), (97, 640, 4)]]
 
 
+def held_sizes(pool: DecodePool) -> list[int]:
+    """The image counts of the jobs the worker processes hold now, smallest first."""
+    return sorted(len(job.images) for worker in pool._live for job, _ in worker.jobs.values())
+
+
 @pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
 @pytest.mark.parametrize("crop", [True, False], ids=["centre-crop", "any-size"])
 def test_the_pool_crops_as_load_uint8_and_says_what_is_wrong(processes, crop):
-    """Encoded images and raw pixels, more at once than the worker holds: every crop equals load_uint8's, through
-    the shared slab (a centre crop) or the socket (crops of any size); a bad image is InvalidInput with the reason
-    load_uint8 gives, and the pool goes on."""
+    """Encoded images and raw pixels with bad ones among them, several calls at once, more jobs than the workers
+    hold: every crop equals load_uint8's, in order, through the shared slab (a centre crop) or the reply (crops of
+    any size); a bad image is its InvalidInput, with the reason load_uint8 gives and no image number (the caller
+    names the item), in its place among the good ones; and the pool goes on."""
     preprocess = PreprocessConfig(do_center_crop=crop)
+    bad = {3: b"not an image at all", 9: np.zeros((2, 400, 3), np.uint8), 12: b""}
     inputs = [*IMAGES, *odd_pixels()]
-    expected = [load_uint8(x, preprocess, max_aspect_ratio=50.0) for x in inputs]
+    for i, data in sorted(bad.items()):
+        inputs.insert(i, data)
+    reasons = {3: "^not a decodable image", 9: "^image is 400x2, an aspect ratio of 200:1", 12: "^empty file$"}
+    expected = [None if i in bad else load_uint8(x, preprocess, max_aspect_ratio=50.0) for i, x in enumerate(inputs)]
 
     async def main() -> None:
-        pool = pool_of(processes, preprocess)
+        pool = pool_of(processes, preprocess, workers=2)
         await pool.start()
         try:
-            got = await asyncio.gather(*(pool.crop(x) for x in inputs))  # far more than DEPTH at once
-            for want, crop_ in zip(expected, got):
-                np.testing.assert_array_equal(crop_, want)
-            with pytest.raises(InvalidInput, match="^not a decodable image"):
-                await pool.crop(b"not an image at all")
-            with pytest.raises(InvalidInput, match="aspect ratio"):
-                await pool.crop(np.zeros((2, 400, 3), np.uint8))
-            np.testing.assert_array_equal(await pool.crop(IMAGES[0]), expected[0])
+            calls = [inputs, inputs[::-1], inputs[5:], inputs]  # 4 calls of 9 to 14 images: 8 jobs, 4 in hand
+            for order, got in zip(calls, await asyncio.gather(*(pool.crops(c) for c in calls))):
+                assert len(got) == len(order)
+                for x, crop_ in zip(order, got):
+                    i = next(i for i, y in enumerate(inputs) if y is x)
+                    if i in bad:
+                        assert isinstance(crop_, InvalidInput) and re.search(reasons[i], str(crop_)), crop_
+                    else:
+                        assert crop_.dtype == np.uint8
+                        np.testing.assert_array_equal(crop_, expected[i])
+            assert pool.jobs == 8
+            np.testing.assert_array_equal((await pool.crops(IMAGES[:1]))[0], expected[0])
         finally:
             pool.close()
 
-    assert len(inputs) > DEPTH
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_a_request_on_busy_workers_is_one_job(processes):
+    """Every worker busy: a request's 8 images go as one job (one frame, one reply) and come back as load_uint8
+    crops them, in order."""
+    slow = big_jpeg()
+    expected = [load_uint8(x, PreprocessConfig()) for x in IMAGES]
+
+    async def main() -> None:
+        pool = pool_of(processes, workers=2)
+        await pool.start()
+        try:
+            held = [asyncio.ensure_future(pool.crops([slow])) for _ in range(2)]  # one on each idle worker
+            await asyncio.sleep(0)
+            assert pool.jobs == 2
+            if processes:
+                assert held_sizes(pool) == [1, 1]
+            got = await pool.crops(IMAGES)
+            assert pool.jobs == 3
+            assert len(got) == len(IMAGES)
+            for want, crop_ in zip(expected, got):
+                np.testing.assert_array_equal(crop_, want)
+            assert all(len(r) == 1 and r[0].shape == (224, 224, 3) for r in await asyncio.gather(*held))
+        finally:
+            pool.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+@pytest.mark.parametrize(("n", "sizes"), [(1, [1]), (8, [4, 4]), (20, [6, 7, 7])])
+def test_a_request_on_idle_workers_spreads_over_them_in_jobs_of_at_most_chunk(processes, n, sizes):
+    """Two idle workers: a request goes as one job per idle worker (8 images as 2 jobs of 4), but no job over
+    CHUNK images (20 as 3 jobs) and no empty job (1 image as 1); the crops come back in order."""
+    inputs = [*IMAGES, *odd_pixels(), *IMAGES, *IMAGES][:n]
+    expected = [load_uint8(x, PreprocessConfig()) for x in inputs]
+
+    async def main() -> None:
+        pool = pool_of(processes, workers=2)
+        await pool.start()
+        try:
+            call = asyncio.ensure_future(pool.crops(inputs))
+            await asyncio.sleep(0)  # the call has sent its jobs; no reply is read before we look
+            assert pool.jobs == len(sizes)
+            if processes:
+                assert held_sizes(pool) == sizes
+            got = await call
+            for want, crop_ in zip(expected, got, strict=True):
+                np.testing.assert_array_equal(crop_, want)
+        finally:
+            pool.close()
+
+    assert max(sizes) <= CHUNK
+    asyncio.run(main())
+
+
+def test_a_jobs_images_travel_in_shared_memory_where_they_fit_and_on_the_socket_where_not():
+    """Jobs through one worker, one after another: small JPEGs (one copy into the job's region of the shared
+    inputs), pixels over INPUT_BYTES (on the socket), small ones again over what the region held before: every
+    crop is load_uint8's, whichever way its bytes went."""
+    large = [np.random.default_rng(i).integers(0, 256, (1024, 1024, 3), np.uint8) for i in range(2)]  # 6 MiB
+    assert sum(x.nbytes for x in large) > INPUT_BYTES >= sum(len(x) for x in IMAGES)
+    calls = [IMAGES, large, IMAGES[::-1], IMAGES[2:5], large[:1] + IMAGES[:1]]
+
+    async def main() -> None:
+        pool = pool_of(True, workers=1)
+        await pool.start()
+        try:
+            for inputs in calls:
+                got = await pool.crops(inputs)
+                for x, crop_ in zip(inputs, got, strict=True):
+                    np.testing.assert_array_equal(crop_, load_uint8(x, PreprocessConfig()))
+        finally:
+            pool.close()
+
     asyncio.run(main())
 
 
@@ -201,7 +293,7 @@ def test_a_closed_pool_refuses_at_once(processes):
         await pool.start()
         pool.close()
         with pytest.raises(Unavailable, match="decode pool is closed"):
-            await asyncio.wait_for(pool.crop(IMAGES[0]), 30)  # it used to wait for a worker forever
+            await asyncio.wait_for(pool.crops(IMAGES[:1]), 30)  # it used to wait for a worker forever
 
     asyncio.run(main())
 
@@ -211,8 +303,9 @@ def test_closing_the_pool_cancels_what_it_holds_and_ends_its_workers():
         pool = pool_of(True)
         await pool.start()
         (process,) = pool.processes_alive()
-        calls = [asyncio.ensure_future(pool.crop(image)) for image in IMAGES[: DEPTH + 2]]  # two in hand, two waiting
+        calls = [asyncio.ensure_future(pool.crops([image])) for image in IMAGES[: DEPTH + 2]]  # 2 in hand, 2 waiting
         await asyncio.sleep(0)
+        assert pool.in_hand == DEPTH
         pool.close()
         results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 30)
         assert all(isinstance(r, asyncio.CancelledError) for r in results), results
@@ -223,19 +316,46 @@ def test_closing_the_pool_cancels_what_it_holds_and_ends_its_workers():
     asyncio.run(main())
 
 
-def test_a_killed_worker_fails_its_images_with_internal_and_the_pool_decodes_on():
+def test_a_call_given_up_drops_its_waiting_jobs_and_ignores_the_replies_of_those_in_hand():
+    async def main() -> None:
+        pool = pool_of(True)
+        await pool.start()
+        try:
+            slow = big_jpeg()
+            first = asyncio.ensure_future(pool.crops([slow]))
+            in_hand = asyncio.ensure_future(pool.crops([slow, IMAGES[0]]))
+            waiting = asyncio.ensure_future(pool.crops(IMAGES))
+            await asyncio.sleep(0)
+            assert pool.in_hand == 3 and pool.jobs == 2
+            in_hand.cancel()
+            waiting.cancel()
+            assert len(await first) == 1
+            np.testing.assert_array_equal((await pool.crops(IMAGES[1:2]))[0], load_uint8(IMAGES[1], PreprocessConfig()))
+            assert pool.jobs == 3  # the waiting call's job was never sent
+            assert pool.in_hand == 0 and pool.replaced == 0
+        finally:
+            pool.close()
+        assert in_hand.cancelled() and waiting.cancelled()
+
+    asyncio.run(main())
+
+
+def test_a_killed_worker_fails_the_call_it_held_with_internal_and_the_pool_decodes_on():
     async def main() -> None:
         pool = pool_of(True)
         await pool.start()
         try:
             (process,) = pool.processes_alive()
-            held = asyncio.ensure_future(pool.crop(big_jpeg()))
+            held = asyncio.ensure_future(pool.crops([big_jpeg(), *IMAGES[:3]]))  # one job of 4
             while not pool.in_hand:  # sent to the worker, which takes a fraction of a second to decode it
                 await asyncio.sleep(0.002)
+            assert pool.in_hand == 4 and pool.jobs == 1
             process.kill()
             with pytest.raises(Internal, match="a decode worker process died while preprocessing this image"):
-                await held
-            np.testing.assert_array_equal(await pool.crop(IMAGES[0]), load_uint8(IMAGES[0], PreprocessConfig()))
+                await asyncio.wait_for(held, 60)
+            got = await pool.crops(IMAGES)
+            for image, crop_ in zip(IMAGES, got, strict=True):
+                np.testing.assert_array_equal(crop_, load_uint8(image, PreprocessConfig()))
             assert pool.replaced == 1 and pool.processes_alive() != [process]
         finally:
             pool.close()

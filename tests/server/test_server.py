@@ -182,4 +182,5 @@ def test_metrics_endpoint_exposes_every_family(server):
     ):
         assert name in text, name
     assert metric(server, "pickscore_requests_total", rpc="Score", code="OK") >= 1
-    assert metric(server, "pickscore_preprocess_seconds_count", stage="decode") >= 2
+    assert metric(server, "pickscore_preprocess_seconds_count", stage="decode") >= 1  # a request's images: one call
+    assert metric(server, "pickscore_images_decoded_total") >= 2
