@@ -61,7 +61,9 @@ log = logging.getLogger("pickscore.server")
 WORKER_NICE = 5  # nice levels below the server's event loop: a saturated host decodes on what the loop leaves
 CHUNK = 8  # the most images in one job: a request's images travel together in up to this many a frame
 DEPTH = 2  # jobs a worker holds at once: the one it decodes and the next, already in its socket
-INPUT_BYTES = 2 << 20  # a job's images up to this many bytes in all go in shared memory; larger ones on the socket
+# A job's images up to this many bytes in all go in shared memory (8 JPEGs, or 8 images of raw 512 x 512 pixels, as
+# generation backends send them); larger ones on the socket. Each worker has DEPTH such regions.
+INPUT_BYTES = 8 << 20
 START_TIMEOUT_S = 120.0  # a worker that has not answered by then (importing numpy and Pillow) fails the start
 
 _JOB = struct.Struct("<IIIB")  # job id, first slot of its region, image count, bytes in shared memory; then headers

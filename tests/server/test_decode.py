@@ -268,9 +268,9 @@ def test_a_jobs_images_travel_in_shared_memory_where_they_fit_and_on_the_socket_
     """Jobs through one worker, one after another: small JPEGs (one copy into the job's region of the shared
     inputs), pixels over INPUT_BYTES (on the socket), small ones again over what the region held before: every
     crop is load_uint8's, whichever way its bytes went."""
-    large = [np.random.default_rng(i).integers(0, 256, (1024, 1024, 3), np.uint8) for i in range(2)]  # 6 MiB
+    large = [np.random.default_rng(i).integers(0, 256, (1536, 1536, 3), np.uint8) for i in range(2)]  # 13.5 MiB
     assert sum(x.nbytes for x in large) > INPUT_BYTES >= sum(len(x) for x in IMAGES)
-    calls = [IMAGES, large, IMAGES[::-1], IMAGES[2:5], large[:1] + IMAGES[:1]]
+    calls = [IMAGES, large, IMAGES[::-1], IMAGES[2:5], large[:1] + IMAGES[:1], large[:1]]
 
     async def main() -> None:
         pool = pool_of(True, workers=1)
