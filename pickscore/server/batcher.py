@@ -11,13 +11,13 @@
 One task owns the queue and nobody else touches it: the runner. Whenever the tower is free it gathers the
 next batch -- up to ``max_batch_size`` items, by priority (KServe's ``priority`` parameter), then in arrival
 order -- and calls the backend on the tower's own thread. A request's items enter the queue as one block and
-leave it with one future (the event loop's work is per request, not per image: what bounds one process feeding
-a GPU, docs/DESIGN.md "The host that feeds the GPU"); a block that does not fit the room left in a batch is
-split, its first rows filling the batch and the rest first in line for the next. Items keep arriving while the
-tower computes, so the batch after a busy one is taken whole and at once. A batch stays open past its oldest item for
-``max_delay_s``, and for up to ``max_gather_s`` while items of admitted requests are still being prepared
-(decoded, tokenised: ``preparing``): a request's eight images go through one forward pass, not three
-uneven ones while its last images decode. Items whose caller is gone or whose deadline has passed are
+leave it with one future (the event loop's steps are per request, not per image: its interpreter lock is what
+bounds one process feeding a GPU, docs/DESIGN.md "The host that feeds the GPU"); a block that does not fit the
+room left in a batch is split, its first rows filling the batch and the rest first in line for the next. Items
+keep arriving while the tower computes, so the batch after a busy one is taken whole and at once. A batch stays
+open past its oldest item for ``max_delay_s``, and for up to ``max_gather_s`` while items of admitted requests
+are still being prepared (decoded, tokenised: ``preparing``): requests arriving together go through one forward
+pass, not one each as their images finish decoding. Items whose caller is gone or whose deadline has passed are
 dropped before they cost compute. A backend exception fails that batch's items (Internal) and nothing else.
 With ``depth`` 2 (an accelerator) the runner gathers and starts the next batch while one is in flight, so one
 batch's copy to the device overlaps the other's compute.
