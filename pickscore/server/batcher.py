@@ -60,8 +60,10 @@ class _Block:
     deadline: float | None  # loop time
     enqueued: float  # loop time
     future: asyncio.Future = field(repr=False)
-    left: int = 0  # rows not yet computed
     out: np.ndarray | None = None  # the rows computed so far, when the block was split
+
+    def __post_init__(self) -> None:
+        self.left = len(self.x)  # rows not yet computed
 
     @property
     def kind(self) -> tuple[str, tuple[int, ...]]:
@@ -204,7 +206,7 @@ class Batcher:
             raise ValueError("no items to submit")
         loop = asyncio.get_running_loop()
         self._arrivals += 1
-        block = _Block(x, deadline, loop.time(), loop.create_future(), len(x))
+        block = _Block(x, deadline, loop.time(), loop.create_future())
         self._queue.put_nowait(_Part((level(priority), self._arrivals), block, 0, len(x)))
         self._arrived.set()
         return await block.future  # cancelling this (client gone) marks its items dropped

@@ -16,12 +16,13 @@ a job (under load a request's images travel in one frame and come back in one re
 event loop paid one frame write, one reply parse and one future per image, it pays them per job.
 
 A job goes to the worker with the fewest in hand (at most ``DEPTH``, so one waits while one decodes), as one
-frame on that worker's socket -- headers, then the encoded bytes or pixels of each image, nothing pickled or
-joined -- and the worker writes each crop into the job's region of a shared-memory slab (a memfd both map,
-``CHUNK`` contiguous slots a job) and answers with one short reply: per image, done in its slot, or what went
-wrong. The server copies the region out at once (one copy, 150 kB a crop) and hands back rows of that copy: no
-result is unpickled, no executor thread wakes. A crop that does not fit its slot (a preprocessing without a
-centre crop) comes back in the reply instead.
+frame on that worker's socket -- headers, the encoded bytes or pixels of its images copied once into the job's
+region of a shared-memory input slab where they fit (``INPUT_BYTES``), else following the headers on the socket;
+nothing pickled or joined -- and the worker writes each crop into the job's region of a shared-memory output
+slab (memfds both map, ``CHUNK`` contiguous slots a job) and answers with one short reply: per image, done in its
+slot, or what went wrong. The server copies the region out at once (one copy, 150 kB a crop) and hands back
+rows of that copy: no result is unpickled, no executor thread wakes. A crop that does not fit its slot (a
+preprocessing without a centre crop) comes back in the reply instead.
 
 A worker that dies (killed, out of memory) fails only the jobs it had in hand, with Internal; it is replaced at
 once and the server goes on. Threads are the choice where processes cannot help: one core, or a caller that
@@ -79,6 +80,13 @@ READY = b"ready"
 def _frame(n: int) -> bytes:
     """The length prefix ``multiprocessing.connection.Connection`` reads (what the worker's ``recv_bytes`` takes)."""
     return struct.pack("!i", n) if n <= 0x7FFFFFFF else struct.pack("!i", -1) + struct.pack("!Q", n)
+
+
+def _shared_memory(name: str, size: int) -> tuple[int, mmap.mmap]:
+    """A memfd of ``size`` bytes (handed to the workers as a _SharedFd) and this process's map of it."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd, mmap.mmap(fd, size)
 
 
 class _SharedFd:
@@ -232,15 +240,11 @@ class DecodePool:
                 shape = (workers * DEPTH * CHUNK, *preprocess.output_size, 3)
             except ValueError:  # no fixed output size: crops come back on the sockets
                 shape = None
-            if shape is not None and hasattr(os, "memfd_create"):
-                self._slab_fd = os.memfd_create("pickscore-decode", os.MFD_CLOEXEC)
-                os.ftruncate(self._slab_fd, int(np.prod(shape)))
-                self._slots = np.ndarray(shape, np.uint8, buffer=mmap.mmap(self._slab_fd, int(np.prod(shape))))
             if hasattr(os, "memfd_create"):
-                size = workers * DEPTH * INPUT_BYTES
-                self._inputs_fd = os.memfd_create("pickscore-decode-inputs", os.MFD_CLOEXEC)
-                os.ftruncate(self._inputs_fd, size)
-                self._inputs = mmap.mmap(self._inputs_fd, size)
+                if shape is not None:
+                    self._slab_fd, slab = _shared_memory("pickscore-decode", int(np.prod(shape)))
+                    self._slots = np.ndarray(shape, np.uint8, buffer=slab)
+                self._inputs_fd, self._inputs = _shared_memory("pickscore-decode-inputs", workers * DEPTH * INPUT_BYTES)
 
     async def start(self) -> None:
         """Start every worker and wait until each answers (spawning takes a moment), so the first requests do

@@ -289,7 +289,7 @@ class Engine:
         """Scores (N,) float32, the images cropped through ``crops``: the towers' rows, then the model's rule."""
         unique = list(dict.fromkeys(prompts))
         texts, embeds = await _all(
-            self._embed_prompts(unique, deadline, priority), self._embed_images(len(images), crops, deadline, priority)
+            self._embed_prompts(unique, deadline, priority), self._embed_images(crops, deadline, priority)
         )
         position = {p: i for i, p in enumerate(unique)}
         text = texts[[position[p] for p in prompts]]  # (1 or N, D')
@@ -307,9 +307,9 @@ class Engine:
         width = self.backend.tokenizer.context_length
         return self.backend.scores(rows[:, :width], rows[:, width:])
 
-    async def _embed_images(self, n: int, crops: _Crops, deadline: float | None, priority: int) -> np.ndarray:
-        """The request's ``n`` images -> their image rows (n, D): cached ones from the cache (by content), the rest
-        decoded and sent to the image tower together."""
+    async def _embed_images(self, crops: _Crops, deadline: float | None, priority: int) -> np.ndarray:
+        """The request's images (``crops.images``) -> their image rows (N, D): cached ones from the cache (by
+        content), the rest decoded and sent to the image tower together."""
 
         async def compute(positions: list[int]) -> np.ndarray:
             with self.image_batcher.preparing(len(positions)):
@@ -317,7 +317,7 @@ class Engine:
             return await self._embed_crops(pixels, deadline, priority)
 
         if not self.image_cache.capacity:
-            return await compute(list(range(n)))
+            return await compute(list(range(len(crops.images))))
         return await self.image_cache.get_many([item.digest() for item in crops.images], compute)
 
     async def _embed_crops(self, pixels: list[np.ndarray], deadline: float | None, priority: int) -> np.ndarray:
