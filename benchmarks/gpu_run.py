@@ -13,11 +13,9 @@ reported "over budget", so one slow part cannot lose the rest:
   roofline        the device's measured bf16 matrix-product rate: the denominator of every "of roofline"
   tower           the image tower alone, eager, at batch 32/128/256: images/s and fraction of the roofline
   serve           `pickscore serve` end to end, best-of-8 requests of 512 px JPEGs from client processes at
-                  concurrency 32 and 128: the exact path and raw pixels in (both with --decode-processes, what
-                  a GPU host runs: docs/DESIGN.md, "The host that feeds the GPU"), and --decode-on-device;
-                  images/s, p50/p99, GPU utilisation, server CPU; and a profile of one loaded second (py-spy,
-                  decode workers included): where the server's threads spend it (decode, preprocess, copy,
-                  compute, Python)
+                  concurrency 32 and 128: the exact path, --decode-on-device, and raw pixels in; images/s,
+                  p50/p99, GPU utilisation, server CPU; and a profile of one loaded second (py-spy): where the
+                  server's threads spend it (decode, preprocess, copy, compute, Python)
   fidelity        bf16 and fp16 against fp32 on the same device: largest score difference, pairwise rank
                   agreement over best-of-8 sets, the rate of exact ties; nvJPEG decode against the exact path
   training        the pickscore-clip-h preset's step (AdamW, bf16 autocast) with gradient checkpointing on and
@@ -322,16 +320,16 @@ def stage_of(frames: list[str]) -> str:
 
 
 def profile_second(pid: int, seconds: int = 1) -> dict[str, Any]:
-    """py-spy's samples of every thread of the server and its decode workers for ``seconds``, each attributed to a
-    stage (or to the Python of the server itself: gRPC, asyncio, batching): the share of busy samples per stage,
-    and how many threads were busy on average. Idle threads (waiting on a lock, a socket) are not sampled."""
+    """py-spy's samples of every thread of the server for ``seconds``, each attributed to a stage (or to the
+    Python of the server itself: gRPC, asyncio, batching): the share of busy samples per stage, and how many
+    threads were busy on average. Idle threads (waiting on a lock, a socket) are not sampled."""
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "stacks.txt"
         spy = py_spy()
         if spy is None:
             return {"profile": "not taken: py-spy is not installed (the dev extra; docs/GPU.md carries its wheel)"}
         cmd = [spy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", str(PROFILE_RATE)]
-        cmd += ["--format", "raw", "--nonblocking", "--subprocesses", "-o", str(raw)]
+        cmd += ["--format", "raw", "--nonblocking", "-o", str(raw)]
         try:
             subprocess.run(cmd, capture_output=True, timeout=60 + seconds, check=True)
         except (OSError, subprocess.SubprocessError) as e:
@@ -405,7 +403,7 @@ def serve_variants(s: Section, servers: list[tuple[list[str], list[str]]]) -> No
 
 
 def section_serve(s: Section) -> None:
-    serve_variants(s, [(["--decode-processes"], ["exact", "pixels"]), (["--decode-on-device"], ["decode-on-device"])])
+    serve_variants(s, [([], ["exact", "pixels"]), (["--decode-on-device"], ["decode-on-device"])])
 
 
 def section_serve_compiled(s: Section) -> None:
