@@ -14,19 +14,26 @@ it saturated. For each mode, over a steady window after a warm-up:
                   device work: the towers' thread (with `--compute-threads 1` it alone runs the forward passes
                   and the normalisation, which a GPU runs; its own CPU from /proc/PID/task/TID/stat, the thread
                   named from py-spy's output) and, for `device`, the decoding below.
-  GIL per image   py-spy (`record --gil --threads --format raw --rate R --duration D`, a second window) samples
-                  the server R times a second and keeps a stack only when its thread holds the interpreter lock
-                  and is running or runnable (py-spy's own "Samples" counts only the stacks kept, so the instants
-                  are R x D). At most one thread of a process holds the lock, so the samples kept in a process
-                  over R x D instants are the fraction of wall time its lock is held; over the images/s of that
-                  window, seconds held per image. Stacks are 150 samples/s by default: faster, py-spy falls
-                  behind on these 2 cores. With `--subprocesses` each decode worker is counted apart: the lock is
-                  per process, and what bounds one server is its main process's. The towers' thread's lock time
-                  is kept (launching a forward pass is host work). On 2 shared cores a lock holder waiting for a
-                  core still counts as holding it, so the figure is an upper bound; beside it, each thread's
-                  samples times its on-a-core share of runnable time (/proc/PID/task/TID/schedstat) estimate the
-                  time held on a core. The server's threads run at nice -10 (--nice), its decode workers 10 levels above
-                  their own (still below the event loop), to keep other loads off.
+  GIL per image   py-spy (`record --gil --threads --nonblocking --format raw --rate R --duration D`, a second
+                  window) reads, R times a second, which thread holds the interpreter lock and keeps that
+                  thread's stack (py-spy's own "Samples" counts only the stacks kept, so the instants are R x D).
+                  At most one thread of a process holds the lock, so the samples kept in a process over R x D
+                  instants are the fraction of wall time its lock is held; over the images/s of that window,
+                  seconds held per image. Without --nonblocking py-spy stops the process for every sample, which
+                  here cost the server 15% of its images/s and counted the event loop as holding the lock about
+                  twice its whole time on a core; read without stopping, a thread with a known duty (holding the
+                  lock 40% of the time) reads within a few percent (tests/benchmarks/test_host_bench.py). A sample
+                  whose stack changed while read is an error, counted as held by the main process. Stacks are 150
+                  samples/s by default: faster, py-spy falls behind on these 2 cores. With `--subprocesses` each
+                  decode worker is counted apart: the lock is per process, and what bounds one server is its main
+                  process's. The towers' thread's lock time is kept (launching a forward pass is host work). On 2
+                  shared cores a lock holder waiting for a core still counts as holding it, so this window gives
+                  an upper bound (in brackets: each thread's samples times its on-a-core share of runnable time,
+                  /proc/PID/task/TID/schedstat). A third window (--realtime) puts every thread of the server's
+                  main process on the real-time scheduler (SCHED_RR) and py-spy above it: a runnable thread of it
+                  then takes a core at once, as on a host with cores to spare, so its samples are the lock held
+                  on a core; the ceiling uses that window. The server's threads run at nice -10 (--nice), its
+                  decode workers 10 levels above their own (still below the event loop), to keep other loads off.
   projection      one server process on 16 cores (--cores) scores at most cores / CPU-s-per-image and at most
                   1 / GIL-s-per-image images/s; the ceiling is the smaller, against --target (2,400 images/s:
                   ViT-H-14 at an H200's roofline).
@@ -157,16 +164,24 @@ def parse_raw(path: Path) -> dict[tuple[str, int], int]:
     return counts
 
 
+def tasks(pid: int) -> list[int]:
+    """The thread ids of process ``pid`` (none once it is gone)."""
+    try:
+        return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
 def thread_cpu(pids: list[int]) -> dict[int, float]:
     """CPU seconds of every thread of ``pids``, by thread id."""
     out: dict[int, float] = {}
     for p in pids:
-        try:
-            for tid in os.listdir(f"/proc/{p}/task"):
+        for tid in tasks(p):
+            try:
                 fields = Path(f"/proc/{p}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-                out[int(tid)] = (int(fields[11]) + int(fields[12])) / TICK
-        except (FileNotFoundError, ProcessLookupError):
-            continue
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            out[tid] = (int(fields[11]) + int(fields[12])) / TICK
     return out
 
 
@@ -183,12 +198,12 @@ def schedstat(pids: list[int]) -> dict[int, tuple[int, int]]:
     """Per thread of ``pids``: (ns on a core, ns runnable but waiting for one), from /proc/PID/task/TID/schedstat."""
     out = {}
     for p in pids:
-        try:
-            for tid in os.listdir(f"/proc/{p}/task"):
+        for tid in tasks(p):
+            try:
                 run, wait, _ = Path(f"/proc/{p}/task/{tid}/schedstat").read_text().split()
-                out[int(tid)] = (int(run), int(wait))
-        except (FileNotFoundError, ProcessLookupError):
-            continue
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            out[tid] = (int(run), int(wait))
     return out
 
 
@@ -198,12 +213,12 @@ def renice(server: int, pids: list[int], nice: int) -> None:
     moved as much, keeping their place below the server's event loop. Linux keeps niceness per thread; new threads
     inherit their creator's."""
     for p in pids:
-        try:
-            for tid in map(int, os.listdir(f"/proc/{p}/task")):
+        for tid in tasks(p):
+            try:
                 level = nice if p == server else os.getpriority(os.PRIO_PROCESS, tid) + nice
                 os.setpriority(os.PRIO_PROCESS, tid, max(-20, min(19, level)))
-        except (FileNotFoundError, ProcessLookupError):
-            continue
+            except ProcessLookupError:
+                continue
 
 
 def busy_cores_s() -> float:
@@ -263,50 +278,16 @@ async def measure_mode(mode: str, model_dir: Path, images, args) -> dict:
             }
             thread_s = {t: v - th0.get(t, 0.0) for t, v in th1.items() if v - th0.get(t, 0.0) > 0}
 
-            raw = args.out / f"host-{mode}-{git_revision()}.gil.txt"  # py-spy's stacks, kept for reading
-            spy = [args.py_spy, "record", "--pid", str(proc.pid), "--gil", "--threads", "--format", "raw"]
-            spy += ["--rate", str(args.rate), "--duration", str(args.gil_window_s), "-o", str(raw)]
-            if result["processes"] > 1:
-                spy.append("--subprocesses")
-            pids = descendants(proc.pid)
-            s2 = schedstat(pids)
-            n2 = await loop.run_in_executor(None, images_scored, entry["metrics_port"])
-            t2 = time.perf_counter()
-            sampler = await asyncio.create_subprocess_exec(*spy, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            log = (await sampler.communicate())[0].decode(errors="replace")
-            t3 = time.perf_counter()
-            n3 = await loop.run_in_executor(None, images_scored, entry["metrics_port"])
-            s3 = schedstat(pids)
+            windows = {"": await lock_window(proc, entry, args, mode, result["processes"] > 1, 0)}
+            if args.realtime:
+                windows["rt_"] = await lock_window(proc, entry, args, mode, result["processes"] > 1, args.realtime)
             stop = True
             await driver
-        counts = parse_raw(raw)
-        instants = args.rate * args.gil_window_s
-        rate = (n3 - n2) / (t3 - t2)  # images/s while sampled (py-spy's own start and stop included)
-
-        def on_core(tid: int) -> float:
-            """The share of a thread's runnable time it spent on a core during the sampling."""
-            (r0, w0), (r1, w1) = s2.get(tid, (0, 0)), s3.get(tid, (0, 0))
-            return (r1 - r0) / ((r1 - r0) + (w1 - w0)) if (r1 - r0) + (w1 - w0) else 1.0
-
-        main = next((k for k, _ in counts if f"process {proc.pid}:" in k), "main")
-        held: dict[str, float] = {}
-        held_on_core: dict[str, float] = {}
-        for (process, tid), n in counts.items():
-            held[process] = held.get(process, 0.0) + n / instants
-            held_on_core[process] = held_on_core.get(process, 0.0) + n * on_core(tid) / instants
-        result.update(
-            gil_images_per_s=rate,
-            gil_samples={f"{p} thread {t}": n for (p, t), n in counts.items()},
-            gil_instants=instants,
-            gil_held_fraction=held.get(main, 0.0),
-            gil_ms_per_image=1000 * held.get(main, 0.0) / rate,
-            gil_on_core_ms_per_image=1000 * held_on_core.get(main, 0.0) / rate,
-            gil_workers_ms_per_image={p: 1000 * v / rate for p, v in held.items() if p != main},
-            py_spy_lag=[line for line in log.splitlines() if "behind" in line][:3],
-        )
+        for prefix, w in windows.items():
+            result.update({prefix + k: v for k, v in w.items()})
         # The forward passes run on the towers' thread (--compute-threads 1: nothing else computes them), on a CPU
         # here and on the accelerator on a GPU host: device work, like --decode-on-device's decoding below.
-        names = thread_names(raw)
+        names = thread_names(Path(result["gil_raw"]))
         result["cpu_ms_per_image_by_thread"] = {
             f"{tid} {names.get(tid, '?')}": round(1000 * v / images_in_window, 3)
             for tid, v in sorted(thread_s.items(), key=lambda kv: -kv[1])
@@ -329,10 +310,92 @@ async def measure_mode(mode: str, model_dir: Path, images, args) -> dict:
         proc.wait(timeout=60)
 
 
+def sample_lock(pid: int, rate: int, seconds: int, raw: Path, workers: bool = False, realtime: int = 0, spy=None):
+    """py-spy reads, ``rate`` times a second for ``seconds``, which thread of ``pid`` (and with ``workers`` of the
+    processes below it) holds its interpreter lock, without stopping the process, and writes those threads' stacks
+    to ``raw``. With ``realtime`` (a SCHED_RR priority) every thread of ``pid`` runs on the real-time scheduler
+    meanwhile, py-spy one priority above, and is put back after. -> (GIL-held samples by (process, thread id),
+    samples that failed (a stack that changed while read), py-spy's output)."""
+    cmd = [spy or py_spy() or "py-spy", "record", "--pid", str(pid), "--gil", "--threads", "--nonblocking"]
+    cmd += ["--format", "raw", "--rate", str(rate), "--duration", str(seconds), "-o", str(raw)]
+    cmd += ["--subprocesses"] if workers else []
+
+    def sampler_priority() -> None:
+        if realtime:
+            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(realtime + 1))
+
+    try:
+        for tid in tasks(pid) if realtime else ():
+            try:
+                os.sched_setscheduler(tid, os.SCHED_RR, os.sched_param(realtime))
+            except ProcessLookupError:
+                continue
+        log = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=sampler_priority)
+    finally:
+        for tid in tasks(pid) if realtime else ():  # threads started meanwhile inherited the policy too
+            try:
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            except ProcessLookupError:
+                continue
+    text = log.stdout.decode(errors="replace")
+    return parse_raw(raw), sum(int(n) for n in re.findall(r"Errors: (\d+)", text)), text
+
+
+async def lock_window(proc, entry, args, mode: str, workers: bool, realtime: int) -> dict:
+    """One window of ``sample_lock`` over the server under load: the fraction of instants its main process held
+    the lock (a failed sample counted as held by it), and in each worker process, per image scored meanwhile."""
+    loop = asyncio.get_running_loop()
+    raw = args.out / f"host-{mode}{'-rt' if realtime else ''}-{git_revision()}.gil.txt"  # kept for reading
+    pids = descendants(proc.pid)
+    s0 = schedstat(pids)
+    n0 = await loop.run_in_executor(None, images_scored, entry["metrics_port"])
+    t0 = time.perf_counter()
+    counts, errors, log = await loop.run_in_executor(
+        None, sample_lock, proc.pid, args.rate, args.gil_window_s, raw, workers, realtime, args.py_spy
+    )
+    t1 = time.perf_counter()
+    n1 = await loop.run_in_executor(None, images_scored, entry["metrics_port"])
+    s1 = schedstat(pids)
+    instants = args.rate * args.gil_window_s
+    rate = (n1 - n0) / (t1 - t0)  # images/s while sampled (py-spy's own start and stop included)
+
+    def on_core(tid: int) -> float:
+        """The share of a thread's runnable time it spent on a core during the sampling."""
+        (r0, w0), (r1, w1) = s0.get(tid, (0, 0)), s1.get(tid, (0, 0))
+        return (r1 - r0) / ((r1 - r0) + (w1 - w0)) if (r1 - r0) + (w1 - w0) else 1.0
+
+    main = next((k for k, _ in counts if f"process {proc.pid}:" in k), "main")
+    held: dict[str, float] = {main: errors / instants}
+    held_on_core: dict[str, float] = {main: errors / instants}
+    for (process, tid), n in counts.items():
+        held[process] = held.get(process, 0.0) + n / instants
+        held_on_core[process] = held_on_core.get(process, 0.0) + n * on_core(tid) / instants
+    return {
+        "gil_errors": errors,
+        "gil_raw": str(raw),
+        "gil_images_per_s": rate,
+        "gil_samples": {f"{p} thread {t}": n for (p, t), n in counts.items()},
+        "gil_instants": instants,
+        "gil_held_fraction": held.get(main, 0.0),
+        "gil_ms_per_image": 1000 * held.get(main, 0.0) / rate,
+        "gil_on_core_ms_per_image": 1000 * held_on_core.get(main, 0.0) / rate,
+        "gil_workers_ms_per_image": {p: 1000 * v / rate for p, v in held.items() if p != main},
+        "py_spy_lag": [line for line in log.splitlines() if "behind" in line][:3],
+    }
+
+
 def project(r: dict, cores: int, target: float) -> None:
+    """The ceilings of one process: cores over its CPU an image, and one over the lock its main process holds an
+    image -- held on a core (the real-time window) where measured, the plain window's upper bound beside it."""
+
+    def per_second(ms: float) -> float:
+        return 1000 / ms if ms > 0 else float("inf")
+
     r["cores_over_cpu"] = cores / (r["cpu_ms_per_image"] / 1000)
-    r["one_over_gil"] = 1 / (r["gil_ms_per_image"] / 1000) if r["gil_ms_per_image"] > 0 else float("inf")
+    r["one_over_gil_bound"] = per_second(r["gil_ms_per_image"])
+    r["one_over_gil"] = per_second(r.get("rt_gil_ms_per_image", r["gil_ms_per_image"]))
     r["ceiling"] = min(r["cores_over_cpu"], r["one_over_gil"])
+    r["ceiling_bound"] = min(r["cores_over_cpu"], r["one_over_gil_bound"])
     r["meets_target"] = r["ceiling"] >= target
 
 
@@ -350,26 +413,32 @@ def markdown(results: dict) -> str:
     lines = [
         f"| mode | server flags | images/s here | cores: server, client, others | "
         f"host CPU ms/image (all − device work) | "
-        f"GIL held, main process: ms/image (of it on a core) | {cores} cores ÷ CPU | 1 ÷ GIL | "
-        f"projected ceiling, one process | ≥ {target:,.0f}? |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---|",
+        f"lock held, main process, ms/image: upper bound (est. on a core) | held with a core (real-time) | "
+        f"{cores} cores ÷ CPU | 1 ÷ lock: bound, with a core | projected ceiling, one process | ≥ {target:,.0f}? |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, r in results["modes"].items():
         cpu = f"{r['cpu_ms_per_image']:.2f} ({r['cpu_all_ms_per_image']:.2f} − {r['device_work_ms_per_image']:.2f})"
         label = LABELS.get(name.split("+")[0], name) + (" " + name.split("+", 1)[1] if "+" in name else "")
+        rt = f"{r['rt_gil_ms_per_image']:.3f}" if "rt_gil_ms_per_image" in r else "not measured"
         lines.append(
             f"| {label} | `{' '.join(r['server_flags']) or '(defaults)'}` | {r['images_per_s']:.0f} | "
             f"{r['server_cores']:.2f}, {r['client_cores']:.2f}, {r['other_cores']:.2f} | {cpu} | "
-            f"{r['gil_ms_per_image']:.3f} ({r['gil_on_core_ms_per_image']:.3f}) | {r['cores_over_cpu']:,.0f} | "
-            f"{r['one_over_gil']:,.0f} | **{r['ceiling']:,.0f}** | {'yes' if r['meets_target'] else 'NO'} |"
+            f"{r['gil_ms_per_image']:.3f} ({r['gil_on_core_ms_per_image']:.3f}) | {rt} | "
+            f"{r['cores_over_cpu']:,.0f} | {r['one_over_gil_bound']:,.0f}, {r['one_over_gil']:,.0f} | "
+            f"**{r['ceiling']:,.0f}** | {'yes' if r['meets_target'] else 'NO'} |"
         )
     notes = [
         "",
         f"Best-of-8 requests of {results['image_side']} px JPEGs, concurrency {results['concurrency']}, tiny towers "
         f"(`--compute-threads 1`), the server's threads at nice {results['nice']}, the client on the same "
         f"cores (not counted). CPU over {results['window_s']:.0f} s; the lock over {results['gil_window_s']:.0f} s at "
-        f"{results['rate']} samples/s (py-spy {results['py_spy_version']}); 1 ÷ GIL uses the whole py-spy figure, "
-        "not the on-a-core share. The exact path alone (`load_uint8`, one thread, in-process, just before): "
+        f"{results['rate']} samples/s (py-spy {results['py_spy_version']}, `--nonblocking`; a failed sample counts "
+        "as held), twice: as it runs (a holder waiting for a core counts too: an upper bound), then with the "
+        f"server's main process on the real-time scheduler (SCHED_RR {results['realtime']}, py-spy above it: a "
+        "holder is on a core whenever runnable, as where cores are to spare)"
+        + ("; the ceiling uses the second" if results["realtime"] else "")
+        + ". The exact path alone (`load_uint8`, one thread, in-process, just before): "
         f"{results['decode_alone_ms_per_image']:.2f} ms of CPU an image. Device work subtracted: the towers' "
         "thread"
         + (
@@ -417,6 +486,13 @@ def main(argv=None) -> int:
         "them): other loads on the machine, the client included, then rarely keep a lock holder off its core",
     )
     p.add_argument(
+        "--realtime",
+        type=int,
+        default=10,
+        help="SCHED_RR priority of the server's main process in a second lock window (default 10, needs root; 0: "
+        "none, and the ceiling uses the upper bound): its lock holders then never wait for a core",
+    )
+    p.add_argument(
         "--py-spy", default=py_spy() or "py-spy", help="py-spy executable (default: on PATH or beside this Python)"
     )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="directory for JSON and markdown")
@@ -447,6 +523,7 @@ def main(argv=None) -> int:
         "target": args.target,
         "py_spy_version": version,
         "nice": args.nice,
+        "realtime": args.realtime,
         "device_share": args.device_share,
         "decode_alone_ms_per_image": decode_ms,
         "modes": {},
@@ -461,7 +538,8 @@ def main(argv=None) -> int:
             print(f"{name}: CPU ms/image by thread: {r['cpu_ms_per_image_by_thread']}", file=sys.stderr)
             print(
                 f"{name}: {r['images_per_s']:.0f} images/s, CPU {r['cpu_ms_per_image']:.2f} ms/image, "
-                f"GIL {r['gil_ms_per_image']:.3f} ({r['gil_on_core_ms_per_image']:.3f} on a core) ms/image -> "
+                f"GIL {r['gil_ms_per_image']:.3f} ({r['gil_on_core_ms_per_image']:.3f} on a core, "
+                f"{r.get('rt_gil_ms_per_image', float('nan')):.3f} real-time) ms/image -> "
                 f"ceiling {r['ceiling']:.0f}; cores: server {r['server_cores']:.2f}, client {r['client_cores']:.2f}, "
                 f"others {r['other_cores']:.2f}",
                 file=sys.stderr,

@@ -5,8 +5,12 @@ from py-spy), projects a ceiling, and leaves no server behind."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 
-from tests.benchmarks.runs import help_text, run_benchmark, servers_under
+from tests.benchmarks.runs import ROOT, help_text, run_benchmark, servers_under
 
 
 def test_a_short_run_measures_cpu_and_lock_per_image_and_projects_a_ceiling(tmp_path):
@@ -18,11 +22,54 @@ def test_a_short_run_measures_cpu_and_lock_per_image_and_projects_a_ceiling(tmp_
     assert mode["cpu_ms_per_image"] > 0 and mode["gil_ms_per_image"] > 0
     assert mode["gil_workers_ms_per_image"]  # each decode worker's lock counted apart
     assert mode["ceiling"] == min(mode["cores_over_cpu"], mode["one_over_gil"])
+    # the ceiling's lock is the real-time window's (held on a core); the plain window's bound stands beside it
+    assert mode["rt_gil_ms_per_image"] > 0 and mode["one_over_gil"] == 1000 / mode["rt_gil_ms_per_image"]
+    assert mode["ceiling_bound"] == min(mode["cores_over_cpu"], 1000 / mode["gil_ms_per_image"])
     assert "| exact path, `--decode-processes` |" in next(out.glob("host-*.md")).read_text()
     assert servers_under(tmp_path / "work") == []
 
 
 def test_help_documents_every_flag():
     text = help_text("host_bench.py")
-    for flag in ("--modes", "--window-s", "--gil-window-s", "--rate", "--cores", "--target", "--py-spy", "--out"):
+    flags = ("--modes", "--window-s", "--gil-window-s", "--rate", "--cores", "--target", "--realtime", "--py-spy")
+    for flag in (*flags, "--out"):
         assert flag in text
+
+
+# A process whose main thread holds its lock a known share of the time: it spins in Python 2 ms, then waits 3 ms in
+# select() (which releases the lock), and reports the share it measured itself, over its whole run.
+DUTY = """
+import select, sys, time
+start = time.perf_counter(); held = 0.0
+while time.perf_counter() - start < float(sys.argv[1]):
+    t = time.perf_counter()
+    while time.perf_counter() - t < 0.002:
+        pass
+    held += time.perf_counter() - t
+    select.select([], [], [], 0.003)
+print(held / (time.perf_counter() - start))
+"""
+
+
+def test_the_lock_is_read_as_the_share_of_time_a_thread_holds_it(tmp_path):
+    """sample_lock reads who holds the lock without stopping the process: a known 40% duty reads as itself, as it
+    runs and on the real-time scheduler. (Stopping the process for each sample, py-spy's default, read 27% here.)"""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from host_bench import sample_lock
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    child = subprocess.Popen([sys.executable, "-c", DUTY, "9"], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1)
+        windows = [sample_lock(child.pid, 150, 3, tmp_path / f"{rt}.txt", realtime=rt) for rt in (0, 10)]
+        policy = os.sched_getscheduler(child.pid)  # put back after the real-time window
+        duty = float(child.communicate(timeout=30)[0])
+    finally:
+        child.kill()
+    assert 0.3 < duty < 0.5
+    for counts, errors, log in windows:
+        held = (sum(counts.values()) + errors) / (150 * 3)
+        assert set(counts) == {("main", child.pid)}, counts  # the one thread that holds it, by its id
+        assert abs(held - duty) < 0.25 * duty, (held, duty, log)
+    assert policy == os.SCHED_OTHER
