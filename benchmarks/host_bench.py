@@ -38,14 +38,16 @@ it saturated. For each mode, over a steady window after a warm-up:
                   1 / GIL-s-per-image images/s; the ceiling is the smaller, against --target (2,400 images/s:
                   ViT-H-14 at an H200's roofline).
 
-Modes: `exact` (JPEG bytes; Pillow decode, resize, crop in decode threads); `processes` (the same in decode
-worker processes, `--decode-processes`); `pixels` (the client sends decoded uint8 pixels, 512 x 512 x 3, as
-`Image.pixels`; the server resizes and crops) and `pixels-processes`; `device` (`--decode-on-device`: here
-torchvision decodes and resizes on the CPU, work an accelerator would do. The host part leaves out that share
+Modes: `exact` (JPEG bytes; Pillow decode, resize, crop in decode threads); `processes` (the same in decode worker
+processes, `--decode-processes`), also with the requests sent otherwise than one Score call each:
+`processes-stream` (as the messages of ScoreStreams) and `processes-reward` (by a RewardClient, which sends the
+pairs of several requests in one: an RL trainer's client); `pixels` (the client sends decoded uint8 pixels, 512 x
+512 x 3, as `Image.pixels`; the server resizes and crops) and `pixels-processes`; `device` (`--decode-on-device`:
+here torchvision decodes and resizes on the CPU, work an accelerator would do. The host part leaves out that share
 of the decode threads' CPU: `crop_on_device`'s steps are timed apart in-process first, one thread,
-`time.thread_time` -- header, buffer and copy back are host work; decode_jpeg, interpolate, round, cast and
-crop device work -- and the decode threads' CPU in the server is split by that ratio; the lock time is all
-host work and kept whole). `--extra-flags MODE=FLAGS` adds server flags to a mode.
+`time.thread_time` -- header, buffer and copy back are host work; decode_jpeg, interpolate, round, cast and crop
+device work -- and the decode threads' CPU in the server is split by that ratio; the lock time is all host work
+and kept whole). `--extra-flags MODE=FLAGS` adds server flags to a mode.
 Writes JSON and markdown under --out and, unless --no-append, a section of benchmarks/RESULTS.md.
 """
 
@@ -54,6 +56,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import itertools
 import json
 import os
 import re
@@ -62,31 +65,37 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    PER_REQUEST,
     append_results,
-    closed_loop,
     cpu_seconds,
     descendants,
     git_revision,
     jpegs,
     machine_with_flags,
+    prompts,
     py_spy,
     serve,
     write_model,
 )
 
-# mode -> (server flags, what the client sends)
+# mode -> (server flags, what the client sends, how: one Score call a request, a ScoreStream's messages, or a
+# RewardClient's batches of pairs)
 MODES = {
-    "exact": ((), "jpeg"),
-    "device": (("--decode-on-device",), "jpeg"),
-    "pixels": ((), "pixels"),
-    "processes": (("--decode-processes",), "jpeg"),
-    "pixels-processes": (("--decode-processes",), "pixels"),
+    "exact": ((), "jpeg", "unary"),
+    "device": (("--decode-on-device",), "jpeg", "unary"),
+    "pixels": ((), "pixels", "unary"),
+    "processes": (("--decode-processes",), "jpeg", "unary"),
+    "processes-stream": (("--decode-processes",), "jpeg", "stream"),
+    "processes-reward": (("--decode-processes",), "jpeg", "reward"),
+    "pixels-processes": (("--decode-processes",), "pixels", "unary"),
 }
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -227,8 +236,72 @@ def busy_cores_s() -> float:
     return (user + nice + system + irq + softirq + steal) / TICK
 
 
+@asynccontextmanager
+async def load(rpc: str, address: str, payload: list, concurrency: int) -> AsyncIterator[None]:
+    """A saturating closed loop of best-of-8 requests while the block runs, a fresh prompt each (no cache helps),
+    ``concurrency`` of them in flight, sent as ``rpc`` says: "unary", one Score call a request; "stream", each a
+    message of a ScoreStream (``concurrency`` / 8 streams of 8 in flight: the server's --stream-window); "reward",
+    a RewardClient (each request's 8 pairs submitted as a group; the client sends them in requests of up to 32
+    pairs, at most 4 in flight, as an RL trainer's would be)."""
+    from pickscore.client import AsyncClient, RewardClient
+    from pickscore.client.wire import image_messages
+    from pickscore.server.settings import Settings
+    from pickscore.v1 import scoring_pb2 as pb
+
+    stop, count, names = asyncio.Event(), itertools.count(), prompts(1_000_000)
+
+    def request(i: int) -> tuple[str, list]:
+        return names[i], [payload[(i * PER_REQUEST + k) % len(payload)] for k in range(PER_REQUEST)]
+
+    async with AsyncClient(address, timeout=600) as client:
+        if rpc == "unary":
+
+            async def caller() -> None:
+                while not stop.is_set():
+                    await client.score(*request(next(count)))
+
+            callers = [caller() for _ in range(concurrency)]
+        elif rpc == "stream":
+
+            async def stream(window: int) -> None:
+                free = asyncio.Semaphore(window)
+
+                async def messages():
+                    while not stop.is_set():
+                        await free.acquire()
+                        i = next(count)
+                        prompt, refs = request(i)
+                        yield pb.ScoreStreamRequest(
+                            tag=str(i), request=pb.ScoreRequest(prompt=prompt, images=image_messages(refs, None))
+                        )
+
+                async for answer in client.stub.ScoreStream(messages()):
+                    assert answer.WhichOneof("result") == "response", answer
+                    free.release()
+
+            window = Settings().stream_window  # the server's (started with its default)
+            callers = [stream(window) for _ in range(max(1, concurrency // window))]
+        else:
+            rewards = RewardClient(address, timeout=600)
+
+            async def caller() -> None:
+                while not stop.is_set():
+                    prompt, refs = request(next(count))
+                    await asyncio.gather(*(asyncio.wrap_future(rewards.submit(prompt, ref)) for ref in refs))
+
+            callers = [caller() for _ in range(concurrency)]
+        driver = asyncio.gather(*callers)
+        try:
+            yield
+        finally:
+            stop.set()
+            await driver
+            if rpc == "reward":
+                await asyncio.get_running_loop().run_in_executor(None, rewards.close)
+
+
 async def measure_mode(mode: str, model_dir: Path, images, args) -> dict:
-    server_flags, kind = MODES[mode]
+    server_flags, kind, rpc = MODES[mode]
     extra = tuple(args.extra.get(mode, "").split())
     proc, entry = serve(
         model_dir,
@@ -237,17 +310,8 @@ async def measure_mode(mode: str, model_dir: Path, images, args) -> dict:
     )
     loop = asyncio.get_running_loop()
     try:
-        from pickscore.client import AsyncClient
-
         payload = images if kind == "jpeg" else args.pixels
-        stop = False
-        async with AsyncClient(f"127.0.0.1:{entry['port']}", timeout=600) as client:
-
-            async def call(prompt, blobs):
-                if not stop:
-                    await client.score(prompt, blobs)
-
-            driver = asyncio.create_task(closed_loop(call, payload, args.concurrency, 100_000))
+        async with load(rpc, f"127.0.0.1:{entry['port']}", payload, args.concurrency):
             await asyncio.sleep(args.warmup_s)
 
             def snapshot(first: bool):
@@ -266,6 +330,7 @@ async def measure_mode(mode: str, model_dir: Path, images, args) -> dict:
             result = {
                 "mode": mode,
                 "server_flags": [*server_flags, *extra],
+                "rpc": rpc,
                 "processes": len(c1),
                 "window_s": wall,
                 "images": images_in_window,
@@ -281,8 +346,6 @@ async def measure_mode(mode: str, model_dir: Path, images, args) -> dict:
             windows = {"": await lock_window(proc, entry, args, mode, result["processes"] > 1, 0)}
             if args.realtime:
                 windows["rt_"] = await lock_window(proc, entry, args, mode, result["processes"] > 1, args.realtime)
-            stop = True
-            await driver
         for prefix, w in windows.items():
             result.update({prefix + k: v for k, v in w.items()})
         # The forward passes run on the towers' thread (--compute-threads 1: nothing else computes them), on a CPU
@@ -320,24 +383,28 @@ def sample_lock(pid: int, rate: int, seconds: int, raw: Path, workers: bool = Fa
     cmd += ["--format", "raw", "--rate", str(rate), "--duration", str(seconds), "-o", str(raw)]
     cmd += ["--subprocesses"] if workers else []
 
-    def sampler_priority() -> None:
-        if realtime:
-            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(realtime + 1))
+    def policy(pid: int, which: int, priority: int) -> None:
+        for tid in tasks(pid):
+            try:
+                os.sched_setscheduler(tid, which, os.sched_param(priority))
+            except ProcessLookupError:
+                continue
 
     try:
-        for tid in tasks(pid) if realtime else ():
-            try:
-                os.sched_setscheduler(tid, os.SCHED_RR, os.sched_param(realtime))
-            except ProcessLookupError:
-                continue
-        log = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=sampler_priority)
+        if realtime:
+            policy(pid, os.SCHED_RR, realtime)
+        # no preexec_fn: Python run between fork and exec in a process with gRPC's threads (a client's) can crash
+        sampler = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(3 if realtime else 0):  # the sampler's threads, as they start
+            policy(sampler.pid, os.SCHED_RR, realtime + 1)
+            time.sleep(0.05)
+        output = sampler.communicate()[0]
     finally:
-        for tid in tasks(pid) if realtime else ():  # threads started meanwhile inherited the policy too
-            try:
-                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
-            except ProcessLookupError:
-                continue
-    text = log.stdout.decode(errors="replace")
+        if realtime:  # threads started meanwhile inherited the policy too
+            policy(pid, os.SCHED_OTHER, 0)
+    text = output.decode(errors="replace")
+    if not raw.exists():
+        raise RuntimeError(f"py-spy took no samples of process {pid} (exit status {sampler.returncode}): {text[-500:]}")
     return parse_raw(raw), sum(int(n) for n in re.findall(r"Errors: (\d+)", text)), text
 
 
@@ -404,6 +471,8 @@ LABELS = {
     "device": "`--decode-on-device`, host part",
     "pixels": "raw pixels in (512×512×3 uint8)",
     "processes": "exact path, `--decode-processes`",
+    "processes-stream": "exact path, `--decode-processes`, requests on a ScoreStream",
+    "processes-reward": "exact path, `--decode-processes`, a RewardClient's batches (32 pairs)",
     "pixels-processes": "raw pixels in, `--decode-processes`",
 }
 
