@@ -234,7 +234,9 @@ class DecodePool:
         self._slab_fd: int | None = None
         self._slots: np.ndarray | None = None
         self._inputs_fd: int | None = None
-        self._inputs: mmap.mmap | None = None  # each job region's images, where they fit: no socket to copy through
+        # each job region's images, where they fit: no socket to copy through; numpy copies into it without
+        # holding the interpreter lock (a slice assignment to the mmap holds it: a request of raw pixels is 6 MB)
+        self._inputs: np.ndarray | None = None
         if processes:
             try:
                 shape = (workers * DEPTH * CHUNK, *preprocess.output_size, 3)
@@ -244,7 +246,8 @@ class DecodePool:
                 if shape is not None:
                     self._slab_fd, slab = _shared_memory("pickscore-decode", int(np.prod(shape)))
                     self._slots = np.ndarray(shape, np.uint8, buffer=slab)
-                self._inputs_fd, self._inputs = _shared_memory("pickscore-decode-inputs", workers * DEPTH * INPUT_BYTES)
+                self._inputs_fd, inputs = _shared_memory("pickscore-decode-inputs", workers * DEPTH * INPUT_BYTES)
+                self._inputs = np.frombuffer(inputs, np.uint8)
 
     async def start(self) -> None:
         """Start every worker and wait until each answers (spawning takes a moment), so the first requests do
@@ -409,7 +412,7 @@ class DecodePool:
         if shared:  # one copy into the job's region of the shared inputs, read there by the worker
             at = first // CHUNK * INPUT_BYTES
             for payload in payloads:
-                self._inputs[at : at + payload.nbytes] = payload
+                self._inputs[at : at + payload.nbytes] = np.frombuffer(payload, np.uint8)
                 at += payload.nbytes
             worker.transport.write(_frame(len(header)) + header)
             return
