@@ -14,9 +14,15 @@ from tests.benchmarks.runs import ROOT, help_text, run_benchmark, servers_under
 
 
 def test_a_short_run_measures_cpu_and_lock_per_image_and_projects_a_ceiling(tmp_path):
-    flags = ("--modes", "processes", "--warmup-s", "1", "--window-s", "2", "--gil-window-s", "1", "--rate", "50")
+    modes = (
+        "processes,processes-stream,processes-reward"  # one Score call a request, a stream's messages, a RewardClient
+    )
+    flags = ("--modes", modes, "--warmup-s", "1", "--window-s", "2", "--gil-window-s", "1", "--rate", "50")
     out = run_benchmark(tmp_path, "host_bench.py", *flags)
     (report,) = [json.loads(p.read_text()) for p in out.glob("host-*.json")]
+    assert [m["rpc"] for m in report["modes"].values()] == ["unary", "stream", "reward"]
+    for other in ("processes-stream", "processes-reward"):  # each load kept the server scoring through its windows
+        assert report["modes"][other]["images_per_s"] > 0 and report["modes"][other]["rt_gil_images_per_s"] > 0
     mode = report["modes"]["processes"]
     assert mode["images"] > 0 and mode["images_per_s"] > 0  # the server's own counter moved
     assert mode["cpu_ms_per_image"] > 0 and mode["gil_ms_per_image"] > 0
