@@ -116,14 +116,25 @@ def test_full_queue_is_resource_exhausted_at_once_while_admitted_requests_succee
 
         with ThreadPoolExecutor(12) as pool:
             results = list(pool.map(call, range(12)))
+        registry = server.server.state.metrics.registry
+
+        def served_s(code: str) -> float:
+            """The server's own mean time from a Score request's arrival to its answer: not the wire's 28 MB."""
+            labels = {"transport": "grpc", "rpc": "Score", "code": code}
+            total = registry.get_sample_value("pickscore_request_duration_seconds_sum", labels)
+            return total / registry.get_sample_value("pickscore_request_duration_seconds_count", labels)
+
+        refused_s, admitted_s = served_s("RESOURCE_EXHAUSTED"), served_s("OK")
     ok = [(r, t) for r, t in results if not isinstance(r, Exception)]
     rejected = [(r, t) for r, t in results if isinstance(r, Overloaded)]
     assert ok and rejected, results
     for scores, _ in ok:
         np.testing.assert_allclose(scores, expected, atol=1e-5)
     assert all("image queue full" in str(e) for e, _ in rejected)
-    # "at once": a rejection never waits for the work ahead of it
-    assert np.median([t for _, t in rejected]) < np.median([t for _, t in ok])
+    # "at once": a rejection never waits for the work ahead of it. The callers' own times also hold each message's
+    # transfer (8 images of 3.5 MB, twelve at once), which on a loaded machine took the refused as long as the
+    # admitted; the server's time from arrival to answer does not.
+    assert refused_s < admitted_s / 10, (refused_s, admitted_s)
 
 
 def test_expired_deadline_never_reaches_the_backend(tiny_hf_dir):
