@@ -42,12 +42,13 @@ Modes: `exact` (JPEG bytes; Pillow decode, resize, crop in decode threads); `pro
 processes, `--decode-processes`), also with the requests sent otherwise than one Score call each:
 `processes-stream` (as the messages of ScoreStreams) and `processes-reward` (by a RewardClient, which sends the
 pairs of several requests in one: an RL trainer's client); `pixels` (the client sends decoded uint8 pixels, 512 x
-512 x 3, as `Image.pixels`; the server resizes and crops) and `pixels-processes`; `device` (`--decode-on-device`:
-here torchvision decodes and resizes on the CPU, work an accelerator would do. The host part leaves out that share
-of the decode threads' CPU: `crop_on_device`'s steps are timed apart in-process first, one thread,
-`time.thread_time` -- header, buffer and copy back are host work; decode_jpeg, interpolate, round, cast and crop
-device work -- and the decode threads' CPU in the server is split by that ratio; the lock time is all host work
-and kept whole). `--extra-flags MODE=FLAGS` adds server flags to a mode.
+512 x 3, as `Image.pixels`; the server resizes and crops), `pixels-processes` and `pixels-processes-reward`
+(pixels as a RewardClient sends an RL pipeline's PIL images); `device` (`--decode-on-device`: here torchvision
+decodes and resizes on the CPU, work an accelerator would do. The host part leaves out that share of the decode
+threads' CPU: `crop_on_device`'s steps are timed apart in-process first, one thread, `time.thread_time` -- header,
+buffer and copy back are host work; decode_jpeg, interpolate, round, cast and crop device work -- and the decode
+threads' CPU in the server is split by that ratio; the lock time is all host work and kept whole). `--extra-flags
+MODE=FLAGS` adds server flags to a mode.
 Writes JSON and markdown under --out and, unless --no-append, a section of benchmarks/RESULTS.md.
 """
 
@@ -96,6 +97,7 @@ MODES = {
     "processes-stream": (("--decode-processes",), "jpeg", "stream"),
     "processes-reward": (("--decode-processes",), "jpeg", "reward"),
     "pixels-processes": (("--decode-processes",), "pixels", "unary"),
+    "pixels-processes-reward": (("--decode-processes",), "pixels", "reward"),
 }
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -474,6 +476,7 @@ LABELS = {
     "processes-stream": "exact path, `--decode-processes`, requests on a ScoreStream",
     "processes-reward": "exact path, `--decode-processes`, a RewardClient's batches (32 pairs)",
     "pixels-processes": "raw pixels in, `--decode-processes`",
+    "pixels-processes-reward": "raw pixels in, `--decode-processes`, a RewardClient's batches (32 pairs)",
 }
 
 
