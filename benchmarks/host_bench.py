@@ -76,6 +76,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     PER_REQUEST,
     append_results,
+    closed_loop,
     cpu_seconds,
     descendants,
     git_revision,
@@ -250,20 +251,10 @@ async def load(rpc: str, address: str, payload: list, concurrency: int) -> Async
     from pickscore.server.settings import Settings
     from pickscore.v1 import scoring_pb2 as pb
 
-    stop, count, names = asyncio.Event(), itertools.count(), prompts(1_000_000)
-
-    def request(i: int) -> tuple[str, list]:
-        return names[i], [payload[(i * PER_REQUEST + k) % len(payload)] for k in range(PER_REQUEST)]
-
+    stop = asyncio.Event()
     async with AsyncClient(address, timeout=600) as client:
-        if rpc == "unary":
-
-            async def caller() -> None:
-                while not stop.is_set():
-                    await client.score(*request(next(count)))
-
-            callers = [caller() for _ in range(concurrency)]
-        elif rpc == "stream":
+        if rpc == "stream":
+            count, names = itertools.count(), prompts(1_000_000)
 
             async def stream(window: int) -> None:
                 free = asyncio.Semaphore(window)
@@ -272,9 +263,9 @@ async def load(rpc: str, address: str, payload: list, concurrency: int) -> Async
                     while not stop.is_set():
                         await free.acquire()
                         i = next(count)
-                        prompt, refs = request(i)
+                        refs = [payload[(i * PER_REQUEST + k) % len(payload)] for k in range(PER_REQUEST)]
                         yield pb.ScoreStreamRequest(
-                            tag=str(i), request=pb.ScoreRequest(prompt=prompt, images=image_messages(refs, None))
+                            tag=str(i), request=pb.ScoreRequest(prompt=names[i], images=image_messages(refs, None))
                         )
 
                 async for answer in client.stub.ScoreStream(messages()):
@@ -284,14 +275,19 @@ async def load(rpc: str, address: str, payload: list, concurrency: int) -> Async
             window = Settings().stream_window  # the server's (started with its default)
             callers = [stream(window) for _ in range(max(1, concurrency // window))]
         else:
-            rewards = RewardClient(address, timeout=600)
+            if rpc == "unary":
+                send = client.score
+            else:
+                rewards = RewardClient(address, timeout=600)
 
-            async def caller() -> None:
-                while not stop.is_set():
-                    prompt, refs = request(next(count))
+                async def send(prompt: str, refs: list) -> None:
                     await asyncio.gather(*(asyncio.wrap_future(rewards.submit(prompt, ref)) for ref in refs))
 
-            callers = [caller() for _ in range(concurrency)]
+            async def call(prompt: str, refs: list) -> None:
+                if not stop.is_set():  # once stopped, the loop's remaining requests pass at once
+                    await send(prompt, refs)
+
+            callers = [closed_loop(call, payload, concurrency, 100_000)]
         driver = asyncio.gather(*callers)
         try:
             yield
