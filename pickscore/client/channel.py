@@ -45,6 +45,9 @@ def _options(max_message_bytes: int) -> list[tuple[str, int | str]]:
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.service_config", _SERVICE_CONFIG),
         ("grpc.enable_retries", 1),
+        # A connection of its own per client rather than one shared by every channel of the process to the same
+        # target: a server with front ends (serve --front-ends) is spread over by connection.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
 
 

@@ -79,6 +79,14 @@ class Tokenizer:
         self.eos_id = self.encoder[EOS]
         self._bpe = functools.lru_cache(maxsize=65536)(self._bpe_uncached)
 
+    def __getstate__(self) -> dict:
+        """Picklable (a server's front-end processes receive it): the per-word cache is left behind."""
+        return {k: v for k, v in self.__dict__.items() if k != "_bpe"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._bpe = functools.lru_cache(maxsize=65536)(self._bpe_uncached)
+
     @property
     def vocab_size(self) -> int:
         return len(self.encoder)

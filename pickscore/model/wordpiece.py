@@ -116,6 +116,14 @@ class WordPiece:
         self._specials = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
         self._pieces = functools.lru_cache(maxsize=65536)(self._pieces_uncached)
 
+    def __getstate__(self) -> dict:
+        """Picklable (a server's front-end processes receive it): the per-word cache is left behind."""
+        return {k: v for k, v in self.__dict__.items() if k != "_pieces"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._pieces = functools.lru_cache(maxsize=65536)(self._pieces_uncached)
+
     @classmethod
     def from_file(cls, path: str | Path, context_length: int = CONTEXT_LENGTH) -> WordPiece:
         """From a BERT ``vocab.txt`` (bert-base-uncased's for ImageReward)."""

@@ -39,6 +39,7 @@ from pickscore.server.repository import Repository, default_name, model_specs
 from pickscore.server.scoring_v1 import SERVICE_NAME, ScoringService
 from pickscore.server.security import ServerTls, TokenSet
 from pickscore.server.settings import Settings
+from pickscore.server.towers import TowerClient
 from pickscore.v1 import scoring_pb2_grpc
 
 log = logging.getLogger("pickscore.server")
@@ -49,11 +50,14 @@ LIVENESS_SERVICE = "liveness"
 
 class Server:
     """One server over the models of ``settings``. ``backend``: the one model's backend, passed in rather than loaded
-    (tests inject faults that way)."""
+    (tests inject faults that way). ``towers``: this server is one of several front ends (``serve --front-ends``):
+    its models' forward passes run in the process that owns the device, it shares its gRPC and HTTP ports with
+    the other front ends, and its metrics port is on loopback, for that process to gather."""
 
-    def __init__(self, settings: Settings, backend: Backend | None = None):
+    def __init__(self, settings: Settings, backend: Backend | None = None, towers: TowerClient | None = None):
         settings.validate()
         self.settings = settings
+        self.towers = towers
         self.specs = model_specs(settings)  # a bad --model or repository stops the start here, before any port
         default_name(settings, self.specs)
         self.metrics = Metrics()
@@ -62,7 +66,8 @@ class Server:
         self.tls = ServerTls.from_settings(settings)  # None: plaintext
         self.state.max_per_client = settings.max_inflight_per_client
         self.shared = Shared(settings)
-        self.repository = Repository(settings, self.metrics, self.shared, self._on_hung, backend)
+        load = (lambda ref: towers.load(ref, settings)) if towers else None
+        self.repository = Repository(settings, self.metrics, self.shared, self._on_hung, backend, load)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -119,7 +124,7 @@ class Server:
         self.state.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "serving",
+            "front end serving" if self.towers else "serving",  # with front ends "serving" says all of them are
             extra={
                 "port": self.port,
                 "http_port": self.http_port,
@@ -136,12 +141,13 @@ class Server:
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
-            ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it silently
+            # A second server on a taken port must fail, not share it silently; front ends share theirs.
+            ("grpc.so_reuseport", int(self.towers is not None)),
         ]
         self._grpc = grpc.aio.server(options=options)
         address = f"{s.host}:{s.port}"
         # gRPC would log a line of its own and then say only that it failed: ask the OS first, and why.
-        if s.port and (busy := ports.why_not(s.host, s.port)):
+        if s.port and not self.towers and (busy := ports.why_not(s.host, s.port)):
             raise ports.unbindable(s.host, s.port, "port", busy)
         try:
             if self.tls:  # the certificate files are re-read when they change, before each new connection
@@ -151,10 +157,11 @@ class Server:
         except RuntimeError as e:  # taken between the check and now
             raise ports.unbindable(s.host, s.port, "port", e) from None
         if s.http_port >= 0:
-            self._http_socket = ports.listen(s.host, s.http_port, "http_port")
+            self._http_socket = ports.listen(s.host, s.http_port, "http_port", share=self.towers is not None)
         if s.metrics_port >= 0:
+            host = "127.0.0.1" if self.towers else s.host  # a front end's: gathered by the device's process
             try:
-                self.metrics_port = self.metrics.serve_http(s.host, s.metrics_port)
+                self.metrics_port = self.metrics.serve_http(host, s.metrics_port)
             except OSError as e:
                 raise ports.unbindable(s.host, s.metrics_port, "metrics_port", e) from None
 
@@ -215,20 +222,28 @@ class Server:
 
 
 def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT, then drain; the process's exit status. SIGHUP re-reads the credentials."""
+    """Run until SIGTERM/SIGINT, then drain; the process's exit status. SIGHUP re-reads the credentials. With
+    ``front_ends``, this process owns the device and runs the front ends (``pickscore.server.front_ends``)."""
+    if settings.front_ends:
+        from pickscore.server.front_ends import serve_front_ends
+
+        return serve_front_ends(settings)
     configure_logging(settings)
-
-    async def main() -> None:
-        server = Server(settings)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.drain()))
-        loop.add_signal_handler(signal.SIGHUP, server.reload_credentials)  # re-read certificates and tokens now
-        await server.start()
-        await server.wait()
-
-    asyncio.run(main())
+    asyncio.run(run(settings))
     return 0
+
+
+async def run(settings: Settings, towers: TowerClient | None = None, on_serving=None) -> None:
+    """One server until SIGTERM/SIGINT and its drain; ``on_serving(server)`` once it serves."""
+    server = Server(settings, towers=towers)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.drain()))
+    loop.add_signal_handler(signal.SIGHUP, server.reload_credentials)  # re-read certificates and tokens now
+    await server.start()
+    if on_serving is not None:
+        on_serving(server)
+    await server.wait()
 
 
 class ServerThread:

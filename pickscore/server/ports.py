@@ -16,10 +16,22 @@ from pickscore.server.settings import env_name
 NAMES = {"port": "gRPC", "http_port": "HTTP", "metrics_port": "metrics"}
 
 
-def listen(host: str, port: int, setting: str) -> socket.socket:
-    """A listening TCP socket on host:port (the first address ``host`` resolves to); OSError naming the port."""
+def listen(host: str, port: int, setting: str, share: bool = False) -> socket.socket:
+    """A listening TCP socket on host:port (the first address ``host`` resolves to); OSError naming the port.
+    ``share``: with SO_REUSEPORT, beside a server's other front ends on the same port (``reserve``)."""
     try:
-        return _listen(host, port)
+        return _listen(host, port, share)
+    except OSError as e:
+        raise unbindable(host, port, setting, e) from None
+
+
+def reserve(host: str, port: int, setting: str) -> socket.socket:
+    """The port a server's front ends will share (0: a free one), bound with SO_REUSEPORT but not listening, so it
+    takes no connections: held while they start. OSError naming the port when something else listens there."""
+    if busy := why_not(host, port):
+        raise unbindable(host, port, setting, busy)
+    try:
+        return _listen(host, port, share=True, backlog=None)
     except OSError as e:
         raise unbindable(host, port, setting, e) from None
 
@@ -41,14 +53,17 @@ def unbindable(host: str, port: int, setting: str, reason: BaseException) -> OSE
     return OSError(f"{NAMES[setting]} port {host}:{port} ({flag_name(setting)} or {env_name(setting)}): {why}")
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def _listen(host: str, port: int, share: bool = False, backlog: int | None = 128) -> socket.socket:
     found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, kind, proto, _, address = found[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as every server here: TIME_WAIT is no conflict
+        if share:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
-        sock.listen()
+        if backlog is not None:
+            sock.listen(backlog)
     except OSError:
         sock.close()
         raise

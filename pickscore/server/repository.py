@@ -211,8 +211,10 @@ class Repository:
         shared: Shared,
         on_hung: Callable[[str], None] | None = None,
         backend: Backend | None = None,
+        load: Callable[[str], Backend] | None = None,
     ):
         self.settings = settings
+        self._load = load or self._load_here
         self.metrics = metrics
         self.shared = shared
         self.on_hung = on_hung
@@ -345,6 +347,11 @@ class Repository:
     def hung(self) -> bool:
         return any(m.engine is not None and m.engine.hung for m in [*self.serving.values(), *self._retiring])
 
+    def _load_here(self, ref: str) -> Backend:
+        """The model's backend in this process (a server with front ends loads it in the device's instead)."""
+        s = self.settings
+        return load_backend(ref, s.backend, s.device, s.dtype, s.max_batch_size, s.compute_threads, s.compile)
+
     async def _open(self, spec: ModelSpec) -> ServedModel:
         """LOADING: the backend read, the engine started and warmed; ModelLoadError naming the model otherwise."""
         s = self.settings
@@ -353,17 +360,7 @@ class Repository:
             backend = self._given
             self._given = None  # given once, for the first model
             if backend is None:
-                backend = await asyncio.get_running_loop().run_in_executor(
-                    None,
-                    load_backend,
-                    spec.ref,
-                    s.backend,
-                    s.device,
-                    s.dtype,
-                    s.max_batch_size,
-                    s.compute_threads,
-                    s.compile,
-                )
+                backend = await asyncio.get_running_loop().run_in_executor(None, self._load, spec.ref)
             _rescale(backend, spec)
             engine = Engine(backend, s, self.metrics.for_model(spec.name), self.shared, self.on_hung)
             await engine.start()

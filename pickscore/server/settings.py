@@ -139,6 +139,13 @@ class Settings:
         "CPUs cannot feed their GPU; close to, not equal to, the exact preprocessing (rank agreement in "
         "benchmarks/RESULTS.md); other formats take the exact path. Threads only",
     )
+    front_ends: int = _f(
+        0,
+        "serve from N front-end processes (transports, validation, decoding, caches, batching), all on the same "
+        "ports, feeding one process that owns the device and runs every forward pass, merging their batches: for "
+        "GPU hosts whose callers send more requests than one process takes in (docs/DESIGN.md, 'Front ends'). "
+        "The kernel spreads connections, not calls, over them. 0: one process",
+    )
     text_cache_bytes: int = _f(64 << 20, "text-embedding cache size in bytes (per prompt; 0 disables)")
     image_cache_bytes: int = _f(0, "image-embedding cache size in bytes (per image content hash; 0 disables)")
     stream_window: int = _f(8, "requests of one ScoreStream computed at the same time")
@@ -184,6 +191,7 @@ class Settings:
         for name in (
             "compute_threads",
             "decode_workers",
+            "front_ends",
             "text_cache_bytes",
             "image_cache_bytes",
             "max_queue_delay_ms",
@@ -207,6 +215,13 @@ class Settings:
             raise ValueError("--model-control-mode poll watches --model-repository: give the directory")
         if self.decode_on_device and self.decode_processes:
             raise ValueError("--decode-on-device decodes in threads: drop --decode-processes")
+        if self.front_ends and self.decode_on_device:
+            raise ValueError("--front-ends decode on the host: drop --decode-on-device")
+        if self.front_ends and self.model_control_mode == "explicit":
+            raise ValueError(
+                "--front-ends and --model-control-mode explicit: a load or unload would reach one front end; "
+                "use poll (each front end watches the repository) or none"
+            )
         if self.max_aspect_ratio < 1:
             raise ValueError(f"max_aspect_ratio must be at least 1, got {self.max_aspect_ratio} (--max-aspect-ratio)")
         if bool(self.tls_cert) != bool(self.tls_key):
