@@ -385,4 +385,3 @@ class RemoteBackend(DualEncoder):
 
     def warm(self, max_batch_size: int, text_max_batch_size: int) -> None:
         self._client.request("warm", self._handle, max_batch_size, text_max_batch_size, control=True)
-
