@@ -99,14 +99,26 @@ MODES = {
     "processes-reward": (("--decode-processes",), "jpeg", "reward"),
     "pixels-processes": (("--decode-processes",), "pixels", "unary"),
     "pixels-processes-reward": (("--decode-processes",), "pixels", "reward"),
+    "front-ends": (("--front-ends", "2", "--decode-processes"), "jpeg", "unary"),
 }
+CONNECTIONS = 8  # the load's connections to a server with front ends, which the kernel spreads by connection
 TICK = os.sysconf("SC_CLK_TCK")
 
 
 def images_scored(metrics_port: int) -> float:
-    """The server's `pickscore_images_scored` counter, summed over its models."""
+    """The server's `pickscore_images_scored` counter, summed over its models (and front ends)."""
+    return sum(images_by_front_end(metrics_port).values())
+
+
+def images_by_front_end(metrics_port: int) -> dict[str, float]:
+    """`pickscore_images_scored` by the ``front_end`` label (one key, "", for a server without front ends)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    return sum(float(n) for n in re.findall(r"^pickscore_images_scored_total(?:\{[^}]*\})? (\S+)$", text, re.M))
+    out: dict[str, float] = {}
+    for labels, n in re.findall(r"^pickscore_images_scored_total(?:\{([^}]*)\})? (\S+)$", text, re.M):
+        front_end = re.search(r'front_end="(\d+)"', labels or "")
+        key = front_end.group(1) if front_end else ""
+        out[key] = out.get(key, 0.0) + float(n)
+    return out
 
 
 def device_share(images: list[bytes], seconds: float = 3.0) -> float:
@@ -240,12 +252,13 @@ def busy_cores_s() -> float:
 
 
 @asynccontextmanager
-async def load(rpc: str, address: str, payload: list, concurrency: int) -> AsyncIterator[None]:
+async def load(rpc: str, address: str, payload: list, concurrency: int, connections: int = 1) -> AsyncIterator[None]:
     """A saturating closed loop of best-of-8 requests while the block runs, a fresh prompt each (no cache helps),
     ``concurrency`` of them in flight, sent as ``rpc`` says: "unary", one Score call a request; "stream", each a
     message of a ScoreStream (``concurrency`` / 8 streams of 8 in flight: the server's --stream-window); "reward",
     a RewardClient (each request's 8 pairs submitted as a group; the client sends them in requests of up to 32
-    pairs, at most 4 in flight, as an RL trainer's would be)."""
+    pairs, at most 4 in flight, as an RL trainer's would be). ``connections`` (unary): the callers spread over
+    that many clients, each a connection of its own, as many callers' would be."""
     from pickscore.client import AsyncClient, RewardClient
     from pickscore.client.wire import image_messages
     from pickscore.server.settings import Settings
@@ -276,7 +289,12 @@ async def load(rpc: str, address: str, payload: list, concurrency: int) -> Async
             callers = [stream(window) for _ in range(max(1, concurrency // window))]
         else:
             if rpc == "unary":
-                send = client.score
+                clients = [client] + [AsyncClient(address, timeout=600) for _ in range(connections - 1)]
+                turn = itertools.cycle(clients)
+
+                async def send(prompt: str, refs: list) -> None:
+                    await next(turn).score(prompt, refs)
+
             else:
                 rewards = RewardClient(address, timeout=600)
 
@@ -296,6 +314,9 @@ async def load(rpc: str, address: str, payload: list, concurrency: int) -> Async
             await driver
             if rpc == "reward":
                 await asyncio.get_running_loop().run_in_executor(None, rewards.close)
+            if rpc == "unary":
+                for other in clients[1:]:
+                    await other.close()
 
 
 async def measure_mode(mode: str, model_dir: Path, images, args) -> dict:
@@ -309,7 +330,8 @@ async def measure_mode(mode: str, model_dir: Path, images, args) -> dict:
     loop = asyncio.get_running_loop()
     try:
         payload = images if kind == "jpeg" else args.pixels
-        async with load(rpc, f"127.0.0.1:{entry['port']}", payload, args.concurrency):
+        connections = CONNECTIONS if "--front-ends" in server_flags else 1
+        async with load(rpc, f"127.0.0.1:{entry['port']}", payload, args.concurrency, connections):
             await asyncio.sleep(args.warmup_s)
 
             def snapshot(first: bool):
@@ -353,7 +375,10 @@ async def measure_mode(mode: str, model_dir: Path, images, args) -> dict:
             f"{tid} {names.get(tid, '?')}": round(1000 * v / images_in_window, 3)
             for tid, v in sorted(thread_s.items(), key=lambda kv: -kv[1])
         }
-        towers = sum(v for tid, v in thread_s.items() if names.get(tid, "").startswith("towers"))
+        # With front ends the forward passes run in the device's process (its "towers-image-0", ...); a front end's
+        # "towers" thread only sends them there: host work.
+        device_tids = set(tasks(proc.pid)) if "front_ends" in entry else set(thread_s)
+        towers = sum(v for tid, v in thread_s.items() if names.get(tid, "").startswith("towers") and tid in device_tids)
         decoding = sum(v for tid, v in thread_s.items() if names.get(tid, "").startswith("decode"))
         on_device = decoding * args.device_share if mode == "device" else 0.0
         device = 1000 * (towers + on_device) / images_in_window
@@ -371,18 +396,21 @@ async def measure_mode(mode: str, model_dir: Path, images, args) -> dict:
         proc.wait(timeout=60)
 
 
-def sample_lock(pid: int, rate: int, seconds: int, raw: Path, workers: bool = False, realtime: int = 0, spy=None):
+def sample_lock(
+    pid: int, rate: int, seconds: int, raw: Path, workers: bool = False, realtime: int = 0, spy=None, also=()
+):
     """py-spy reads, ``rate`` times a second for ``seconds``, which thread of ``pid`` (and with ``workers`` of the
     processes below it) holds its interpreter lock, without stopping the process, and writes those threads' stacks
-    to ``raw``. With ``realtime`` (a SCHED_RR priority) every thread of ``pid`` runs on the real-time scheduler
-    meanwhile, py-spy one priority above, and is put back after. -> (GIL-held samples by (process, thread id),
+    to ``raw``. With ``realtime`` (a SCHED_RR priority) every thread of ``pid`` (and of the processes ``also``: a
+    server's front ends) runs on the real-time scheduler meanwhile, py-spy one priority above, and is put back
+    after. -> (GIL-held samples by (process, thread id),
     samples that failed (a stack that changed while read), py-spy's output)."""
     cmd = [spy or py_spy() or "py-spy", "record", "--pid", str(pid), "--gil", "--threads", "--nonblocking"]
     cmd += ["--format", "raw", "--rate", str(rate), "--duration", str(seconds), "-o", str(raw)]
     cmd += ["--subprocesses"] if workers else []
 
-    def policy(pid: int, which: int, priority: int) -> None:
-        for tid in tasks(pid):
+    def policy(pids, which: int, priority: int) -> None:
+        for tid in [t for p in pids for t in tasks(p)]:
             try:
                 os.sched_setscheduler(tid, which, os.sched_param(priority))
             except ProcessLookupError:
@@ -390,16 +418,16 @@ def sample_lock(pid: int, rate: int, seconds: int, raw: Path, workers: bool = Fa
 
     try:
         if realtime:
-            policy(pid, os.SCHED_RR, realtime)
+            policy((pid, *also), os.SCHED_RR, realtime)
         # no preexec_fn: Python run between fork and exec in a process with gRPC's threads (a client's) can crash
         sampler = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for _ in range(3 if realtime else 0):  # the sampler's threads, as they start
-            policy(sampler.pid, os.SCHED_RR, realtime + 1)
+            policy((sampler.pid,), os.SCHED_RR, realtime + 1)
             time.sleep(0.05)
         output = sampler.communicate()[0]
     finally:
         if realtime:  # threads started meanwhile inherited the policy too
-            policy(pid, os.SCHED_OTHER, 0)
+            policy((pid, *also), os.SCHED_OTHER, 0)
     text = output.decode(errors="replace")
     if not raw.exists():
         raise RuntimeError(f"py-spy took no samples of process {pid} (exit status {sampler.returncode}): {text[-500:]}")
@@ -408,34 +436,51 @@ def sample_lock(pid: int, rate: int, seconds: int, raw: Path, workers: bool = Fa
 
 async def lock_window(proc, entry, args, mode: str, workers: bool, realtime: int) -> dict:
     """One window of ``sample_lock`` over the server under load: the fraction of instants its main process held
-    the lock (a failed sample counted as held by it), and in each worker process, per image scored meanwhile."""
+    the lock (a failed sample counted as held by it), and in each worker process, per image scored meanwhile.
+    With front ends, the main process is the device's, and each front end's lock is per image it scored (its own
+    series of the counter); a failed sample counts as held by each of them."""
     loop = asyncio.get_running_loop()
     raw = args.out / f"host-{mode}{'-rt' if realtime else ''}-{git_revision()}.gil.txt"  # kept for reading
     pids = descendants(proc.pid)
+    fronts = entry.get("front_ends", [])
     s0 = schedstat(pids)
-    n0 = await loop.run_in_executor(None, images_scored, entry["metrics_port"])
+    n0 = await loop.run_in_executor(None, images_by_front_end, entry["metrics_port"])
     t0 = time.perf_counter()
     counts, errors, log = await loop.run_in_executor(
-        None, sample_lock, proc.pid, args.rate, args.gil_window_s, raw, workers, realtime, args.py_spy
+        None, sample_lock, proc.pid, args.rate, args.gil_window_s, raw, workers, realtime, args.py_spy, fronts
     )
     t1 = time.perf_counter()
-    n1 = await loop.run_in_executor(None, images_scored, entry["metrics_port"])
+    n1 = await loop.run_in_executor(None, images_by_front_end, entry["metrics_port"])
     s1 = schedstat(pids)
     instants = args.rate * args.gil_window_s
-    rate = (n1 - n0) / (t1 - t0)  # images/s while sampled (py-spy's own start and stop included)
+    rate = (sum(n1.values()) - sum(n0.values())) / (t1 - t0)  # images/s while sampled (py-spy's start and stop too)
 
     def on_core(tid: int) -> float:
         """The share of a thread's runnable time it spent on a core during the sampling."""
         (r0, w0), (r1, w1) = s0.get(tid, (0, 0)), s1.get(tid, (0, 0))
         return (r1 - r0) / ((r1 - r0) + (w1 - w0)) if (r1 - r0) + (w1 - w0) else 1.0
 
-    main = next((k for k, _ in counts if f"process {proc.pid}:" in k), "main")
-    held: dict[str, float] = {main: errors / instants}
-    held_on_core: dict[str, float] = {main: errors / instants}
+    def key(pid: int) -> str:
+        return next((k for k, _ in counts if f"process {pid}:" in k), f"process {pid}:")
+
+    main, front_keys = key(proc.pid), [key(pid) for pid in fronts]
+    held: dict[str, float] = {k: errors / instants for k in (main, *front_keys)}
+    held_on_core = dict(held)
     for (process, tid), n in counts.items():
         held[process] = held.get(process, 0.0) + n / instants
         held_on_core[process] = held_on_core.get(process, 0.0) + n * on_core(tid) / instants
+    front_rates = [(n1.get(str(i), 0.0) - n0.get(str(i), 0.0)) / (t1 - t0) for i in range(len(fronts))]
+    extra = {}
+    if fronts:
+        extra = {
+            "gil_front_ends_images_per_s": front_rates,
+            "gil_front_ends_ms_per_image": [1000 * held[k] / r for k, r in zip(front_keys, front_rates)],
+            "gil_front_ends_on_core_ms_per_image": [
+                1000 * held_on_core[k] / r for k, r in zip(front_keys, front_rates)
+            ],
+        }
     return {
+        **extra,
         "gil_errors": errors,
         "gil_raw": str(raw),
         "gil_images_per_s": rate,
@@ -444,7 +489,7 @@ async def lock_window(proc, entry, args, mode: str, workers: bool, realtime: int
         "gil_held_fraction": held.get(main, 0.0),
         "gil_ms_per_image": 1000 * held.get(main, 0.0) / rate,
         "gil_on_core_ms_per_image": 1000 * held_on_core.get(main, 0.0) / rate,
-        "gil_workers_ms_per_image": {p: 1000 * v / rate for p, v in held.items() if p != main},
+        "gil_workers_ms_per_image": {p: 1000 * v / rate for p, v in held.items() if p != main and p not in front_keys},
         "py_spy_lag": [line for line in log.splitlines() if "behind" in line][:3],
     }
 
@@ -456,9 +501,16 @@ def project(r: dict, cores: int, target: float) -> None:
     def per_second(ms: float) -> float:
         return 1000 / ms if ms > 0 else float("inf")
 
+    def lock_ceiling(prefix: str) -> float:
+        """1 / the main process's lock an image; with front ends, at most what they take in together (each one
+        over the lock it holds an image it scored)."""
+        fronts = r.get(prefix + "gil_front_ends_ms_per_image")
+        device = per_second(r[prefix + "gil_ms_per_image"])
+        return min(device, sum(per_second(ms) for ms in fronts)) if fronts else device
+
     r["cores_over_cpu"] = cores / (r["cpu_ms_per_image"] / 1000)
-    r["one_over_gil_bound"] = per_second(r["gil_ms_per_image"])
-    r["one_over_gil"] = per_second(r.get("rt_gil_ms_per_image", r["gil_ms_per_image"]))
+    r["one_over_gil_bound"] = lock_ceiling("")
+    r["one_over_gil"] = lock_ceiling("rt_" if "rt_gil_ms_per_image" in r else "")
     r["ceiling"] = min(r["cores_over_cpu"], r["one_over_gil"])
     r["ceiling_bound"] = min(r["cores_over_cpu"], r["one_over_gil_bound"])
     r["meets_target"] = r["ceiling"] >= target
@@ -473,6 +525,7 @@ LABELS = {
     "processes-reward": "exact path, `--decode-processes`, a RewardClient's batches (32 pairs)",
     "pixels-processes": "raw pixels in, `--decode-processes`",
     "pixels-processes-reward": "raw pixels in, `--decode-processes`, a RewardClient's batches (32 pairs)",
+    "front-ends": "exact path, `--front-ends 2 --decode-processes`, one Score call a request",
 }
 
 
@@ -520,6 +573,15 @@ def markdown(results: dict) -> str:
         if r["gil_workers_ms_per_image"]:
             shown = ", ".join(f"{v:.3f}" for v in r["gil_workers_ms_per_image"].values())
             notes.append(f"- {name}: the lock held in each worker process, ms per image the server scored: {shown}")
+        if r.get("gil_front_ends_ms_per_image"):
+            each = ", ".join(f"{v:.3f}" for v in r["gil_front_ends_ms_per_image"])
+            rt = ", ".join(f"{v:.3f}" for v in r.get("rt_gil_front_ends_ms_per_image", []))
+            rates = ", ".join(f"{v:.0f}" for v in r["gil_front_ends_images_per_s"])
+            notes.append(
+                f"- {name}: the lock column is the device's process; each front end's, ms per image it scored: "
+                f"{each} (with a core: {rt or 'not measured'}), at {rates} images/s; the ceiling takes the smaller "
+                "of the device's and the front ends' together"
+            )
         if r["py_spy_lag"]:
             notes.append(f"- {name}: py-spy fell behind: {r['py_spy_lag'][0]}")
     return "\n".join(lines + notes)

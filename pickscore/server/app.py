@@ -60,7 +60,7 @@ class Server:
         self.towers = towers
         self.specs = model_specs(settings)  # a bad --model or repository stops the start here, before any port
         default_name(settings, self.specs)
-        self.metrics = Metrics()
+        self.metrics = Metrics(gpu=towers is None)
         # Credentials are read here: a bad certificate, key or token file stops the start, naming the file.
         self.state = ServerState(self.metrics, TokenSet.from_settings(settings))
         self.tls = ServerTls.from_settings(settings)  # None: plaintext

@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pickscore.resources import usable_cores
 from pickscore.server import ports
+from pickscore.server.metrics import GpuCollector
 from pickscore.server.settings import Settings
 from pickscore.server.towers import TowerClient, TowerHost
 
@@ -71,6 +72,7 @@ def serve_front_ends(settings: Settings) -> int:
     host = TowerHost(s)
     registry = CollectorRegistry()
     registry.register(FrontEndMetrics(host))
+    registry.register(GpuCollector())  # the device's gauges, from the one process with a CUDA context
     metrics_server = None
     if s.metrics_port >= 0:
         try:
@@ -84,7 +86,9 @@ def serve_front_ends(settings: Settings) -> int:
         port=chosen["port"],
         http_port=chosen.get("http_port", -1),
         metrics_port=0,
-        decode_workers=s.decode_workers or max(1, usable_cores() // s.front_ends),  # the host's cores, divided
+        # The host's cores divided, at least 2 each: the kernel spreads connections, not load, so one front end
+        # may take more than its share.
+        decode_workers=s.decode_workers or max(2, usable_cores() // s.front_ends),
     )
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of this one's threads
     procs = [

@@ -139,14 +139,17 @@ class Metrics:
     model_weights: Gauge
     decoded: Counter
 
-    def __init__(self) -> None:
+    def __init__(self, gpu: bool = True) -> None:
+        """``gpu``: the GPU's gauges too (a front end leaves them to the process that owns the device: reading them
+        would import torch and open a CUDA context in every front end)."""
         self._http = None  # the /metrics server, once serve_http started it
         self.registry = CollectorRegistry()
         for attr, (kind, name, doc, labels, *buckets) in SPECS.items():
             extra = {"buckets": buckets[0]} if buckets else {}
             setattr(self, attr, kind(name, doc, labels, registry=self.registry, **extra))
         self.refusals.labels("", "client_limit")
-        self.registry.register(GpuCollector())
+        if gpu:
+            self.registry.register(GpuCollector())
 
     def for_model(self, model: str) -> ModelMetrics:
         """The families labelled by model with ``model`` filled in, the others as they are; its series preset."""

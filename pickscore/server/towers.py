@@ -206,7 +206,7 @@ class TowerHost:
         self.hello = threading.Condition()
 
     def start(self) -> None:
-        threading.Thread(target=self._accept, name="towers-accept", daemon=True).start()
+        threading.Thread(target=self._accept, name="tower-host-accept", daemon=True).start()
 
     def close(self) -> None:
         self._listener.close()
@@ -223,7 +223,7 @@ class TowerHost:
                 conn, _ = self._listener.accept()
             except OSError:  # closed
                 return
-            threading.Thread(target=self._serve, args=(conn,), name="towers-conn", daemon=True).start()
+            threading.Thread(target=self._serve, args=(conn,), name="tower-host-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
@@ -304,7 +304,7 @@ class TowerClient:
         self._control = self._connect()
         self._control_lock = threading.Lock()
         self._releases: queue.SimpleQueue = queue.SimpleQueue()  # handles a finalizer let go of, sent by a thread
-        threading.Thread(target=self._release_later, name="towers-release", daemon=True).start()
+        threading.Thread(target=self._release_later, name="tower-release", daemon=True).start()
 
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -367,6 +367,11 @@ class RemoteBackend(DualEncoder):
         self._handle = meta.pop("handle")
         self.__dict__.update(meta)
         self.description += ", towers in the device process"
+        # To this process the forward passes are remote, as a GPU's are: its batchers run them on threads of their
+        # own (not the lowered pool of a CPU's compute), two batches at once, so one travels while the host
+        # computes the other, and the host has the next at hand to merge with other front ends'.
+        self.accelerated = True
+        self.pipeline_depth = max(2, self.pipeline_depth)
         weakref.finalize(self, client._releases.put, self._handle)  # the host unloads once no front end holds it
 
     def _call(self, tower: str, *arrays: np.ndarray) -> np.ndarray:

@@ -165,6 +165,8 @@ def test_front_ends_serve_as_one_server(tiny_hf_dir):
         )
         with urllib.request.urlopen(request, timeout=30) as r:
             np.testing.assert_allclose([x["score"] for x in json.loads(r.read())["results"]], expected, atol=1e-4)
+        for pid in started["front_ends"]:  # a front end loads no model and imports no torch: ~100 MB, not ~500
+            assert "libtorch" not in open(f"/proc/{pid}/maps").read()
         for client in clients:
             client.close()
         proc.send_signal(signal.SIGTERM)
