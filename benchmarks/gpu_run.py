@@ -22,6 +22,9 @@ reported "over budget", so one slow part cannot lose the rest:
                   off, micro-batch doubled until it no longer fits: samples/s, peak memory, MFU
   tower-compiled  the image tower through torch.compile as the server compiles it, at the same batches
   serve-compiled  `pickscore serve --compile` (CUDA graphs per batch bucket) at the same load
+  serve-front-ends  `pickscore serve --front-ends 2 --decode-processes` at the same load, each caller on a
+                  connection of its own (the kernel spreads front ends by connection); the profile covers the
+                  front ends too
 
 Writes DIR/gpu-run.json (everything, with the device, driver, torch version and commit), DIR/gpu-run.md,
 DIR/gpu-run.png, and appends the markdown to benchmarks/RESULTS.md (unless --no-append). The model has random
@@ -107,13 +110,15 @@ BUDGETS = {
     "model": (45, 15),
     "roofline": (20, 10),
     "tower": (35, 10),
-    "serve": (140, 40),
+    "serve": (130, 40),
     "fidelity": (40, 15),
-    "training": (70, 15),
+    "training": (60, 15),
     "tower-compiled": (50, 20),
     "serve-compiled": (60, 30),
+    "serve-front-ends": (40, 30),
 }
 SECTIONS = list(BUDGETS)
+SERVE_SECTIONS = ("serve", "serve-compiled", "serve-front-ends")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROFILE_RATE = 250  # py-spy samples per second per thread, for the one loaded second
 START = time.perf_counter()  # this process's start: when a section's steps happened
@@ -319,17 +324,18 @@ def stage_of(frames: list[str]) -> str:
     return "python"
 
 
-def profile_second(pid: int, seconds: int = 1) -> dict[str, Any]:
-    """py-spy's samples of every thread of the server for ``seconds``, each attributed to a stage (or to the
-    Python of the server itself: gRPC, asyncio, batching): the share of busy samples per stage, and how many
-    threads were busy on average. Idle threads (waiting on a lock, a socket) are not sampled."""
+def profile_second(pid: int, seconds: int = 1, tree: bool = False) -> dict[str, Any]:
+    """py-spy's samples of every thread of the server (``tree``: and of the processes below it) for ``seconds``,
+    each attributed to a stage (or to the Python of the server itself: gRPC, asyncio, batching): the share of busy
+    samples per stage, and how many threads were busy on average. Idle threads (waiting on a lock, a socket) are
+    not sampled."""
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "stacks.txt"
         spy = py_spy()
         if spy is None:
             return {"profile": "not taken: py-spy is not installed (the dev extra; docs/GPU.md carries its wheel)"}
         cmd = [spy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", str(PROFILE_RATE)]
-        cmd += ["--format", "raw", "--nonblocking", "-o", str(raw)]
+        cmd += ["--format", "raw", "--nonblocking", "-o", str(raw), *(["--subprocesses"] if tree else [])]
         try:
             subprocess.run(cmd, capture_output=True, timeout=60 + seconds, check=True)
         except (OSError, subprocess.SubprocessError) as e:
@@ -351,9 +357,10 @@ def profile_second(pid: int, seconds: int = 1) -> dict[str, Any]:
     }
 
 
-def serve_variants(s: Section, servers: list[tuple[list[str], list[str]]]) -> None:
+def serve_variants(s: Section, servers: list[tuple[list[str], list[str]]], front_ends: bool = False) -> None:
     """Per (server flags, variants served by it): start it once, then drive each variant at each concurrency.
-    Variant "pixels" sends the JPEGs' decoded uint8 pixels; the others send the JPEGs."""
+    Variant "pixels" sends the JPEGs' decoded uint8 pixels; the others send the JPEGs. ``front_ends``: each
+    caller has a connection of its own, and the profile samples the server's processes below it too."""
     from PIL import Image
 
     blobs = jpegs(64, side=s.p["side"])
@@ -383,7 +390,8 @@ def serve_variants(s: Section, servers: list[tuple[list[str], list[str]]]) -> No
                         c,
                         s.p["client_processes"],
                         s.p["profiled_requests_per_caller" if last else "requests_per_caller"],
-                        during=(lambda pid=proc.pid: profile_second(pid)) if last else None,
+                        during=(lambda pid=proc.pid: profile_second(pid, tree=front_ends)) if last else None,
+                        own_connections=front_ends,
                     )
                     cpu = tree_cpu_seconds(proc.pid) - cpu0
                 stats.update(
@@ -408,6 +416,10 @@ def section_serve(s: Section) -> None:
 
 def section_serve_compiled(s: Section) -> None:
     serve_variants(s, [(["--compile"], ["compiled"])])
+
+
+def section_serve_front_ends(s: Section) -> None:
+    serve_variants(s, [(["--front-ends", "2", "--decode-processes"], ["front-ends"])], front_ends=True)
 
 
 def section_fidelity(s: Section) -> None:
@@ -531,6 +543,7 @@ RUNNERS: dict[str, Callable[[Section], None]] = {
     "training": section_training,
     "tower-compiled": section_tower_compiled,
     "serve-compiled": section_serve_compiled,
+    "serve-front-ends": section_serve_front_ends,
 }
 
 
@@ -628,7 +641,7 @@ def markdown(report: dict[str, Any], info: dict[str, Any], profile: dict[str, An
                     f"| {row['batch']} | {row['images_per_s']:.0f} | {fmt(row['of_roofline'], '.0%')} "
                     f"| {row['first_call_s']:.1f} |"
                 )
-    rows = r.get("serve", {}).get("rows", []) + r.get("serve-compiled", {}).get("rows", [])
+    rows = [x for name in SERVE_SECTIONS for x in r.get(name, {}).get("rows", [])]
     if rows:
         out += [
             "",
@@ -701,7 +714,7 @@ def plot(report: dict[str, Any], png: Path) -> None:
     ax.set(xscale="log", xlabel="batch", ylabel="images/s", title="image tower")
     ax.legend()
     ax = axes[1]
-    rows = r.get("serve", {}).get("rows", []) + r.get("serve-compiled", {}).get("rows", [])
+    rows = [x for name in SERVE_SECTIONS for x in r.get(name, {}).get("rows", [])]
     labels = [f"{x['variant']}\nc={x['concurrency']}" for x in rows]
     ax.bar(range(len(rows)), [x["images_per_s"] for x in rows])
     for i, x in enumerate(rows):

@@ -101,7 +101,6 @@ MODES = {
     "pixels-processes-reward": (("--decode-processes",), "pixels", "reward"),
     "front-ends": (("--front-ends", "2", "--decode-processes"), "jpeg", "unary"),
 }
-CONNECTIONS = 8  # the load's connections to a server with front ends, which the kernel spreads by connection
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -330,7 +329,8 @@ async def measure_mode(mode: str, model_dir: Path, images, args) -> dict:
     loop = asyncio.get_running_loop()
     try:
         payload = images if kind == "jpeg" else args.pixels
-        connections = CONNECTIONS if "--front-ends" in server_flags else 1
+        # The kernel spreads a server's front ends by connection: each caller has its own, as independent ones would.
+        connections = args.concurrency if "--front-ends" in server_flags else 1
         async with load(rpc, f"127.0.0.1:{entry['port']}", payload, args.concurrency, connections):
             await asyncio.sleep(args.warmup_s)
 
@@ -474,9 +474,12 @@ async def lock_window(proc, entry, args, mode: str, workers: bool, realtime: int
     if fronts:
         extra = {
             "gil_front_ends_images_per_s": front_rates,
-            "gil_front_ends_ms_per_image": [1000 * held[k] / r for k, r in zip(front_keys, front_rates)],
+            # a front end no connection reached takes nothing in: no ceiling of its own
+            "gil_front_ends_ms_per_image": [
+                1000 * held[k] / r if r else float("inf") for k, r in zip(front_keys, front_rates)
+            ],
             "gil_front_ends_on_core_ms_per_image": [
-                1000 * held_on_core[k] / r for k, r in zip(front_keys, front_rates)
+                1000 * held_on_core[k] / r if r else float("inf") for k, r in zip(front_keys, front_rates)
             ],
         }
     return {
@@ -499,7 +502,7 @@ def project(r: dict, cores: int, target: float) -> None:
     image -- held on a core (the real-time window) where measured, the plain window's upper bound beside it."""
 
     def per_second(ms: float) -> float:
-        return 1000 / ms if ms > 0 else float("inf")
+        return 1000 / ms if ms > 0 else float("inf")  # and 0 for an infinite ms: a front end that took nothing
 
     def lock_ceiling(prefix: str) -> float:
         """1 / the main process's lock an image; with front ends, at most what they take in together (each one

@@ -7,6 +7,7 @@ processes for loads one Python client cannot generate (a GPU server's).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import pickle
 import subprocess
@@ -64,12 +65,21 @@ async def closed_loop(
     return latency_stats(latencies, requests * PER_REQUEST, time.perf_counter() - start)
 
 
-def drive(address: str, images: list, concurrency: int, processes: int, requests_per_caller: int, during=None) -> dict:
+def drive(
+    address: str,
+    images: list,
+    concurrency: int,
+    processes: int,
+    requests_per_caller: int,
+    during=None,
+    own_connections: bool = False,
+) -> dict:
     """Closed-loop load on the scoring.v1 server at ``address`` from ``processes`` client processes, together
     ``concurrency`` callers each sending ``requests_per_caller`` best-of-8 requests of ``images`` (JPEG bytes or
     uint8 pixel arrays): images/s from the first process's start to the last one's end, latency percentiles
     over all requests. ``during()`` runs here once every process has started its load; a dict it returns joins
-    the result."""
+    the result. ``own_connections``: each caller on a connection of its own (a server with front ends is
+    spread over by connection), not one per process."""
     import tempfile
 
     per = [concurrency // processes + (k < concurrency % processes) for k in range(processes)]
@@ -78,7 +88,13 @@ def drive(address: str, images: list, concurrency: int, processes: int, requests
         f.flush()
         procs = []
         for callers in filter(None, per):
-            job = {"address": address, "images": f.name, "callers": callers, "requests": callers * requests_per_caller}
+            job = {
+                "address": address,
+                "images": f.name,
+                "callers": callers,
+                "requests": callers * requests_per_caller,
+                "connections": callers if own_connections else 1,
+            }
             proc = subprocess.Popen(
                 [sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
             )
@@ -111,9 +127,11 @@ def _client_process() -> None:
 
     async def run() -> dict:
         async with AsyncClient(job["address"], timeout=600) as client:
+            others = [AsyncClient(job["address"], timeout=600) for _ in range(job["connections"] - 1)]
+            turn = itertools.cycle([client, *others])
 
             async def call(prompt, blobs):
-                await client.score(prompt, blobs)
+                await next(turn).score(prompt, blobs)
 
             await closed_loop(call, images, 1, 1)  # connected and warm
             print("ready", flush=True)
@@ -121,6 +139,8 @@ def _client_process() -> None:
             latencies: list[float] = []
             start = time.time()
             await closed_loop(call, images, job["callers"], job["requests"], latencies)
+            for other in others:
+                await other.close()
             return {"start": start, "end": time.time(), "latencies": latencies}
 
     print(json.dumps(asyncio.run(run())), flush=True)

@@ -14,13 +14,12 @@ from tests.benchmarks.runs import ROOT, help_text, run_benchmark, servers_under
 
 
 def test_a_short_run_measures_cpu_and_lock_per_image_and_projects_a_ceiling(tmp_path):
-    modes = (
-        "processes,processes-stream,processes-reward"  # one Score call a request, a stream's messages, a RewardClient
-    )
+    # one Score call a request, a stream's messages, a RewardClient; front ends
+    modes = "processes,processes-stream,processes-reward,front-ends"
     flags = ("--modes", modes, "--warmup-s", "1", "--window-s", "2", "--gil-window-s", "1", "--rate", "50")
     out = run_benchmark(tmp_path, "host_bench.py", *flags)
     (report,) = [json.loads(p.read_text()) for p in out.glob("host-*.json")]
-    assert [m["rpc"] for m in report["modes"].values()] == ["unary", "stream", "reward"]
+    assert [m["rpc"] for m in report["modes"].values()] == ["unary", "stream", "reward", "unary"]
     for other in ("processes-stream", "processes-reward"):  # each load kept the server scoring through its windows
         assert report["modes"][other]["images_per_s"] > 0 and report["modes"][other]["rt_gil_images_per_s"] > 0
     mode = report["modes"]["processes"]
@@ -32,6 +31,11 @@ def test_a_short_run_measures_cpu_and_lock_per_image_and_projects_a_ceiling(tmp_
     assert mode["rt_gil_ms_per_image"] > 0 and mode["one_over_gil"] == 1000 / mode["rt_gil_ms_per_image"]
     assert mode["ceiling_bound"] == min(mode["cores_over_cpu"], 1000 / mode["gil_ms_per_image"])
     assert "| exact path, `--decode-processes` |" in next(out.glob("host-*.md")).read_text()
+    front = report["modes"]["front-ends"]  # each front end's lock apart, over the images it scored
+    assert len(front["gil_front_ends_ms_per_image"]) == 2 and sum(front["gil_front_ends_images_per_s"]) > 0
+    assert front["gil_ms_per_image"] > 0  # the device's process: the forward passes' threads hold its lock
+    device, fronts = 1000 / front["rt_gil_ms_per_image"], front["rt_gil_front_ends_ms_per_image"]
+    assert front["one_over_gil"] == min(device, sum(1000 / ms for ms in fronts))
     assert servers_under(tmp_path / "work") == []
 
 
