@@ -222,12 +222,7 @@ class Server:
 
 
 def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT, then drain; the process's exit status. SIGHUP re-reads the credentials. With
-    ``front_ends``, this process owns the device and runs the front ends (``pickscore.server.front_ends``)."""
-    if settings.front_ends:
-        from pickscore.server.front_ends import serve_front_ends
-
-        return serve_front_ends(settings)
+    """Run until SIGTERM/SIGINT, then drain; the process's exit status. SIGHUP re-reads the credentials."""
     configure_logging(settings)
     asyncio.run(run(settings))
     return 0

@@ -44,9 +44,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    settings = Settings.from_namespace(args)
+    if settings.front_ends:  # this process owns the device and runs the front ends
+        from pickscore.server.front_ends import serve_front_ends
+
+        return serve_front_ends(settings)
     from pickscore.server.app import serve
 
-    return serve(Settings.from_namespace(args))
+    return serve(settings)
 
 
 def _cmd_health(args: argparse.Namespace) -> int:

@@ -11,6 +11,9 @@ import base64
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -191,3 +194,16 @@ def test_a_front_end_that_dies_stops_the_server(tiny_hf_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_busy_port_or_a_bad_model_is_one_line_and_exit_1(tiny_hf_dir, tmp_path):
+    cli = [sys.executable, "-m", "pickscore.cli", "serve", "--front-ends", "2", "--host", "127.0.0.1"]
+    cli += ["--metrics-port", "0", "--http-port", "0", "--device", "cpu"]
+    with socket.create_server(("127.0.0.1", 0)) as held:  # another process's listener: not shared, refused
+        port = held.getsockname()[1]
+        busy = subprocess.run([*cli, "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert busy.returncode == 1 and f"gRPC port 127.0.0.1:{port} (--port" in busy.stderr, busy.stderr
+    bad = subprocess.run([*cli, "--port", "0", "--model", str(tmp_path / "no-model")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("pickscore: error: front end")]
+    assert errors and all("no-model" in line for line in errors), bad.stderr
