@@ -273,6 +273,7 @@ class TowerHost:
                         tower.close()
                     del loaded
                     gc.collect()
+                    log.info("towers unloaded", extra={"ref": key[0]})
         return None, []
 
     def _op_warm(self, key: tuple, max_batch_size: int, text_max_batch_size: int, arrays) -> tuple[Any, list]:

@@ -8,6 +8,7 @@ image named, one scrape with every front end's series, a drain on SIGTERM, and a
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -207,3 +208,65 @@ def test_a_busy_port_or_a_bad_model_is_one_line_and_exit_1(tiny_hf_dir, tmp_path
     assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
     errors = [line for line in bad.stderr.splitlines() if line.startswith("pickscore: error: front end")]
     assert errors and all("no-model" in line for line in errors), bad.stderr
+
+
+def test_front_ends_drain_and_exit_when_the_device_process_is_gone(tiny_hf_dir):
+    proc, started, log = start_server(tiny_hf_dir, "--front-ends", "2", "--decode-workers", "1")
+    try:
+        proc.kill()  # SIGKILL: no chance to stop them
+        proc.wait()
+        deadline = time.monotonic() + 60
+        alive = list(started["front_ends"])
+        while alive and time.monotonic() < deadline:
+            alive = [pid for pid in alive if os.path.exists(f"/proc/{pid}") and "Z" not in state(pid)]
+            time.sleep(0.2)
+        assert not alive, "front ends outlived their device process"
+    finally:
+        for pid in started["front_ends"]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def state(pid: int) -> str:
+    """The process's state letter (Z: exited, not yet reaped), or "Z" when it is gone."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def test_a_watched_repository_swaps_every_front_end_and_the_device_loads_each_version_once(
+    tmp_path, tiny_hf_dir, other_hf_dir
+):
+    from tests.server.test_models import version
+
+    root = tmp_path / "repository"
+    root.mkdir()
+    version(root, "pickscore", 1, tiny_hf_dir)
+    flags = ("--front-ends", "2", "--model-repository", str(root), "--model-control-mode", "poll")
+    proc, started, log = start_server("unused", *flags, "--repository-poll-s", "0.2", "--decode-workers", "1")
+    try:
+        clients = [Client(f"127.0.0.1:{started['port']}", timeout=60) for _ in range(16)]  # both front ends
+        version(root, "pickscore", 2, other_hf_dir)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            served = {c.list_models()[0].model_version for c in clients}
+            if served == {"2"}:
+                break
+            time.sleep(0.2)
+        assert served == {"2"}
+        images = [jpeg(i) for i in range(4)]
+        expected = Scorer.from_pretrained(other_hf_dir, device="cpu", dtype="fp32").score(PROMPT, images)
+        for client in clients:
+            np.testing.assert_allclose(client.score(PROMPT, images), expected, atol=1e-4)
+        while time.monotonic() < deadline and not any(e["message"] == "towers unloaded" for e in log):
+            time.sleep(0.2)  # the old version, once both front ends let it go
+        loads = [e["ref"] for e in log if e["message"] == "towers loaded"]
+        unloads = [e["ref"] for e in log if e["message"] == "towers unloaded"]
+        assert loads == [str(root / "pickscore" / "2")]  # once, though both front ends loaded it (v1: before "serving")
+        assert unloads == [str(root / "pickscore" / "1")]
+        for client in clients:
+            client.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
