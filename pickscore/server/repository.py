@@ -349,8 +349,7 @@ class Repository:
 
     def _load_here(self, ref: str) -> Backend:
         """The model's backend in this process (a server with front ends loads it in the device's instead)."""
-        s = self.settings
-        return load_backend(ref, s.backend, s.device, s.dtype, s.max_batch_size, s.compute_threads, s.compile)
+        return load_backend(ref, **self.settings.load_options())
 
     async def _open(self, spec: ModelSpec) -> ServedModel:
         """LOADING: the backend read, the engine started and warmed; ModelLoadError naming the model otherwise."""

@@ -247,6 +247,17 @@ class Settings:
             )
         return seconds
 
+    def load_options(self) -> dict[str, Any]:
+        """``load_backend``'s keyword arguments these settings choose (in this process, or the device's)."""
+        return dict(
+            kind=self.backend,
+            device=self.device,
+            dtype=self.dtype,
+            max_batch_size=self.max_batch_size,
+            threads=self.compute_threads,
+            compile=self.compile,
+        )
+
     @property
     def workers(self) -> int:
         return self.decode_workers or usable_cores()

@@ -140,8 +140,13 @@ class _Tower:
         return job.out
 
     def close(self) -> None:
+        """No more jobs; those still queued fail."""
         with self._ready:
             self._closed = True
+            for job in self._jobs:
+                job.error = RuntimeError("the model was unloaded")
+                job.done.set()
+            self._jobs.clear()
             self._ready.notify_all()
 
     def _take(self) -> list[_Job] | None:
@@ -234,9 +239,13 @@ class TowerHost:
                     return
                 try:
                     header, out = getattr(self, f"_op_{op}")(*args, arrays=arrays)
-                    send(conn, ("ok", header), out)
+                    reply = (("ok", header), out)
                 except Exception as e:  # a bad model, a failed forward pass: the caller's error, not ours
-                    send(conn, ("error", f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)))
+                    reply = (("error", str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"), [])
+                try:
+                    send(conn, *reply)
+                except OSError:  # the front end has gone
+                    return
 
     def _op_hello(self, index: int, info: dict, arrays) -> tuple[Any, list]:
         with self.hello:
@@ -334,18 +343,9 @@ class TowerClient:
         self.request("hello", index, info, control=True)
 
     def load(self, ref: str, settings: Settings) -> RemoteBackend:
-        s = settings
-        options = dict(
-            kind=s.backend,
-            device=s.device,
-            dtype=s.dtype,
-            max_batch_size=s.max_batch_size,
-            threads=s.compute_threads,
-            compile=s.compile,
-        )
-        limits = {"image": s.max_batch_size, "text": s.text_max_batch_size}
+        limits = {"image": settings.max_batch_size, "text": settings.text_max_batch_size}
         try:
-            meta, _ = self.request("load", ref, options, limits, control=True)
+            meta, _ = self.request("load", ref, settings.load_options(), limits, control=True)
         except RuntimeError as e:  # what loading a bad model raised there, as the repository reports it
             raise ValueError(str(e)) from None
         return RemoteBackend(self, meta)
