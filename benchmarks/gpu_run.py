@@ -13,7 +13,8 @@ reported "over budget", so one slow part cannot lose the rest:
   roofline        the device's measured bf16 matrix-product rate: the denominator of every "of roofline"
   tower           the image tower alone, eager, at batch 32/128/256: images/s and fraction of the roofline
   serve           `pickscore serve` end to end, best-of-8 requests of 512 px JPEGs from client processes at
-                  concurrency 32 and 128: the exact path, --decode-on-device, and raw pixels in; images/s,
+                  concurrency 32 and 128: the exact path (one Score call a request, and through a RewardClient),
+                  --decode-on-device, and raw pixels in; images/s,
                   p50/p99, GPU utilisation, server CPU; and a profile of one loaded second (py-spy): where the
                   server's threads spend it (decode, preprocess, copy, compute, Python)
   fidelity        bf16 and fp16 against fp32 on the same device: largest score difference, pairwise rank
@@ -110,11 +111,11 @@ BUDGETS = {
     "model": (45, 15),
     "roofline": (20, 10),
     "tower": (35, 10),
-    "serve": (130, 40),
+    "serve": (150, 50),
     "fidelity": (40, 15),
-    "training": (60, 15),
-    "tower-compiled": (50, 20),
-    "serve-compiled": (60, 30),
+    "training": (55, 15),
+    "tower-compiled": (45, 20),
+    "serve-compiled": (50, 30),
     "serve-front-ends": (40, 30),
 }
 SECTIONS = list(BUDGETS)
@@ -359,7 +360,9 @@ def profile_second(pid: int, seconds: int = 1, tree: bool = False) -> dict[str, 
 
 def serve_variants(s: Section, servers: list[tuple[list[str], list[str]]], front_ends: bool = False) -> None:
     """Per (server flags, variants served by it): start it once, then drive each variant at each concurrency.
-    Variant "pixels" sends the JPEGs' decoded uint8 pixels; the others send the JPEGs. ``front_ends``: each
+    Variant "pixels" sends the JPEGs' decoded uint8 pixels; the others send the JPEGs, "reward" through a
+    RewardClient per client process (an RL trainer's: several requests' pairs in one), the rest one Score call a
+    request. ``front_ends``: each
     caller has a connection of its own, and the profile samples the server's processes below it too."""
     from PIL import Image
 
@@ -392,6 +395,7 @@ def serve_variants(s: Section, servers: list[tuple[list[str], list[str]]], front
                         s.p["profiled_requests_per_caller" if last else "requests_per_caller"],
                         during=(lambda pid=proc.pid: profile_second(pid, tree=front_ends)) if last else None,
                         own_connections=front_ends,
+                        rpc="reward" if name == "reward" else "unary",
                     )
                     cpu = tree_cpu_seconds(proc.pid) - cpu0
                 stats.update(
@@ -411,7 +415,7 @@ def serve_variants(s: Section, servers: list[tuple[list[str], list[str]]], front
 
 
 def section_serve(s: Section) -> None:
-    serve_variants(s, [([], ["exact", "pixels"]), (["--decode-on-device"], ["decode-on-device"])])
+    serve_variants(s, [([], ["exact", "pixels", "reward"]), (["--decode-on-device"], ["decode-on-device"])])
 
 
 def section_serve_compiled(s: Section) -> None:

@@ -84,6 +84,7 @@ from common import (  # noqa: E402
     machine_with_flags,
     prompts,
     py_spy,
+    reward_sender,
     serve,
     write_model,
 )
@@ -296,9 +297,7 @@ async def load(rpc: str, address: str, payload: list, concurrency: int, connecti
 
             else:
                 rewards = RewardClient(address, timeout=600)
-
-                async def send(prompt: str, refs: list) -> None:
-                    await asyncio.gather(*(asyncio.wrap_future(rewards.submit(prompt, ref)) for ref in refs))
+                send = reward_sender(rewards)
 
             async def call(prompt: str, refs: list) -> None:
                 if not stop.is_set():  # once stopped, the loop's remaining requests pass at once

@@ -35,6 +35,16 @@ def prompts(n: int) -> list[str]:
     return [f"prompt {i}: a watercolor painting of a fox in a snowy forest, detailed" for i in range(n)]
 
 
+def reward_sender(rewards):
+    """``send(prompt, refs)`` through a RewardClient, as an RL trainer sends a best-of-N: the request's pairs as one
+    group of submissions, which the client carries with other groups' in requests of up to 32 pairs."""
+
+    async def send(prompt: str, refs: list) -> None:
+        await asyncio.gather(*(asyncio.wrap_future(rewards.submit(prompt, ref)) for ref in refs))
+
+    return send
+
+
 async def closed_loop(
     call, images: list, concurrency: int, requests: int, latencies: list[float] | None = None
 ) -> dict:
@@ -73,13 +83,15 @@ def drive(
     requests_per_caller: int,
     during=None,
     own_connections: bool = False,
+    rpc: str = "unary",
 ) -> dict:
     """Closed-loop load on the scoring.v1 server at ``address`` from ``processes`` client processes, together
     ``concurrency`` callers each sending ``requests_per_caller`` best-of-8 requests of ``images`` (JPEG bytes or
     uint8 pixel arrays): images/s from the first process's start to the last one's end, latency percentiles
     over all requests. ``during()`` runs here once every process has started its load; a dict it returns joins
     the result. ``own_connections``: each caller on a connection of its own (a server with front ends is
-    spread over by connection), not one per process."""
+    spread over by connection), not one per process. ``rpc``: "unary", one Score call a request; "reward", each
+    process's callers through one RewardClient (``reward_sender``)."""
     import tempfile
 
     per = [concurrency // processes + (k < concurrency % processes) for k in range(processes)]
@@ -94,6 +106,7 @@ def drive(
                 "callers": callers,
                 "requests": callers * requests_per_caller,
                 "connections": callers if own_connections else 1,
+                "rpc": rpc,
             }
             proc = subprocess.Popen(
                 [sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
@@ -120,7 +133,7 @@ def drive(
 
 
 def _client_process() -> None:
-    from pickscore.client import AsyncClient
+    from pickscore.client import AsyncClient, RewardClient
 
     job = json.loads(sys.stdin.readline())
     images = pickle.loads(Path(job["images"]).read_bytes())
@@ -129,9 +142,12 @@ def _client_process() -> None:
         async with AsyncClient(job["address"], timeout=600) as client:
             others = [AsyncClient(job["address"], timeout=600) for _ in range(job["connections"] - 1)]
             turn = itertools.cycle([client, *others])
+            rewards = RewardClient(job["address"], timeout=600) if job["rpc"] == "reward" else None
 
-            async def call(prompt, blobs):
+            async def score(prompt, blobs):
                 await next(turn).score(prompt, blobs)
+
+            call = reward_sender(rewards) if rewards else score
 
             await closed_loop(call, images, 1, 1)  # connected and warm
             print("ready", flush=True)
@@ -141,6 +157,8 @@ def _client_process() -> None:
             await closed_loop(call, images, job["callers"], job["requests"], latencies)
             for other in others:
                 await other.close()
+            if rewards:
+                await asyncio.get_running_loop().run_in_executor(None, rewards.close)
             return {"start": start, "end": time.time(), "latencies": latencies}
 
     print(json.dumps(asyncio.run(run())), flush=True)

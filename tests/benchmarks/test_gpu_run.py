@@ -41,7 +41,8 @@ def test_cpu_smoke_measures_every_section(tmp_path):
         assert [x["batch"] for x in rows] == [2, 4]
         assert all(x["images_per_s"] > 0 and 0 < x["of_roofline"] for x in rows)
     served = r["serve"]["rows"] + r["serve-compiled"]["rows"] + r["serve-front-ends"]["rows"]
-    assert [x["variant"] for x in served] == ["exact", "pixels", "decode-on-device", "compiled", "front-ends"]
+    variants = ["exact", "pixels", "reward", "decode-on-device", "compiled", "front-ends"]
+    assert [x["variant"] for x in served] == variants
     for row in served:
         assert row["requests"] in (4, 32) and row["images_per_s"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0
         assert row["server_cpu_ms_per_image"] > 0
