@@ -34,8 +34,9 @@ def test_a_short_run_measures_cpu_and_lock_per_image_and_projects_a_ceiling(tmp_
     front = report["modes"]["front-ends"]  # each front end's lock apart, over the images it scored
     assert len(front["gil_front_ends_ms_per_image"]) == 2 and sum(front["gil_front_ends_images_per_s"]) > 0
     assert front["gil_ms_per_image"] > 0  # the device's process: the forward passes' threads hold its lock
-    device, fronts = 1000 / front["rt_gil_ms_per_image"], front["rt_gil_front_ends_ms_per_image"]
-    assert front["one_over_gil"] == min(device, sum(1000 / ms for ms in fronts))
+    # a short window may catch the device's lock in no sample: no ceiling from it, as project() reads it
+    device = 1000 / front["rt_gil_ms_per_image"] if front["rt_gil_ms_per_image"] else float("inf")
+    assert front["one_over_gil"] == min(device, sum(1000 / ms for ms in front["rt_gil_front_ends_ms_per_image"]))
     assert servers_under(tmp_path / "work") == []
 
 
