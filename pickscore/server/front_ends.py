@@ -45,7 +45,9 @@ class FrontEndMetrics:
 
     def collect(self):
         families: dict[str, Metric] = {}
-        for index, info in sorted(self.host.front_ends.items()):
+        with self.host.hello:  # a front end may say hello meanwhile
+            front_ends = sorted(self.host.front_ends.items())
+        for index, info in front_ends:
             url = f"http://127.0.0.1:{info['metrics_port']}/metrics"
             try:
                 text = urllib.request.urlopen(url, timeout=5).read().decode()
