@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from load import PER_REQUEST, closed_loop, latency_stats, prompts, reward_sender  # noqa: F401 (re-exported)
+from load import PER_REQUEST, closed_loop, latency_stats, prompts, reward_sender, score_sender  # noqa: F401 (re-exported)
 from PIL import Image
 
 from pickscore.model import architecture, checkpoint, hf_convert

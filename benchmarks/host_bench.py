@@ -85,6 +85,7 @@ from common import (  # noqa: E402
     prompts,
     py_spy,
     reward_sender,
+    score_sender,
     serve,
     write_model,
 )
@@ -290,10 +291,7 @@ async def load(rpc: str, address: str, payload: list, concurrency: int, connecti
         else:
             if rpc == "unary":
                 clients = [client] + [AsyncClient(address, timeout=600) for _ in range(connections - 1)]
-                turn = itertools.cycle(clients)
-
-                async def send(prompt: str, refs: list) -> None:
-                    await next(turn).score(prompt, refs)
+                send = score_sender(clients)
 
             else:
                 rewards = RewardClient(address, timeout=600)

@@ -35,6 +35,17 @@ def prompts(n: int) -> list[str]:
     return [f"prompt {i}: a watercolor painting of a fox in a snowy forest, detailed" for i in range(n)]
 
 
+def score_sender(clients):
+    """``send(prompt, refs)`` as one Score call a request, the calls taking ``clients`` (each a connection of its
+    own) in turn."""
+    turn = itertools.cycle(clients)
+
+    async def send(prompt: str, refs: list) -> None:
+        await next(turn).score(prompt, refs)
+
+    return send
+
+
 def reward_sender(rewards):
     """``send(prompt, refs)`` through a RewardClient, as an RL trainer sends a best-of-N: the request's pairs as one
     group of submissions, which the client carries with other groups' in requests of up to 32 pairs."""
@@ -141,13 +152,8 @@ def _client_process() -> None:
     async def run() -> dict:
         async with AsyncClient(job["address"], timeout=600) as client:
             others = [AsyncClient(job["address"], timeout=600) for _ in range(job["connections"] - 1)]
-            turn = itertools.cycle([client, *others])
             rewards = RewardClient(job["address"], timeout=600) if job["rpc"] == "reward" else None
-
-            async def score(prompt, blobs):
-                await next(turn).score(prompt, blobs)
-
-            call = reward_sender(rewards) if rewards else score
+            call = reward_sender(rewards) if rewards else score_sender([client, *others])
 
             await closed_loop(call, images, 1, 1)  # connected and warm
             print("ready", flush=True)

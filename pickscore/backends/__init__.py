@@ -65,6 +65,12 @@ class Backend(Protocol):
         """Do whatever the first batches of each size would do slowly (compilation), before serving."""
 
 
+def batches_at_once(backend: Backend) -> int:
+    """Forward passes of one tower to run at once: the backend's ``pipeline_depth`` where an accelerator computes,
+    one on a CPU (each pass already uses every core)."""
+    return backend.pipeline_depth if backend.accelerated else 1
+
+
 def model_identity(name: str, backend: Backend) -> str:
     """What a served (or in-process) model is, as one string that changes when its weights or precision do:
     ``NAME:KIND:PRECISION:DIGEST16``, e.g. ``pickscore:clip:fp32:3f2a9c0d1e2b4a5c``. The one place it is composed."""

@@ -163,7 +163,7 @@ class Server:
             try:
                 self.metrics_port = self.metrics.serve_http(host, s.metrics_port)
             except OSError as e:
-                raise ports.unbindable(s.host, s.metrics_port, "metrics_port", e) from None
+                raise ports.unbindable(host, s.metrics_port, "metrics_port", e) from None
 
     async def drain(self) -> None:
         """NOT_SERVING, refuse new requests, wait for admitted ones (at most the grace period), stop."""

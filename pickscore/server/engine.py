@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pickscore.backends import Backend
+from pickscore.backends import Backend, batches_at_once
 from pickscore.errors import DeadlineExceeded, InvalidInput
 from pickscore.model import scoring
 from pickscore.model.scoring import Ranking
@@ -150,7 +150,7 @@ class Engine:
             on_hung=on_hung,
             max_gather_s=s.max_gather_ms / 1000,
             executor=None if backend.accelerated else shared.compute,
-            depth=backend.pipeline_depth if backend.accelerated else 1,
+            depth=batches_at_once(backend),
         )
         delay = s.max_queue_delay_ms / 1000
         self.image_batcher = Batcher(

@@ -186,9 +186,9 @@ def _front_end(settings: Settings, path: str, index: int, device_pid: int) -> No
 
     def serving(server) -> None:
         towers.hello(index, pid=os.getpid(), metrics_port=server.metrics_port)
-        threading.Thread(target=orphaned, args=(server,), name="front-end-watch", daemon=True).start()
+        threading.Thread(target=orphaned, name="front-end-watch", daemon=True).start()
 
-    def orphaned(server) -> None:
+    def orphaned() -> None:
         while os.getppid() == device_pid:
             time.sleep(0.5)
         log.error("the device process has gone; draining", extra={"front_end": index})

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from pickscore.backends import Backend, load_backend
+from pickscore.backends import Backend, batches_at_once, load_backend
 from pickscore.backends.dual import DualEncoder
 from pickscore.server.settings import Settings
 
@@ -100,7 +100,7 @@ def _read(sock: socket.socket, buffer) -> bytearray | memoryview:
 @dataclass(eq=False)
 class _Job:
     arrays: list[np.ndarray]
-    merge: tuple  # jobs with equal keys may share a forward pass
+    merge: tuple | None  # jobs with equal keys may share a forward pass; None: it runs alone
     done: threading.Event = field(default_factory=threading.Event)
     out: np.ndarray | None = None
     error: BaseException | None = None
@@ -127,7 +127,7 @@ class _Tower:
         for t in self._threads:
             t.start()
 
-    def __call__(self, arrays: list[np.ndarray], merge: tuple) -> np.ndarray:
+    def __call__(self, arrays: list[np.ndarray], merge: tuple | None) -> np.ndarray:
         job = _Job(arrays, merge)
         with self._ready:
             if self._closed:
@@ -193,6 +193,10 @@ class _Loaded:
     users: int = 0
     warmed: bool = False
 
+    def close(self) -> None:
+        for tower in self.towers.values():
+            tower.close()
+
 
 class TowerHost:
     """The device's owner: loads models for the front ends (each weights once, however many front ends ask) and
@@ -217,8 +221,7 @@ class TowerHost:
         self._listener.close()
         with self._lock:
             for loaded in self._loaded.values():
-                for tower in loaded.towers.values():
-                    tower.close()
+                loaded.close()
             self._loaded.clear()
         shutil.rmtree(self._dir, ignore_errors=True)
 
@@ -259,7 +262,7 @@ class TowerHost:
             loaded = self._loaded.get(key)
             if loaded is None:
                 backend = load_backend(ref, **options)
-                depth = backend.pipeline_depth if backend.accelerated else 1
+                depth = batches_at_once(backend)
                 towers = {
                     "image": _Tower(backend.encode_image, limits["image"], depth, "image"),
                     "text": _Tower(backend.encode_text, limits["text"], depth, "text"),
@@ -278,8 +281,7 @@ class TowerHost:
                 loaded.users -= 1
                 if not loaded.users:
                     del self._loaded[key]
-                    for tower in loaded.towers.values():
-                        tower.close()
+                    loaded.close()
                     del loaded
                     gc.collect()
                     log.info("towers unloaded", extra={"ref": key[0]})
