@@ -31,6 +31,7 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -139,8 +140,10 @@ class _Tower:
             raise job.error
         return job.out
 
-    def close(self) -> None:
-        """No more jobs; those still queued fail."""
+    def close(self, wait_s: float = 30.0) -> None:
+        """No more jobs; those still queued fail. Waits (at most ``wait_s``: a hung pass is left behind) for the
+        tower's threads to end: one still finishing its torch work while the process exits aborts it ("terminate
+        called without an active exception")."""
         with self._ready:
             self._closed = True
             for job in self._jobs:
@@ -148,6 +151,9 @@ class _Tower:
                 job.done.set()
             self._jobs.clear()
             self._ready.notify_all()
+        give_up = time.monotonic() + wait_s
+        for thread in self._threads:
+            thread.join(max(0.0, give_up - time.monotonic()))
 
     def _take(self) -> list[_Job] | None:
         with self._ready:
