@@ -1,9 +1,10 @@
 """What the benchmark tests share: a script of benchmarks/ run as a user would (its small flag, its files under a
-temporary --out, its models and servers' files under a temporary TMPDIR, RESULTS.md untouched), its --help, and the
-`pickscore serve` processes a run may have left behind."""
+temporary --out, its models and servers' files under a temporary TMPDIR, RESULTS.md untouched), its --help, its
+functions imported, and the `pickscore serve` processes a run may have left behind."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -28,6 +29,15 @@ def run_benchmark(tmp_path: Path, script: str, *flags: str, timeout: float = 300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+def benchmark_module(name: str):
+    """benchmarks/``name``.py imported as a module (benchmarks/ is scripts, not a package)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def help_text(script: str) -> str:

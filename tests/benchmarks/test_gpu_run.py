@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.benchmarks.runs import ROOT, run_benchmark, servers_under
+from tests.benchmarks.runs import ROOT, benchmark_module, run_benchmark, servers_under
 
 
 def run(tmp_path: Path, *flags: str) -> dict:
@@ -108,11 +108,7 @@ def test_the_wheels_a_gpu_machine_lacks_fit_and_install_offline(tmp_path):
 
 
 def test_profile_stages_follow_the_innermost_frame_that_names_one():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from gpu_run import stage_of
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    stage_of = benchmark_module("gpu_run").stage_of
     engine = "Engine._crop (/srv/pickscore/server/engine.py:230)"
     # Pillow decodes lazily: a JPEG's decode can run under the crop
     lazy = [engine, "crop_uint8 (/srv/pickscore/model/preprocess.py:248)", "ImageFile.load (/lib/PIL/ImageFile.py:290)"]

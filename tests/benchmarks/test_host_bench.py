@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from tests.benchmarks.runs import ROOT, help_text, run_benchmark, servers_under
+from tests.benchmarks.runs import benchmark_module, help_text, run_benchmark, servers_under
 
 
 def test_a_short_run_measures_cpu_and_lock_per_image_and_projects_a_ceiling(tmp_path):
@@ -34,10 +34,34 @@ def test_a_short_run_measures_cpu_and_lock_per_image_and_projects_a_ceiling(tmp_
     front = report["modes"]["front-ends"]  # each front end's lock apart, over the images it scored
     assert len(front["gil_front_ends_ms_per_image"]) == 2 and sum(front["gil_front_ends_images_per_s"]) > 0
     assert front["gil_ms_per_image"] > 0  # the device's process: the forward passes' threads hold its lock
-    # a short window may catch the device's lock in no sample: no ceiling from it, as project() reads it
-    device = 1000 / front["rt_gil_ms_per_image"] if front["rt_gil_ms_per_image"] else float("inf")
-    assert front["one_over_gil"] == min(device, sum(1000 / ms for ms in front["rt_gil_front_ends_ms_per_image"]))
+    # a short window may catch a process's lock in no sample (test_the_projection_... reads those cases)
+    assert front["one_over_gil"] > 0 and front["ceiling"] == min(front["cores_over_cpu"], front["one_over_gil"])
     assert servers_under(tmp_path / "work") == []
+
+
+def test_the_projection_reads_a_lock_held_in_no_sample_as_no_ceiling_and_a_front_end_given_nothing_as_none():
+    """project(): 16 cores over the CPU an image; the lock ceiling is the smaller of one over the device process's
+    lock an image and the front ends' sum of one over theirs. A lock no sample caught (0 ms) bounds nothing; a front
+    end that scored nothing (an infinite ms an image) adds nothing."""
+    project = benchmark_module("host_bench").project
+
+    def projected(**r):
+        r = {"cpu_ms_per_image": 4.0, **r}
+        project(r, cores=16, target=2400)
+        return r
+
+    one = projected(gil_ms_per_image=0.5, rt_gil_ms_per_image=0.25)
+    assert (one["cores_over_cpu"], one["one_over_gil_bound"], one["one_over_gil"]) == (4000, 2000, 4000)
+    assert (one["ceiling"], one["ceiling_bound"], one["meets_target"]) == (4000, 2000, True)
+    assert projected(gil_ms_per_image=0.0)["one_over_gil"] == float("inf")  # no lock caught: the cores bind
+    fronts = {"gil_ms_per_image": 0.1, "gil_front_ends_ms_per_image": [0.5, 0.25]}
+    assert projected(**fronts)["one_over_gil"] == 2000 + 4000  # the front ends bind before the device (10,000)
+    assert projected(**{**fronts, "gil_ms_per_image": 0.25})["one_over_gil"] == 4000  # the device binds
+    rt = {**fronts, "rt_gil_ms_per_image": 0.0, "rt_gil_front_ends_ms_per_image": [0.5, 0.0]}
+    assert projected(**rt)["one_over_gil"] == float("inf")  # the failure CI met: a front end's lock caught in no sample
+    given_nothing = projected(**{**fronts, "gil_front_ends_ms_per_image": [0.5, float("inf")]})
+    assert given_nothing["one_over_gil"] == 2000 and given_nothing["ceiling"] == 2000
+    assert not given_nothing["meets_target"]
 
 
 def test_help_documents_every_flag():
@@ -65,11 +89,7 @@ print(held / (time.perf_counter() - start))
 def test_the_lock_is_read_as_the_share_of_time_a_thread_holds_it(tmp_path):
     """sample_lock reads who holds the lock without stopping the process: a known 40% duty reads as itself, as it
     runs and on the real-time scheduler. (Stopping the process for each sample, py-spy's default, read 27% here.)"""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from host_bench import sample_lock
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    sample_lock = benchmark_module("host_bench").sample_lock
     child = subprocess.Popen([sys.executable, "-c", DUTY, "9"], stdout=subprocess.PIPE, text=True)
     try:
         time.sleep(1)
