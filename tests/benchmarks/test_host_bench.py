@@ -33,8 +33,9 @@ def test_a_short_run_measures_cpu_and_lock_per_image_and_projects_a_ceiling(tmp_
     assert "| exact path, `--decode-processes` |" in next(out.glob("host-*.md")).read_text()
     front = report["modes"]["front-ends"]  # each front end's lock apart, over the images it scored
     assert len(front["gil_front_ends_ms_per_image"]) == 2 and sum(front["gil_front_ends_images_per_s"]) > 0
-    assert front["gil_ms_per_image"] > 0  # the device's process: the forward passes' threads hold its lock
-    # a short window may catch a process's lock in no sample (test_the_projection_... reads those cases)
+    # the device's process: the forward passes' threads hold its lock; a 50-sample window may catch it in none
+    # (test_the_projection_... reads that case), two of them hardly
+    assert front["gil_ms_per_image"] + front["rt_gil_ms_per_image"] > 0
     assert front["one_over_gil"] > 0 and front["ceiling"] == min(front["cores_over_cpu"], front["one_over_gil"])
     assert servers_under(tmp_path / "work") == []
 
