@@ -276,10 +276,16 @@ class ServerThread:
             self._thread.join()
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, message, and the request's fields (request_id, rpc, code, ...)."""
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
-    STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+def _fields(record: logging.LogRecord) -> dict:
+    """A record's own fields: what a log call passed as ``extra`` (request_id, rpc, code, ports, ...)."""
+    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message, and the record's fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -287,20 +293,30 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
+            **_fields(record),
         }
-        entry.update({k: v for k, v in record.__dict__.items() if k not in self.STANDARD})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """A line a person reads: time, level, logger, message, then the record's fields as key=value (values as
+    compact JSON), so that a text log says what a JSON one does (the ports "serving" names, a request's id)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # the line; format() puts a traceback below it
+        compact = {"default": str, "separators": (",", ":")}
+        return super().formatMessage(record) + "".join(
+            f" {k}={json.dumps(v, **compact)}" for k, v in _fields(record).items()
+        )
+
+
 def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter()
-        if settings.log_format == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
-    )
+    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
     root = logging.getLogger("pickscore")
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())

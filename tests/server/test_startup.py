@@ -134,3 +134,25 @@ def test_an_http_client_on_the_grpc_port_leaves_no_traceback(logged_server):
     time.sleep(0.5)  # what the server would write about it
     new = log.read_text().splitlines()[before:]
     assert "Traceback" not in "".join(new) and all(json.loads(line) for line in new), new
+
+
+def test_a_text_log_says_what_a_json_one_does(tiny_hf_dir, tmp_path):
+    """`--log-format text`: a line a person reads, with the record's fields after the message as key=value, so its
+    "serving" line names the ports as the JSON one does (plain text once dropped every field)."""
+    log = tmp_path / "stderr"
+    with log.open("w") as stderr:
+        proc = serve("--log-format", "text", model=tiny_hf_dir, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 120
+        while " serving " not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (line,) = [line for line in log.read_text().splitlines() if " serving " in line]
+        assert " INFO pickscore" in line and not line.lstrip().startswith("{")
+        fields = dict(field.split("=", 1) for field in line.split(" serving ", 1)[1].split(" "))
+        assert json.loads(fields["default_model"]) == "pickscore" and json.loads(fields["models"]) == ["pickscore"]
+        with grpc.insecure_channel(f"127.0.0.1:{json.loads(fields['port'])}") as channel:  # the port it serves
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        proc.terminate()
+        proc.wait(60)
