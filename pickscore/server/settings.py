@@ -169,7 +169,7 @@ class Settings:
     grace_period_s: float = _f(30.0, "on SIGTERM, how long admitted requests may take to finish before exit")
     warmup: bool = _f(True, "run one batch through each tower before reporting SERVING")
     log_level: str = _f("info", "log level", ("debug", "info", "warning", "error"))
-    log_format: str = _f("json", "log lines as JSON objects or plain text", ("json", "text"))
+    log_format: str = _f("json", "log lines as JSON objects, or as text with key=value fields", ("json", "text"))
 
     def validate(self) -> None:
         """Raise ValueError with what to change."""
