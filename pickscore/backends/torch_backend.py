@@ -279,9 +279,9 @@ class TorchBackend(DualEncoder):
         """A dot product (``DualEncoder``), or for a joint kind the model's forward pass over the pairs."""
         if not self.joint:
             return super().scores(text, images)
-        text = np.broadcast_to(text, (len(images), text.shape[1]))
-        with self._stream():
-            out = self.model.score_pairs(self._to_device(text), self._to_device(images).to(self.dtype))
+        with self._stream():  # the prompt's row, expanded on the device (a view, as numpy's broadcast is read-only)
+            text_rows = self._to_device(text).expand(len(images), -1)
+            out = self.model.score_pairs(text_rows, self._to_device(images).to(self.dtype))
         return out.float().cpu().numpy()
 
     def _run(self, tower, batch: torch.Tensor) -> np.ndarray:

@@ -73,7 +73,7 @@ def aesthetic_reference_scores(directory, pictures: list) -> np.ndarray:
             image_features = model2.encode_image(image)
         im_emb_arr = normalized(image_features.cpu().detach().numpy())
         prediction = model(torch.from_numpy(im_emb_arr).type(torch.FloatTensor))
-        out.append(float(prediction[0, 0]))
+        out.append(float(prediction[0, 0].detach()))
     return np.array(out)
 
 
