@@ -1,4 +1,5 @@
-"""The ``export onnx|tensorrt|triton`` subcommands (parsers stay light; torch and onnx load on run)."""
+"""The ``export onnx|tensorrt|triton`` subcommands, and ``precision``, which measures what a lower precision (a torch
+dtype or an export) keeps of fp32's ranking and how fast it runs (parsers stay light; torch and onnx load on run)."""
 
 from __future__ import annotations
 
@@ -98,6 +99,42 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     triton.set_defaults(func=_cmd_export_triton)
 
+    precision = sub.add_parser(
+        "precision",
+        help="which precision to serve a model in here: each path's speed and rank agreement with fp32",
+        description="Score the same best-of-8 sets of drawn scenes with the model in torch fp32 and in each "
+        "candidate (lower torch dtypes, ONNX exports), and print each path's images/s (the towers, in this "
+        "process), its rank agreement with fp32 (the fraction of image pairs within a set ordered alike: the "
+        "export check's measure), its largest score difference, and the fastest path that keeps --min-agreement, "
+        "with the command that serves it. Lower precisions change scores: check a model here before serving it "
+        "with --dtype bf16 or fp16.",
+    )
+    precision.add_argument("--model", required=True, metavar="REF", help="model reference (as for score)")
+    precision.add_argument(
+        "--candidates",
+        default="",
+        metavar="LIST",
+        help="comma-separated: bf16, fp16 (torch, on --device) and directories of ONNX exports "
+        "(default: bf16 on a CPU; bf16,fp16 on a GPU)",
+    )
+    precision.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N")
+    precision.add_argument(
+        "--sets",
+        type=int_at_least(2),
+        default=8,
+        help="best-of-8 sets of drawn scenes (default 8: the export check's); all count for rank agreement, all "
+        "but the first (a warm-up) for images/s",
+    )
+    precision.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.99,
+        metavar="FRACTION",
+        help="the rank agreement a path must keep to be chosen (default 0.99, as the export check)",
+    )
+    precision.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    precision.set_defaults(func=_cmd_precision)
+
 
 def _cmd_export_onnx(args: argparse.Namespace) -> int:
     from pickscore.exporter.onnx import export_onnx
@@ -108,6 +145,17 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     print(
         f"wrote {args.out} ({args.precision}; verification: {manifest.get('verification', 'skipped')})", file=sys.stderr
     )
+    return 0
+
+
+def _cmd_precision(args: argparse.Namespace) -> int:
+    from pickscore.backends.torch_backend import resolve_device
+    from pickscore.exporter.precision import compare_paths, default_candidates, report
+
+    device = str(resolve_device(args.device, "fp32")[0])
+    candidates = [c for c in args.candidates.split(",") if c] or default_candidates(device)
+    result = compare_paths(args.model, candidates, device, args.sets, args.min_agreement, progress=True)
+    print(json.dumps(result) if args.json else report(result))
     return 0
 
 

@@ -2,6 +2,7 @@
 
     pixels, tokens = verification_inputs(preprocess, tokenizer, 64)   # rendered scenes and their captions
     rank_agreement(candidate, reference, pixels, tokens)              # fraction of best-of-8 pairs ordered alike
+    agreement(set_scores(a, pixels, tokens), set_scores(b, ...))      # the same, from each one's scores once
 
 Scores are each backend's own (``Backend.scores``: the kind's rule with the logit_scale it carries, the manifest's
 for an export), so an export whose manifest scales or combines the towers differently from the model fails.
@@ -73,14 +74,23 @@ def rank_agreement(
     candidate: Backend, reference: Backend, pixels: np.ndarray, tokens: np.ndarray, per_set: int = 8
 ) -> float:
     """Fraction of image pairs, within best-of-8 sets (one prompt each), that both backends' scores order alike."""
-    agree = total = 0
+    return agreement(set_scores(candidate, pixels, tokens, per_set), set_scores(reference, pixels, tokens, per_set))
+
+
+def set_scores(backend: Backend, pixels: np.ndarray, tokens: np.ndarray, per_set: int = 8) -> list[np.ndarray]:
+    """The scores of each best-of-``per_set`` set: set s is ``pixels[s * per_set : (s + 1) * per_set]`` against the
+    prompt ``tokens[s]``."""
+    out = []
     for s in range(len(pixels) // per_set):
         images, text = pixels[s * per_set : (s + 1) * per_set], tokens[s : s + 1]
-        a = candidate.scores(candidate.encode_text(text), candidate.encode_image(images))
-        b = reference.scores(reference.encode_text(text), reference.encode_image(images))
-        alike, pairs = pairs_ordered_alike(a, b)
-        agree, total = agree + alike, total + pairs
-    return float(agree / total)
+        out.append(backend.scores(backend.encode_text(text), backend.encode_image(images)))
+    return out
+
+
+def agreement(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """Fraction of the pairs within sets that two lists of ``set_scores`` order alike."""
+    counts = [pairs_ordered_alike(x, y) for x, y in zip(a, b)]
+    return sum(alike for alike, _ in counts) / sum(pairs for _, pairs in counts)
 
 
 def pairs_ordered_alike(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
