@@ -362,8 +362,8 @@ def serve_variants(s: Section, servers: list[tuple[list[str], list[str]]], front
     """Per (server flags, variants served by it): start it once, then drive each variant at each concurrency.
     Variant "pixels" sends the JPEGs' decoded uint8 pixels; the others send the JPEGs, "reward" through a
     RewardClient per client process (an RL trainer's: several requests' pairs in one), the rest one Score call a
-    request. ``front_ends``: each
-    caller has a connection of its own, and the profile samples the server's processes below it too."""
+    request. ``front_ends``: each caller has a connection of its own, and the profile samples the server's
+    processes below it too."""
     from PIL import Image
 
     blobs = jpegs(64, side=s.p["side"])
