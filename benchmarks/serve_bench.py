@@ -270,10 +270,10 @@ def path_agreement(candidate, model_dir: Path) -> float:
     """Rank agreement of ``candidate`` (a Backend) with the model's torch fp32 on best-of-8 sets: the export
     check's own inputs and function (pickscore.exporter.verify)."""
     from pickscore.backends.torch_backend import TorchBackend
-    from pickscore.exporter.verify import rank_agreement, verification_inputs
+    from pickscore.exporter.verify import PER_SET, SETS, rank_agreement, verification_inputs
 
     reference = TorchBackend.from_ref(str(model_dir), device="cpu", dtype="fp32")
-    pixels, tokens = verification_inputs(reference.preprocess, reference.tokenizer, 8 * 8)
+    pixels, tokens = verification_inputs(reference.preprocess, reference.tokenizer, SETS * PER_SET)
     return rank_agreement(candidate, reference, pixels, tokens)
 
 

@@ -20,10 +20,8 @@ from typing import Any
 from pickscore.backends import Backend, load_backend
 from pickscore.backends.manifest import is_export
 from pickscore.backends.torch_backend import TORCH_DTYPES
-from pickscore.exporter.verify import agreement, set_scores, verification_inputs
+from pickscore.exporter.verify import PER_SET, SETS, agreement, set_scores, verification_inputs
 from pickscore.resources import cpu_features, cpu_path
-
-PER_SET = 8  # best-of-8, as the export check and the paper's best-of-N
 
 
 def default_candidates(device: str) -> list[str]:
@@ -36,7 +34,7 @@ def compare_paths(
     model: str,
     candidates: Sequence[str],
     device: str = "cpu",
-    sets: int = 8,
+    sets: int = SETS,
     min_agreement: float = 0.99,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -104,9 +102,9 @@ def _load(model: str, candidate: str, device: str, reference: Backend) -> tuple[
 
 def _measure(backend: Backend, pixels, tokens) -> tuple[float, list]:
     """Every set's scores; the first set warms up, the others are timed -> (images/s, scores)."""
-    first = set_scores(backend, pixels[:PER_SET], tokens[:1], PER_SET)
+    first = set_scores(backend, pixels[:PER_SET], tokens[:1])
     start = time.perf_counter()
-    rest = set_scores(backend, pixels[PER_SET:], tokens[1:], PER_SET)
+    rest = set_scores(backend, pixels[PER_SET:], tokens[1:])
     return (len(pixels) - PER_SET) / (time.perf_counter() - start), first + rest
 
 

@@ -31,6 +31,7 @@ from pickscore.model.tokenizer import Tokenizer
 from pickscore.scenes import random_scene, render
 
 TOLERANCE = 1e-4  # largest |tower output difference| accepted for fp32 against torch; scores: times exp(logit_scale)
+PER_SET, SETS = 8, 8  # the check's inputs: 8 best-of-8 sets, as the paper's best-of-N
 
 
 def verify_export(
@@ -41,7 +42,7 @@ def verify_export(
     precision = manifest["precision"]
     ours = OnnxBackend(directory, manifest=manifest)
     reference = TorchBackend(loaded, device="cpu", dtype=torch.float32)
-    pixels, tokens = verification_inputs(loaded.preprocess, loaded.tokenizer(), 8 * 8)
+    pixels, tokens = verification_inputs(loaded.preprocess, loaded.tokenizer(), SETS * PER_SET)
     worst = worst_score = 0.0
     for batch in (1, 7):
         pairs = []
@@ -71,13 +72,13 @@ def verify_export(
 
 
 def rank_agreement(
-    candidate: Backend, reference: Backend, pixels: np.ndarray, tokens: np.ndarray, per_set: int = 8
+    candidate: Backend, reference: Backend, pixels: np.ndarray, tokens: np.ndarray, per_set: int = PER_SET
 ) -> float:
     """Fraction of image pairs, within best-of-8 sets (one prompt each), that both backends' scores order alike."""
     return agreement(set_scores(candidate, pixels, tokens, per_set), set_scores(reference, pixels, tokens, per_set))
 
 
-def set_scores(backend: Backend, pixels: np.ndarray, tokens: np.ndarray, per_set: int = 8) -> list[np.ndarray]:
+def set_scores(backend: Backend, pixels: np.ndarray, tokens: np.ndarray, per_set: int = PER_SET) -> list[np.ndarray]:
     """The scores of each best-of-``per_set`` set: set s is ``pixels[s * per_set : (s + 1) * per_set]`` against the
     prompt ``tokens[s]``."""
     out = []
